@@ -1,0 +1,32 @@
+// Python module entry for iaerf._C. The ops themselves are registered with torch.library
+// (TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda); importing the module runs
+// those static registrations, so no Python bindings are needed here.
+#include <Python.h>
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      "iaerf native kernels, exposed as torch.ops.iaerf.*",
+      -1,
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+// Lets Python ask whether the CUDA kernels were compiled in (torch.ops.iaerf.built_with_cuda()).
+#include <torch/library.h>
+
+static bool built_with_cuda() {
+#ifdef IAERF_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+TORCH_LIBRARY_FRAGMENT(iaerf, m) {
+  m.def("built_with_cuda() -> bool", &built_with_cuda);
+}

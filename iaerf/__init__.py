@@ -1,0 +1,45 @@
+"""iaerf: a fast influence engine for energy regularization (IAERF) in PyTorch.
+
+Public API (imported lazily so that ``import iaerf`` stays cheap):
+
+- fused ops: :func:`logsumexp`, :func:`energy`, :func:`energy_regularized_cross_entropy`
+- Hessian engine: :class:`ModuleHessian`, :class:`HeadHessian`, :func:`inverse_hvp`
+- influence (paper Eq. 7-9): :func:`energy_influence`, :func:`energy_influence_on_test`, :func:`loss_influence`
+- Algorithm 1: :func:`finetune`
+- :func:`backend_info`: which implementation each op uses on which device, and why
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "logsumexp": "iaerf.ops",
+    "energy": "iaerf.ops",
+    "energy_regularized_cross_entropy": "iaerf.ops",
+    "EnergyRegularizedCrossEntropy": "iaerf.ops",
+    "backend_info": "iaerf._backend",
+    "ModuleHessian": "iaerf.hessian",
+    "HeadHessian": "iaerf.hessian",
+    "inverse_hvp": "iaerf.hessian",
+    "energy_influence": "iaerf.influence",
+    "energy_influence_on_test": "iaerf.influence",
+    "loss_influence": "iaerf.influence",
+    "finetune": "iaerf.finetune",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'iaerf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
