@@ -1,0 +1,12 @@
+"""Hessian engine (paper Eq. 7-9): batched Hessian-vector products and inverse-HVP solvers.
+
+- :mod:`~iaerf.hessian.params`: :func:`select_parameters`, :func:`flatten`, :func:`unflatten`
+- :class:`HessianOperator`: the interface (``matvec``, ``minibatch_matvec``, ``dense``)
+- :class:`ModuleHessian`: any ``nn.Module`` (torch.func forward-over-reverse, or GGN)
+- :class:`HeadHessian`: a linear softmax classifier on fixed features (native C++/CUDA kernel)
+- :func:`inverse_hvp`: ``(H + damping I)^{-1} V`` by LiSSA, CG or a dense float64 solve
+"""
+from iaerf.hessian.operators import HessianOperator, ModuleHessian, eval_mode
+from iaerf.hessian.params import flatten, select_parameters, unflatten
+
+__all__ = ["HessianOperator", "ModuleHessian", "eval_mode", "flatten", "select_parameters", "unflatten"]

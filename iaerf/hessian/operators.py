@@ -1,0 +1,294 @@
+"""Hessian operators: batched Hessian-vector products on flat parameter vectors (paper Eq. 7-9 need H^{-1} g).
+
+H is the Hessian of the mean training loss plus an optional L2 term (paper Eq. 7, H = (1/n) sum_i d^2 L_i):
+
+    H = (1/n) sum_i d^2 loss_i(theta) + weight_decay * I        (the Hessian of ... + weight_decay/2 ||theta||^2)
+
+An operator maps ``V [b, P] -> H V [b, P]`` for b vectors at once. :class:`HessianOperator` is the interface the
+solvers in :mod:`iaerf.hessian.inverse` use; :class:`ModuleHessian` implements it for any ``nn.Module`` with
+torch.func (forward-over-reverse, vmapped over the vectors); :class:`iaerf.hessian.head.HeadHessian` implements it
+analytically for a linear softmax classifier on fixed features.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from iaerf.hessian._checks import check_indices, check_nonnegative, check_vectors
+from iaerf.hessian.params import select_parameters, unflatten
+
+
+class HessianOperator(abc.ABC):
+    """Interface of a (damping-free) Hessian operator over P flat parameters.
+
+    Attributes:
+        num_params: P.
+        num_samples: n, the number of training examples H averages over (global n under a process group).
+        num_local_samples: the examples held by this process; minibatch indices refer to them.
+        dtype, device: of the vectors the operator accepts and returns.
+        weight_decay: the L2 coefficient already inside H.
+    """
+
+    num_params: int
+    num_samples: int
+    num_local_samples: int
+    dtype: torch.dtype
+    device: torch.device
+    weight_decay: float
+    process_group = None
+
+    @abc.abstractmethod
+    def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Full-data ``H V``: ``[b, P] -> [b, P]`` (or ``[P] -> [P]``)."""
+
+    @abc.abstractmethod
+    def minibatch_matvec(self, vectors: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``H_{B_j} V_j`` for each repeat j in one batched evaluation: ``V [r, b, P]``, ``indices [r, m]`` -> ``[r, b, P]``.
+
+        ``H_{B_j}`` is the Hessian of the mean loss over the local examples ``indices[j]`` plus ``weight_decay * I``;
+        under a process group the result is averaged over ranks.
+        """
+
+    @abc.abstractmethod
+    def dense(self) -> torch.Tensor:
+        """The full-data Hessian ``[P, P]`` in float64 (for small P: the exact-solve reference)."""
+
+    # -- helpers shared by the implementations -------------------------------------------------------------------
+    def _check_vectors(self, vectors, name="vectors", batched_dims=1, allow_single=True):
+        return check_vectors(vectors, num_params=self.num_params, dtype=self.dtype, device=self.device, name=name,
+                             batched_dims=batched_dims, allow_single=allow_single)
+
+    def _check_minibatch(self, vectors, indices):
+        vectors, _ = self._check_vectors(vectors, batched_dims=2, allow_single=False)
+        check_indices(indices, num_samples=self.num_local_samples, repeats=vectors.shape[0])
+        return vectors, indices.to(self.device)
+
+    def _all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.process_group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
+        return t
+
+    def _world_size(self) -> int:
+        if self.process_group is None:
+            return 1
+        import torch.distributed as dist
+
+        return dist.get_world_size(self.process_group)
+
+    def _global_count(self, local: int) -> int:
+        if self.process_group is None:
+            return local
+        t = torch.tensor([float(local)], dtype=torch.float64, device=_collective_device(self.process_group, self.device))
+        self._all_reduce_sum(t)
+        return int(t.item())
+
+
+def _collective_device(group, device) -> torch.device:
+    """gloo reduces CPU tensors, nccl CUDA tensors: use the device the backend wants."""
+    import torch.distributed as dist
+
+    backend = dist.get_backend(group)
+    return torch.device(device) if backend == "nccl" else torch.device("cpu")
+
+
+class _Data:
+    """Uniform access to the training examples: a tuple ``(inputs, labels)`` of tensors, a TensorDataset, a
+    map-style dataset yielding ``(input, label)``, or a DataLoader (its dataset is used; the solver does its own
+    sampling)."""
+
+    def __init__(self, data, device: torch.device):
+        if isinstance(data, torch.utils.data.DataLoader):
+            data = data.dataset
+        self.device = device
+        self.tensors = None
+        if isinstance(data, torch.utils.data.TensorDataset):
+            data = tuple(data.tensors)
+        if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+            x, y = data
+            if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+                raise ValueError(f"data=(inputs, labels) must share the first dim, got {tuple(x.shape)} and {tuple(y.shape)}")
+            self.tensors = (x, y)
+            self.n = x.shape[0]
+        elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+            self.dataset = data
+            self.n = len(data)
+        else:
+            raise TypeError("data must be (inputs, labels) tensors, a map-style Dataset yielding (input, label), "
+                            f"or a DataLoader over one; got {type(data).__name__}")
+        if self.n == 0:
+            raise ValueError("data is empty: the Hessian averages over the training examples, and there are none")
+
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs ``[m, ...]`` and labels ``[m, ...]`` of the examples ``indices [m]``, on the operator's device."""
+        if self.tensors is not None:
+            x, y = self.tensors
+            return x[indices.to(x.device)].to(self.device), y[indices.to(y.device)].to(self.device)
+        items = [self.dataset[i] for i in indices.tolist()]
+        x, y = torch.utils.data.default_collate(items)
+        return x.to(self.device), torch.as_tensor(y).to(self.device)
+
+    def slices(self, batch_size: int):
+        for start in range(0, self.n, batch_size):
+            idx = torch.arange(start, min(start + batch_size, self.n))
+            yield self.get(idx)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put ``model`` in eval mode (batch norm uses its running statistics) and restore every module's flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _floating_to(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+class ModuleHessian(HessianOperator):
+    """Exact (or Gauss-Newton) Hessian of the mean training loss of any ``nn.Module`` over chosen parameters.
+
+    ``H V`` is forward-over-reverse, ``jvp(grad(loss), theta, v)``, vmapped over the b vectors (and over the r
+    minibatches in :meth:`minibatch_matvec`), on ``torch.func.functional_call`` so the module itself is untouched.
+    With ``gauss_newton=True`` the generalized Gauss-Newton ``J^T H_out J`` is used instead (PSD for convex
+    losses; H_out = Hessian of the loss w.r.t. the model outputs). The model is in eval mode during every
+    evaluation and its train/eval flags are restored afterwards.
+
+    Args:
+        model: the network; its current parameter values are used (no copy).
+        data: ``(inputs [n, ...], labels [n, ...])``, a map-style Dataset of ``(input, label)`` or a DataLoader.
+        loss_fn: ``loss_fn(outputs [m, ...], labels [m, ...]) -> scalar``, the MEAN loss over the batch
+            (default ``F.cross_entropy``).
+        params: parameter names/prefixes (see :func:`select_parameters`); None = all with requires_grad.
+        weight_decay: adds ``weight_decay * V`` (the L2 term ``weight_decay/2 ||theta||^2`` of the training loss).
+        gauss_newton: use the GGN instead of the exact Hessian.
+        batch_size: examples per evaluation in :meth:`matvec` (memory vs speed).
+        device: where to compute (default: the device of the first selected parameter).
+        process_group: a torch.distributed group; each rank holds its shard of ``data`` and :meth:`matvec`
+            all-reduces (None: no communication).
+    """
+
+    def __init__(self, model: nn.Module, data, *, loss_fn: Callable | None = None, params=None,
+                 weight_decay: float = 0.0, gauss_newton: bool = False, batch_size: int = 256, device=None,
+                 process_group=None):
+        self.model = model
+        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        if not callable(self.loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        selected = select_parameters(model, params)
+        self.weight_decay = check_nonnegative(weight_decay, "weight_decay")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.batch_size = batch_size
+        self.gauss_newton = bool(gauss_newton)
+        dtypes = {p.dtype for p in selected.values()}
+        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+            raise TypeError(f"the selected parameters must share one floating dtype, got {sorted(map(str, dtypes))}")
+        self.dtype = dtypes.pop()
+        self.device = torch.device(device) if device is not None else next(iter(selected.values())).device
+        self._params = {k: v.detach().to(self.device) for k, v in selected.items()}
+        self._frozen = {k: v.detach().to(self.device) for k, v in model.named_parameters() if k not in selected}
+        self._frozen.update({k: v.detach().to(self.device) for k, v in model.named_buffers()})
+        self.num_params = sum(v.numel() for v in self._params.values())
+        self.process_group = process_group
+        self._data = _Data(data, self.device)
+        self.num_local_samples = self._data.n
+        self.num_samples = self._global_count(self._data.n)
+
+    @property
+    def param_names(self) -> list[str]:
+        return list(self._params)
+
+    # -- the per-batch kernel --------------------------------------------------------------------------------------
+    def _batch_hvp_fn(self, dtype: torch.dtype | None):
+        """``f(x [m,...], y [m,...], V [b, P]) -> H_batch V [b, P]`` (H of the batch-mean loss, no weight decay)."""
+        params = {k: _floating_to(v, dtype) for k, v in self._params.items()}
+        frozen = {k: _floating_to(v, dtype) for k, v in self._frozen.items()}
+        model, loss_fn = self.model, self.loss_fn
+
+        def outputs(p, x):
+            return functional_call(model, {**p, **frozen}, (x,))
+
+        if not self.gauss_newton:
+            def loss(p, x, y):
+                return loss_fn(outputs(p, x), y)
+
+            def hvp_batch(x, y, V):
+                g = grad(loss)
+                # forward-over-reverse: one jvp through the gradient graph per vector, vmapped over the b vectors
+                one = lambda v: jvp(lambda p: g(p, x, y), (params,), (v,))[1]  # noqa: E731
+                return vmap(one)(unflatten(V, params))
+        else:
+            def hvp_batch(x, y, V):
+                z, pullback = vjp(lambda p: outputs(p, x), params)
+                grad_out = grad(lambda zz: loss_fn(zz, y))
+
+                def one(v):
+                    jv = jvp(lambda p: outputs(p, x), (params,), (v,))[1]      # J v
+                    hjv = jvp(grad_out, (z,), (jv,))[1]                           # H_out J v
+                    return pullback(hjv)[0]                                       # J^T H_out J v
+                return vmap(one)(unflatten(V, params))
+
+        def flat(x, y, V):
+            x = _floating_to(x, dtype)
+            out = hvp_batch(x, y, V)
+            return torch.cat([out[k].reshape(V.shape[0], -1) for k in params], dim=1)
+        return flat
+
+    def _sum_matvec(self, V: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """sum over local examples of the per-example HVPs (batch means weighted by batch sizes)."""
+        fn = self._batch_hvp_fn(dtype)
+        total = torch.zeros_like(V)
+        with eval_mode(self.model):
+            for x, y in self._data.slices(self.batch_size):
+                total += fn(x, y, V) * x.shape[0]
+        return total
+
+    # -- HessianOperator -----------------------------------------------------------------------------------------
+    def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
+        V, single = self._check_vectors(vectors)
+        out = self._all_reduce_sum(self._sum_matvec(V)) / self.num_samples
+        if self.weight_decay:
+            out = out + self.weight_decay * V
+        return out[0] if single else out
+
+    def minibatch_matvec(self, vectors: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        V, indices = self._check_minibatch(vectors, indices)
+        r, m = indices.shape
+        x, y = self._data.get(indices.reshape(-1).cpu() if self._data.tensors is None else indices.reshape(-1))
+        x = x.reshape((r, m) + tuple(x.shape[1:]))
+        y = y.reshape((r, m) + tuple(y.shape[1:]))
+        fn = self._batch_hvp_fn(None)
+        with eval_mode(self.model):
+            out = vmap(fn)(x, y, V)   # one evaluation for all r minibatches x b vectors
+        if self.process_group is not None:
+            out = self._all_reduce_sum(out) / self._world_size()
+        if self.weight_decay:
+            out = out + self.weight_decay * V
+        return out
+
+    def dense(self, chunk: int = 64) -> torch.Tensor:
+        """The Hessian ``[P, P]``, evaluated in float64 (parameters, buffers and inputs cast to float64)."""
+        P = self.num_params
+        cols = []
+        for start in range(0, P, chunk):
+            E = torch.zeros(min(chunk, P - start), P, dtype=torch.float64, device=self.device)
+            E[torch.arange(E.shape[0]), torch.arange(start, start + E.shape[0])] = 1.0
+            cols.append(self._all_reduce_sum(self._sum_matvec(E, torch.float64)) / self.num_samples)
+        H = torch.cat(cols, dim=0)
+        H = 0.5 * (H + H.T)  # exact symmetry; the two halves differ only by rounding
+        if self.weight_decay:
+            H = H + self.weight_decay * torch.eye(P, dtype=torch.float64, device=self.device)
+        return H
