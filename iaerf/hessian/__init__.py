@@ -6,7 +6,8 @@
 - :class:`HeadHessian`: a linear softmax classifier on fixed features (native C++/CUDA kernel)
 - :func:`inverse_hvp`: ``(H + damping I)^{-1} V`` by LiSSA, CG or a dense float64 solve
 """
+from iaerf.hessian.head import HeadHessian
 from iaerf.hessian.operators import HessianOperator, ModuleHessian, eval_mode
 from iaerf.hessian.params import flatten, select_parameters, unflatten
 
-__all__ = ["HessianOperator", "ModuleHessian", "eval_mode", "flatten", "select_parameters", "unflatten"]
+__all__ = ["HeadHessian", "HessianOperator", "ModuleHessian", "eval_mode", "flatten", "select_parameters", "unflatten"]

@@ -1,0 +1,64 @@
+// iaerf::head_hvp: batched analytic Hessian-vector products of softmax cross-entropy over a linear head.
+//
+//   head_hvp(features [n, D], probs [n, K], v [r, b, K*D (+K)], indices [r, m] | None, has_bias, tile_rows)
+//     -> [r, b, K*D (+K)],  out[j, c] = sum_{i in rows_j} vec((diag(p_i) - p_i p_i^T) V_c x~_i x~_i^T)
+//
+// V_c is vector c reshaped as [K, D] (+ a bias column), x~ = [x, 1], rows_j = indices[j] or all n rows. The
+// result is a SUM over rows (the caller divides by n and adds weight decay, and all-reduces first under a
+// process group). Layout matches nn.Linear's named_parameters: [weight.flatten(), bias].
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "head_hvp.h"
+
+namespace iaerf {
+namespace {
+
+// R = p * (u - <p, u>) row by row, u = U[i, c*K:(c+1)*K] + vb[c]; the inner product accumulates in double.
+template <typename scalar_t>
+void mix_cpu(const at::Tensor& pt, at::Tensor& u, const at::Tensor& vb) {
+  const int64_t t = pt.size(0), K = pt.size(1), b = u.size(1) / K;
+  const scalar_t* P = pt.data_ptr<scalar_t>();
+  scalar_t* U = u.data_ptr<scalar_t>();
+  const scalar_t* B = vb.defined() ? vb.data_ptr<scalar_t>() : nullptr;
+  at::parallel_for(0, t, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, b * K)), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const scalar_t* p = P + i * K;
+      for (int64_t c = 0; c < b; ++c) {
+        scalar_t* row = U + (i * b + c) * K;
+        if (B != nullptr) {
+          const scalar_t* bc = B + c * K;
+          for (int64_t k = 0; k < K; ++k) row[k] += bc[k];
+        }
+        double dot = 0.0;
+        for (int64_t k = 0; k < K; ++k) dot += static_cast<double>(p[k]) * static_cast<double>(row[k]);
+        const scalar_t sdot = static_cast<scalar_t>(dot);
+        for (int64_t k = 0; k < K; ++k) row[k] = p[k] * (row[k] - sdot);
+      }
+    }
+  });
+}
+
+at::Tensor head_hvp_cpu(const at::Tensor& features, const at::Tensor& probs, const at::Tensor& v,
+                        const std::optional<at::Tensor>& indices, bool has_bias, int64_t tile_rows) {
+  TORCH_CHECK(features.device().is_cpu(), "head_hvp (CPU kernel): features must be a CPU tensor");
+  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
+              "head_hvp: float32 or float64 only, got ", features.scalar_type());
+  // ~4 MiB (fp32) per temporary tile: it stays in the last-level cache between the two GEMMs.
+  return head_hvp_tiled(features, probs, v, indices, has_bias, tile_rows, int64_t(1) << 20,
+                        [](const at::Tensor& pt, at::Tensor& u, const at::Tensor& vb) {
+                          AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "head_hvp_mix_cpu",
+                                                     [&] { mix_cpu<scalar_t>(pt, u, vb); });
+                        });
+}
+
+}  // namespace
+}  // namespace iaerf
+
+TORCH_LIBRARY_FRAGMENT(iaerf, m) {
+  m.def("head_hvp(Tensor features, Tensor probs, Tensor v, Tensor? indices, bool has_bias, int tile_rows=0) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(iaerf, CPU, m) {
+  m.impl("head_hvp", &iaerf::head_hvp_cpu);
+}
