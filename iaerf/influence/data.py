@@ -1,0 +1,113 @@
+"""Uniform, index-based access to the training / validation data of the influence passes.
+
+``train`` and ``val`` arguments are either map-style datasets yielding ``(input, label)`` or a pair of tensors
+``(inputs [n, ...], labels [n])``. Influences are returned in dataset order, so every pass here works on explicit
+index ranges (shards, batches) rather than on a shuffled loader.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+
+class IndexedData:
+    """``(input, label)`` pairs addressed by index.
+
+    Tensor pairs (and two-tensor ``TensorDataset``s) are sliced directly; any other map-style dataset is read item
+    by item and stacked. ``name`` is the user-facing argument name used in error messages.
+    """
+
+    def __init__(self, data, name: str):
+        self.name = name
+        self.inputs: torch.Tensor | None = None
+        self.targets: torch.Tensor | None = None
+        self.dataset = None
+        tensors = getattr(data, "tensors", None)  # torch TensorDataset: attribute; iaerf.data.TensorDataset: method
+        if callable(tensors):
+            tensors = tensors()
+        if isinstance(data, TensorDataset) or (isinstance(tensors, (tuple, list)) and len(tensors) == 2):
+            data = tensors
+        if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+            inputs, labels = data
+            if labels.dim() != 1:
+                raise ValueError(f"{name}: labels must be a 1-D tensor of class indices, got shape {tuple(labels.shape)}")
+            if inputs.shape[0] != labels.shape[0]:
+                raise ValueError(f"{name}: {inputs.shape[0]} inputs but {labels.shape[0]} labels")
+            self.inputs, self.targets = inputs, labels
+        elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+            self.dataset = data
+        else:
+            raise TypeError(
+                f"{name} must be a map-style dataset yielding (input, label) or a pair of tensors (inputs, labels), "
+                f"got {type(data).__name__}"
+            )
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0] if self.inputs is not None else len(self.dataset)
+
+    def batch(self, indices: Sequence[int] | torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and labels of ``indices`` stacked into ``([m, ...], [m])`` on ``device``."""
+        if self.inputs is not None:
+            idx = torch.as_tensor(indices, dtype=torch.long)
+            x, y = self.inputs[idx], self.targets[idx]
+        else:
+            items = [self.dataset[int(i)] for i in indices]
+            x = torch.stack([torch.as_tensor(item[0]) for item in items])
+            y = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long)
+        return x.to(device), y.to(device)
+
+    def labels(self) -> torch.Tensor:
+        """All labels [n] (for a generic dataset: its ``targets`` attribute if it has one, else one pass)."""
+        if self.targets is not None:
+            return self.targets
+        targets = getattr(self.dataset, "targets", None)
+        if targets is not None and len(targets) == len(self.dataset):
+            return torch.as_tensor(targets)
+        return torch.as_tensor([int(self.dataset[i][1]) for i in range(len(self.dataset))], dtype=torch.long)
+
+    def check_labels(self, num_classes: int) -> None:
+        """Raise a ValueError naming this argument when a label is not an integer class in [0, num_classes)."""
+        labels = self.labels()
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"{self.name}: labels must be integer class indices, got dtype {labels.dtype}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(
+                f"{self.name}: labels must lie in [0, {num_classes}) (the model has {num_classes} outputs), "
+                f"got range [{int(labels.min())}, {int(labels.max())}]"
+            )
+
+    def batches(self, indices: Sequence[int], batch_size: int, device=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive batches of ``indices`` (in order) as ``(inputs, labels)``."""
+        for start in range(0, len(indices), batch_size):
+            yield self.batch(indices[start:start + batch_size], device)
+
+    def as_tensors(self, indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, labels)`` of ``indices`` (default: all) on the data's own device."""
+        if indices is None:
+            indices = range(len(self))
+        if self.inputs is not None and isinstance(indices, range) and indices.step == 1:
+            return self.inputs[indices.start:indices.stop], self.targets[indices.start:indices.stop]
+        return self.batch(list(indices))
+
+    def fingerprint(self) -> str:
+        """SHA-256 of every input and label (exact bytes, dtype and shape), for the result cache."""
+        h = hashlib.sha256()
+        if self.inputs is not None:
+            for t in (self.inputs, self.targets):
+                _hash_tensor(h, t)
+        else:
+            for i in range(len(self.dataset)):
+                x, y = self.dataset[i][:2]
+                _hash_tensor(h, torch.as_tensor(x))
+                _hash_tensor(h, torch.as_tensor(y))
+        return h.hexdigest()
+
+
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    # view as bytes: works for every dtype (bfloat16 has no numpy equivalent)
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -1,0 +1,96 @@
+"""Sharding of the influence passes over the ranks of a torch.distributed process group.
+
+Convention: every rank passes the *same* full ``train`` / ``val`` datasets (map-style datasets are cheap to index);
+rank r works on the contiguous shard ``shard_range(n, r, world)`` of each, the validation gradient and every
+Hessian-vector product are summed over ranks, and the per-rank influence slices are all-gathered back into
+training-set order, so every rank returns the full ``[n_train]`` result. ``process_group="auto"`` means the
+default group when torch.distributed is initialised with more than one rank, else single-process.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def resolve_group(process_group):
+    """None for single-process work, else the process group to use (``"auto"``: the default group if any)."""
+    if process_group is None:
+        return None
+    if isinstance(process_group, str):
+        if process_group != "auto":
+            raise ValueError(f"process_group must be None, 'auto' or a ProcessGroup, got {process_group!r}")
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return None
+        return dist.group.WORLD
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group was given but torch.distributed is not initialised")
+    return process_group
+
+
+def rank_and_world(group) -> tuple[int, int]:
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard_range(n: int, rank: int, world: int) -> range:
+    """Contiguous shard of ``range(n)`` for ``rank``: the first ``n % world`` ranks get one extra element."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum of ``t`` over the ranks (in place; returns ``t``). A no-op without a group."""
+    if group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def all_gather_shards(local: torch.Tensor, n: int, group, dim: int = -1) -> torch.Tensor:
+    """Concatenate the contiguous per-rank slices ``local`` (sizes from :func:`shard_range`) along ``dim``.
+
+    all_gather needs equal sizes, so each slice is zero-padded to the largest shard and trimmed afterwards.
+    """
+    if group is None:
+        return local
+    rank, world = rank_and_world(group)
+    dim = dim % local.dim()
+    sizes = [len(shard_range(n, r, world)) for r in range(world)]
+    longest = max(sizes)
+    pad_shape = list(local.shape)
+    pad_shape[dim] = longest - local.shape[dim]
+    padded = torch.cat([local, local.new_zeros(pad_shape)], dim=dim).contiguous()
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    return torch.cat([g.narrow(dim, 0, size) for g, size in zip(gathered, sizes)], dim=dim)
+
+
+def agree(flag: bool, group) -> bool:
+    """True only when ``flag`` is true on every rank (keeps cache hits consistent across ranks)."""
+    if group is None:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_collective_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
+def broadcast_object(obj, group, src_rank: int = 0):
+    """``obj`` of group rank ``src_rank`` on every rank."""
+    if group is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src_rank), group=group)
+    return box[0]
+
+
+def _collective_device(group) -> torch.device:
+    # NCCL only moves CUDA tensors; gloo handles CPU ones.
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def collective_device(group, default: torch.device) -> torch.device:
+    """Where tensors must live for collectives on ``group`` (``default`` without a group)."""
+    return default if group is None else _collective_device(group)

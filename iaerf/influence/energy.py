@@ -1,0 +1,342 @@
+"""Influence of energy regularization on every training point (paper Eq. 7-9) and the classic loss influence (Eq. 4).
+
+    I_val(x_i)  = -(1/m sum_j grad L(x_val_j))^T (H + damping I)^{-1} grad E(x_i)          (Eq. 9)
+    I_test(x_i) = -grad L(x_test)^T (H + damping I)^{-1} grad E(x_i)                        (Eq. 8)
+    I_loss(x_i) = -(1/m sum_j grad L(x_val_j))^T (H + damping I)^{-1} grad L(x_i, y_i)      (Eq. 4, averaged)
+
+H is the Hessian of (1/n) sum_i CE(f(x_i), y_i) + (weight_decay / 2) ||theta||^2 over the chosen parameters;
+L is the plain cross-entropy, E(x) = -logsumexp f(x). Sign: a positive I_val(x_i) means that adding energy
+regularization eps * E(x_i) to the training objective raises the validation loss (d L_val / d eps = I_val).
+
+The validation side is solved once, s = (H + damping I)^{-1} g_val, and every training point's influence is then one
+forward-mode directional derivative, -(d/de) E_{theta + e s}(x_i) (see :mod:`iaerf.influence.gradients`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from iaerf.influence import distributed as D
+from iaerf.influence.cache import ResultCache, model_fingerprint
+from iaerf.influence.data import IndexedData
+from iaerf.influence.gradients import directional_derivatives, energy_from_logits, loss_from_logits, loss_gradients
+
+_SOLVERS = ("lissa", "cg", "exact")
+
+
+@dataclass(frozen=True)
+class InfluenceOptions:
+    """Settings shared by every influence function (see :func:`energy_influence` for their meaning)."""
+
+    params: tuple[str, ...] | None = None
+    weight_decay: float = 0.0
+    damping: float = 0.0
+    solver: str = "lissa"
+    solver_options: tuple[tuple[str, object], ...] = ()
+    batch_size: int = 256
+    seed: int = 0
+
+    def describe(self) -> dict:
+        return {
+            "params": list(self.params) if self.params is not None else None,
+            "weight_decay": self.weight_decay,
+            "damping": self.damping,
+            "solver": self.solver,
+            "solver_options": dict(self.solver_options),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+
+
+def energy_influence(model, train, val, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
+                     solver_options=None, batch_size=256, device=None, cache_dir=None, process_group=None,
+                     progress=True, seed=0) -> torch.Tensor:
+    """Influence of energy regularization of each training point on the mean validation loss (paper Eq. 9).
+
+    Args:
+        model: classifier ``f(x) -> logits [b, K]``; evaluated in eval mode (batch-norm running statistics, no
+            dropout), its train/eval flags are restored afterwards.
+        train: ``n`` training points: map-style dataset yielding ``(input, label)`` or ``(inputs, labels)`` tensors.
+        val: ``m >= 1`` validation points, same forms.
+        params: parameter names or prefixes the influence is taken over (None: every parameter with
+            requires_grad); frozen parameters in the selection are left out. When the selection is exactly the
+            weight and bias of the ``nn.Linear`` that produces the logits, the native head Hessian is used.
+        weight_decay: L2 term of the training objective, (weight_decay / 2) ||theta||^2 (as torch.optim.SGD).
+        damping: added to H before the solve.
+        solver: "lissa", "cg" or "exact" (:func:`iaerf.inverse_hvp`); ``solver_options`` are passed on to it.
+        batch_size: batch size of the data passes.
+        device: where to compute (default: the model's device; the model must already live there).
+        cache_dir: when given, results (and the inverse-HVP solution s) are stored there with their settings and
+            reused when model, data and settings match; a LiSSA run keeps its checkpoint there.
+        process_group: a torch.distributed group, "auto" (the default group when initialised) or None; see
+            :mod:`iaerf.influence.distributed`.
+        progress: tqdm progress bars (rank 0 only).
+        seed: seed of the stochastic solver.
+
+    Returns:
+        ``[n]`` tensor (the parameters' dtype, on ``device``) in training-set order: I_val(x_i) = -s . grad E(x_i).
+    """
+    return _run("energy", model, train, val, locals())
+
+
+def energy_influence_on_test(model, train, test, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
+                             solver_options=None, batch_size=256, device=None, cache_dir=None, process_group=None,
+                             progress=True, seed=0) -> torch.Tensor:
+    """Influence of energy regularization of each training point on each test point's loss (paper Eq. 8).
+
+    Same arguments as :func:`energy_influence` with ``test`` (k points) in place of ``val``. The k right-hand
+    sides grad L(x_test_j) are solved together (one batched inverse-HVP) and the k directional derivatives of every
+    training point's energy come from one vmapped JVP pass.
+
+    Returns:
+        ``[k, n]``: entry (j, i) is I_{x_test_j}(x_i). Its row mean equals :func:`energy_influence` with val=test.
+    """
+    return _run("energy_on_test", model, train, test, locals())
+
+
+def loss_influence(model, train, val, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
+                   solver_options=None, batch_size=256, device=None, cache_dir=None, process_group=None,
+                   progress=True, seed=0) -> torch.Tensor:
+    """Classic influence of upweighting each training point on the mean validation loss (Koh & Liang, Eq. 4).
+
+    I_loss(x_i) = -g_val^T (H + damping I)^{-1} grad L(x_i, y_i) = -(d/de) CE(f_{theta + e s}(x_i), y_i): the same
+    solve and forward-mode pass as :func:`energy_influence`, with the loss in place of the energy. Returns ``[n]``.
+    """
+    return _run("loss", model, train, val, locals())
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put every submodule in eval mode (frozen batch norm, no dropout, as Algorithm 1), restore flags after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _options(args: dict) -> InfluenceOptions:
+    weight_decay, damping, batch_size, seed = args["weight_decay"], args["damping"], args["batch_size"], args["seed"]
+    for name, value in (("weight_decay", weight_decay), ("damping", damping)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if args["solver"] not in _SOLVERS:
+        raise ValueError(f"solver must be one of {_SOLVERS}, got {args['solver']!r}")
+    solver_options = args["solver_options"] or {}
+    if not isinstance(solver_options, dict):
+        raise TypeError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
+    for key in ("damping", "seed", "progress", "method"):
+        if key in solver_options:
+            raise ValueError(f"solver_options must not contain {key!r}: pass it as the keyword argument instead")
+    params = args["params"]
+    if isinstance(params, str):
+        params = (params,)
+    elif params is not None:
+        params = tuple(params)
+    return InfluenceOptions(params, float(weight_decay), float(damping), args["solver"],
+                            tuple(sorted(solver_options.items())), batch_size, seed)
+
+
+def _trainable_selection(model: nn.Module, params) -> dict[str, torch.Tensor]:
+    from iaerf.hessian.params import select_parameters
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if params is None and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("params=None: no trainable parameter (requires_grad=True) in the model")
+    chosen = {name: p for name, p in select_parameters(model, params).items() if p.requires_grad and p.numel() > 0}
+    if not chosen:
+        raise ValueError(f"params={params!r}: no trainable parameter (requires_grad=True) in the chosen subset")
+    return chosen
+
+
+def _find_head(model: nn.Module, chosen: dict[str, torch.Tensor], probe: torch.Tensor):
+    """The ``nn.Linear`` whose weight and bias are exactly ``chosen`` and whose output is the model's output.
+
+    Returns ``(layer_name, layer)`` or None. "Final" is checked on a probe batch: the layer must run once and its
+    output tensor must be the very tensor the model returns (so the logits are an affine map of its input).
+    """
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module.bias is None:
+            continue
+        prefix = f"{name}." if name else ""
+        if set(chosen) != {prefix + "weight", prefix + "bias"}:
+            continue
+        seen = []
+        handle = module.register_forward_hook(lambda m, inp, out: seen.append((inp[0], out)))
+        try:
+            with torch.no_grad():
+                logits = model(probe)
+        finally:
+            handle.remove()
+        if len(seen) == 1 and seen[0][1] is logits and seen[0][0].dim() == 2:
+            return name, module
+        return None
+    return None
+
+
+def _features(model: nn.Module, layer: nn.Linear, data: IndexedData, indices, batch_size, device, bar):
+    """Inputs of ``layer`` (the frozen features [len(indices), D]) for ``indices``, by forward hooks."""
+    chunks = []
+    handle = layer.register_forward_hook(lambda m, inp, out: chunks.append(inp[0].detach()))
+    try:
+        with torch.no_grad():
+            for x, _ in data.batches(indices, batch_size, device):
+                model(x)
+                bar.update(len(x))
+    finally:
+        handle.remove()
+    dtype = layer.weight.dtype
+    if not chunks:
+        return torch.zeros((0, layer.in_features), dtype=dtype, device=device)
+    return torch.cat(chunks).to(dtype)
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
+    opts = _options(args)
+    val_name = "test" if kind == "energy_on_test" else "val"
+    train_d, val_d = IndexedData(train, "train"), IndexedData(val, val_name)
+    if len(val_d) == 0:
+        raise ValueError(f"{val_name} is empty: the influence needs at least one {val_name} point")
+    if len(train_d) == 0:
+        raise ValueError("train is empty")
+    chosen = _trainable_selection(model, opts.params)
+    model_device = next(iter(chosen.values())).device
+    device = model_device if args["device"] is None else torch.device(args["device"])
+    if device != model_device and not (device.type == model_device.type and device.index is None):
+        raise ValueError(f"device={device} but the model's parameters are on {model_device}; move the model first")
+    device = model_device
+    group = D.resolve_group(args["process_group"])
+    rank, world = D.rank_and_world(group)
+    show = bool(args["progress"]) and rank == 0
+    n, m = len(train_d), len(val_d)
+
+    with eval_mode(model):
+        probe, _ = val_d.batch([0], device)
+        with torch.no_grad():
+            logits = model(probe)
+        if logits.dim() != 2:
+            raise ValueError(f"model must return logits of shape [b, K], got {tuple(logits.shape)}")
+        num_classes = logits.shape[1]
+        train_d.check_labels(num_classes)
+        val_d.check_labels(num_classes)
+
+        base = {
+            "params": sorted(chosen),
+            **opts.describe(),
+            "model": model_fingerprint(model) if args["cache_dir"] is not None else None,
+            "dtype": str(next(iter(chosen.values())).dtype),
+        }
+        if args["cache_dir"] is not None:
+            base["train"], base[val_name] = train_d.fingerprint(), val_d.fingerprint()
+        solve_stage = "solve_test" if kind == "energy_on_test" else "solve"
+        result_cache = ResultCache(args["cache_dir"], kind, {**base, "kind": kind})
+        hit = result_cache.load()
+        if D.agree(hit is not None, group):
+            return hit["influence"].to(device)
+        solve_cache = ResultCache(args["cache_dir"], solve_stage, base)
+
+        train_idx = D.shard_range(n, rank, world)
+        val_idx = D.shard_range(m, rank, world)
+        head = _find_head(model, chosen, probe)
+        if head is not None:
+            # Classifier-only influence: every pass runs on the frozen features through the head alone.
+            layer_name, layer = head
+            bar = _progress(show, len(train_idx) + len(val_idx), "features")
+            train_feats = _features(model, layer, train_d, train_idx, opts.batch_size, device, bar)
+            val_feats = _features(model, layer, val_d, val_idx, opts.batch_size, device, bar)
+            bar.close()
+            train_labels = train_d.as_tensors(train_idx)[1].to(device)
+            val_labels = val_d.as_tensors(val_idx)[1].to(device)
+            func_model = layer
+            func_params = {"weight": layer.weight, "bias": layer.bias}
+            train_local = IndexedData((train_feats, train_labels), "train")
+            val_local = IndexedData((val_feats, val_labels), val_name)
+            local_train_idx, local_val_idx = range(len(train_idx)), range(len(val_idx))
+        else:
+            func_model, func_params = model, chosen
+            train_local, val_local = train_d, val_d
+            local_train_idx, local_val_idx = train_idx, val_idx
+
+        stored = solve_cache.load()
+        if D.agree(stored is not None, group):
+            s = stored["s"].to(device)
+        else:
+            s = _solve(kind, opts, model, chosen, head, func_model, func_params, train_d, train_idx, train_local,
+                       val_local, local_val_idx, m, device, group, show, solve_cache, rank)
+            if rank == 0:
+                solve_cache.store({"s": s})
+
+        from iaerf.hessian.params import unflatten
+
+        directions = unflatten(s, func_params)
+        fn = energy_from_logits if kind != "loss" else loss_from_logits
+        bar = _progress(show, len(local_train_idx), f"{kind} influence (JVP)")
+        local = directional_derivatives(func_model, func_params, directions, train_local, local_train_idx, fn=fn,
+                                        batch_size=opts.batch_size, device=device,
+                                        batched=kind == "energy_on_test", progress=bar)
+        bar.close()
+        influence = D.all_gather_shards(-local, n, group, dim=-1)
+        if rank == 0:
+            result_cache.store({"influence": influence})
+        return influence
+
+
+def _solve(kind, opts, model, chosen, head, func_model, func_params, train_d, train_idx, train_local, val_local,
+           local_val_idx, m, device, group, show, solve_cache, rank) -> torch.Tensor:
+    """s = (H + damping I)^{-1} g: one vector [P] for Eq. 9 / Eq. 4, k vectors [k, P] for Eq. 8."""
+    from iaerf.hessian import HeadHessian, ModuleHessian, inverse_hvp
+    from iaerf.hessian.params import flatten
+
+    bar = _progress(show, len(local_val_idx), "validation gradient")
+    if kind == "energy_on_test":
+        grads = loss_gradients(func_model, func_params, val_local, local_val_idx, total=m,
+                               batch_size=opts.batch_size, device=device, per_index=True)
+        local = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+        g = D.all_gather_shards(local, m, group, dim=0)
+    else:
+        g = flatten(loss_gradients(func_model, func_params, val_local, local_val_idx, total=m,
+                                   batch_size=opts.batch_size, device=device, group=group, progress=bar))
+    bar.close()
+
+    if head is not None:
+        feats, labels = train_local.as_tensors()
+        layer = head[1]
+        operator = HeadHessian(feats, labels, layer.weight.detach(), layer.bias.detach(),
+                               weight_decay=opts.weight_decay, process_group=group)
+    else:
+        shard = torch.utils.data.Subset(train_d.dataset, list(train_idx)) if train_d.dataset is not None else (
+            train_d.as_tensors(train_idx))
+        operator = ModuleHessian(model, shard, params=list(chosen), weight_decay=opts.weight_decay,
+                                 batch_size=opts.batch_size, device=device, process_group=group)
+    solver_options = dict(opts.solver_options)
+    if opts.solver == "lissa" and solve_cache.enabled and "checkpoint_path" not in solver_options:
+        # each rank keeps its own (identical, all-reduced) state, so a resumed run restarts consistently
+        solver_options["checkpoint_path"] = solve_cache.path(f".lissa-rank{rank}.pt")
+    s = inverse_hvp(operator, g, method=opts.solver, damping=opts.damping, seed=opts.seed, progress=show,
+                    **solver_options)
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(
+            f"the inverse-HVP solution s from solver={opts.solver!r} is not finite; increase damping "
+            f"(now {opts.damping}) or adjust solver_options {dict(opts.solver_options)} (e.g. a larger LiSSA scale)"
+        )
+    return s.to(g.dtype)

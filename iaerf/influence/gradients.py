@@ -1,0 +1,129 @@
+"""The two data passes of the influence computation: the mean validation-loss gradient and the forward-mode pass.
+
+With s = (H + damping I)^{-1} g_val (paper Eq. 9: g_val = (1/m) sum_j grad L(x_val_j)), the influence of
+energy regularization on training point x_i is a directional derivative:
+
+    I_val(x_i) = -g_val^T (H + damping I)^{-1} grad E(x_i) = -s . grad E(x_i) = -(d/de) E_{theta + e s}(x_i),
+
+so one forward-mode (JVP) evaluation per point gives every influence: no per-example gradient is formed.
+The JVP goes through ``torch.func.functional_call``, so only the selected parameters get tangents; the others and
+the buffers (batch-norm running statistics) are read from the module, which the callers put in eval mode.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jvp, vmap
+
+from iaerf.influence.data import IndexedData
+from iaerf.influence.distributed import all_reduce_sum
+
+
+def energy_from_logits(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """E(x) = -logsumexp_k f(x)[k] (paper Eq. 2, T = 1): ``[b, K] -> [b]``.
+
+    torch.logsumexp (not the fused ``iaerf.ops.energy``) because the forward-mode pass needs a forward-AD formula,
+    which the composite op has.
+    """
+    return -torch.logsumexp(logits, dim=-1)
+
+
+def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy ``[b, K], [b] -> [b]`` (the loss L of Eq. 4 / Eq. 8)."""
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def loss_gradients(
+    model: torch.nn.Module,
+    params: dict[str, torch.Tensor],
+    data: IndexedData,
+    indices: Sequence[int],
+    *,
+    total: int,
+    batch_size: int,
+    device: torch.device,
+    group=None,
+    per_index: bool = False,
+    progress=None,
+) -> dict[str, torch.Tensor]:
+    """Gradient of the mean cross-entropy over ``total`` points, of which this rank holds ``indices``.
+
+    Returns a dict shaped like ``params``: (1/total) sum_{i in indices} grad CE(x_i), summed over the ranks of
+    ``group`` (so every rank gets the global mean, Eq. 9's g_val). With ``per_index=True`` returns instead one
+    gradient per index (leading dim ``len(indices)``, not divided by ``total``), for Eq. 8's test points.
+    """
+    primals = {k: v.detach() for k, v in params.items()}
+
+    def batch_loss(p, x, y):
+        return F.cross_entropy(functional_call(model, p, (x,)), y, reduction="sum")
+
+    if per_index:
+        per_example = vmap(torch.func.grad(lambda p, x, y: batch_loss(p, x[None], y[None])), in_dims=(None, 0, 0))
+        chunks = [per_example(primals, x, y) for x, y in data.batches(indices, batch_size, device)]
+        if not chunks:
+            return {k: v.new_zeros((0, *v.shape)) for k, v in primals.items()}
+        return {k: torch.cat([c[k] for c in chunks]) for k in primals}
+
+    grad_fn = torch.func.grad(batch_loss)
+    total_grad = {k: torch.zeros_like(v) for k, v in primals.items()}
+    for x, y in data.batches(indices, batch_size, device):
+        g = grad_fn(primals, x, y)
+        for k in total_grad:
+            total_grad[k] += g[k]
+        if progress is not None:
+            progress.update(len(y))
+    flat = torch.cat([v.reshape(-1) for v in total_grad.values()]) if total_grad else torch.zeros(0)
+    flat = all_reduce_sum(flat, group) / total
+    out, offset = {}, 0
+    for k, v in total_grad.items():
+        out[k] = flat[offset:offset + v.numel()].view_as(v)
+        offset += v.numel()
+    return out
+
+
+def directional_derivatives(
+    model: torch.nn.Module,
+    params: dict[str, torch.Tensor],
+    directions: dict[str, torch.Tensor],
+    data: IndexedData,
+    indices: Sequence[int],
+    *,
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = energy_from_logits,
+    batch_size: int,
+    device: torch.device,
+    batched: bool = False,
+    direction_chunk: int = 8,
+    progress=None,
+) -> torch.Tensor:
+    """(d/de) fn(f_{theta + e s}(x_i), y_i) at e = 0 for every i in ``indices``, by forward-mode AD.
+
+    ``directions`` is shaped like ``params`` (one direction s) -> result ``[len(indices)]``; with ``batched=True``
+    each entry has a leading dim k (k directions, Eq. 8) -> result ``[k, len(indices)]``, computed by vmapping the
+    JVP over ``direction_chunk`` directions at a time (the primal forward is shared inside each chunk).
+    """
+    primals = {k: v.detach() for k, v in params.items()}
+
+    def along(x, y):
+        return lambda tangents: jvp(lambda p: fn(functional_call(model, p, (x,)), y), (primals,), (tangents,))[1]
+
+    k = next(iter(directions.values())).shape[0] if batched else None
+    outs = []
+    with torch.no_grad():  # forward-mode only: no autograd graph is needed for the non-selected parameters
+        for x, y in data.batches(indices, batch_size, device):
+            f = along(x, y)
+            if not batched:
+                outs.append(f(directions))
+            else:
+                parts = []
+                for start in range(0, k, direction_chunk):
+                    chunk = {name: d[start:start + direction_chunk] for name, d in directions.items()}
+                    parts.append(vmap(f)(chunk))
+                outs.append(torch.cat(parts))
+            if progress is not None:
+                progress.update(len(y))
+    if not outs:
+        dtype = next(iter(primals.values())).dtype
+        return torch.zeros((k, 0) if batched else (0,), dtype=dtype, device=device)
+    return torch.cat(outs, dim=-1)

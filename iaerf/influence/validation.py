@@ -1,0 +1,235 @@
+"""Re-optimisation checks of the predicted influence: the convex Eq. 7 setting and the paper's Fig. 1 protocol.
+
+Both measure the *actual* effect of adding ``eps * E(x_i)`` to the training objective on the mean validation loss,
+divided by eps, which is what :func:`iaerf.influence.energy_influence` predicts (d L_val / d eps at eps = 0):
+
+- :func:`reoptimized_energy_effect`: L2-regularised multinomial logistic regression re-solved to its optimum in
+  float64 (Newton's method) for every point: the Eq. 7 setting, where the influence function is exact as eps -> 0.
+- :func:`actual_energy_effect`: the paper's Fig. 1 / Sec. 4.1 protocol for a network: fine-tune the pretrained
+  model with energy regularization on one training point (batch norm frozen) and compare the validation loss with
+  the same fine-tuning without the penalty.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.special import logsumexp as np_logsumexp
+
+from iaerf.influence.data import IndexedData
+from iaerf.influence.energy import _find_head, _features, _progress, _trainable_selection, eval_mode
+
+# --------------------------------------------------------------------------------------------------------------
+# Convex check (Eq. 7): multinomial logistic regression, float64 numpy
+
+
+def _augment(X: np.ndarray) -> np.ndarray:
+    return np.hstack([X, np.ones((X.shape[0], 1))])
+
+
+def softmax_regression_objective(W: np.ndarray, X: np.ndarray, y: np.ndarray, weight_decay: float,
+                                 energy_coef: np.ndarray | None = None):
+    """Value, gradient and Hessian of (1/n) sum CE + (wd/2)||W||^2 + sum_i c_i E(x_i) for W ``[K, D+1]``.
+
+    ``X`` is ``[n, D]`` (a bias column is appended), ``energy_coef`` is c ``[n]`` (None: no energy term). Returns
+    ``(value, grad [K*(D+1)], hess [K*(D+1), K*(D+1)])`` with W flattened row-major (the nn.Linear layout
+    ``[weight, bias]`` differs: see :func:`linear_to_augmented`).
+    """
+    Xa = _augment(X)
+    n, K = Xa.shape[0], W.shape[0]
+    Z = Xa @ W.T
+    lse = np_logsumexp(Z, axis=1)
+    P = np.exp(Z - lse[:, None])
+    Y = np.eye(K)[y]
+    value = float(np.mean(lse - Z[np.arange(n), y]) + 0.5 * weight_decay * np.sum(W * W))
+    coef_z = (P - Y) / n            # d value / d Z from the CE term
+    # per-example curvature weights of the logits: CE gives (diag p - p p^T)/n, c_i E gives -c_i (diag p - p p^T)
+    w = np.full(n, 1.0 / n)
+    if energy_coef is not None:
+        value += float(np.sum(energy_coef * -lse))
+        coef_z = coef_z - energy_coef[:, None] * P
+        w = w - energy_coef
+    grad = coef_z.T @ Xa + weight_decay * W
+    # H = sum_i w_i (diag p_i - p_i p_i^T) kron x_i x_i^T, assembled blockwise over class pairs
+    D1 = Xa.shape[1]
+    H = np.zeros((K, D1, K, D1))
+    for a in range(K):
+        for b in range(a, K):
+            r = w * P[:, a] * ((a == b) - P[:, b])
+            block = (Xa * r[:, None]).T @ Xa
+            H[a, :, b, :] = block
+            H[b, :, a, :] = block.T
+    H = H.reshape(K * D1, K * D1) + weight_decay * np.eye(K * D1)
+    return value, grad.reshape(-1), H
+
+
+def fit_softmax_regression(X, y, num_classes: int, weight_decay: float, energy_coef=None, W0=None,
+                           tol: float = 1e-13, max_iter: int = 100) -> np.ndarray:
+    """Minimiser ``W [K, D+1]`` of :func:`softmax_regression_objective` by damped Newton steps in float64."""
+    if weight_decay <= 0:
+        raise ValueError("weight_decay must be > 0 so that the objective has a unique optimum")
+    X, y = np.asarray(X, dtype=np.float64), np.asarray(y)
+    W = np.zeros((num_classes, X.shape[1] + 1)) if W0 is None else np.array(W0, dtype=np.float64)
+    for _ in range(max_iter):
+        value, g, H = softmax_regression_objective(W, X, y, weight_decay, energy_coef)
+        step = np.linalg.solve(H, g).reshape(W.shape)
+        t = 1.0
+        while t > 1e-8:  # backtracking keeps Newton monotone far from the optimum
+            if softmax_regression_objective(W - t * step, X, y, weight_decay, energy_coef)[0] <= value - 1e-4 * t * g @ step.reshape(-1):
+                break
+            t *= 0.5
+        W = W - t * step
+        if np.abs(g).max() < tol:
+            break
+    return W
+
+
+def softmax_regression_loss(W: np.ndarray, X, y) -> float:
+    """Plain mean cross-entropy of W ``[K, D+1]`` on ``(X [n, D], y [n])``."""
+    Z = _augment(np.asarray(X, dtype=np.float64)) @ W.T
+    return float(np.mean(np_logsumexp(Z, axis=1) - Z[np.arange(len(y)), np.asarray(y)]))
+
+
+def linear_to_augmented(weight: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
+    """nn.Linear ``(weight [K, D], bias [K])`` -> ``W [K, D+1]`` (bias as the last column)."""
+    return np.hstack([weight.detach().double().cpu().numpy(), bias.detach().double().cpu().numpy()[:, None]])
+
+
+def reoptimized_energy_effect(X, y, X_val, y_val, indices, *, num_classes: int, weight_decay: float,
+                              eps: float = 1e-4, W_opt=None) -> np.ndarray:
+    """Actual d L_val / d eps for each training index: re-solve with +-eps * E(x_i) added, central difference.
+
+    The Eq. 7 setting on L2-regularised multinomial logistic regression (strictly convex), float64 throughout.
+    Returns ``[len(indices)]``; the prediction it checks is energy_influence(...)[indices] with solver="exact".
+    """
+    X, y = np.asarray(X, dtype=np.float64), np.asarray(y)
+    W_opt = fit_softmax_regression(X, y, num_classes, weight_decay) if W_opt is None else W_opt
+    out = []
+    for i in indices:
+        losses = []
+        for sign in (1.0, -1.0):
+            c = np.zeros(len(y))
+            c[int(i)] = sign * eps
+            W = fit_softmax_regression(X, y, num_classes, weight_decay, energy_coef=c, W0=W_opt)
+            losses.append(softmax_regression_loss(W, X_val, y_val))
+        out.append((losses[0] - losses[1]) / (2 * eps))
+    return np.asarray(out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fig. 1 protocol for networks
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Fine-tuning of the Fig. 1 protocol: SGD on (1/n) sum CE + (weight_decay/2)||theta||^2 [+ eps E(x_i)]."""
+
+    epochs: int = 50
+    lr: float = 1e-3
+    batch_size: int = 128
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def actual_energy_effect(model, train, val, indices, *, eps: float, params=None, epochs: int = 50,
+                         lr: float = 1e-3, batch_size: int = 128, momentum: float = 0.0, weight_decay: float = 0.0,
+                         seed: int = 0, symmetric: bool = False, progress: bool = True) -> torch.Tensor:
+    """Actual change of the mean validation loss per unit of energy regularization, for each training index.
+
+    The paper's Fig. 1 protocol: from the pretrained ``model`` (left untouched), fine-tune the chosen parameters
+    (the same selection rule as the influence: ``params`` names/prefixes, trainable ones only) with SGD on
+    (1/n) sum_batch CE + eps * E(x_i) for ``epochs`` epochs, batch norm frozen (eval mode, so its running
+    statistics do not move; exclude its affine parameters through ``params`` if they should stay fixed too), and
+    report (L_val(eps) - L_val(0)) / eps, where L_val(0) comes from the same fine-tuning without the penalty (same
+    seed, same batch order). ``symmetric=True`` uses (L_val(eps) - L_val(-eps)) / (2 eps) instead, which cancels
+    the second-order term. When the selection is the final linear layer, the frozen features are computed once
+    and only the head is fine-tuned (the same computation, far cheaper).
+
+    Returns:
+        ``[len(indices)]`` float64 tensor; compare with ``energy_influence(...)[indices]``.
+    """
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a number > 0, got {eps!r}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    settings = FinetuneSettings(epochs, float(lr), batch_size, float(momentum), float(weight_decay), seed)
+    train_d, val_d = IndexedData(train, "train"), IndexedData(val, "val")
+    if len(val_d) == 0:
+        raise ValueError("val is empty")
+    indices = [int(i) for i in indices]
+    if any(i < 0 or i >= len(train_d) for i in indices):
+        raise ValueError(f"indices must lie in [0, {len(train_d)})")
+    chosen = _trainable_selection(model, params)
+    device = next(iter(chosen.values())).device
+
+    with eval_mode(model):
+        probe, _ = val_d.batch([0], device)
+        head = _find_head(model, chosen, probe)
+        if head is not None:
+            layer = head[1]
+            bar = _progress(False, 0, "")
+            train_x = _features(model, layer, train_d, range(len(train_d)), 512, device, bar)
+            val_x = _features(model, layer, val_d, range(len(val_d)), 512, device, bar)
+            base_model, names = layer, ["weight", "bias"]
+        else:
+            train_x = val_x = None
+            base_model, names = model, list(chosen)
+        train_y = train_d.labels().to(device)
+        val_y = val_d.labels().to(device)
+
+        def run(point: int | None, coef: float) -> float:
+            net = copy.deepcopy(base_model)
+            net.eval()  # frozen batch norm throughout
+            trainable = dict(net.named_parameters())
+            for name, p in trainable.items():
+                p.requires_grad_(name in names)
+            opt = torch.optim.SGD([trainable[n] for n in names], lr=settings.lr, momentum=settings.momentum,
+                                  weight_decay=settings.weight_decay)
+            gen = torch.Generator().manual_seed(settings.seed)
+            n = len(train_d)
+            if point is not None:
+                x_point = train_x[point:point + 1] if train_x is not None else train_d.batch([point], device)[0]
+            for _ in range(settings.epochs):
+                order = torch.randperm(n, generator=gen)
+                for start in range(0, n, settings.batch_size):
+                    idx = order[start:start + settings.batch_size]
+                    if train_x is not None:
+                        x, y = train_x[idx.to(device)], train_y[idx.to(device)]
+                    else:
+                        x, y = train_d.batch(idx.tolist(), device)
+                    loss = F.cross_entropy(net(x), y)
+                    if point is not None:
+                        loss = loss + coef * -torch.logsumexp(net(x_point), dim=-1).sum()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            with torch.no_grad():
+                if val_x is not None:
+                    return float(F.cross_entropy(net(val_x).double(), val_y))
+                total = 0.0
+                for x, y in val_d.batches(range(len(val_d)), 512, device):
+                    total += float(F.cross_entropy(net(x).double(), y, reduction="sum"))
+                return total / len(val_d)
+
+        bar = _progress(progress, len(indices) * (2 if symmetric else 1) + (0 if symmetric else 1), "fine-tuning")
+        baseline = None
+        if not symmetric:
+            baseline = run(None, 0.0)
+            bar.update(1)
+        effects = []
+        for i in indices:
+            up = run(i, eps)
+            bar.update(1)
+            if symmetric:
+                down = run(i, -eps)
+                bar.update(1)
+                effects.append((up - down) / (2 * eps))
+            else:
+                effects.append((up - baseline) / eps)
+        bar.close()
+    return torch.tensor(effects, dtype=torch.float64)
