@@ -29,7 +29,8 @@ def _extensions():
     with_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (
         torch.version.cuda is not None and CUDA_HOME is not None
     )
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch.utils.cpp_extension picks the standard the installed torch needs (C++20 from 2.13 on).
+    cxx = ["-O3", "-fopenmp"]
     # The extension is built on the machine that runs it (pip install -e .), so native vector units are safe;
     # IAERF_PORTABLE=1 keeps the generic x86-64 baseline for wheels that travel.
     if os.environ.get("IAERF_PORTABLE", "0") != "1" and platform.machine() in ("x86_64", "AMD64"):
@@ -43,7 +44,7 @@ def _extensions():
             "iaerf._C",
             sources,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: compile-check of every CUDA source with nvcc, the CMake build and its ctest C++ tests,
+# The whole test suite: compile-check of every CUDA source with nvcc, a full CUDA build of the extension against
+# the CUDA build of torch (import check, no GPU needed), the CMake build and its ctest C++ tests,
 # then pytest (Triton kernels run under TRITON_INTERPRET=1 on CPU tensors when there is no GPU).
 # Run scripts/setup_env.sh first. Extra arguments go to pytest.
 set -euo pipefail
@@ -7,7 +8,7 @@ cd "$(dirname "$0")/.."
 py=$PWD/.venv/bin/python
 export PATH="$PWD/.venv/bin:$PATH"
 
-echo "== [1/3] nvcc compile check of csrc/cuda/*.cu (sm_80, sm_90)"
+echo "== [1/4] nvcc compile check of csrc/cuda/*.cu (sm_80, sm_90)"
 if [ "${IAERF_SKIP_NVCC:-0}" = "1" ]; then
   echo "skipped: IAERF_SKIP_NVCC=1"
 else
@@ -22,12 +23,19 @@ else
   rm -rf "$objdir"
 fi
 
-echo "== [2/3] CMake build of the C++ sources and ctest"
+echo "== [2/4] full CUDA extension build against the CUDA build of torch (compile, link, import; no GPU needed)"
+if [ "${IAERF_SKIP_CUDA_BUILD:-0}" = "1" ]; then
+  echo "skipped: IAERF_SKIP_CUDA_BUILD=1"
+else
+  bash scripts/check_cuda_build.sh
+fi
+
+echo "== [3/4] CMake build of the C++ sources and ctest"
 builddir=build/cmake
 cmake -S . -B "$builddir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="$("$py" -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
 cmake --build "$builddir" -j 2
 (cd "$builddir" && ctest --output-on-failure)
 
-echo "== [3/3] pytest"
+echo "== [4/4] pytest"
 "$py" -m pytest -q "$@"
