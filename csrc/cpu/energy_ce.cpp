@@ -1,0 +1,359 @@
+// Fused CPU kernels for the energy (paper Eq. 2) and the energy-regularized cross-entropy of Algorithm 1:
+//   lse_i  = logsumexp_k z_ik,        E_i = -lse_i,
+//   CE_i   = lse_i - z_{i,y_i},       l_i = CE_i + c_i E_i = (1 - c_i) lse_i - z_{i,y_i},
+//   dl_i/dz_ik = (1 - c_i) softmax(z_i)_k - [k == y_i].
+// One row per task (rows split across threads by at::parallel_for); each row is read once from memory (a
+// second read of the same row hits cache) and the backward writes the gradient once, recomputing the softmax
+// from the saved fp32 lse (flash-attention style), so no [N, K] temporary is ever made.
+//
+// Accumulation is fp32 for fp32/fp16/bf16 logits and fp64 for fp64 logits (the latter exists for gradcheck).
+// Results (loss, cross-entropy, lse) are fp32, or fp64 for fp64 logits; gradients have the logits' dtype.
+//
+// Edge conventions (shared with the Triton kernels and the Python reference, documented in docs/ops.md):
+//   - a row whose max is +-inf uses shift 0, as torch.logsumexp does: an all -inf row gives lse = -inf
+//     (energy +inf, CE nan), a row containing +inf gives lse = +inf;
+//   - NaN anywhere in a row makes that row's results NaN, and only that row's;
+//   - rows whose target equals ignore_index get loss 0, CE 0 and zero gradient (their lse is still computed).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace iaerf {
+namespace {
+
+// exp for float with ~2 ulp error, written so that gcc vectorises loops calling it (-O3 -march=native): std::exp
+// is a libm call per element and dominates the runtime of a scalar loop. Cody-Waite range reduction
+// x = n ln2 + r, |r| <= ln2/2, then the Cephes minimax polynomial for exp(r), then scaling by 2^n via the
+// exponent bits. n is rounded with the 1.5 * 2^23 magic constant rather than std::floor + int conversion,
+// because gcc does not vectorise the latter. NaN stays NaN (every comparison with NaN is false),
+// x < -87.34 gives 0 and x > 88.72 gives inf.
+inline float fast_exp(float x) {
+  constexpr float kHi = 88.02f;  // keeps n <= 127 so 2^n is a normal float
+  constexpr float kLo = -87.3365447504f;
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
+  float xc = x > kHi ? kHi : x;
+  xc = xc < kLo ? kLo : xc;
+  const float t = xc * 1.44269504088896341f + kMagic;
+  const float n = t - kMagic;
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float er = p * r * r + r + 1.0f;
+  int32_t tbits;
+  std::memcpy(&tbits, &t, sizeof(tbits));
+  const int32_t bits = (tbits - 0x4B400000 + 127) << 23;  // (n + 127) << 23: the float 2^n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float y = er * scale;
+  y = x < kLo ? 0.0f : y;
+  y = x > 88.7228390f ? std::numeric_limits<float>::infinity() : y;
+  return y;
+}
+
+inline double exp_acc(double x) { return std::exp(x); }
+inline float exp_acc(float x) { return fast_exp(x); }
+
+template <typename acc_t>
+inline acc_t row_max(const acc_t* x, int64_t K) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t k = 0; k < K; ++k) m = x[k] > m ? x[k] : m;
+  return m;
+}
+
+// lse of one contiguous row; the +-inf max convention of torch.logsumexp (see the file comment).
+template <typename acc_t>
+inline acc_t row_lse(const acc_t* x, int64_t K) {
+  const acc_t m = row_max(x, K);
+  const acc_t shift = std::isinf(m) ? acc_t(0) : m;
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < K; ++k) s += exp_acc(x[k] - shift);
+  return shift + std::log(s);
+}
+
+// out_k = scale * exp(x_k - lse): the softmax part of every gradient here.
+template <typename acc_t>
+inline void scaled_softmax_row(const acc_t* x, int64_t K, acc_t lse, acc_t scale, acc_t* out) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) out[k] = scale * exp_acc(x[k] - lse);
+}
+
+template <typename scalar_t>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+// Gives each row as a contiguous acc_t array: the logits memory itself when it already is one (fp32 or fp64
+// with unit column stride), else a per-thread copy converted to acc_t (fp16/bf16, strided columns).
+template <typename scalar_t>
+class RowReader {
+ public:
+  using acc_t = typename AccType<scalar_t>::type;
+  RowReader(const at::Tensor& logits)
+      : base_(logits.data_ptr<scalar_t>()), K_(logits.size(1)), s0_(logits.stride(0)), s1_(logits.stride(1)) {
+    direct_ = std::is_same<scalar_t, acc_t>::value && (s1_ == 1 || K_ == 1);
+    if (!direct_) buf_.resize(K_);
+  }
+  const acc_t* row(int64_t i) {
+    const scalar_t* src = base_ + i * s0_;
+    if (direct_) return reinterpret_cast<const acc_t*>(src);
+    for (int64_t k = 0; k < K_; ++k) buf_[k] = static_cast<acc_t>(src[k * s1_]);
+    return buf_.data();
+  }
+
+ private:
+  const scalar_t* base_;
+  int64_t K_, s0_, s1_;
+  bool direct_;
+  std::vector<acc_t> buf_;
+};
+
+// Rows per parallel task: enough elements per task that thread hand-off costs stay small.
+inline int64_t grain_rows(int64_t K) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)); }
+
+at::ScalarType acc_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_logits(const at::Tensor& logits, const char* op) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D [N, K], got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, op, ": logits must have at least one class (K >= 1), got shape ",
+                    logits.sizes());
+  const auto t = logits.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble, op,
+                   ": logits must be float32, float16, bfloat16 or float64, got ", t);
+}
+
+// A per-row vector argument: [N] (any stride) -> returned as is, cast to dtype.
+at::Tensor check_rows(const at::Tensor& v, int64_t N, at::ScalarType dtype, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == N, op, ": ", name, " must have shape [N] = [", N,
+                    "], got shape ", v.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(v.scalar_type()), op, ": ", name, " must be floating point, got ",
+                   v.scalar_type());
+  return v.scalar_type() == dtype ? v : v.to(dtype);
+}
+
+// energy_coef: a 0-dim tensor (one coefficient for every row) or [N].
+at::Tensor check_coef(const at::Tensor& coef, int64_t N, at::ScalarType dtype, const char* op) {
+  TORCH_CHECK_TYPE(at::isFloatingType(coef.scalar_type()), op, ": energy_coef must be floating point, got ",
+                   coef.scalar_type());
+  TORCH_CHECK_VALUE(coef.dim() == 0 || (coef.dim() == 1 && coef.size(0) == N), op,
+                    ": energy_coef must be a scalar or have shape [N] = [", N, "], got shape ", coef.sizes());
+  return coef.scalar_type() == dtype ? coef : coef.to(dtype);
+}
+
+// Checks every target before any kernel runs: integer dtype, shape [N], values in [0, K) or ignore_index.
+at::Tensor check_target(const at::Tensor& target, int64_t N, int64_t K, int64_t ignore_index, const char* op) {
+  TORCH_CHECK_TYPE(!at::isFloatingType(target.scalar_type()) && !at::isComplexType(target.scalar_type()) &&
+                       target.scalar_type() != at::kBool,
+                   op, ": target must be an integer tensor, got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, op, ": target must have shape [N] = [", N,
+                    "], got shape ", target.sizes());
+  at::Tensor t = target.scalar_type() == at::kLong ? target : target.to(at::kLong);
+  const int64_t* p = t.data_ptr<int64_t>();
+  const int64_t s = t.stride(0);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t y = p[i * s];
+    TORCH_CHECK_VALUE(y == ignore_index || (y >= 0 && y < K), op, ": target[", i, "] = ", y,
+                      " is outside [0, K) with K = ", K, " and is not ignore_index (", ignore_index, ")");
+  }
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// logsumexp: [N, K] -> [N]
+
+at::Tensor logsumexp_cpu(const at::Tensor& logits) {
+  check_logits(logits, "iaerf::logsumexp");
+  const int64_t N = logits.size(0), K = logits.size(1);
+  at::Tensor lse = at::empty({N}, logits.options().dtype(acc_dtype(logits)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "iaerf_logsumexp", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    acc_t* out = lse.data_ptr<acc_t>();
+    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
+      RowReader<scalar_t> reader(logits);
+      for (int64_t i = begin; i < end; ++i) out[i] = row_lse(reader.row(i), K);
+    });
+  });
+  return lse;
+}
+
+// Writes one gradient row (dtype scalar_t, contiguous) from an acc_t row; `tmp` is scratch when a conversion is
+// needed. Returns the acc_t view that the caller may patch (the true-class entry) before the final store.
+template <typename scalar_t>
+struct RowWriter {
+  using acc_t = typename AccType<scalar_t>::type;
+  explicit RowWriter(int64_t K) : K_(K) {
+    if (!std::is_same<scalar_t, acc_t>::value) buf_.resize(K);
+  }
+  acc_t* target(scalar_t* out) {
+    if (std::is_same<scalar_t, acc_t>::value) return reinterpret_cast<acc_t*>(out);
+    return buf_.data();
+  }
+  void store(scalar_t* out) {
+    if (std::is_same<scalar_t, acc_t>::value) return;
+    for (int64_t k = 0; k < K_; ++k) out[k] = static_cast<scalar_t>(buf_[k]);
+  }
+
+ private:
+  int64_t K_;
+  std::vector<acc_t> buf_;
+};
+
+// d lse_i / d z_ik = softmax(z_i)_k, so grad_logits = grad[:, None] * exp(z - lse[:, None]).
+at::Tensor logsumexp_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& lse) {
+  const char* op = "iaerf::logsumexp_backward";
+  check_logits(logits, op);
+  const int64_t N = logits.size(0), K = logits.size(1);
+  const auto acc = acc_dtype(logits);
+  at::Tensor g = check_rows(grad, N, acc, op, "grad");
+  at::Tensor l = check_rows(lse, N, acc, op, "lse");
+  at::Tensor out = at::empty({N, K}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "iaerf_logsumexp_bwd", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const acc_t* gp = g.data_ptr<acc_t>();
+    const acc_t* lp = l.data_ptr<acc_t>();
+    const int64_t gs = g.stride(0), ls = l.stride(0);
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
+      RowReader<scalar_t> reader(logits);
+      RowWriter<scalar_t> writer(K);
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* dst = op_ + i * K;
+        scaled_softmax_row(reader.row(i), K, lp[i * ls], gp[i * gs], writer.target(dst));
+        writer.store(dst);
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// energy-regularized cross-entropy
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> energy_ce_forward_cpu(const at::Tensor& logits,
+                                                                     const at::Tensor& target,
+                                                                     const at::Tensor& energy_coef,
+                                                                     int64_t ignore_index) {
+  const char* op = "iaerf::energy_ce_forward";
+  check_logits(logits, op);
+  const int64_t N = logits.size(0), K = logits.size(1);
+  const auto acc = acc_dtype(logits);
+  at::Tensor coef = check_coef(energy_coef, N, acc, op);
+  at::Tensor tgt = check_target(target, N, K, ignore_index, op);
+  at::Tensor loss = at::empty({N}, logits.options().dtype(acc));
+  at::Tensor ce = at::empty({N}, logits.options().dtype(acc));
+  at::Tensor lse = at::empty({N}, logits.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "iaerf_energy_ce_fwd", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const acc_t* cp = coef.data_ptr<acc_t>();
+    const int64_t cs = coef.dim() == 0 ? 0 : coef.stride(0);
+    const int64_t* tp = tgt.data_ptr<int64_t>();
+    const int64_t ts = tgt.stride(0);
+    acc_t* lossp = loss.data_ptr<acc_t>();
+    acc_t* cep = ce.data_ptr<acc_t>();
+    acc_t* lsep = lse.data_ptr<acc_t>();
+    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
+      RowReader<scalar_t> reader(logits);
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t* x = reader.row(i);
+        const acc_t r = row_lse(x, K);
+        lsep[i] = r;
+        const int64_t y = tp[i * ts];
+        if (y == ignore_index) {
+          lossp[i] = 0;
+          cep[i] = 0;
+          continue;
+        }
+        const acc_t c = cp[i * cs];
+        cep[i] = r - x[y];
+        lossp[i] = cep[i] - c * r;  // CE + c * E with E = -lse
+      }
+    });
+  });
+  return {loss, ce, lse};
+}
+
+// grad_logits_i = g_i * ((1 - c_i) softmax(z_i) - onehot(y_i)); the true-class entry is formed in fp32 before
+// the store so that bf16/fp16 gradients of confident rows (p_y ~ 1) keep their relative accuracy.
+at::Tensor energy_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                  const at::Tensor& energy_coef, const at::Tensor& lse, int64_t ignore_index) {
+  const char* op = "iaerf::energy_ce_backward";
+  check_logits(logits, op);
+  const int64_t N = logits.size(0), K = logits.size(1);
+  const auto acc = acc_dtype(logits);
+  at::Tensor g = check_rows(grad_loss, N, acc, op, "grad_loss");
+  at::Tensor l = check_rows(lse, N, acc, op, "lse");
+  at::Tensor coef = check_coef(energy_coef, N, acc, op);
+  at::Tensor tgt = check_target(target, N, K, ignore_index, op);
+  at::Tensor out = at::empty({N, K}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "iaerf_energy_ce_bwd", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const acc_t* gp = g.data_ptr<acc_t>();
+    const acc_t* lp = l.data_ptr<acc_t>();
+    const acc_t* cp = coef.data_ptr<acc_t>();
+    const int64_t gs = g.stride(0), ls = l.stride(0), cs = coef.dim() == 0 ? 0 : coef.stride(0);
+    const int64_t* tp = tgt.data_ptr<int64_t>();
+    const int64_t ts = tgt.stride(0);
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
+      RowReader<scalar_t> reader(logits);
+      RowWriter<scalar_t> writer(K);
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* dst = outp + i * K;
+        const int64_t y = tp[i * ts];
+        if (y == ignore_index) {
+          std::fill(dst, dst + K, scalar_t(0));
+          continue;
+        }
+        const acc_t gi = gp[i * gs];
+        const acc_t w = gi * (acc_t(1) - cp[i * cs]);
+        const acc_t* x = reader.row(i);
+        acc_t* row = writer.target(dst);
+        scaled_softmax_row(x, K, lp[i * ls], w, row);
+        row[y] = w * exp_acc(x[y] - lp[i * ls]) - gi;
+        writer.store(dst);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace iaerf
+
+TORCH_LIBRARY_FRAGMENT(iaerf, m) {
+  m.def("logsumexp(Tensor logits) -> Tensor");
+  m.def("logsumexp_backward(Tensor grad, Tensor logits, Tensor lse) -> Tensor");
+  m.def(
+      "energy_ce_forward(Tensor logits, Tensor target, Tensor energy_coef, int ignore_index) "
+      "-> (Tensor loss, Tensor cross_entropy, Tensor lse)");
+  m.def(
+      "energy_ce_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor energy_coef, Tensor lse, "
+      "int ignore_index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(iaerf, CPU, m) {
+  m.impl("logsumexp", &iaerf::logsumexp_cpu);
+  m.impl("logsumexp_backward", &iaerf::logsumexp_backward_cpu);
+  m.impl("energy_ce_forward", &iaerf::energy_ce_forward_cpu);
+  m.impl("energy_ce_backward", &iaerf::energy_ce_backward_cpu);
+}

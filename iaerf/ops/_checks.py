@@ -1,0 +1,175 @@
+"""Argument validation and backend selection shared by the fused ops.
+
+Everything here runs before any kernel: bad input raises ValueError/TypeError naming the argument, never a kernel
+assert. Only metadata is inspected, except :func:`check_target_range` (one small reduction over the [N] targets),
+which the C++ path skips because its op runs the same check in its own first pass.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from iaerf import _extension
+
+LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+BACKENDS = (None, "auto", "triton", "cpp", "reference")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def acc_dtype(logits: torch.Tensor) -> torch.dtype:
+    """Dtype of results and accumulation: float64 for float64 logits, else float32."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def check_logits(logits, name: str = "logits") -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in LOGITS_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {logits.dtype}")
+    if logits.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [N, K], got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one class (K >= 1), got shape {tuple(logits.shape)}")
+
+
+def check_target(target, logits: torch.Tensor) -> None:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor of class indices, got {target.dtype}")
+    if target.shape != (logits.shape[0],):
+        raise ValueError(f"target must have shape [N] = [{logits.shape[0]}], got shape {tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+
+
+def _is_vmapped(t: torch.Tensor) -> bool:
+    """Whether any functorch wrapper layer of t (grad, jvp, vmap, nested) is a vmap batch."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise ValueError for a target outside [0, K) that is not ignore_index (one sync on CUDA).
+
+    Skipped while torch.compile traces (a data-dependent branch would break the graph; the native ops still check
+    their targets there) and for vmap-batched targets (no data-dependent Python branch exists per batch entry;
+    an out-of-range target then fails inside the reference's gather).
+    """
+    if torch.compiler.is_compiling() or _is_vmapped(target):
+        return
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"target[{i}] = {int(target[i])} is outside [0, K) with K = {num_classes} "
+            f"and is not ignore_index ({ignore_index})"
+        )
+
+
+def coef_tensor(energy_coef, logits: torch.Tensor) -> torch.Tensor:
+    """energy_coef (a real number, a 0-dim tensor or an [N] tensor) as a tensor of the accumulation dtype.
+
+    The cast is an autograd op, so a coefficient tensor that requires grad keeps its graph.
+    """
+    dtype = acc_dtype(logits)
+    if isinstance(energy_coef, torch.Tensor):
+        if not energy_coef.dtype.is_floating_point:
+            raise TypeError(f"energy_coef must be a floating-point tensor or a real number, got {energy_coef.dtype}")
+        if energy_coef.dim() != 0 and energy_coef.shape != (logits.shape[0],):
+            raise ValueError(
+                f"energy_coef must be a scalar or have shape [N] = [{logits.shape[0]}], got shape "
+                f"{tuple(energy_coef.shape)}"
+            )
+        if energy_coef.device != logits.device:
+            raise ValueError(f"energy_coef is on {energy_coef.device} but logits are on {logits.device}")
+        return energy_coef.to(dtype)
+    if isinstance(energy_coef, bool) or not isinstance(energy_coef, numbers.Real):
+        raise TypeError(f"energy_coef must be a real number or a tensor, got {type(energy_coef).__name__}")
+    return torch.tensor(float(energy_coef), dtype=dtype, device=logits.device)
+
+
+def check_choice(value, choices, name: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {[c for c in choices if c is not None]}, got {value!r}")
+
+
+def needs_reference_for_ad() -> bool:
+    """True inside torch.func transforms (grad, jvp, vmap, hessian, ...) and while forward-mode AD
+    (torch.autograd.forward_ad) is active: the fused kernels have no batching or forward-mode rules, so the
+    differentiable reference runs there (documented fallback). Reverse mode, including double backward, stays on
+    the fused path.
+
+    While torch.compile traces, the interpreter stack is not informative (dynamo answers non-None), and dynamo
+    traces the autograd.Function itself, so the fused path is kept there.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _native_kernels() -> dict:
+    # Fixed once the extension is imported; computed here so that torch.compile traces a dict lookup.
+    kernels = {}
+    for op in ("logsumexp", "energy_ce_forward"):
+        for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+            kernels[op, device_type] = _extension.has_native_op(op) and torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"iaerf::{op}", key
+            )
+    return kernels
+
+
+_NATIVE_KERNELS = _native_kernels()
+
+
+def _has_native_kernel(op: str, device_type: str) -> bool:
+    """Whether torch.ops.iaerf.<op> has a kernel for this device type (not only a schema)."""
+    return _NATIVE_KERNELS.get((op, device_type), False)
+
+
+def select_backend(logits: torch.Tensor, backend: str | None, native_op: str) -> str:
+    """Return "triton", "cpp", "cuda" or "reference" for these logits.
+
+    backend=None/"auto" follows :func:`iaerf._extension.kernel_choice` (the rule backend_info reports), with two
+    refinements: under torch.func transforms or forward-mode AD the differentiable reference runs (documented
+    fallback), and a
+    choice whose kernel cannot take these logits (float64 in Triton, a native op without a kernel for the device)
+    falls back to the reference. A forced backend that cannot run raises ValueError.
+    """
+    check_choice(backend, BACKENDS, "backend")
+    if needs_reference_for_ad():
+        return "reference"
+    device_type = logits.device.type
+    if backend in (None, "auto"):
+        impl, _ = _extension.kernel_choice(logits.device, triton_ok=True, native_op=native_op)
+        if impl == "triton" and logits.dtype == torch.float64:
+            return "cpp" if device_type == "cpu" and _has_native_kernel(native_op, "cpu") else "reference"
+        if impl in ("cpp", "cuda") and not _has_native_kernel(native_op, device_type):
+            return "reference"
+        return impl
+    if backend == "triton":
+        ok, why = _extension.triton_status()
+        if not ok:
+            raise ValueError(f"backend='triton' is unavailable: {why}")
+        if device_type == "cpu" and not _extension.triton_interpreting():
+            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+        if logits.dtype == torch.float64:
+            raise ValueError("backend='triton' does not take float64 logits; use backend='cpp' or 'reference'")
+        return "triton"
+    if backend == "cpp":
+        if device_type != "cpu":
+            raise ValueError(f"backend='cpp' runs on CPU tensors only, logits are on {logits.device}")
+        if not _has_native_kernel(native_op, "cpu"):
+            raise ValueError(
+                f"backend='cpp' is unavailable: torch.ops.iaerf.{native_op} is not built"
+                + (f" ({_extension.extension_error()})" if _extension.extension_error() else "")
+            )
+        return "cpp"
+    return "reference"

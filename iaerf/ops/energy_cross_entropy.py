@@ -1,0 +1,145 @@
+"""Energy-regularized cross-entropy of Algorithm 1, fused: l_i = CE(z_i, y_i) + c_i E(z_i), E = -logsumexp.
+
+With c_i = -beta I_val(x_i) / I_max this is the fine-tuning loss of Algorithm 1; its logits gradient is
+(1 - c_i) softmax(z_i) - onehot(y_i) (paper Eq. 15 up to notation). The fused forward makes one pass over each
+row and saves only the fp32 lse [N]; the backward reads the logits once and writes the gradient once.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from iaerf.ops import _checks
+from iaerf.ops.reference import _upcast, reference_energy_ce
+
+
+def _triton():
+    from iaerf.ops import _triton_kernels
+
+    return _triton_kernels
+
+
+class EnergyCEParts(NamedTuple):
+    """Result of ``energy_regularized_cross_entropy(..., return_parts=True)``.
+
+    loss: the reduced loss (differentiable). cross_entropy, energy: [N] per-row values from the same pass,
+    detached (for logging and plots); ignored rows have cross_entropy 0 and their true energy.
+    """
+
+    loss: torch.Tensor
+    cross_entropy: torch.Tensor
+    energy: torch.Tensor
+
+
+class _EnergyCE(torch.autograd.Function):
+    """(logits [N, K], target [N], coef 0-dim or [N]) -> (loss [N], ce [N], lse [N]); only loss is differentiable."""
+
+    @staticmethod
+    def forward(ctx, logits, target, coef, ignore_index: int, impl: str):
+        if impl == "triton":
+            loss, ce, lse = _triton().energy_ce_forward(logits, target, coef, ignore_index)
+        else:
+            loss, ce, lse = torch.ops.iaerf.energy_ce_forward(logits, target, coef, ignore_index)
+        ctx.impl, ctx.ignore_index = impl, ignore_index
+        ctx.save_for_backward(logits, target, coef, lse)
+        ctx.mark_non_differentiable(ce, lse)
+        return loss, ce, lse
+
+    @staticmethod
+    def backward(ctx, grad, _grad_ce, _grad_lse):
+        logits, target, coef, lse = ctx.saved_tensors
+        valid = target != ctx.ignore_index
+        grad = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        grad_logits = grad_coef = None
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiable ops on the logits, so double backward works. Ignored rows are
+            # zeroed first so that NaN/-inf there cannot leak into second-order terms.
+            z = torch.where(valid[:, None], _upcast(logits), torch.zeros((), dtype=lse.dtype, device=lse.device))
+            probs = torch.softmax(z, dim=1)
+            if ctx.needs_input_grad[0]:
+                onehot = torch.nn.functional.one_hot(torch.where(valid, target, 0).long(), z.shape[1]).to(z.dtype)
+                grad_logits = ((grad * (1 - coef))[:, None] * probs - grad[:, None] * onehot).to(logits.dtype)
+            energy = -torch.logsumexp(z, dim=1)
+        else:
+            if ctx.needs_input_grad[0]:
+                if ctx.impl == "triton":
+                    grad_logits = _triton().energy_ce_backward(grad, logits, target, coef, lse, ctx.ignore_index)
+                else:
+                    grad_logits = torch.ops.iaerf.energy_ce_backward(grad, logits, target, coef, lse, ctx.ignore_index)
+            energy = -lse
+        if ctx.needs_input_grad[2]:
+            grad_coef = grad * energy  # d l_i / d c_i = E_i (0 on ignored rows, whose grad is 0)
+            if coef.dim() == 0:
+                grad_coef = grad_coef.sum()
+        return grad_logits, None, grad_coef, None, None
+
+
+def energy_regularized_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    energy_coef: float | torch.Tensor,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    return_parts: bool = False,
+    backend: str | None = None,
+):
+    """Fused l_i = CE(z_i, y_i) + c_i E(z_i) with E(z) = -logsumexp(z) (Algorithm 1 loss, Eq. 2 energy).
+
+    Args:
+        logits: [N, K] float32/float16/bfloat16/float64, any strides (never modified).
+        target: [N] integer class indices in [0, K), or ignore_index.
+        energy_coef: c, a real number or a tensor of shape [] or [N]. A tensor that requires grad gets
+            d l_i / d c_i = E_i.
+        reduction: "mean" (over non-ignored rows, as F.cross_entropy; nan when there are none), "sum" or "none"
+            ([N], ignored rows 0).
+        ignore_index: target value whose rows contribute 0 loss and get 0 gradient.
+        return_parts: also return the per-row cross-entropy and energy from the same pass (detached).
+        backend: None/"auto" (iaerf's dispatch rule), or force "triton", "cpp" or "reference".
+    Returns:
+        the loss (float32, float64 for float64 logits), or :class:`EnergyCEParts` when return_parts.
+    """
+    _checks.check_logits(logits)
+    _checks.check_target(target, logits)
+    _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    coef = _checks.coef_tensor(energy_coef, logits)
+    impl = _checks.select_backend(logits, backend, "energy_ce_forward")
+    if impl not in ("cpp", "cuda"):  # the native op checks targets itself, in its first pass
+        _checks.check_target_range(target, logits.shape[1], ignore_index)
+    if impl == "reference":
+        loss, cross_entropy, lse = reference_energy_ce(logits, target, coef, ignore_index, with_parts=return_parts)
+    else:
+        loss, cross_entropy, lse = _EnergyCE.apply(logits, target, coef, ignore_index, impl)
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        loss = loss.sum() / (target != ignore_index).sum()
+    if return_parts:
+        return EnergyCEParts(loss, cross_entropy, -lse)
+    return loss
+
+
+class EnergyRegularizedCrossEntropy(torch.nn.Module):
+    """Module form of :func:`energy_regularized_cross_entropy`.
+
+    ``forward(logits, target, energy_coef=None)`` uses the constructor's energy_coef when none is passed.
+    """
+
+    def __init__(self, energy_coef: float | torch.Tensor = 0.0, reduction: str = "mean", ignore_index: int = -100,
+                 backend: str | None = None):
+        super().__init__()
+        _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
+        self.energy_coef = energy_coef
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.backend = backend
+
+    def forward(self, logits, target, energy_coef=None):
+        coef = self.energy_coef if energy_coef is None else energy_coef
+        return energy_regularized_cross_entropy(logits, target, coef, self.reduction, self.ignore_index,
+                                                backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, backend={self.backend!r}"

@@ -1,0 +1,97 @@
+"""Fused logsumexp and energy (paper Eq. 2): E_i = -T logsumexp_k(z_ik / T).
+
+Backends: fused C++ (CPU), Triton (CUDA; CPU under TRITON_INTERPRET=1), plain-autograd reference; see
+iaerf.ops._checks.select_backend. The forward saves the fp32 lse and the backward recomputes softmax from it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from iaerf.ops import _checks
+from iaerf.ops.reference import _upcast, reference_logsumexp
+
+
+def _triton():
+    from iaerf.ops import _triton_kernels
+
+    return _triton_kernels
+
+
+class _LogSumExp(torch.autograd.Function):
+    """logits [N, K] -> lse [N]; d lse_i / d z_ik = softmax(z_i)_k."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, impl: str) -> torch.Tensor:
+        if impl == "triton":
+            lse = _triton().logsumexp_forward(logits)
+        else:
+            lse = torch.ops.iaerf.logsumexp(logits)
+        ctx.impl = impl
+        ctx.save_for_backward(logits, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: build the gradient from differentiable ops on logits so that double backward
+            # (and forward-mode over it) sees the dependence of softmax on the logits.
+            grad_logits = grad[:, None] * torch.softmax(_upcast(logits), dim=1)
+            return grad_logits.to(logits.dtype), None
+        if ctx.impl == "triton":
+            return _triton().logsumexp_backward(grad, logits, lse), None
+        return torch.ops.iaerf.logsumexp_backward(grad, logits, lse), None
+
+
+def logsumexp(logits: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Row-wise log-sum-exp, fused.
+
+    Args:
+        logits: [N, K] float32/float16/bfloat16/float64, any strides (never modified).
+        backend: None/"auto" (iaerf's dispatch rule), or force "triton", "cpp" or "reference".
+    Returns:
+        [N] float32 (float64 for float64 logits). An all -inf row gives -inf, a row containing +inf gives +inf,
+        a NaN row gives NaN (that row only), N = 0 gives an empty tensor.
+    """
+    _checks.check_logits(logits)
+    impl = _checks.select_backend(logits, backend, "logsumexp")
+    if impl == "reference":
+        return reference_logsumexp(logits)
+    return _LogSumExp.apply(logits, impl)
+
+
+def energy(logits: torch.Tensor, temperature: float = 1.0, *, backend: str | None = None) -> torch.Tensor:
+    """Energy E_i = -T logsumexp_k(z_ik / T) (paper Eq. 2; T = 1 there).
+
+    Args:
+        logits: [N, K] floating (see :func:`logsumexp`).
+        temperature: positive finite T. T != 1 makes one scaled copy of the logits.
+        backend: as in :func:`logsumexp`.
+    Returns:
+        [N] float32 (float64 for float64 logits). An all -inf row gives +inf.
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    _checks.check_logits(logits)
+    if temperature == 1.0:
+        return -logsumexp(logits, backend=backend)
+    return -temperature * logsumexp(logits / temperature, backend=backend)
+
+
+class Energy(torch.nn.Module):
+    """Module form of :func:`energy`: [N, K] logits -> [N] energies."""
+
+    def __init__(self, temperature: float = 1.0, backend: str | None = None):
+        super().__init__()
+        self.temperature = temperature
+        self.backend = backend
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return energy(logits, self.temperature, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, backend={self.backend!r}"

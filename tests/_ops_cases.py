@@ -1,0 +1,48 @@
+"""Shared helpers for the fused-op tests: available backends and float64 ground truth."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iaerf import _extension
+
+HAS_CPP = _extension.has_native_op("energy_ce_forward") and _extension.has_native_op("logsumexp")
+HAS_TRITON = importlib.util.find_spec("triton") is not None and (
+    torch.cuda.is_available() or _extension.triton_interpreting()
+)
+
+# Every implementation that can run on CPU tensors here (Triton through TRITON_INTERPRET=1, set by conftest).
+CPU_BACKENDS = [
+    "reference",
+    pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="iaerf._C not built")),
+    pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not available")),
+]
+# Backends that take float64 / fp16 / bf16 logits on CPU (the Triton interpreter has no bf16 arithmetic).
+CPU_BACKENDS_ANY_DTYPE = CPU_BACKENDS[:2]
+
+
+def make_case(n: int, k: int, *, scale: float = 3.0, ignore_frac: float = 0.2, seed: int = 0,
+              dtype=torch.float32, ignore_index: int = -100):
+    """Random logits [n, k], targets with some ignored rows, per-row coefficients in [-2, 2]."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, k, generator=g, dtype=torch.float64) * scale).to(dtype)
+    target = torch.randint(0, k, (n,), generator=g)
+    if n:
+        target[torch.rand(n, generator=g) < ignore_frac] = ignore_index
+    coef = torch.rand(n, generator=g, dtype=torch.float64) * 4 - 2
+    return logits, target, coef
+
+
+def fp64_energy_ce(logits, target, coef, ignore_index: int = -100):
+    """Ground truth in float64 from torch's own ops: (per-row loss, ce, lse, grad of loss.sum() w.r.t. logits)."""
+    z = logits.detach().double().requires_grad_()
+    coef = coef.double() if isinstance(coef, torch.Tensor) else torch.tensor(float(coef), dtype=torch.float64)
+    valid = target != ignore_index
+    ce = F.cross_entropy(z, target, reduction="none", ignore_index=ignore_index)
+    lse = torch.logsumexp(z, dim=1)
+    loss = torch.where(valid, ce - coef * lse, torch.zeros((), dtype=torch.float64))
+    (grad,) = torch.autograd.grad(loss.sum(), z)
+    return loss.detach(), ce.detach(), lse.detach(), grad

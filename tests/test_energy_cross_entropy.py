@@ -1,0 +1,334 @@
+"""iaerf.ops.energy_regularized_cross_entropy: every backend against a float64 reference, hostile inputs, AD."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iaerf import ops
+from iaerf.ops import _checks
+from _ops_cases import CPU_BACKENDS, CPU_BACKENDS_ANY_DTYPE, HAS_CPP, HAS_TRITON, fp64_energy_ce, make_case
+
+ece = ops.energy_regularized_cross_entropy
+
+
+def _run(logits, target, coef, backend, reduction="none", ignore_index=-100):
+    """(per-row or reduced loss, ce, energy, grad of loss.sum()) from one backend, on a copy of the logits."""
+    z = logits.detach().clone().requires_grad_()
+    parts = ece(z, target, coef, reduction=reduction, ignore_index=ignore_index, return_parts=True, backend=backend)
+    (grad,) = torch.autograd.grad(parts.loss.sum(), z)
+    return parts.loss.detach(), parts.cross_entropy, parts.energy, grad
+
+
+def _assert_matches_fp64(logits, target, coef, backend, ignore_index=-100, rtol=1e-5):
+    loss, ce, energy, grad = _run(logits, target, coef, backend, ignore_index=ignore_index)
+    ref_loss, ref_ce, ref_lse, ref_grad = fp64_energy_ce(logits, target, coef, ignore_index)
+    scale = max(1.0, float(logits.double().abs().nan_to_num(0, 0, 0).max())) if logits.numel() else 1.0
+    atol = rtol * scale  # fp32 results of O(|z|) values carry an absolute error of O(eps |z|)
+    assert loss.dtype == ce.dtype == energy.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(ce.double(), ref_ce, rtol=rtol, atol=atol)
+    torch.testing.assert_close(energy.double(), -ref_lse, rtol=rtol, atol=atol)
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("n,k", [(16, 1), (33, 7), (64, 10), (40, 257), (8, 1000)])
+def test_matches_fp64_reference(backend, n, k):
+    logits, target, coef = make_case(n, k, seed=n * 1000 + k)
+    _assert_matches_fp64(logits, target, coef.float(), backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fifty_thousand_classes(backend):
+    # Above MAX_BLOCK (16384): the Triton kernels take their chunked online-softmax path here.
+    logits, target, coef = make_case(3, 50_000, seed=7, ignore_frac=0.0)
+    _assert_matches_fp64(logits, target, coef.float(), backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_and_scalar_coef(backend, reduction):
+    logits, target, _ = make_case(50, 9, seed=3)
+    for coef in (0.7, torch.tensor(-1.5)):
+        out = ece(logits, target, coef, reduction=reduction, backend=backend)
+        ref_loss, *_ = fp64_energy_ce(logits, target, coef)
+        valid = (target != -100).sum()
+        expected = {"none": ref_loss, "sum": ref_loss.sum(), "mean": ref_loss.sum() / valid}[reduction]
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_hostile_large_logits(backend):
+    logits, target, coef = make_case(32, 11, scale=1e4, seed=11)
+    _assert_matches_fp64(logits, target, coef.float(), backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS_ANY_DTYPE + [CPU_BACKENDS[2]])
+def test_confident_rows(backend):
+    # p_y ~ 0.9999: the gradient of the true class is a small difference (1 - c) p_y - 1.
+    logits, target, coef = make_case(24, 10, scale=0.1, seed=5, ignore_frac=0.0)
+    logits[torch.arange(24), target] += 11.5
+    p_y = torch.softmax(logits.double(), 1)[torch.arange(24), target]
+    assert float(p_y.min()) > 0.9998
+    _assert_matches_fp64(logits, target, coef.float(), backend)
+    _assert_matches_fp64(logits, target, 0.0, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ignored_rows_get_zero_loss_and_gradient(backend):
+    logits, target, coef = make_case(20, 6, seed=2, ignore_frac=0.0)
+    target[::3] = 4  # a custom ignore_index that is also a valid class elsewhere
+    logits[0] = float("nan")  # ignored rows may hold anything
+    logits[3] = float("-inf")
+    loss, ce, energy, grad = _run(logits, target, coef.float(), backend, ignore_index=4)
+    ignored = target == 4
+    assert torch.all(loss[ignored] == 0) and torch.all(ce[ignored] == 0)
+    assert torch.all(grad[ignored] == 0)
+    assert torch.isfinite(loss[~ignored]).all()
+    _assert_matches_fp64(logits[~ignored], target[~ignored], coef[~ignored].float(), backend, ignore_index=4)
+    mean = ece(logits, target, coef.float(), ignore_index=4, backend=backend)
+    torch.testing.assert_close(mean, loss.sum() / (~ignored).sum())
+    # every row ignored: "mean" is 0/0 = nan, as in F.cross_entropy
+    all_ignored = ece(logits, torch.full_like(target, 4), coef.float(), ignore_index=4, backend=backend)
+    assert math.isnan(float(all_ignored))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_noncontiguous_and_expanded_inputs(backend):
+    n, k = 12, 9
+    g = torch.Generator().manual_seed(4)
+    transposed = torch.randn(k, n, generator=g).t()
+    strided = torch.randn(n, 2 * k, generator=g)[:, ::2]
+    expanded = torch.randn(1, k, generator=g).expand(n, k)
+    target = torch.randint(0, k, (2 * n,), generator=g)[::2]
+    coef = torch.rand(1, generator=g).expand(n)
+    for logits in (transposed, strided, expanded):
+        before = logits.clone()
+        _assert_matches_fp64(logits, target, coef, backend)
+        assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_batch(backend):
+    logits = torch.zeros(0, 5)
+    target = torch.zeros(0, dtype=torch.long)
+    z = logits.clone().requires_grad_()
+    none = ece(z, target, torch.zeros(0), reduction="none", backend=backend)
+    assert none.shape == (0,)
+    assert float(ece(z, target, 1.0, reduction="sum", backend=backend)) == 0.0
+    mean = ece(z, target, 1.0, reduction="mean", backend=backend)
+    assert math.isnan(float(mean))  # 0 / 0, as torch's mean of nothing
+    (grad,) = torch.autograd.grad(ece(z, target, 1.0, reduction="sum", backend=backend), z)
+    assert grad.shape == (0, 5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_inf_rows(backend):
+    logits, target, coef = make_case(6, 5, seed=9, ignore_frac=0.0)
+    logits[1, 2] = float("nan")  # NaN row: NaN for that row only
+    logits[2] = float("-inf")  # all -inf row: lse -inf, energy +inf, CE nan
+    logits[3, (target[3] + 1) % 5] = float("-inf")  # -inf entries elsewhere are fine
+    logits[4, (target[4] + 2) % 5] = float("inf")  # +inf entry: lse +inf
+    loss, ce, energy, grad = _run(logits, target, coef.float(), backend)
+    assert torch.isnan(loss[1]) and torch.isnan(ce[1]) and torch.isnan(energy[1]) and torch.isnan(grad[1]).all()
+    assert energy[2] == float("inf") and torch.isnan(ce[2]) and torch.isnan(loss[2])
+    assert energy[4] == float("-inf")
+    rows = torch.tensor([0, 3, 5])
+    assert torch.isfinite(loss[rows]).all() and torch.isfinite(grad[rows]).all()
+    _assert_matches_fp64(logits[rows], target[rows], coef[rows].float(), backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS_ANY_DTYPE)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_no_worse_than_torch(backend, dtype):
+    logits, target, coef = make_case(64, 300, seed=21, dtype=dtype)
+    logits[:8, 0] += 12  # a few confident rows
+    target[:8] = 0
+    loss, ce, energy, grad = _run(logits, target, coef.float(), backend)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    ref_loss, _, _, ref_grad = fp64_energy_ce(logits, target, coef)
+
+    z = logits.clone().requires_grad_()
+    torch_loss = F.cross_entropy(z, target, reduction="none") + coef.to(dtype) * (-torch.logsumexp(z, 1))
+    torch_loss = torch.where(target != -100, torch_loss, torch.zeros((), dtype=dtype))
+    (torch_grad,) = torch.autograd.grad(torch_loss.sum(), z)
+
+    def err(x, ref):
+        return float((x.double() - ref).abs().max() / ref.abs().max())
+
+    assert err(loss, ref_loss) <= err(torch_loss, ref_loss) + 1e-2
+    assert err(grad, ref_grad) <= err(torch_grad, ref_grad) + 1e-2
+    # and the true-class gradient of confident rows keeps its relative accuracy (fp32 term before the store)
+    rows = torch.arange(8)
+    rel = (grad[rows, 0].double() - ref_grad[rows, 0]).abs() / ref_grad[rows, 0].abs()
+    assert float(rel.max()) < 2e-2
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS_ANY_DTYPE)
+def test_gradcheck_and_gradgradcheck_float64(backend):
+    logits, target, coef = make_case(5, 4, seed=1, dtype=torch.float64)
+    target[1] = -100
+    z = logits.requires_grad_()
+    c = coef.requires_grad_()
+    c0 = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+
+    def f(z, c):
+        return ece(z, target, c, reduction="mean", backend=backend)
+
+    def g(z, c):
+        return ece(z, target, c, reduction="none", backend=backend)
+
+    for fn, args in ((f, (z, c)), (g, (z, c)), (f, (z, c0))):
+        assert torch.autograd.gradcheck(fn, args)
+        assert torch.autograd.gradgradcheck(fn, args)
+    # forward mode (served by the documented fallback to the reference)
+    assert torch.autograd.gradcheck(f, (z, c), check_forward_ad=True, check_backward_ad=False,
+                                    check_undefined_grad=False, check_batched_grad=False)
+
+
+def _analytic_hvp(logits, target, coef, v):
+    """H v of mean_i l_i w.r.t. logits: row i gives (1 - c_i)(diag(p) - p p^T) v_i / n_valid."""
+    p = torch.softmax(logits.double(), 1)
+    valid = (target != -100).double()
+    hv = p * v - p * (p * v).sum(1, keepdim=True)
+    return hv * ((1 - coef) * valid / valid.sum())[:, None]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS_ANY_DTYPE)
+def test_second_order_matches_analytic_hessian(backend):
+    logits, target, coef = make_case(7, 6, seed=13, dtype=torch.float64)
+    v = torch.randn(7, 6, dtype=torch.float64)
+    expected = _analytic_hvp(logits, target, coef, v)
+
+    def f(z):
+        return ece(z, target, coef, backend=backend)
+
+    z = logits.clone().requires_grad_()
+    (g,) = torch.autograd.grad(f(z), z, create_graph=True)  # fused forward, differentiable backward
+    (hvp_double_backward,) = torch.autograd.grad((g * v).sum(), z)
+    torch.testing.assert_close(hvp_double_backward, expected)
+    hvp_jvp_of_grad = torch.func.jvp(torch.func.grad(f), (logits,), (v,))[1]  # what the Hessian engine runs
+    torch.testing.assert_close(hvp_jvp_of_grad, expected)
+    torch.testing.assert_close(torch.func.hessian(lambda z: f(z.view(7, 6)))(logits.flatten()) @ v.flatten(),
+                               expected.flatten())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_func_grad_and_vmap(backend):
+    logits, target, coef = make_case(3 * 8, 5, seed=17)
+    batch, tb, cb = logits.view(3, 8, 5), target.view(3, 8), coef.float().view(3, 8)
+    per_batch = torch.func.vmap(lambda z, t, c: ece(z, t, c, backend=backend))(batch, tb, cb)
+    loop = torch.stack([ece(batch[i], tb[i], cb[i]) for i in range(3)])
+    torch.testing.assert_close(per_batch, loop)
+    grads = torch.func.vmap(torch.func.grad(lambda z, t, c: ece(z, t, c, backend=backend)))(batch, tb, cb)
+    for i in range(3):
+        z = batch[i].clone().requires_grad_()
+        (expected,) = torch.autograd.grad(ece(z, tb[i], cb[i], backend=backend), z)
+        torch.testing.assert_close(grads[i], expected)
+
+
+def test_dispatch_rule():
+    z = torch.randn(4, 3)
+    assert _checks.select_backend(z, None, "energy_ce_forward") == ("cpp" if HAS_CPP else "reference")
+    assert _checks.select_backend(z, "reference", "energy_ce_forward") == "reference"
+    seen = []
+    torch.func.grad(lambda x: seen.append(_checks.select_backend(x, "cpp", "energy_ce_forward")) or x.sum())(z)
+    assert seen == ["reference"]
+    with pytest.raises(ValueError, match="backend"):
+        _checks.select_backend(z.double(), "triton", "energy_ce_forward")
+
+
+def test_module_matches_function():
+    logits, target, coef = make_case(10, 4, seed=6)
+    module = ops.EnergyRegularizedCrossEntropy(energy_coef=0.5, reduction="sum")
+    torch.testing.assert_close(module(logits, target), ece(logits, target, 0.5, reduction="sum"))
+    torch.testing.assert_close(module(logits, target, coef.float()), ece(logits, target, coef.float(), "sum"))
+    assert "reduction='sum'" in repr(module)
+
+
+def test_coef_gradient_is_energy():
+    logits, target, coef = make_case(9, 5, seed=8)
+    c = coef.float().requires_grad_()
+    ece(logits, target, c, reduction="sum").backward()
+    energy = -torch.logsumexp(logits, 1)
+    torch.testing.assert_close(c.grad, torch.where(target != -100, energy, torch.zeros(())))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bad_input_raises_before_any_kernel(backend):
+    logits, target, coef = make_case(6, 4, seed=0, ignore_frac=0.0)
+    cases = [
+        (TypeError, "logits", lambda: ece(logits.long(), target, 1.0, backend=backend)),
+        (TypeError, "logits", lambda: ece(logits.numpy(), target, 1.0, backend=backend)),
+        (ValueError, "logits", lambda: ece(logits[0], target, 1.0, backend=backend)),
+        (ValueError, "logits", lambda: ece(logits[:, :0], target, 1.0, backend=backend)),
+        (TypeError, "target", lambda: ece(logits, target.float(), 1.0, backend=backend)),
+        (ValueError, "target", lambda: ece(logits, target[:5], 1.0, backend=backend)),
+        (ValueError, "target", lambda: ece(logits, target[:, None], 1.0, backend=backend)),
+        (ValueError, "target", lambda: ece(logits, torch.tensor([0, 1, 2, 4, 0, 0]), 1.0, backend=backend)),
+        (ValueError, "target", lambda: ece(logits, torch.tensor([0, 1, -1, 3, 0, 0]), 1.0, backend=backend)),
+        (ValueError, "energy_coef", lambda: ece(logits, target, torch.ones(5), backend=backend)),
+        (ValueError, "energy_coef", lambda: ece(logits, target, torch.ones(6, 1), backend=backend)),
+        (TypeError, "energy_coef", lambda: ece(logits, target, torch.ones(6, dtype=torch.long), backend=backend)),
+        (TypeError, "energy_coef", lambda: ece(logits, target, "1", backend=backend)),
+        (ValueError, "reduction", lambda: ece(logits, target, 1.0, reduction="avg", backend=backend)),
+        (TypeError, "ignore_index", lambda: ece(logits, target, 1.0, ignore_index=1.5, backend=backend)),
+    ]
+    for exc, name, call in cases:
+        with pytest.raises(exc, match=name):
+            call()
+    with pytest.raises(ValueError, match="backend"):
+        ece(logits, target, 1.0, backend="fast")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not available")
+@pytest.mark.parametrize("k", [1, 16, 37, 64])
+def test_triton_chunked_path_with_small_block(monkeypatch, k):
+    from iaerf.ops import _triton_kernels
+
+    monkeypatch.setattr(_triton_kernels, "MAX_BLOCK", 16)  # K > 16 runs the online-softmax loop
+    logits, target, coef = make_case(10, k, seed=k)
+    _assert_matches_fp64(logits, target, coef.float(), "triton")
+    logits, target, coef = make_case(10, k, seed=k, scale=1e4)
+    _assert_matches_fp64(logits, target, coef.float(), "triton")
+    if k > 16:
+        # first chunk entirely -inf, then finite values: exercises the s == 0 guard of the rescale
+        logits, target, coef = make_case(4, k, seed=1, ignore_frac=0.0)
+        logits[:, :16] = float("-inf")
+        target[:] = k - 1
+        _assert_matches_fp64(logits, target, coef.float(), "triton")
+        logits[0] = float("-inf")
+        logits[1, k - 2] = float("nan")
+        logits[2, 3] = float("inf")
+        loss, ce, energy, _ = _run(logits, target, coef.float(), "triton")
+        assert energy[0] == float("inf") and torch.isnan(loss[1]) and energy[2] == float("-inf")
+        assert torch.isfinite(loss[3])
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [10, 1000, 32768])
+def test_cuda_triton_matches_fp64(dtype, k):
+    logits, target, coef = make_case(64, k, seed=k, dtype=dtype)
+    logits, target, coef = logits.cuda(), target.cuda(), coef.float().cuda()
+    assert _checks.select_backend(logits, None, "energy_ce_forward") == "triton"
+    loss, ce, energy, grad = _run(logits, target, coef, None)
+    ref_loss, ref_ce, ref_lse, ref_grad = fp64_energy_ce(logits.cpu(), target.cpu(), coef.cpu())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=tol, atol=tol)
+    torch.testing.assert_close(energy.cpu().double(), -ref_lse, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=tol, atol=tol)
+
+
+@cuda
+def test_cuda_bad_target_raises_value_error():
+    logits = torch.randn(4, 3, device="cuda")
+    with pytest.raises(ValueError, match="target"):
+        ece(logits, torch.tensor([0, 1, 3, 0], device="cuda"), 1.0)
