@@ -1,0 +1,326 @@
+"""Algorithm 1 (IAERF): fine-tune a pretrained classifier with influence-aware energy regularization.
+
+Per training point (paper Eq. 10, with c_i folded in):
+
+    l_i = CE(f(x_i), y_i) + c_i E(x_i),     c_i = -beta * I_val(x_i) / I_max,     I_max = max_i |I_val(x_i)|
+
+E(x) = -logsumexp f(x); I_val from :func:`iaerf.energy_influence` (Eq. 9; positive = raising the weight of E(x_i)
+raises the validation loss, so such points get c_i < 0 and their energy is pushed up). The loss runs through the
+fused :func:`iaerf.ops.energy_regularized_cross_entropy`. Batch norm is frozen (paper Sec. 3.3: running statistics
+in eval mode, affine parameters excluded from the optimizer). ``beta = 0`` (or ``influence=None``) is the control:
+plain CE fine-tuning with the same schedule, data order and frozen batch norm.
+
+App. B's rule for an energy term larger than the CE term has two readings, chosen by ``energy_cap``:
+
+- ``"none"``: Eq. 10 as written.
+- ``"per_sample"``: per point, when |c_i E_i| > CE_i, c_i is scaled down to |c_i E_i| = CE_i (beta_i =
+  |CE_i / (E_i I_i / I_max)|, evaluated on the current batch, detached).
+- ``"global"``: one beta for the whole run, computed once on the pretrained model from training-set means:
+  beta_eff = min(beta, mean_i CE_i / mean_i |E_i I_i / I_max|).
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import types
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from iaerf.data import ShotGroups, TensorDataset
+from iaerf.training import _check_dataset, _check_model_classes, evaluate, predict_logits, resolve_device
+
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneResult",
+    "energy_coefficients",
+    "freeze_batchnorm",
+    "finetune",
+    "select_beta",
+    "cifar_finetune_config",
+    "classifier_retrain_config",
+    "digits_finetune_config",
+    "BETAS",
+]
+
+BETAS = (0.1, 0.5, 1.0, 10.0)
+CAPS = ("none", "per_sample", "global")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning schedule. Defaults: the paper's CIFAR setting (5 epochs, batch 128, SGD lr 1e-4).
+
+    ``train_params``: names (prefixes) of the parameters to update; None = every non-batch-norm parameter,
+    ("fc",) = the classifier only. ``record_energy``: keep the training-set energies [n] before fine-tuning and after
+    every epoch (paper Fig. 5).
+    """
+
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    energy_cap: str = "none"
+    train_params: tuple[str, ...] | None = None
+    record_energy: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if int(self.epochs) < 1 or int(self.batch_size) < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if self.energy_cap not in CAPS:
+            raise ValueError(f"energy_cap must be one of {CAPS}, got {self.energy_cap!r}")
+        if self.train_params is not None:
+            object.__setattr__(self, "train_params", tuple(self.train_params))
+
+
+def cifar_finetune_config(**overrides) -> FinetuneConfig:
+    """Paper App. B.2, CIFAR-LT: 5 epochs, batch 128, lr 1e-4, whole network (batch norm frozen)."""
+    return replace(FinetuneConfig(), **overrides)
+
+
+def classifier_retrain_config(epochs: int = 10, **overrides) -> FinetuneConfig:
+    """Paper App. B.2, ImageNet-LT / iNaturalist classifier: 10 / 30 epochs, batch 512, lr 0.2, fc only."""
+    return replace(FinetuneConfig(epochs=epochs, batch_size=512, lr=0.2, train_params=("fc",)), **overrides)
+
+
+def digits_finetune_config(**overrides) -> FinetuneConfig:
+    """Digits: 5 epochs, batch 64, lr 1e-2 (the paper's 1e-4 moves a 500-image model by nothing measurable)."""
+    return replace(FinetuneConfig(epochs=5, batch_size=64, lr=1e-2), **overrides)
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned model, per-epoch history, the coefficients used (c [n]) and, optionally, energies per epoch."""
+
+    model: nn.Module
+    history: list[dict]
+    coefficients: torch.Tensor
+    beta: float
+    beta_effective: float
+    energies: list[torch.Tensor] = field(default_factory=list)
+
+
+def energy_coefficients(influence: torch.Tensor, beta: float) -> torch.Tensor:
+    """c_i = -beta * I_val(x_i) / max_i |I_val(x_i)|  (Algorithm 1 line 3 and Eq. 10). influence [n] -> [n] float32."""
+    if not isinstance(influence, torch.Tensor):
+        raise TypeError(f"influence must be a torch.Tensor, got {type(influence).__name__}")
+    if influence.dim() != 1 or influence.numel() == 0:
+        raise ValueError(f"influence must be a non-empty 1-D tensor [n_train], got shape {tuple(influence.shape)}")
+    if not bool(torch.isfinite(influence).all()):
+        raise ValueError("influence contains NaN or inf")
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    i_max = influence.abs().max()
+    if float(i_max) == 0.0:
+        raise ValueError("influence is zero for every training point (I_max = 0): nothing to regularize")
+    return (-float(beta) * influence.double() / i_max.double()).float()
+
+
+def _is_bn(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._NormBase)
+
+
+def freeze_batchnorm(model: nn.Module) -> list[nn.Parameter]:
+    """Put every batch-norm layer in eval mode and stop gradients to its affine parameters.
+
+    Returns the affine parameters that were frozen (so the caller can restore ``requires_grad``). Call it after
+    ``model.train()``, which would switch the layers back to batch statistics.
+    """
+    frozen = []
+    for module in model.modules():
+        if _is_bn(module):
+            module.eval()
+            for p in module.parameters(recurse=False):
+                if p.requires_grad:
+                    p.requires_grad_(False)
+                    frozen.append(p)
+    return frozen
+
+
+def _trainable(model: nn.Module, train_params) -> list[nn.Parameter]:
+    bn_params = {id(p) for m in model.modules() if _is_bn(m) for p in m.parameters(recurse=False)}
+    chosen = []
+    for name, p in model.named_parameters():
+        if id(p) in bn_params:
+            continue
+        if train_params is None or any(name == t or name.startswith(t + ".") for t in train_params):
+            chosen.append(p)
+    if not chosen:
+        raise ValueError(f"train_params={train_params!r} selects no non-batch-norm parameter of the model")
+    return chosen
+
+
+@torch.no_grad()
+def _energy_and_ce(model: nn.Module, data: TensorDataset, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    from iaerf.ops import energy
+
+    logits = predict_logits(model, data, batch_size=max(batch_size, 256), device=device)
+    return energy(logits).float(), F.cross_entropy(logits, data.labels, reduction="none")
+
+
+def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | None = None, *, beta: float = 1.0,
+             config: FinetuneConfig | None = None, device=None, progress: bool = True, inplace: bool = False,
+             **overrides) -> FinetuneResult:
+    """Algorithm 1: fine-tune ``model`` on ``train`` with c_i = -beta I_val(x_i) / I_max (beta = 0: plain CE control).
+
+    Args:
+        model: pretrained classifier with a final ``nn.Linear`` ``fc``; copied unless ``inplace``.
+        train: :class:`iaerf.data.TensorDataset` (n items); ``influence[i]`` belongs to ``train[i]``.
+        influence: I_val [n] from :func:`iaerf.energy_influence`; None only with ``beta == 0``.
+        beta: energy weight; the paper searches {0.1, 0.5, 1, 10} (:func:`select_beta`).
+        config: :class:`FinetuneConfig`; keyword ``overrides`` replace its fields.
+    Returns :class:`FinetuneResult`. Batch-norm statistics and affine parameters are left exactly as they were.
+    """
+    config = replace(config or FinetuneConfig(), **overrides)
+    _check_dataset(train, "train")
+    _check_model_classes(model, train.num_classes)
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if beta > 0:
+        if influence is None:
+            raise ValueError("influence is required when beta > 0 (pass beta=0 for the plain CE control)")
+        if influence.shape != (len(train),):
+            raise ValueError(f"influence must have shape [{len(train)}] (one value per training point), "
+                             f"got {tuple(influence.shape)}")
+        coef = energy_coefficients(influence.detach().cpu(), beta)
+    else:
+        coef = torch.zeros(len(train))
+    from iaerf.ops import energy_regularized_cross_entropy
+
+    device = resolve_device(device)
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.to(device)
+    params = _trainable(model, config.train_params)
+    x_all, y_all = train.tensors()
+
+    beta_eff = float(beta)
+    if beta > 0 and config.energy_cap == "global":
+        e0, ce0 = _energy_and_ce(model, train, config.batch_size, device)
+        term = (e0 * coef / beta).abs().mean()
+        if float(term) > 0:
+            beta_eff = min(float(beta), float(ce0.mean() / term))
+        coef = coef * (beta_eff / beta)
+
+    energies = []
+    if config.record_energy:
+        energies.append(_energy_and_ce(model, train, config.batch_size, device)[0])
+
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    coef_dev = coef.to(device)
+    history = []
+    try:
+        bar = tqdm(range(config.epochs), desc="finetune" + (f" beta={beta:g}" if beta else " (CE control)"),
+                   disable=not progress, leave=False)
+        for epoch in bar:
+            model.train()
+            freeze_batchnorm(model)
+            perm = torch.randperm(len(train), generator=gen)
+            sums = {"loss": 0.0, "ce": 0.0, "energy": 0.0}
+            for start in range(0, len(perm), config.batch_size):
+                idx = perm[start:start + config.batch_size]
+                x, y = x_all[idx].to(device), y_all[idx].to(device)
+                c = coef_dev[idx.to(device)]
+                logits = model(x)
+                if beta > 0 and config.energy_cap == "per_sample":
+                    c = _cap_per_sample(logits.detach(), y, c)
+                parts = energy_regularized_cross_entropy(logits, y, c, reduction="mean", return_parts=True)
+                opt.zero_grad(set_to_none=True)
+                parts.loss.backward()
+                opt.step()
+                n = len(idx)
+                sums["loss"] += float(parts.loss.detach()) * n
+                sums["ce"] += float(parts.cross_entropy.detach().sum())
+                sums["energy"] += float(parts.energy.detach().sum())
+            if not math.isfinite(sums["loss"]):
+                raise FloatingPointError(f"fine-tuning diverged at epoch {epoch} (beta={beta}); lower beta or lr, "
+                                         "or use energy_cap='per_sample'")
+            history.append({"epoch": epoch, **{k: v / len(train) for k, v in sums.items()}})
+            bar.set_postfix(loss=f"{sums['loss'] / len(train):.4f}")
+            if config.record_energy:
+                energies.append(_energy_and_ce(model, train, config.batch_size, device)[0])
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(requires_grad[id(p)])
+    model.eval()
+    return FinetuneResult(model, history, coef, float(beta), beta_eff, energies)
+
+
+def _cap_per_sample(logits: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Scale c_i so that |c_i E_i| <= CE_i (App. B, per-sample reading); logits [B, K], y [B], c [B] -> [B]."""
+    from iaerf.ops import energy
+
+    e = energy(logits).to(logits.dtype)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    c = c.to(logits.dtype)
+    term = (c * e).abs()
+    scale = torch.where(term > ce, ce / term.clamp_min(torch.finfo(term.dtype).tiny), torch.ones_like(term))
+    return c * scale
+
+
+def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, influence: torch.Tensor, *,
+                betas=BETAS, config: FinetuneConfig | None = None, metric: str = "loss", device=None,
+                progress: bool = True) -> tuple[float, FinetuneResult, list[dict]]:
+    """Fine-tune once per beta and keep the one with the lowest validation ``metric`` ("loss" or "error").
+
+    Only ``val`` is looked at (the test set never is). Ties go to the smaller beta. Returns
+    ``(best_beta, best_result, table)`` with table rows ``{"beta", "val_loss", "val_error"}``.
+    """
+    if metric not in ("loss", "error"):
+        raise ValueError(f"metric must be 'loss' or 'error', got {metric!r}")
+    betas = sorted(float(b) for b in betas)
+    if not betas or any(not (b > 0 and math.isfinite(b)) for b in betas):
+        raise ValueError(f"betas must be positive finite numbers, got {betas!r}")
+    _check_dataset(val, "val")
+    counts = train.class_counts()
+    best, table = None, []
+    for b in betas:
+        try:
+            result = finetune(model, train, influence, beta=b, config=config, device=device, progress=progress)
+        except FloatingPointError:  # the unbounded energy term diverged: this beta is simply not a candidate
+            table.append({"beta": b, "val_loss": None, "val_error": None, "diverged": True})
+            continue
+        ev = evaluate(result.model, val, counts, ShotGroups(), device=device)
+        if not math.isfinite(ev["loss"]):
+            table.append({"beta": b, "val_loss": None, "val_error": ev["error"], "diverged": True})
+            continue
+        score = ev["loss"] if metric == "loss" else (ev["error"], ev["loss"])
+        table.append({"beta": b, "val_loss": ev["loss"], "val_error": ev["error"], "diverged": False})
+        if best is None or score < best[0]:
+            best = (score, b, result)
+    if best is None:
+        raise FloatingPointError(f"fine-tuning diverged for every beta in {betas}; lower the lr or use an energy_cap")
+    return best[1], best[2], table
+
+
+def config_dict(config: FinetuneConfig) -> dict:
+    """JSON-ready form of a :class:`FinetuneConfig`."""
+    d = asdict(config)
+    d["train_params"] = list(config.train_params) if config.train_params is not None else None
+    return d
+
+
+class _CallableModule(types.ModuleType):
+    """``iaerf.finetune`` is both this module and Algorithm 1's function: importing the submodule makes Python bind
+    the module object to ``iaerf.finetune``, so the module forwards calls to :func:`finetune`."""
+
+    def __call__(self, *args, **kwargs):
+        return finetune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,203 @@
+"""iaerf.finetune (Algorithm 1): coefficients, the fused loss step against a float64 reference, frozen batch norm,
+App. B caps, the CE control, beta selection on validation, determinism."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import iaerf
+from iaerf.data import TensorDataset
+from iaerf.finetune import (FinetuneConfig, _cap_per_sample, energy_coefficients, finetune, freeze_batchnorm,
+                            select_beta)
+from iaerf.models import LinearClassifier, SmallCNN
+
+
+def _toy(n=48, d=5, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = torch.randint(0, k, (n,), generator=g)
+    return TensorDataset(x, y, k)
+
+
+def _digits_like(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.rand(n, 1, 8, 8, generator=g), torch.arange(n) % 4, 4)
+
+
+def test_energy_coefficients():
+    infl = torch.tensor([2.0, -4.0, 1.0, 0.0])
+    c = energy_coefficients(infl, 0.5)
+    torch.testing.assert_close(c, torch.tensor([-0.25, 0.5, -0.125, 0.0]))
+    assert float(c.abs().max()) == pytest.approx(0.5)
+    for bad, match in [(torch.tensor([1.0, float("nan")]), "NaN"), (torch.zeros(3), "I_max"),
+                       (torch.zeros(2, 2), "1-D"), (torch.tensor([]), "1-D")]:
+        with pytest.raises(ValueError, match=match):
+            energy_coefficients(bad, 1.0)
+    with pytest.raises(ValueError, match="beta"):
+        energy_coefficients(infl, -1.0)
+    with pytest.raises(TypeError, match="influence"):
+        energy_coefficients([1.0, 2.0], 1.0)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 10.0])
+def test_one_step_matches_float64_reference(beta):
+    """One full-batch SGD step of Algorithm 1 equals the step on CE + c_i E computed in float64 by autograd."""
+    train = _toy()
+    torch.manual_seed(1)
+    model = LinearClassifier(5, 3)
+    infl = torch.randn(len(train), generator=torch.Generator().manual_seed(2))
+    lr = 0.3
+    res = finetune(model, train, infl if beta else None, beta=beta, epochs=1, batch_size=len(train), lr=lr,
+                   momentum=0.0, progress=False)
+    W = model.fc.weight.detach().double().requires_grad_()
+    b = model.fc.bias.detach().double().requires_grad_()
+    x, y = train.tensors()
+    z = x.double() @ W.T + b
+    c = (-beta * infl.double() / infl.abs().max()) if beta else torch.zeros(len(train), dtype=torch.float64)
+    loss = (F.cross_entropy(z, y, reduction="none") + c * -torch.logsumexp(z, 1)).mean()
+    loss.backward()
+    torch.testing.assert_close(res.model.fc.weight.double(), W.detach() - lr * W.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.model.fc.bias.double(), b.detach() - lr * b.grad, rtol=1e-5, atol=1e-6)
+    assert res.history[0]["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    # the input model is untouched (inplace=False)
+    assert not torch.equal(res.model.fc.weight, model.fc.weight)
+
+
+def test_batchnorm_frozen_and_others_trained():
+    train = _digits_like()
+    torch.manual_seed(0)
+    model = SmallCNN(4)
+    model.train()
+    with torch.no_grad():  # give the BN layers non-trivial statistics first
+        model(train.inputs)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    before = copy.deepcopy(model.state_dict())
+    infl = torch.linspace(-1, 1, len(train))
+    res = finetune(model, train, infl, beta=1.0, epochs=2, batch_size=8, lr=0.05, progress=False)
+    after = res.model.state_dict()
+    bn_keys = [k for k in before if any(s in k for s in ("running_mean", "running_var", "num_batches_tracked"))]
+    bn_keys += [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) for p in ("weight", "bias")]
+    assert len(bn_keys) == 15
+    for k in bn_keys:
+        assert torch.equal(before[k], after[k]), k
+    changed = [k for k in before if k not in bn_keys and not torch.equal(before[k], after[k])]
+    assert "fc.weight" in changed and "body.0.weight" in changed
+    # requires_grad flags are restored, and the caller's model is unchanged
+    assert all(p.requires_grad for p in res.model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_freeze_batchnorm_returns_frozen_params():
+    m = SmallCNN(3).train()
+    frozen = freeze_batchnorm(m)
+    assert len(frozen) == 6 and all(not p.requires_grad for p in frozen)
+    assert all(not mod.training for mod in m.modules() if isinstance(mod, nn.BatchNorm2d))
+
+
+def test_train_params_classifier_only():
+    train = _digits_like()
+    torch.manual_seed(0)
+    model = SmallCNN(4)
+    res = finetune(model, train, torch.randn(len(train)), beta=0.5, epochs=1, lr=0.1, batch_size=8,
+                   train_params=("fc",), progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, res.model.state_dict()[k]) == (not k.startswith("fc.")), k
+    with pytest.raises(ValueError, match="train_params"):
+        finetune(model, train, None, beta=0.0, train_params=("nothing",), progress=False)
+
+
+def test_per_sample_cap():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(32, 5, generator=g, dtype=torch.float64) * 4
+    y = torch.randint(0, 5, (32,), generator=g)
+    c = torch.randn(32, generator=g, dtype=torch.float64) * 10
+    capped = _cap_per_sample(logits, y, c)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    e = -torch.logsumexp(logits, 1)
+    assert bool(((capped * e).abs() <= ce * (1 + 1e-9) + 1e-12).all())
+    keep = (c * e).abs() <= ce
+    torch.testing.assert_close(capped[keep], c[keep])  # small terms untouched
+    torch.testing.assert_close((capped * e).abs()[~keep], ce[~keep])  # large ones capped exactly at CE
+    assert bool((torch.sign(capped) == torch.sign(c)).all())
+
+
+def test_global_cap_beta_rule():
+    train = _toy(seed=3)
+    torch.manual_seed(0)
+    model = LinearClassifier(5, 3)
+    infl = torch.randn(len(train), generator=torch.Generator().manual_seed(4))
+    res = finetune(model, train, infl, beta=10.0, epochs=1, lr=1e-3, energy_cap="global", progress=False)
+    with torch.no_grad():
+        z = model(train.inputs).double()
+    ce = F.cross_entropy(z, train.labels, reduction="none").mean()
+    term = (-torch.logsumexp(z, 1) * infl.double() / infl.abs().max()).abs().mean()
+    assert res.beta_effective == pytest.approx(min(10.0, float(ce / term)), rel=1e-5)
+    assert res.beta_effective < 10.0
+    torch.testing.assert_close(res.coefficients.double(), -res.beta_effective * infl.double() / infl.abs().max(),
+                               rtol=1e-5, atol=1e-7)
+    # small beta: the rule leaves it alone
+    res2 = finetune(model, train, infl, beta=1e-3, epochs=1, lr=1e-3, energy_cap="global", progress=False)
+    assert res2.beta_effective == pytest.approx(1e-3)
+
+
+def test_control_equals_zero_influence_path_and_is_deterministic():
+    train = _digits_like()
+    torch.manual_seed(0)
+    model = SmallCNN(4)
+    a = finetune(model, train, None, beta=0.0, epochs=2, batch_size=8, lr=0.05, progress=False)
+    b = finetune(model, train, torch.randn(len(train)), beta=0.0, epochs=2, batch_size=8, lr=0.05, progress=False)
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k])
+    c = finetune(model, train, None, beta=0.0, epochs=2, batch_size=8, lr=0.05, seed=1, progress=False)
+    assert not torch.equal(c.model.fc.weight, a.model.fc.weight)
+
+
+def test_finetune_bad_input():
+    train = _toy()
+    model = LinearClassifier(5, 3)
+    with pytest.raises(ValueError, match="influence is required"):
+        finetune(model, train, None, beta=1.0, progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        finetune(model, train, torch.ones(3), beta=1.0, progress=False)
+    with pytest.raises(ValueError, match="beta"):
+        finetune(model, train, torch.ones(len(train)), beta=float("inf"), progress=False)
+    with pytest.raises(ValueError, match="3 classes"):
+        finetune(LinearClassifier(5, 4), train, None, beta=0.0, progress=False)
+    with pytest.raises(ValueError, match="energy_cap"):
+        FinetuneConfig(energy_cap="clip")
+    with pytest.raises(ValueError, match="lr"):
+        FinetuneConfig(lr=0.0)
+    with pytest.raises(TypeError, match="TensorDataset"):
+        finetune(model, [(torch.zeros(5), 0)], None, beta=0.0, progress=False)
+
+
+def test_select_beta_uses_validation_and_skips_divergence():
+    train = _toy(n=60, seed=5)
+    val = train.subset(range(12))
+    torch.manual_seed(0)
+    model = LinearClassifier(5, 3)
+    infl = torch.randn(len(train), generator=torch.Generator().manual_seed(6))
+    cfg = FinetuneConfig(epochs=3, batch_size=16, lr=0.5)
+    best, result, table = select_beta(model, train, val, infl, betas=(0.1, 1.0, 1e30), config=cfg, progress=False)
+    assert [row["beta"] for row in table] == [0.1, 1.0, 1e30]
+    assert table[2]["diverged"] and table[2]["val_loss"] is None
+    finite = [r for r in table if not r["diverged"]]
+    assert best == min(finite, key=lambda r: r["val_loss"])["beta"]
+    # the returned model is the chosen beta's fine-tuning: same as running it directly
+    direct = finetune(model, train, infl, beta=best, config=cfg, progress=False)
+    assert torch.equal(direct.model.fc.weight, result.model.fc.weight)
+    with pytest.raises(ValueError, match="metric"):
+        select_beta(model, train, val, infl, metric="test_error", progress=False)
+
+
+def test_package_level_finetune_is_callable():
+    import iaerf.finetune as module  # binds the submodule to iaerf.finetune; it must stay callable
+    train = _toy()
+    res = iaerf.finetune(LinearClassifier(5, 3), train, None, beta=0.0, epochs=1, progress=False)
+    assert module is iaerf.finetune and math.isfinite(res.history[0]["loss"])
