@@ -91,7 +91,8 @@ def coef_tensor(energy_coef, logits: torch.Tensor) -> torch.Tensor:
         return energy_coef.to(dtype)
     if isinstance(energy_coef, bool) or not isinstance(energy_coef, numbers.Real):
         raise TypeError(f"energy_coef must be a real number or a tensor, got {type(energy_coef).__name__}")
-    return torch.tensor(float(energy_coef), dtype=dtype, device=logits.device)
+    # torch.full, not torch.tensor: on CUDA it is an async fill rather than a blocking host-to-device copy
+    return torch.full((), float(energy_coef), dtype=dtype, device=logits.device)
 
 
 def check_choice(value, choices, name: str) -> None:

@@ -1,0 +1,132 @@
+"""Benchmark of the fused ops against the plain autograd composition (issue 2).
+
+Cases, at N = 8192 rows and K in {10, 100, 1000, 8192} classes, fp32:
+  - energy_regularized_cross_entropy forward+backward, forward only, backward only, against
+    ``F.cross_entropy(z, y, reduction="none") + c * (-torch.logsumexp(z, 1))`` then ``.mean()``;
+  - logsumexp forward+backward and energy forward, against torch.logsumexp.
+Each row has the median time of both, the speedup, the max relative error of the fused result (loss and logits
+gradient) against float64, and the peak extra memory of one forward+backward for both.
+On CUDA the fused forward+backward is also expressed as bandwidth (3 passes over the logits: forward read,
+backward read, gradient write) relative to a device copy of the same bytes.
+
+    python -m benchmarks.bench_ops [--quick] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import common
+from iaerf import ops
+
+KS = (10, 100, 1000, 8192)
+
+
+def _eager_loss(z, y, c):
+    return (F.cross_entropy(z, y, reduction="none") + c * (-torch.logsumexp(z, 1))).mean()
+
+
+def _fused_loss(z, y, c):
+    return ops.energy_regularized_cross_entropy(z, y, c, reduction="mean")
+
+
+def _inputs(n, k, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, k, generator=g) * 3).to(device)
+    y = torch.randint(0, k, (n,), generator=g).to(device)
+    c = (torch.rand(n, generator=g) * 2 - 1).to(device)
+    return z, y, c
+
+
+def _errors(z, y, c):
+    """Max relative errors (loss, grad) of fused and eager fp32 against float64 eager."""
+    z64 = z.double().requires_grad_()
+    ref = _eager_loss(z64, y, c.double())
+    (ref_grad,) = torch.autograd.grad(ref, z64)
+    out = {}
+    for name, fn in (("fused", _fused_loss), ("eager", _eager_loss)):
+        zz = z.clone().requires_grad_()
+        loss = fn(zz, y, c)
+        (grad,) = torch.autograd.grad(loss, zz)
+        out[name] = max(common.max_rel_error(loss, ref), common.max_rel_error(grad, ref_grad))
+    return out
+
+
+def _copy_bandwidth(z, device, reps):
+    dst = torch.empty_like(z)
+    t = common.time_fn(lambda: dst.copy_(z), reps=reps, device=device)
+    return 2 * z.numel() * z.element_size() / t["median"]
+
+
+def run(quick: bool = False, device: str = "cpu") -> list[dict]:
+    n = 1024 if quick else 8192
+    reps = 3 if quick else 7
+    rows = []
+    for k in KS:
+        z, y, c = _inputs(n, k, device)
+        zg = z.clone().requires_grad_()
+        shape = f"N={n} K={k}"
+
+        def fwd_bwd(fn):
+            return lambda: torch.autograd.grad(fn(zg, y, c), zg)
+
+        t_fused = common.time_fn(fwd_bwd(_fused_loss), reps=reps, device=device)
+        t_eager = common.time_fn(fwd_bwd(_eager_loss), reps=reps, device=device)
+        errs = _errors(z, y, c)
+        peak_fused = common.peak_memory(fwd_bwd(_fused_loss), device=device)
+        peak_eager = common.peak_memory(fwd_bwd(_eager_loss), device=device)
+        logits_bytes = z.numel() * z.element_size()
+        note = f"fused peak {peak_fused / logits_bytes:.2f}x logits, eager {peak_eager / logits_bytes:.2f}x; eager err {errs['eager']:.1e}"
+        if torch.device(device).type == "cuda":
+            achieved = 3 * logits_bytes / t_fused["median"]
+            copy = _copy_bandwidth(z, device, reps)
+            note += f"; {achieved / 1e9:.0f} GB/s = {100 * achieved / copy:.0f}% of copy bandwidth ({copy / 1e9:.0f} GB/s)"
+        target = ">=5x" if k <= 100 else ">=3x"
+        rows.append(common.row("energy CE fwd+bwd", shape, "fp32", "F.cross_entropy + c*(-logsumexp), autograd",
+                               t_eager, t_fused, max_err=errs["fused"], peak_bytes=peak_fused,
+                               baseline_peak_bytes=peak_eager, target=target + ", peak <= 1x logits", note=note))
+
+        with torch.no_grad():
+            t_fused = common.time_fn(lambda: _fused_loss(z, y, c), reps=reps, device=device)
+            t_eager = common.time_fn(lambda: _eager_loss(z, y, c), reps=reps, device=device)
+        rows.append(common.row("energy CE forward", shape, "fp32", "eager composition", t_eager, t_fused))
+
+        loss_fused, loss_eager = _fused_loss(zg, y, c), _eager_loss(zg, y, c)
+        t_fused = common.time_fn(lambda: torch.autograd.grad(loss_fused, zg, retain_graph=True), reps=reps, device=device)
+        t_eager = common.time_fn(lambda: torch.autograd.grad(loss_eager, zg, retain_graph=True), reps=reps, device=device)
+        rows.append(common.row("energy CE backward", shape, "fp32", "eager composition", t_eager, t_fused))
+        del loss_fused, loss_eager
+
+        t_fused = common.time_fn(lambda: torch.autograd.grad(ops.logsumexp(zg).sum(), zg), reps=reps, device=device)
+        t_eager = common.time_fn(lambda: torch.autograd.grad(torch.logsumexp(zg, 1).sum(), zg), reps=reps, device=device)
+        lse_err = common.max_rel_error(ops.logsumexp(z), torch.logsumexp(z.double(), 1))
+        rows.append(common.row("logsumexp fwd+bwd", shape, "fp32", "torch.logsumexp, autograd", t_eager, t_fused,
+                               max_err=lse_err))
+        with torch.no_grad():
+            t_fused = common.time_fn(lambda: ops.energy(z), reps=reps, device=device)
+            t_eager = common.time_fn(lambda: -torch.logsumexp(z, 1), reps=reps, device=device)
+        rows.append(common.row("energy forward", shape, "fp32", "-torch.logsumexp", t_eager, t_fused))
+        del z, zg
+    return rows
+
+
+def _markdown(rows: list[dict]) -> str:
+    lines = ["| case | shape | baseline ms | iaerf ms | speedup | max rel err | peak MB (iaerf / base) | target | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        err = "" if r["max_rel_err_vs_fp64"] is None else f"{r['max_rel_err_vs_fp64']:.1e}"
+        peak = "" if r["iaerf_peak_bytes"] is None else f"{r['iaerf_peak_bytes'] / 2**20:.0f} / {r['baseline_peak_bytes'] / 2**20:.0f}"
+        lines.append(f"| {r['case']} | {r['shape']} | {1e3 * r['baseline_median_s']:.3f} | {1e3 * r['iaerf_median_s']:.3f} "
+                     f"| {r['speedup']:.2f}x | {err} | {peak} | {r['target']} | {r['note']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    print(common.machine_description())
+    print(_markdown(run(quick=args.quick, device=args.device)))
