@@ -14,7 +14,10 @@
 namespace iaerf {
 namespace {
 
-// R = p * (u - <p, u>) row by row, u = U[i, c*K:(c+1)*K] + vb[c]; the inner product accumulates in double.
+// R = p * (u - <p, u>) row by row, u = U[i, c*K:(c+1)*K] + vb[c]. Written as u - <p,u> = (u - u_m) - <p, u - u_m>
+// with m = argmax p (exact when sum p = 1): on confident rows (p_m ~ 1) the direct form cancels to the rounding
+// of p_m * u_m, while here every term of the inner product is small and exact to the rounding of p_j.
+// The inner product accumulates in double.
 template <typename scalar_t>
 void mix_cpu(const at::Tensor& pt, at::Tensor& u, const at::Tensor& vb) {
   const int64_t t = pt.size(0), K = pt.size(1), b = u.size(1) / K;
@@ -24,16 +27,19 @@ void mix_cpu(const at::Tensor& pt, at::Tensor& u, const at::Tensor& vb) {
   at::parallel_for(0, t, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, b * K)), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const scalar_t* p = P + i * K;
+      int64_t top = 0;
+      for (int64_t k = 1; k < K; ++k) top = p[k] > p[top] ? k : top;
       for (int64_t c = 0; c < b; ++c) {
         scalar_t* row = U + (i * b + c) * K;
         if (B != nullptr) {
           const scalar_t* bc = B + c * K;
           for (int64_t k = 0; k < K; ++k) row[k] += bc[k];
         }
+        const scalar_t um = row[top];
         double dot = 0.0;
-        for (int64_t k = 0; k < K; ++k) dot += static_cast<double>(p[k]) * static_cast<double>(row[k]);
+        for (int64_t k = 0; k < K; ++k) dot += static_cast<double>(p[k]) * static_cast<double>(row[k] - um);
         const scalar_t sdot = static_cast<scalar_t>(dot);
-        for (int64_t k = 0; k < K; ++k) row[k] = p[k] * (row[k] - sdot);
+        for (int64_t k = 0; k < K; ++k) row[k] = p[k] * ((row[k] - um) - sdot);
       }
     }
   });

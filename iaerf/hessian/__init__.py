@@ -7,7 +7,17 @@
 - :func:`inverse_hvp`: ``(H + damping I)^{-1} V`` by LiSSA, CG or a dense float64 solve
 """
 from iaerf.hessian.head import HeadHessian
+from iaerf.hessian.inverse import (
+    CGOptions,
+    ExactOptions,
+    LissaDivergenceError,
+    LissaOptions,
+    estimate_lambda_max,
+    inverse_hvp,
+)
 from iaerf.hessian.operators import HessianOperator, ModuleHessian, eval_mode
 from iaerf.hessian.params import flatten, select_parameters, unflatten
 
-__all__ = ["HeadHessian", "HessianOperator", "ModuleHessian", "eval_mode", "flatten", "select_parameters", "unflatten"]
+__all__ = [
+    "CGOptions", "ExactOptions", "HeadHessian", "HessianOperator", "LissaDivergenceError", "LissaOptions",
+    "estimate_lambda_max", "inverse_hvp", "ModuleHessian", "eval_mode", "flatten", "select_parameters", "unflatten"]

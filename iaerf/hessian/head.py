@@ -51,7 +51,10 @@ def head_hvp_reference(features: torch.Tensor, probs: torch.Tensor, v: torch.Ten
             if has_bias:
                 u = u + vb[j]
             p = pt.unsqueeze(1)
-            rr = p * (u - (p * u).sum(-1, keepdim=True))         # (diag p - p p^T) V_c x~_i
+            # (diag p - p p^T) u with u - <p,u> = (u - u_m) - <p, u - u_m>, m = argmax p: no cancellation on
+            # confident rows (see csrc/cpu/head_hvp.cpp)
+            du = u - u.gather(-1, pt.argmax(-1)[:, None, None].expand(-1, b, 1))
+            rr = p * (du - (p * du).sum(-1, keepdim=True))
             out_w[j] += rr.reshape(e - s, b * K).T @ xt
             if has_bias:
                 out_b[j] += rr.sum(0)
@@ -112,17 +115,22 @@ class HeadHessian(HessianOperator):
         self.has_bias = bias is not None
         self.num_classes, self.num_features = K, D
         self.num_params = K * D + (K if self.has_bias else 0)
-        # p_i is fixed while the parameters are: computed once, reused by every product of a LiSSA/CG run.
-        self.probs = self._probs(self.dtype).contiguous()
+        # p_i is fixed while the parameters are: computed once, reused by every product of a LiSSA/CG run. The
+        # logits go through float64 (in row chunks) because on confident rows fp32 logits of size ~50 carry
+        # absolute errors ~1e-5 that become relative errors of the small p_j, i.e. of the curvature itself.
+        self.probs = self._probs(torch.float64).to(self.dtype).contiguous()
         self.process_group = process_group
         self.num_local_samples = self.features.shape[0]
         self.num_samples = self._global_count(self.num_local_samples)
 
-    def _probs(self, dtype):
-        logits = self.features.to(dtype) @ self.weight.to(dtype).T
-        if self.bias is not None:
-            logits = logits + self.bias.to(dtype)
-        return torch.softmax(logits, dim=1)
+    def _probs(self, dtype, chunk: int = 8192):
+        w = self.weight.to(self.device, dtype)
+        b = self.bias.to(dtype) if self.bias is not None else None
+        out = []
+        for s in range(0, self.features.shape[0], chunk):
+            logits = self.features[s: s + chunk].to(dtype) @ w.T
+            out.append(torch.softmax(logits + b if b is not None else logits, dim=1))
+        return torch.cat(out)
 
     @property
     def backend(self) -> tuple[str, str]:
