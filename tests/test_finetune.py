@@ -15,6 +15,15 @@ from iaerf.finetune import (FinetuneConfig, _cap_per_sample, energy_coefficients
 from iaerf.models import LinearClassifier, SmallCNN
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: one thread avoids intra-op scheduling overhead on a busy 2-core CI machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _toy(n=48, d=5, k=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)

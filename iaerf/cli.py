@@ -1,0 +1,166 @@
+"""The ``iaerf`` command (also ``python -m iaerf``).
+
+Subcommands work on one run directory (``--out``): ``data``, ``train``, ``influence``, ``finetune``, ``evaluate``,
+``plot``, and ``demo`` (everything, on long-tailed digits). The first command of a run writes ``settings.json``;
+later commands read it, and options given on their command line replace the stored ones (stages whose inputs
+changed re-run, the others are skipped). Examples::
+
+    iaerf demo                                   # runs/demo-0, about a minute on 2 CPU cores
+    iaerf data --out runs/c10 --dataset cifar10 --data-root ~/data --ratio 100
+    iaerf train --out runs/c10 --method erm
+    iaerf finetune --out runs/c10 --method erm --variant iaerf
+    iaerf evaluate --out runs/c10
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+__all__ = ["main", "build_parser"]
+
+_SETTINGS = {  # option -> (PipelineConfig field, type, help)
+    "--dataset": ("dataset", str, "digits | cifar10 | cifar100 | features"),
+    "--data-root": ("data_root", str, "folder holding cifar-10-batches-py / cifar-100-python"),
+    "--train-features": ("train_features", str, "features+labels file (.pt/.npz/.safetensors) for dataset=features"),
+    "--test-features": ("test_features", str, "test features+labels file for dataset=features"),
+    "--imbalance": ("imbalance", str, "exp (long-tailed) | step"),
+    "--ratio": ("ratio", float, "imbalance ratio n_max / n_min (>= 1)"),
+    "--train-epochs": ("train_epochs", int, "baseline epochs (milestones scale with it)"),
+    "--solver": ("solver", str, "inverse-HVP solver: exact | cg | lissa"),
+    "--damping": ("damping", float, "Hessian damping"),
+    "--weight-decay": ("weight_decay", float, "L2 term of the Hessian"),
+    "--finetune-epochs": ("finetune_epochs", int, "fine-tuning epochs (paper: 5)"),
+    "--finetune-batch-size": ("finetune_batch_size", int, "fine-tuning batch size (paper: 128)"),
+    "--finetune-lr": ("finetune_lr", float, "fine-tuning SGD lr (paper: 1e-4)"),
+    "--energy-cap": ("energy_cap", str, "App. B rule: none | per_sample | global"),
+    "--select-metric": ("select_metric", str, "validation metric that picks beta: loss | error"),
+    "--seed": ("seed", int, "seed of data split, initialisation, batches"),
+    "--device": ("device", str, "cpu | cuda (default: cuda when available)"),
+}
+_LISTS = {
+    "--methods": ("methods", str, "baselines: erm ldam_drw crt lws"),
+    "--betas": ("betas", float, "beta grid (paper: 0.1 0.5 1 10)"),
+    "--influence-params": ("influence_params", str, "parameter prefixes of the influence (default: fc); 'all' = every one"),
+    "--finetune-params": ("finetune_params", str, "parameter prefixes to fine-tune (default: all but batch norm)"),
+}
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=None, help="run directory (default: runs/demo-<seed> for demo)")
+    for opt, (dest, typ, help_) in _SETTINGS.items():
+        p.add_argument(opt, dest=dest, type=typ, default=None, help=help_)
+    for opt, (dest, typ, help_) in _LISTS.items():
+        p.add_argument(opt, dest=dest, type=typ, nargs="+", default=None, help=help_)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; demo: 1, fastest for its tiny model)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iaerf", description="Influence-aware energy regularization (IAERF) pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("data", help="build the imbalanced split and print its class counts")
+    _add_settings(p)
+    p = sub.add_parser("train", help="train a baseline (erm, ldam_drw; crt / lws re-train the ERM classifier)")
+    _add_settings(p)
+    p.add_argument("--method", required=True, choices=["erm", "ldam_drw", "crt", "lws"])
+    p = sub.add_parser("influence", help="energy influence I_val of every training point (Eq. 9)")
+    _add_settings(p)
+    p.add_argument("--method", required=True, choices=["erm", "ldam_drw", "crt", "lws"])
+    p = sub.add_parser("finetune", help="fine-tune: IAERF (beta chosen on validation) or the plain CE control")
+    _add_settings(p)
+    p.add_argument("--method", required=True, choices=["erm", "ldam_drw", "crt", "lws"])
+    p.add_argument("--variant", default="iaerf", choices=["iaerf", "ce"])
+    p = sub.add_parser("evaluate", help="test error overall and per shot group for every model of the run")
+    _add_settings(p)
+    p = sub.add_parser("plot", help="figures 2, 3, 5 (and 1 with --fig1)")
+    _add_settings(p)
+    p.add_argument("--fig1", action="store_true", help="also Fig. 1 (fine-tunes once per plotted point)")
+    p = sub.add_parser("demo", help="the whole pipeline on long-tailed digits (ratio 10); prints the table")
+    _add_settings(p)
+    p.add_argument("--quick", action="store_true", help="tiny schedules (a smoke test, not a result)")
+    p.add_argument("--fig1", action="store_true", help="also Fig. 1")
+    return parser
+
+
+def _config(args, defaults=None):
+    """The run's PipelineConfig: stored settings (if any) < command-line options."""
+    from iaerf.pipeline import PipelineConfig, read_json
+
+    stored = os.path.join(args.out, "settings.json")
+    base = read_json(stored) if os.path.isfile(stored) else dict(defaults or {})
+    given = {dest: getattr(args, dest) for dest, _, _ in list(_SETTINGS.values()) + list(_LISTS.values())
+             if getattr(args, dest) is not None}
+    for name in ("influence_params", "finetune_params"):
+        if given.get(name) == ["all"]:
+            given[name] = None
+    if getattr(args, "fig1", False):
+        given["fig1"] = True
+    return PipelineConfig.from_json({**base, **given})
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from iaerf.pipeline import Pipeline
+
+    threads = args.threads if args.threads is not None else (1 if args.command == "demo" else None)
+    if threads is not None:
+        if threads < 1:
+            print(f"iaerf {args.command}: error: --threads must be >= 1, got {threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(threads)
+    try:
+        if args.command == "demo":
+            seed = args.seed if args.seed is not None else 0
+            args.out = args.out or os.path.join("runs", f"demo-{seed}")
+            defaults = {"seed": seed}
+            if args.quick:
+                defaults.update(train_epochs=4, finetune_epochs=1, betas=[0.1, 1.0])
+            config = _config(args, defaults)
+        else:
+            if args.out is None:
+                raise ValueError("--out (the run directory) is required")
+            config = _config(args)
+        pipe = Pipeline(args.out, config, progress=not args.quiet, log=lambda s: print(s, file=sys.stderr))
+        t0 = time.perf_counter()
+        if args.command == "data":
+            info = pipe.data()
+            print(f"{info['name']}: {info['n_train']} training images, counts {info['train_counts']}, "
+                  f"{info['n_val']} validation (class-balanced subset of train), {info['n_test']} test")
+            print("shot groups:", {k: v for k, v in info["groups"].items()})
+        elif args.command == "train":
+            pipe.train(args.method)
+            print(f"checkpoint: {pipe.checkpoint(args.method)}")
+        elif args.command == "influence":
+            infl = pipe.influence(args.method)
+            print(f"influence [{len(infl)}]: min {float(infl.min()):.4g}, max {float(infl.max()):.4g}, "
+                  f"I_max {float(infl.abs().max()):.4g} -> {pipe.influence_path(args.method)}")
+        elif args.command == "finetune":
+            pipe.finetune(args.method, args.variant)
+            print(f"checkpoint: {pipe.checkpoint(args.method, args.variant)}")
+        elif args.command in ("evaluate", "demo"):
+            pipe.data()
+            metrics = pipe.evaluate()
+            if args.command == "demo":
+                pipe.plots(fig1=config.fig1)
+            from iaerf.pipeline import format_table
+
+            print(f"\n{metrics['dataset']['name']}, seed {config.seed}: test error (%), shot groups "
+                  f"{metrics['dataset']['shot_groups']}\n")
+            print(format_table(metrics["results"]))
+            print(f"\nrun directory: {pipe.out}  ({time.perf_counter() - t0:.1f}s)")
+        elif args.command == "plot":
+            for path in pipe.plots(fig1=args.fig1 or None):
+                print(path)
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
+        print(f"iaerf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

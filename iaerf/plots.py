@@ -1,0 +1,133 @@
+"""The paper's figures as PNG files (matplotlib, Agg backend; no display needed).
+
+- Fig. 1: predicted influence vs actual change of the validation loss for the most influential training points.
+- Fig. 2: influence vs energy and vs training loss of every training point, with Pearson's R.
+- Fig. 3: per-class mean influence vs class count, with Pearson's R.
+- Fig. 5: training-set energy distribution across fine-tuning epochs.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["pearson_r", "fig1_predicted_vs_actual", "fig2_influence_vs_energy_loss", "fig3_class_influence",
+           "fig5_energy_distribution", "class_mean_influence"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; must precede the pyplot import
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    from iaerf.pipeline import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+    _plt().close(fig)
+    return path
+
+
+def pearson_r(a, b) -> float:
+    """Pearson correlation of two 1-D arrays (float64); NaN when either is constant."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError(f"pearson_r needs two equal-length arrays of >= 2 values, got {a.shape} and {b.shape}")
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+def class_mean_influence(influence: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(counts [C], mean influence per class [C]) -- Fig. 3's points."""
+    labels = labels.cpu().long()
+    infl = influence.detach().cpu().double()
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    sums = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, infl)
+    return counts.numpy(), (sums / counts.clamp_min(1)).numpy()
+
+
+def fig2_influence_vs_energy_loss(model, train, influence: torch.Tensor, path: str, *, device=None) -> dict:
+    """Scatter of I_val(x_i) against E(x_i) and against CE(x_i) over the training set (paper Fig. 2)."""
+    from iaerf.ops import energy
+    from iaerf.training import predict_logits
+
+    logits = predict_logits(model, train, device=device)
+    e = energy(logits).double().numpy()
+    loss = F.cross_entropy(logits.double(), train.labels, reduction="none").numpy()
+    infl = influence.detach().cpu().double().numpy()
+    r_e, r_l = pearson_r(e, infl), pearson_r(loss, infl)
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    axes[0].scatter(e, infl, s=6, alpha=0.6)
+    axes[0].set(xlabel="energy E(x)", ylabel="influence I_val(x)", title=f"(a) vs energy, Pearson R = {r_e:.2f}")
+    axes[1].scatter(loss, infl, s=6, alpha=0.6)
+    axes[1].set(xlabel="training loss (CE)", xscale="symlog", title=f"(b) vs loss, Pearson R = {r_l:.2f}")
+    _save(fig, path)
+    return {"r_energy": r_e, "r_loss": r_l}
+
+
+def fig3_class_influence(influence: torch.Tensor, labels: torch.Tensor, num_classes: int, path: str) -> dict:
+    """Per-class mean influence against the class's training count (paper Fig. 3)."""
+    counts, means = class_mean_influence(influence, labels, num_classes)
+    r = pearson_r(counts, means)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    ax.scatter(counts, means)
+    for c in range(num_classes):
+        ax.annotate(str(c), (counts[c], means[c]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="training images in class", ylabel="mean influence", title=f"Pearson R = {r:.2f}")
+    _save(fig, path)
+    return {"r": r}
+
+
+def fig5_energy_distribution(energies: torch.Tensor, path: str, *, labels=None) -> str:
+    """Histograms of the training-set energy, one per epoch (energies [epochs + 1, n]; row 0 = before fine-tuning)."""
+    energies = torch.as_tensor(energies).double()
+    if energies.dim() != 2 or energies.shape[0] < 1:
+        raise ValueError(f"energies must be [epochs + 1, n], got shape {tuple(energies.shape)}")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    bins = np.linspace(float(energies.min()), float(energies.max()), 40)
+    cmap = plt.get_cmap("viridis")
+    for t in range(energies.shape[0]):
+        name = labels[t] if labels is not None else ("before" if t == 0 else f"epoch {t}")
+        ax.hist(energies[t].numpy(), bins=bins, histtype="step", color=cmap(t / max(1, energies.shape[0] - 1)), label=name)
+    ax.set(xlabel="energy E(x)", ylabel="training images", title="training-set energy during fine-tuning")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def fig1_predicted_vs_actual(model, train, val, influence: torch.Tensor, path: str, *, params=("fc",), points: int = 20,
+                             eps: float | None = None, epochs: int = 50, lr: float = 1e-2, seed: int = 0,
+                             progress: bool = True) -> dict:
+    """Paper Fig. 1: for the ``points`` training points of largest |I_val|, the predicted influence against the actual
+    change of the validation loss per unit of energy regularization, measured by fine-tuning with eps * E(x_i)
+    added (batch norm frozen) vs without, via :func:`iaerf.influence.validation.actual_energy_effect` (symmetric
+    difference +-eps). ``eps`` defaults to 1 / n_train, the weight of one point in the mean training loss.
+    """
+    from iaerf.influence.validation import actual_energy_effect
+
+    if points < 2:
+        raise ValueError(f"points must be >= 2, got {points}")
+    infl = influence.detach().cpu()
+    idx = torch.argsort(infl.abs(), descending=True)[:points].tolist()
+    eps = 1.0 / len(train) if eps is None else eps
+    actual = actual_energy_effect(model, train, val, idx, eps=eps, params=list(params) if params else None,
+                                  epochs=epochs, lr=lr, seed=seed, symmetric=True, progress=progress).numpy()
+    predicted = infl[idx].double().numpy()
+    r = pearson_r(predicted, actual)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    ax.scatter(predicted, actual)
+    ax.set(xlabel="predicted influence I_val", ylabel="actual change of val loss / eps",
+           title=f"top {points} points, Pearson R = {r:.2f}")
+    _save(fig, path)
+    return {"r": r, "indices": idx, "predicted": predicted.tolist(), "actual": actual.tolist()}

@@ -1,0 +1,163 @@
+"""iaerf.pipeline: the run directory, stage resume, seeds, atomic writes, checkpoint checks."""
+import json
+import os
+
+import pytest
+import torch
+
+from iaerf.models import SmallCNN
+from iaerf.pipeline import Pipeline, PipelineConfig, atomic_write, load_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # module scope: the shared finished_run fixture must run under the same thread count as the tests that compare
+    # against it (float reductions depend on it), and tiny models run fastest on one thread
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _quick(**kw):
+    base = dict(train_epochs=5, finetune_epochs=1, finetune_batch_size=64, betas=(0.1, 1.0))
+    return PipelineConfig(**{**base, **kw})
+
+
+def _stage_keys(out):
+    folder = os.path.join(out, "stages")
+    return {f: json.load(open(os.path.join(folder, f)))["key"] for f in sorted(os.listdir(folder))}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    logs = []
+    metrics = Pipeline(out, _quick(), progress=False, log=logs.append).run_all()
+    return out, metrics, logs
+
+
+def test_run_directory_contents(finished_run):
+    out, metrics, _ = finished_run
+    for rel in ["settings.json", "data.json", "metrics.json", "table.md", "models/erm.pt", "models/ldam_drw.pt",
+                "influence/erm.pt", "influence/ldam_drw.pt", "finetune/erm-ce.pt", "finetune/erm-iaerf.pt",
+                "finetune/erm-iaerf.json", "finetune/ldam_drw-iaerf.pt", "plots/fig2_erm.png", "plots/fig3_erm.png",
+                "plots/fig5_ldam_drw.png"]:
+        assert os.path.isfile(os.path.join(out, rel)), rel
+    labels = [r["model"] for r in metrics["results"]]
+    assert labels == ["ERM", "ERM + CE fine-tuning", "ERM + IAERF", "LDAM-DRW", "LDAM-DRW + CE fine-tuning",
+                      "LDAM-DRW + IAERF"]
+    for r in metrics["results"]:
+        assert 0 <= r["error"] <= 100 and {"many_error", "medium_error", "few_error"} <= set(r)
+    info = json.load(open(os.path.join(out, "finetune", "erm-iaerf.json")))
+    assert [row["beta"] for row in info["beta_search"]] == [0.1, 1.0] and info["beta"] in (0.1, 1.0)
+    infl = torch.load(os.path.join(out, "influence", "erm.pt"))
+    assert infl.shape == (503,) and bool(torch.isfinite(infl).all())
+    assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(".tmp-")]  # no temporary leftovers
+    with open(os.path.join(out, "plots", "fig2_erm.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_skips_done_stages_and_reruns_changed_ones(finished_run, tmp_path):
+    out, metrics, _ = finished_run
+    keys = _stage_keys(out)
+    mtime = os.path.getmtime(os.path.join(out, "models", "erm.pt"))
+    logs = []
+    again = Pipeline(out, None, progress=False, log=logs.append).run_all()  # settings read back from settings.json
+    assert again["results"] == metrics["results"]
+    assert all("skipped" in line for line in logs) and logs
+    assert os.path.getmtime(os.path.join(out, "models", "erm.pt")) == mtime
+    # a different damping re-runs influence and the IAERF fine-tuning, but neither training nor the control
+    import shutil
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    logs = []
+    Pipeline(copy, _quick(damping=1e-2), progress=False, log=logs.append).evaluate()
+    ran = {line.split(":")[0].replace("[iaerf] ", "") for line in logs if "skipped" not in line}
+    assert ran == {"influence-erm", "influence-ldam_drw", "finetune-erm-iaerf", "finetune-ldam_drw-iaerf", "evaluate"}
+
+
+def test_same_seed_same_results(finished_run, tmp_path):
+    _, metrics, _ = finished_run
+    other = Pipeline(str(tmp_path / "b"), _quick(), progress=False, log=lambda s: None).evaluate()
+    assert other["results"] == metrics["results"]
+
+
+def test_interrupted_stage_leaves_earlier_outputs(finished_run, tmp_path, monkeypatch):
+    import shutil
+
+    out = str(tmp_path / "c")
+    shutil.copytree(finished_run[0], out)
+    before = open(os.path.join(out, "influence", "erm.pt"), "rb").read()
+    pipe = Pipeline(out, _quick(damping=0.5), progress=False, log=lambda s: None)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    import iaerf.influence
+    monkeypatch.setattr(iaerf.influence, "energy_influence", boom)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.influence("erm")
+    assert open(os.path.join(out, "influence", "erm.pt"), "rb").read() == before
+    assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(".tmp-")]
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = str(tmp_path / "x.txt")
+    atomic_write(path, lambda tmp: open(tmp, "w").write("old"))
+
+    def failing(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, failing)
+    assert open(path).read() == "old" and os.listdir(tmp_path) == ["x.txt"]
+
+
+def test_checkpoint_errors(tmp_path):
+    arch = {"name": "small_cnn", "num_classes": 10}
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(path, SmallCNN(10), arch)
+    model, _ = load_checkpoint(path, arch)
+    assert isinstance(model, SmallCNN)
+    with pytest.raises(ValueError, match="does not match"):
+        load_checkpoint(path, {"name": "small_cnn", "num_classes": 7})
+    (tmp_path / "bad.pt").write_bytes(b"\x00corrupt")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_checkpoint(str(tmp_path / "bad.pt"))
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an iaerf checkpoint"):
+        load_checkpoint(str(tmp_path / "other.pt"))
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_corrupt_checkpoint_in_run_is_reported(finished_run, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "d")
+    shutil.copytree(finished_run[0], out)
+    with open(os.path.join(out, "models", "erm.pt"), "wb") as f:
+        f.write(b"truncated")
+    pipe = Pipeline(out, None, progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="corrupt"):
+        pipe.model("erm")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(ratio=0.5), "ratio"), (dict(dataset="mnist"), "dataset"), (dict(methods=("svm",)), "methods"),
+    (dict(dataset="cifar10"), "data_root"), (dict(energy_cap="clip"), "energy_cap"),
+    (dict(dataset="features"), "train_features"),
+])
+def test_config_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PipelineConfig(**kwargs)
+
+
+def test_missing_cifar_dir(tmp_path):
+    pipe = Pipeline(str(tmp_path / "r"), PipelineConfig(dataset="cifar10", data_root=str(tmp_path / "none")),
+                    progress=False, log=lambda s: None)
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        pipe.data()
