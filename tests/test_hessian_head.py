@@ -143,3 +143,28 @@ def test_bad_inputs():
         head.matvec(torch.randn(head.num_params, dtype=torch.float64))
     with pytest.raises(ValueError, match="length"):
         head.matvec(torch.randn(2, head.num_params - 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("shape", [(37, 5, 3), (300, 9, 1), (129, 4, 77)])   # K=1, K > warp size
+@pytest.mark.parametrize("bias", [True, False])
+def test_cuda_matches_cpu_reference(dtype, tol, shape, bias):
+    n, D, K = shape
+    x, y, lin = _problem(n, D, K, torch.float64, bias, logit_scale=3.0)
+    cpu = HeadHessian(x, y, lin.weight, lin.bias)
+    gpu = HeadHessian(x.to("cuda", dtype), y.cuda(), lin.weight.to("cuda", dtype),
+                      lin.bias.to("cuda", dtype) if bias else None)
+    assert gpu.backend[0] == ("cuda" if _extension.built_with_cuda() else "reference")
+    V = torch.randn(2, 3, cpu.num_params, dtype=torch.float64)
+    idx = torch.randint(0, n, (2, 50))
+    for indices in (None, idx):
+        for tile in (0, 13):
+            want = head_hvp_reference(cpu.features, cpu.probs, V, indices, bias, 0)
+            dev_idx = indices.cuda() if indices is not None else None
+            if _extension.built_with_cuda():
+                got = torch.ops.iaerf.head_hvp(gpu.features, gpu.probs, V.to("cuda", dtype), dev_idx, bias, tile)
+            else:
+                got = head_hvp_reference(gpu.features, gpu.probs, V.to("cuda", dtype), dev_idx, bias, tile)
+            assert _rel(got.cpu(), want) <= tol
+    assert _rel(gpu.matvec(V[0].to("cuda", dtype)).cpu(), cpu.matvec(V[0])) <= tol
