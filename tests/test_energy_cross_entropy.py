@@ -250,6 +250,21 @@ def test_module_matches_function():
     assert "reduction='sum'" in repr(module)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_repeated_backward_through_one_graph(backend):
+    # The C++ path turns its kept softmax into the first gradient in place; a second backward (retain_graph)
+    # must recompute rather than reuse the consumed buffer.
+    logits, target, coef = make_case(16, 9, seed=12)
+    z = logits.clone().requires_grad_()
+    loss = ece(z, target, coef.float(), backend=backend)
+    (first,) = torch.autograd.grad(loss, z, retain_graph=True)
+    first = first.clone()
+    (second,) = torch.autograd.grad(loss, z)
+    torch.testing.assert_close(second, first)
+    _, _, _, ref_grad = fp64_energy_ce(logits, target, coef)
+    torch.testing.assert_close(first.double(), ref_grad / (target != -100).sum(), rtol=1e-5, atol=1e-6)
+
+
 def test_coef_gradient_is_energy():
     logits, target, coef = make_case(9, 5, seed=8)
     c = coef.float().requires_grad_()

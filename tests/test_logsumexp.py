@@ -87,6 +87,21 @@ def test_low_precision_no_worse_than_torch(backend, dtype):
     assert err(grad, ref_grad) <= err(torch_grad, ref_grad) + 1e-2
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_repeated_backward_and_no_grad(backend):
+    logits = torch.randn(10, 7)
+    z = logits.clone().requires_grad_()
+    lse = ops.logsumexp(z, backend=backend)
+    w = torch.randn(10)
+    (first,) = torch.autograd.grad(lse, z, w, retain_graph=True)
+    first = first.clone()
+    (second,) = torch.autograd.grad(lse, z, w)
+    torch.testing.assert_close(second, first)
+    torch.testing.assert_close(first, w[:, None] * torch.softmax(logits, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(ops.logsumexp(z, backend=backend), lse.detach())
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS_ANY_DTYPE)
 def test_gradcheck_gradgradcheck_and_forward_ad(backend):
     z = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)

@@ -16,7 +16,16 @@ def _op_args(dtype):
     lse = torch.logsumexp(logits.to(acc), 1)
     grad = torch.rand(9, dtype=acc)
     coef = coef.to(acc)
-    return [
+    float_args = []
+    if dtype in (torch.float32, torch.float64):  # the ops that keep the softmax take fp32/fp64 only
+        probs = torch.softmax(logits, 1)
+        float_args = [
+            (torch.ops.iaerf.logsumexp_with_probs.default, (logits,)),
+            (torch.ops.iaerf.logsumexp_backward_from_probs_.default, (grad, probs.clone())),
+            (torch.ops.iaerf.energy_ce_forward_with_probs.default, (logits, target, coef, -100)),
+            (torch.ops.iaerf.energy_ce_backward_from_probs_.default, (grad, probs.clone(), target, coef, -100)),
+        ]
+    return float_args + [
         (torch.ops.iaerf.logsumexp.default, (logits,)),
         (torch.ops.iaerf.logsumexp_backward.default, (grad, logits, lse)),
         (torch.ops.iaerf.energy_ce_forward.default, (logits, target, coef, -100)),
@@ -42,6 +51,19 @@ def test_raw_ops_match_reference_and_never_write_logits():
     grad = torch.ops.iaerf.energy_ce_backward(torch.ones(40), logits, target, coef.float(), lse, -100)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
     assert torch.equal(logits, before)
+    # the softmax-keeping pair gives the same outputs, and the gradient in place of the kept softmax
+    loss2, ce2, lse2, probs = torch.ops.iaerf.energy_ce_forward_with_probs(logits, target, coef.float(), -100)
+    torch.testing.assert_close(probs.double(), torch.softmax(logits.double(), 1), rtol=1e-5, atol=1e-7)
+    assert torch.equal(loss2, loss) and torch.equal(lse2, lse) and torch.equal(ce2, ce)
+    torch.ops.iaerf.energy_ce_backward_from_probs_(torch.ones(40), probs, target, coef.float(), -100)
+    torch.testing.assert_close(probs.double(), ref_grad, rtol=1e-5, atol=1e-6)
+    lse3, probs = torch.ops.iaerf.logsumexp_with_probs(logits)
+    assert torch.equal(lse3, lse)
+    weights = torch.randn(40)
+    torch.ops.iaerf.logsumexp_backward_from_probs_(weights, probs)
+    torch.testing.assert_close(probs, weights[:, None] * torch.softmax(logits, 1), rtol=1e-5, atol=1e-7)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        torch.ops.iaerf.logsumexp_with_probs(logits.half())
 
 
 def test_raw_ops_raise_python_errors_naming_arguments():

@@ -2,9 +2,14 @@
 //   lse_i  = logsumexp_k z_ik,        E_i = -lse_i,
 //   CE_i   = lse_i - z_{i,y_i},       l_i = CE_i + c_i E_i = (1 - c_i) lse_i - z_{i,y_i},
 //   dl_i/dz_ik = (1 - c_i) softmax(z_i)_k - [k == y_i].
-// One row per task (rows split across threads by at::parallel_for); each row is read once from memory (a
-// second read of the same row hits cache) and the backward writes the gradient once, recomputing the softmax
-// from the saved fp32 lse (flash-attention style), so no [N, K] temporary is ever made.
+// Rows are split across threads by at::parallel_for; each row is read once from memory (the later passes over
+// the same row hit cache). Two ways to get the gradient, both with at most one [N, K] buffer:
+//   - recompute (energy_ce_forward + energy_ce_backward): the forward saves only the lse [N]; the backward reads
+//     the logits once, recomputes softmax from the lse (flash-attention style) and writes the gradient once;
+//   - keep the softmax (energy_ce_forward_with_probs + energy_ce_backward_from_probs_): the forward also writes
+//     softmax(z) [N, K] while the row is in cache, and the backward turns that buffer into the gradient in
+//     place (one multiply per element instead of an exp). On CPUs the exp dominates, so this is the faster
+//     choice when a backward will follow; the buffer it keeps is the one that becomes the gradient.
 //
 // Accumulation is fp32 for fp32/fp16/bf16 logits and fp64 for fp64 logits (the latter exists for gradcheck).
 // Results (loss, cross-entropy, lse) are fp32, or fp64 for fp64 logits; gradients have the logits' dtype.
@@ -34,13 +39,14 @@ namespace {
 // x = n ln2 + r, |r| <= ln2/2, then the Cephes minimax polynomial for exp(r), then scaling by 2^n via the
 // exponent bits. n is rounded with the 1.5 * 2^23 magic constant rather than std::floor + int conversion,
 // because gcc does not vectorise the latter. NaN stays NaN (every comparison with NaN is false),
-// x < -87.34 gives 0 and x > 88.72 gives inf.
+// x < -87.34 gives 0 and x > 88.02 gives inf.
 inline float fast_exp(float x) {
-  constexpr float kHi = 88.02f;  // keeps n <= 127 so 2^n is a normal float
+  constexpr float kHi = 88.02f;  // above this 2^n would leave the normal range; such x give inf (see below)
   constexpr float kLo = -87.3365447504f;
   constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
-  float xc = x > kHi ? kHi : x;
-  xc = xc < kLo ? kLo : xc;
+  // Only the lower clamp matters for the bit trick; large x are replaced by inf at the end. Arguments here are
+  // z - shift <= 0 except in rows holding +inf or NaN, so returning inf for x in (88.02, 88.72] costs nothing.
+  const float xc = x < kLo ? kLo : x;
   const float t = xc * 1.44269504088896341f + kMagic;
   const float n = t - kMagic;
   float r = xc - n * 0.693359375f;
@@ -59,37 +65,71 @@ inline float fast_exp(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   float y = er * scale;
   y = x < kLo ? 0.0f : y;
-  y = x > 88.7228390f ? std::numeric_limits<float>::infinity() : y;
+  y = x > kHi ? std::numeric_limits<float>::infinity() : y;
   return y;
 }
 
 inline double exp_acc(double x) { return std::exp(x); }
 inline float exp_acc(float x) { return fast_exp(x); }
 
+// Short rows: 16 independent lanes that the compiler keeps in one vector register, and no reduction
+// prologue/epilogue, which otherwise costs more than the row itself at K ~ 10.
+template <typename acc_t>
+inline acc_t row_max_short(const acc_t* x, int64_t K) {
+  constexpr int kLanes = 16;
+  acc_t part[kLanes];
+  for (int j = 0; j < kLanes; ++j) part[j] = -std::numeric_limits<acc_t>::infinity();
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) part[j] = x[k + j] > part[j] ? x[k + j] : part[j];
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (; k < K; ++k) m = x[k] > m ? x[k] : m;
+  for (int j = 0; j < kLanes; ++j) m = part[j] > m ? part[j] : m;
+  return m;
+}
+
+// Max of a row, ignoring NaN (a NaN row still ends NaN: exp(NaN - shift) enters the sum).
 template <typename acc_t>
 inline acc_t row_max(const acc_t* x, int64_t K) {
+  if (K < 64) return row_max_short(x, K);
   acc_t m = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t k = 0; k < K; ++k) m = x[k] > m ? x[k] : m;
   return m;
 }
 
-// lse of one contiguous row; the +-inf max convention of torch.logsumexp (see the file comment).
 template <typename acc_t>
-inline acc_t row_lse(const acc_t* x, int64_t K) {
-  const acc_t m = row_max(x, K);
-  const acc_t shift = std::isinf(m) ? acc_t(0) : m;
+inline acc_t row_sum(const acc_t* x, int64_t K) {
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < K; ++k) s += exp_acc(x[k] - shift);
-  return shift + std::log(s);
+  for (int64_t k = 0; k < K; ++k) s += x[k];
+  return s;
 }
 
-// out_k = scale * exp(x_k - lse): the softmax part of every gradient here.
+// lse of one contiguous row; leaves e_k = exp(z_k - shift) in `exps` and returns (lse, sum_k e_k). The exps go
+// through memory (L1) rather than into the reduction directly: gcc vectorises the two simple loops far better
+// than one loop holding both the exp and the reduction. A max of +-inf uses shift 0 (torch.logsumexp's rule).
+template <typename acc_t>
+inline std::pair<acc_t, acc_t> row_lse(const acc_t* x, int64_t K, acc_t* exps) {
+  const acc_t m = row_max(x, K);
+  const acc_t shift = std::isinf(m) ? acc_t(0) : m;
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) exps[k] = exp_acc(x[k] - shift);
+  const acc_t s = row_sum(exps, K);
+  return {shift + std::log(s), s};
+}
+
+// out_k = scale * exp(x_k - lse): the softmax part of the recomputing backward.
 template <typename acc_t>
 inline void scaled_softmax_row(const acc_t* x, int64_t K, acc_t lse, acc_t scale, acc_t* out) {
 #pragma omp simd
   for (int64_t k = 0; k < K; ++k) out[k] = scale * exp_acc(x[k] - lse);
+}
+
+template <typename acc_t>
+inline void scale_row(acc_t* x, int64_t K, acc_t scale) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) x[k] *= scale;
 }
 
 template <typename scalar_t>
@@ -179,25 +219,58 @@ at::Tensor check_target(const at::Tensor& target, int64_t N, int64_t K, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// logsumexp: [N, K] -> [N]
+// Forward core shared by every forward op: per row, lse (always) and softmax (when probs is defined), then
+// `per_row(i, x, lse)` for the op's own outputs.
 
-at::Tensor logsumexp_cpu(const at::Tensor& logits) {
-  check_logits(logits, "iaerf::logsumexp");
+template <typename scalar_t, typename F>
+void forward_rows(const at::Tensor& logits, at::Tensor& lse, at::Tensor* probs, F per_row) {
+  using acc_t = typename AccType<scalar_t>::type;
   const int64_t N = logits.size(0), K = logits.size(1);
-  at::Tensor lse = at::empty({N}, logits.options().dtype(acc_dtype(logits)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "iaerf_logsumexp", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
-    acc_t* out = lse.data_ptr<acc_t>();
-    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
-      RowReader<scalar_t> reader(logits);
-      for (int64_t i = begin; i < end; ++i) out[i] = row_lse(reader.row(i), K);
-    });
+  acc_t* lse_p = lse.data_ptr<acc_t>();
+  acc_t* probs_p = probs ? probs->data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
+    RowReader<scalar_t> reader(logits);
+    std::vector<acc_t> scratch(probs_p ? 0 : K);
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* x = reader.row(i);
+      acc_t* exps = probs_p ? probs_p + i * K : scratch.data();
+      const auto [r, s] = row_lse(x, K, exps);
+      if (probs_p) scale_row(exps, K, acc_t(1) / s);  // softmax = e / s (NaN rows stay NaN)
+      lse_p[i] = r;
+      per_row(i, x, r);
+    }
   });
-  return lse;
 }
 
-// Writes one gradient row (dtype scalar_t, contiguous) from an acc_t row; `tmp` is scratch when a conversion is
-// needed. Returns the acc_t view that the caller may patch (the true-class entry) before the final store.
+at::Tensor new_probs(const at::Tensor& logits) {
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
+                   "the *_with_probs ops keep the softmax in the logits' dtype and take float32 or float64 logits, got ",
+                   logits.scalar_type());
+  return at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// logsumexp: [N, K] -> [N]
+
+std::tuple<at::Tensor, at::Tensor> logsumexp_impl(const at::Tensor& logits, bool with_probs, const char* op) {
+  check_logits(logits, op);
+  at::Tensor lse = at::empty({logits.size(0)}, logits.options().dtype(acc_dtype(logits)));
+  at::Tensor probs = with_probs ? new_probs(logits) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "iaerf_logsumexp", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    forward_rows<scalar_t>(logits, lse, with_probs ? &probs : nullptr, [](int64_t, const acc_t*, acc_t) {});
+  });
+  return {lse, probs};
+}
+
+at::Tensor logsumexp_cpu(const at::Tensor& logits) { return std::get<0>(logsumexp_impl(logits, false, "iaerf::logsumexp")); }
+
+std::tuple<at::Tensor, at::Tensor> logsumexp_with_probs_cpu(const at::Tensor& logits) {
+  return logsumexp_impl(logits, true, "iaerf::logsumexp_with_probs");
+}
+
+// Writes one gradient row (dtype scalar_t, contiguous) from an acc_t row: directly when the types agree, else
+// through a per-thread fp32 buffer converted at the store.
 template <typename scalar_t>
 struct RowWriter {
   using acc_t = typename AccType<scalar_t>::type;
@@ -246,14 +319,31 @@ at::Tensor logsumexp_backward_cpu(const at::Tensor& grad, const at::Tensor& logi
   return out;
 }
 
+// probs[i, :] *= grad[i]: turns the softmax kept by logsumexp_with_probs into the gradient, in place.
+void logsumexp_backward_from_probs_cpu(const at::Tensor& grad, const at::Tensor& probs) {
+  const char* op = "iaerf::logsumexp_backward_from_probs_";
+  check_logits(probs, op);
+  TORCH_CHECK_VALUE(probs.is_contiguous(), op, ": probs must be contiguous (the buffer made by the forward)");
+  const int64_t N = probs.size(0), K = probs.size(1);
+  at::Tensor g = check_rows(grad, N, probs.scalar_type(), op, "grad");
+  AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "iaerf_logsumexp_bwd_probs", [&] {
+    scalar_t* pp = probs.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const int64_t gs = g.stride(0);
+    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) scale_row(pp + i * K, K, gp[i * gs]);
+    });
+  });
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // energy-regularized cross-entropy
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> energy_ce_forward_cpu(const at::Tensor& logits,
-                                                                     const at::Tensor& target,
-                                                                     const at::Tensor& energy_coef,
-                                                                     int64_t ignore_index) {
-  const char* op = "iaerf::energy_ce_forward";
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> energy_ce_forward_impl(const at::Tensor& logits,
+                                                                                  const at::Tensor& target,
+                                                                                  const at::Tensor& energy_coef,
+                                                                                  int64_t ignore_index,
+                                                                                  bool with_probs, const char* op) {
   check_logits(logits, op);
   const int64_t N = logits.size(0), K = logits.size(1);
   const auto acc = acc_dtype(logits);
@@ -262,6 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> energy_ce_forward_cpu(const at::T
   at::Tensor loss = at::empty({N}, logits.options().dtype(acc));
   at::Tensor ce = at::empty({N}, logits.options().dtype(acc));
   at::Tensor lse = at::empty({N}, logits.options().dtype(acc));
+  at::Tensor probs = with_probs ? new_probs(logits) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "iaerf_energy_ce_fwd", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const acc_t* cp = coef.data_ptr<acc_t>();
@@ -270,26 +361,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> energy_ce_forward_cpu(const at::T
     const int64_t ts = tgt.stride(0);
     acc_t* lossp = loss.data_ptr<acc_t>();
     acc_t* cep = ce.data_ptr<acc_t>();
-    acc_t* lsep = lse.data_ptr<acc_t>();
-    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
-      RowReader<scalar_t> reader(logits);
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t* x = reader.row(i);
-        const acc_t r = row_lse(x, K);
-        lsep[i] = r;
-        const int64_t y = tp[i * ts];
-        if (y == ignore_index) {
-          lossp[i] = 0;
-          cep[i] = 0;
-          continue;
-        }
-        const acc_t c = cp[i * cs];
-        cep[i] = r - x[y];
-        lossp[i] = cep[i] - c * r;  // CE + c * E with E = -lse
+    forward_rows<scalar_t>(logits, lse, with_probs ? &probs : nullptr, [&](int64_t i, const acc_t* x, acc_t r) {
+      const int64_t y = tp[i * ts];
+      if (y == ignore_index) {
+        lossp[i] = 0;
+        cep[i] = 0;
+        return;
       }
+      cep[i] = r - x[y];
+      lossp[i] = cep[i] - cp[i * cs] * r;  // CE + c * E with E = -lse
     });
   });
+  return {loss, ce, lse, probs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> energy_ce_forward_cpu(const at::Tensor& logits,
+                                                                     const at::Tensor& target,
+                                                                     const at::Tensor& energy_coef,
+                                                                     int64_t ignore_index) {
+  auto [loss, ce, lse, probs] =
+      energy_ce_forward_impl(logits, target, energy_coef, ignore_index, false, "iaerf::energy_ce_forward");
   return {loss, ce, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> energy_ce_forward_with_probs_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& energy_coef, int64_t ignore_index) {
+  return energy_ce_forward_impl(logits, target, energy_coef, ignore_index, true,
+                                "iaerf::energy_ce_forward_with_probs");
 }
 
 // grad_logits_i = g_i * ((1 - c_i) softmax(z_i) - onehot(y_i)); the true-class entry is formed in fp32 before
@@ -337,15 +435,59 @@ at::Tensor energy_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor&
   return out;
 }
 
+// The same gradient formed in place from the softmax kept by energy_ce_forward_with_probs.
+void energy_ce_backward_from_probs_cpu(const at::Tensor& grad_loss, const at::Tensor& probs, const at::Tensor& target,
+                                       const at::Tensor& energy_coef, int64_t ignore_index) {
+  const char* op = "iaerf::energy_ce_backward_from_probs_";
+  check_logits(probs, op);
+  TORCH_CHECK_VALUE(probs.is_contiguous(), op, ": probs must be contiguous (the buffer made by the forward)");
+  const int64_t N = probs.size(0), K = probs.size(1);
+  const auto dtype = probs.scalar_type();
+  at::Tensor g = check_rows(grad_loss, N, dtype, op, "grad_loss");
+  at::Tensor coef = check_coef(energy_coef, N, dtype, op);
+  at::Tensor tgt = check_target(target, N, K, ignore_index, op);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "iaerf_energy_ce_bwd_probs", [&] {
+    scalar_t* pp = probs.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* cp = coef.data_ptr<scalar_t>();
+    const int64_t gs = g.stride(0), cs = coef.dim() == 0 ? 0 : coef.stride(0);
+    const int64_t* tp = tgt.data_ptr<int64_t>();
+    const int64_t ts = tgt.stride(0);
+    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* row = pp + i * K;
+        const int64_t y = tp[i * ts];
+        if (y == ignore_index) {
+          std::fill(row, row + K, scalar_t(0));
+          continue;
+        }
+        const scalar_t gi = gp[i * gs];
+        const scalar_t w = gi * (scalar_t(1) - cp[i * cs]);
+        const scalar_t p_y = row[y];
+        scale_row(row, K, w);
+        row[y] = w * p_y - gi;
+      }
+    });
+  });
+}
+
 }  // namespace
 }  // namespace iaerf
 
 TORCH_LIBRARY_FRAGMENT(iaerf, m) {
   m.def("logsumexp(Tensor logits) -> Tensor");
   m.def("logsumexp_backward(Tensor grad, Tensor logits, Tensor lse) -> Tensor");
+  m.def("logsumexp_with_probs(Tensor logits) -> (Tensor lse, Tensor probs)");
+  m.def("logsumexp_backward_from_probs_(Tensor grad, Tensor(a!) probs) -> ()");
   m.def(
       "energy_ce_forward(Tensor logits, Tensor target, Tensor energy_coef, int ignore_index) "
       "-> (Tensor loss, Tensor cross_entropy, Tensor lse)");
+  m.def(
+      "energy_ce_forward_with_probs(Tensor logits, Tensor target, Tensor energy_coef, int ignore_index) "
+      "-> (Tensor loss, Tensor cross_entropy, Tensor lse, Tensor probs)");
+  m.def(
+      "energy_ce_backward_from_probs_(Tensor grad_loss, Tensor(a!) probs, Tensor target, Tensor energy_coef, "
+      "int ignore_index) -> ()");
   m.def(
       "energy_ce_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor energy_coef, Tensor lse, "
       "int ignore_index) -> Tensor");
@@ -354,6 +496,10 @@ TORCH_LIBRARY_FRAGMENT(iaerf, m) {
 TORCH_LIBRARY_IMPL(iaerf, CPU, m) {
   m.impl("logsumexp", &iaerf::logsumexp_cpu);
   m.impl("logsumexp_backward", &iaerf::logsumexp_backward_cpu);
+  m.impl("logsumexp_with_probs", &iaerf::logsumexp_with_probs_cpu);
+  m.impl("logsumexp_backward_from_probs_", &iaerf::logsumexp_backward_from_probs_cpu);
   m.impl("energy_ce_forward", &iaerf::energy_ce_forward_cpu);
   m.impl("energy_ce_backward", &iaerf::energy_ce_backward_cpu);
+  m.impl("energy_ce_forward_with_probs", &iaerf::energy_ce_forward_with_probs_cpu);
+  m.impl("energy_ce_backward_from_probs_", &iaerf::energy_ce_backward_from_probs_cpu);
 }

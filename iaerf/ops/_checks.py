@@ -116,6 +116,22 @@ def needs_reference_for_ad() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def keep_probs(logits: torch.Tensor, impl: str) -> bool:
+    """Whether the C++ forward should keep softmax(z) for an in-place backward (see _EnergyCE).
+
+    Only when a backward can follow (grad mode on, logits require grad), for fp32/fp64 logits (the buffer has the
+    logits' dtype, and fp16/bf16 softmax would lose the accuracy of confident rows), and not while torch.compile
+    traces (a tensor kept on ctx and mutated in backward is outside what dynamo traces).
+    """
+    return (
+        impl == "cpp"
+        and logits.requires_grad
+        and torch.is_grad_enabled()
+        and logits.dtype in (torch.float32, torch.float64)
+        and not torch.compiler.is_compiling()
+    )
+
+
 def _native_kernels() -> dict:
     # Fixed once the extension is imported; computed here so that torch.compile traces a dict lookup.
     kernels = {}

@@ -33,15 +33,24 @@ class EnergyCEParts(NamedTuple):
 
 
 class _EnergyCE(torch.autograd.Function):
-    """(logits [N, K], target [N], coef 0-dim or [N]) -> (loss [N], ce [N], lse [N]); only loss is differentiable."""
+    """(logits [N, K], target [N], coef 0-dim or [N]) -> (loss [N], ce [N], lse [N]); only loss is differentiable.
+
+    keep_probs (C++ path, fp32/fp64, a backward expected): the forward also returns softmax(z) [N, K], kept on ctx
+    and turned into the gradient in place by the first backward (a multiply per element instead of an exp). A
+    second backward through the same graph (retain_graph=True) finds it consumed and remakes it with the same
+    kernel, so repeated backwards agree bitwise.
+    """
 
     @staticmethod
-    def forward(ctx, logits, target, coef, ignore_index: int, impl: str):
+    def forward(ctx, logits, target, coef, ignore_index: int, impl: str, keep_probs: bool):
+        ctx.probs = None
         if impl == "triton":
             loss, ce, lse = _triton().energy_ce_forward(logits, target, coef, ignore_index)
+        elif keep_probs:
+            loss, ce, lse, ctx.probs = torch.ops.iaerf.energy_ce_forward_with_probs(logits, target, coef, ignore_index)
         else:
             loss, ce, lse = torch.ops.iaerf.energy_ce_forward(logits, target, coef, ignore_index)
-        ctx.impl, ctx.ignore_index = impl, ignore_index
+        ctx.impl, ctx.ignore_index, ctx.keep_probs = impl, ignore_index, keep_probs
         ctx.save_for_backward(logits, target, coef, lse)
         ctx.mark_non_differentiable(ce, lse)
         return loss, ce, lse
@@ -49,12 +58,12 @@ class _EnergyCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _grad_ce, _grad_lse):
         logits, target, coef, lse = ctx.saved_tensors
-        valid = target != ctx.ignore_index
-        grad = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
         grad_logits = grad_coef = None
         if torch.is_grad_enabled():
             # create_graph=True: differentiable ops on the logits, so double backward works. Ignored rows are
             # zeroed first so that NaN/-inf there cannot leak into second-order terms.
+            valid = target != ctx.ignore_index
+            grad = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
             z = torch.where(valid[:, None], _upcast(logits), torch.zeros((), dtype=lse.dtype, device=lse.device))
             probs = torch.softmax(z, dim=1)
             if ctx.needs_input_grad[0]:
@@ -63,16 +72,24 @@ class _EnergyCE(torch.autograd.Function):
             energy = -torch.logsumexp(z, dim=1)
         else:
             if ctx.needs_input_grad[0]:
-                if ctx.impl == "triton":
+                if ctx.keep_probs:
+                    grad_logits, ctx.probs = ctx.probs, None
+                    if grad_logits is None:  # consumed by an earlier backward: remake it the same way (bitwise)
+                        grad_logits = torch.ops.iaerf.energy_ce_forward_with_probs(logits, target, coef,
+                                                                                   ctx.ignore_index)[3]
+                    torch.ops.iaerf.energy_ce_backward_from_probs_(grad, grad_logits, target, coef, ctx.ignore_index)
+                elif ctx.impl == "triton":
                     grad_logits = _triton().energy_ce_backward(grad, logits, target, coef, lse, ctx.ignore_index)
                 else:
                     grad_logits = torch.ops.iaerf.energy_ce_backward(grad, logits, target, coef, lse, ctx.ignore_index)
             energy = -lse
         if ctx.needs_input_grad[2]:
-            grad_coef = grad * energy  # d l_i / d c_i = E_i (0 on ignored rows, whose grad is 0)
+            # d l_i / d c_i = E_i, and 0 on ignored rows
+            grad_coef = torch.where(target != ctx.ignore_index, grad * energy, torch.zeros((), dtype=lse.dtype,
+                                                                                           device=lse.device))
             if coef.dim() == 0:
                 grad_coef = grad_coef.sum()
-        return grad_logits, None, grad_coef, None, None
+        return grad_logits, None, grad_coef, None, None, None
 
 
 def energy_regularized_cross_entropy(
@@ -111,7 +128,8 @@ def energy_regularized_cross_entropy(
     if impl == "reference":
         loss, cross_entropy, lse = reference_energy_ce(logits, target, coef, ignore_index, with_parts=return_parts)
     else:
-        loss, cross_entropy, lse = _EnergyCE.apply(logits, target, coef, ignore_index, impl)
+        loss, cross_entropy, lse = _EnergyCE.apply(logits, target, coef, ignore_index, impl,
+                                                   _checks.keep_probs(logits, impl))
     if reduction == "sum":
         loss = loss.sum()
     elif reduction == "mean":

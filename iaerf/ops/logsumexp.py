@@ -20,15 +20,22 @@ def _triton():
 
 
 class _LogSumExp(torch.autograd.Function):
-    """logits [N, K] -> lse [N]; d lse_i / d z_ik = softmax(z_i)_k."""
+    """logits [N, K] -> lse [N]; d lse_i / d z_ik = softmax(z_i)_k.
+
+    keep_probs: as in iaerf.ops.energy_cross_entropy._EnergyCE, the C++ forward keeps softmax(z) and the first
+    backward scales it in place into the gradient.
+    """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, impl: str) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, impl: str, keep_probs: bool) -> torch.Tensor:
+        ctx.probs = None
         if impl == "triton":
             lse = _triton().logsumexp_forward(logits)
+        elif keep_probs:
+            lse, ctx.probs = torch.ops.iaerf.logsumexp_with_probs(logits)
         else:
             lse = torch.ops.iaerf.logsumexp(logits)
-        ctx.impl = impl
+        ctx.impl, ctx.keep_probs = impl, keep_probs
         ctx.save_for_backward(logits, lse)
         return lse
 
@@ -39,10 +46,16 @@ class _LogSumExp(torch.autograd.Function):
             # create_graph=True: build the gradient from differentiable ops on logits so that double backward
             # (and forward-mode over it) sees the dependence of softmax on the logits.
             grad_logits = grad[:, None] * torch.softmax(_upcast(logits), dim=1)
-            return grad_logits.to(logits.dtype), None
+            return grad_logits.to(logits.dtype), None, None
+        if ctx.keep_probs:
+            grad_logits, ctx.probs = ctx.probs, None
+            if grad_logits is None:  # consumed by an earlier backward: remake it the same way (bitwise)
+                grad_logits = torch.ops.iaerf.logsumexp_with_probs(logits)[1]
+            torch.ops.iaerf.logsumexp_backward_from_probs_(grad, grad_logits)
+            return grad_logits, None, None
         if ctx.impl == "triton":
-            return _triton().logsumexp_backward(grad, logits, lse), None
-        return torch.ops.iaerf.logsumexp_backward(grad, logits, lse), None
+            return _triton().logsumexp_backward(grad, logits, lse), None, None
+        return torch.ops.iaerf.logsumexp_backward(grad, logits, lse), None, None
 
 
 def logsumexp(logits: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -59,7 +72,7 @@ def logsumexp(logits: torch.Tensor, *, backend: str | None = None) -> torch.Tens
     impl = _checks.select_backend(logits, backend, "logsumexp")
     if impl == "reference":
         return reference_logsumexp(logits)
-    return _LogSumExp.apply(logits, impl)
+    return _LogSumExp.apply(logits, impl, _checks.keep_probs(logits, impl))
 
 
 def energy(logits: torch.Tensor, temperature: float = 1.0, *, backend: str | None = None) -> torch.Tensor:
