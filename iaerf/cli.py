@@ -53,6 +53,8 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
         p.add_argument(opt, dest=dest, type=typ, default=None, help=help_)
     for opt, (dest, typ, help_) in _LISTS.items():
         p.add_argument(opt, dest=dest, type=typ, nargs="+", default=None, help=help_)
+    p.add_argument("--solver-option", dest="solver_option", action="append", default=None, metavar="KEY=VALUE",
+                   help="inverse-HVP solver option, repeatable (LiSSA: depth=5000 repeats=10 batch_size=128 ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; demo: 1, fastest for its tiny model)")
@@ -98,7 +100,24 @@ def _config(args, defaults=None):
             given[name] = None
     if getattr(args, "fig1", False):
         given["fig1"] = True
+    if args.solver_option:
+        given["solver_options"] = {**(base.get("solver_options") or {}), **dict(_parse_option(o) for o in args.solver_option)}
+    elif "solver" in given and given["solver"] != base.get("solver"):
+        given["solver_options"] = None  # options belong to the solver they were given for
     return PipelineConfig.from_json({**base, **given})
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    """``"depth=5000"`` -> ("depth", 5000); values become int, float, bool or stay strings."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--solver-option expects KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
 def main(argv=None) -> int:

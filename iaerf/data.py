@@ -180,6 +180,7 @@ class ImbalancedSplit:
     test: TensorDataset
     val_indices: np.ndarray
     shot_groups: ShotGroups = field(default_factory=ShotGroups)
+    heldout_val: TensorDataset | None = None  # optional balanced validation set disjoint from train and test
 
     @property
     def val(self) -> TensorDataset:
@@ -207,12 +208,15 @@ class ImbalancedSplit:
 
 
 def load_digits_lt(ratio: float = 10.0, kind: str = "exp", test_per_class: int = 50, seed: int = 0,
-                   val_per_class: int | None = None) -> ImbalancedSplit:
+                   val_per_class: int | None = None, heldout_val_per_class: int = 0) -> ImbalancedSplit:
     """Long-tailed scikit-learn digits (bundled, offline): 1,797 8x8 images, 174-183 per class.
 
     ``test_per_class`` images per class are held out (balanced test set, seeded); n_max is the smallest remaining
     class pool (124), so ratio 10 gives 124, 96, 74, 57, 44, 34, 26, 20, 16, 12. Inputs are [N, 1, 8, 8] float32 in
     [0, 1] (pixel / 16). ``seed`` drives the test hold-out, the long-tail selection and the validation subset.
+    ``heldout_val_per_class = k > 0`` also holds out a balanced ``heldout_val`` set (k per class, disjoint from train
+    and test) before the long tail is drawn, so n_max shrinks by k (k = 12: 112 ... 11). Not the paper's protocol
+    (its validation set is a subset of the training set); an ablation of it.
     """
     from sklearn.datasets import load_digits
 
@@ -220,13 +224,17 @@ def load_digits_lt(ratio: float = 10.0, kind: str = "exp", test_per_class: int =
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = np.asarray(bunch.target, dtype=np.int64)
     rng = np.random.default_rng(seed)
-    test_idx, pool_idx = [], []
+    test_idx, pool_idx, heldout_idx = [], [], []
+    k = int(heldout_val_per_class)
     for c in range(10):
         idx = rng.permutation(np.where(y == c)[0])
-        if len(idx) <= test_per_class:
-            raise ValueError(f"digits class {c} has {len(idx)} images, cannot hold out test_per_class={test_per_class}")
+        if len(idx) <= test_per_class + k:
+            raise ValueError(f"digits class {c} has {len(idx)} images, cannot hold out test_per_class={test_per_class}"
+                             f" + heldout_val_per_class={k}")
         test_idx.append(idx[:test_per_class])
-        pool_idx.append(idx[test_per_class:])
+        if k:
+            heldout_idx.append(idx[test_per_class:test_per_class + k])
+        pool_idx.append(idx[test_per_class + k:])
     pool = np.concatenate(pool_idx)
     n_max = min(len(p) for p in pool_idx)
     counts = imbalance_counts(10, n_max, ratio, kind)
@@ -235,7 +243,11 @@ def load_digits_lt(ratio: float = 10.0, kind: str = "exp", test_per_class: int =
     train = TensorDataset(x[train_idx], torch.from_numpy(y[train_idx]), 10)
     test = TensorDataset(x[test_idx], torch.from_numpy(y[test_idx]), 10)
     val = balanced_validation_indices(train.labels, val_per_class, seed=seed)
-    return ImbalancedSplit(f"digits-{kind}-{ratio:g}", train, test, val, DIGITS_SHOT_GROUPS)
+    heldout = None
+    if heldout_idx:
+        heldout_idx = np.concatenate(heldout_idx)
+        heldout = TensorDataset(x[heldout_idx], torch.from_numpy(y[heldout_idx]), 10)
+    return ImbalancedSplit(f"digits-{kind}-{ratio:g}", train, test, val, DIGITS_SHOT_GROUPS, heldout)
 
 
 def _unpickle(path: str) -> dict:

@@ -61,6 +61,7 @@ class PipelineConfig:
     train_epochs: int | None = None
     influence_params: tuple[str, ...] | None = ("fc",)
     solver: str = "exact"
+    solver_options: dict | None = None
     damping: float = 1e-3
     weight_decay: float = 0.0
     finetune_epochs: int = 5
@@ -343,7 +344,8 @@ class Pipeline:
     # -- influence -------------------------------------------------------------------------------------------
     def influence_key(self, method: str) -> str:
         c = self.config
-        return _key("influence", self.train_key(method), c.influence_params, c.solver, c.damping, c.weight_decay)
+        return _key("influence", self.train_key(method), c.influence_params, c.solver, c.solver_options, c.damping,
+                    c.weight_decay)
 
     def influence_path(self, method: str) -> str:
         return self.path("influence", f"{method}.pt")
@@ -358,7 +360,8 @@ class Pipeline:
             values = infl.energy_influence(
                 self.model(method), split.train, split.val,
                 params=list(c.influence_params) if c.influence_params is not None else None,
-                weight_decay=c.weight_decay, damping=c.damping, solver=c.solver, device=self.device,
+                weight_decay=c.weight_decay, damping=c.damping, solver=c.solver,
+                solver_options=dict(c.solver_options) if c.solver_options else None, device=self.device,
                 progress=self.progress, seed=c.seed)
             if values.shape != (len(split.train),) or not bool(torch.isfinite(values).all()):
                 raise FloatingPointError(f"influence for {method} is not a finite [n_train] vector; raise the damping")

@@ -55,6 +55,23 @@ def test_step_by_step_subcommands(tmp_path, capsys):
     assert os.path.isfile(os.path.join(out, "metrics.json"))
 
 
+def test_solver_options_reach_the_influence(tmp_path, capsys):
+    out = str(tmp_path / "cg")
+    common = ["--out", out, "--quiet", "--threads", "1", "--train-epochs", "3", "--methods", "erm"]
+    assert main(["influence", *common, "--method", "erm", "--solver", "cg", "--solver-option", "tol=1e-10",
+                 "--solver-option", "max_iter=200"]) == 0
+    settings = json.load(open(os.path.join(out, "settings.json")))
+    assert settings["solver"] == "cg" and settings["solver_options"] == {"tol": 1e-10, "max_iter": 200}
+    cg = torch.load(os.path.join(out, "influence", "erm.pt"))
+    # the exact solve of the same (damped, convex) classifier-only problem agrees with converged CG
+    assert main(["influence", *common, "--method", "erm", "--solver", "exact"]) == 0
+    exact = torch.load(os.path.join(out, "influence", "erm.pt"))
+    torch.testing.assert_close(cg, exact, rtol=1e-3, atol=1e-3 * float(exact.abs().max()))
+    capsys.readouterr()
+    assert main(["influence", *common, "--method", "erm", "--solver-option", "depth"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,match", [
     (["data", "--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], "cifar-10-batches-py"),
     (["data", "--ratio", "0.5"], "ratio"),

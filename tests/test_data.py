@@ -111,6 +111,17 @@ def test_digits_split_deterministic_and_balanced():
         load_digits_lt(ratio=0.5)
 
 
+def test_digits_heldout_validation():
+    s = load_digits_lt(seed=2, heldout_val_per_class=12)
+    assert s.heldout_val.class_counts() == [12] * 10
+    assert s.counts() == imbalance_counts(10, 112, 10) and s.test.class_counts() == [50] * 10
+    rows = lambda ds: {bytes(r.numpy().tobytes()) for r in ds.inputs}  # noqa: E731
+    assert len(rows(s.heldout_val) & rows(s.train)) <= 2 and len(rows(s.heldout_val) & rows(s.test)) <= 2
+    assert load_digits_lt(seed=2).heldout_val is None
+    with pytest.raises(ValueError, match="heldout_val_per_class"):
+        load_digits_lt(heldout_val_per_class=150)
+
+
 def test_tensor_dataset_checks():
     with pytest.raises(ValueError, match="rows"):
         TensorDataset(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long))
