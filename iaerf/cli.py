@@ -31,9 +31,9 @@ _SETTINGS = {  # option -> (PipelineConfig field, type, help)
     "--solver": ("solver", str, "inverse-HVP solver: exact | cg | lissa"),
     "--damping": ("damping", float, "Hessian damping"),
     "--weight-decay": ("weight_decay", float, "L2 term of the Hessian"),
-    "--finetune-epochs": ("finetune_epochs", int, "fine-tuning epochs (paper: 5)"),
-    "--finetune-batch-size": ("finetune_batch_size", int, "fine-tuning batch size (paper: 128)"),
-    "--finetune-lr": ("finetune_lr", float, "fine-tuning SGD lr (paper: 1e-4)"),
+    "--finetune-epochs": ("finetune_epochs", int, "fine-tuning epochs (paper: 5; feature files: 10)"),
+    "--finetune-batch-size": ("finetune_batch_size", int, "fine-tuning batch size (paper: 128; feature files: 512)"),
+    "--finetune-lr": ("finetune_lr", float, "fine-tuning SGD lr (paper: 1e-4; feature files: 0.2)"),
     "--energy-cap": ("energy_cap", str, "App. B rule: none | per_sample | global"),
     "--select-metric": ("select_metric", str, "validation metric that picks beta: loss | error"),
     "--seed": ("seed", int, "seed of data split, initialisation, batches"),
@@ -43,7 +43,8 @@ _LISTS = {
     "--methods": ("methods", str, "baselines: erm ldam_drw crt lws"),
     "--betas": ("betas", float, "beta grid (paper: 0.1 0.5 1 10)"),
     "--influence-params": ("influence_params", str, "parameter prefixes of the influence (default: fc); 'all' = every one"),
-    "--finetune-params": ("finetune_params", str, "parameter prefixes to fine-tune (default: all but batch norm)"),
+    "--finetune-params": ("finetune_params", str, "parameter prefixes to fine-tune; 'all' = all but batch norm; "
+                          "default 'auto' = all for images, fc for feature files"),
 }
 
 
@@ -98,6 +99,8 @@ def _config(args, defaults=None):
     for name in ("influence_params", "finetune_params"):
         if given.get(name) == ["all"]:
             given[name] = None
+    if given.get("finetune_params") == ["auto"]:
+        given["finetune_params"] = "auto"
     if getattr(args, "fig1", False):
         given["fig1"] = True
     if args.solver_option:

@@ -43,7 +43,6 @@ __all__ = [
     "select_beta",
     "cifar_finetune_config",
     "classifier_retrain_config",
-    "digits_finetune_config",
     "BETAS",
 ]
 
@@ -89,11 +88,6 @@ def cifar_finetune_config(**overrides) -> FinetuneConfig:
 def classifier_retrain_config(epochs: int = 10, **overrides) -> FinetuneConfig:
     """Paper App. B.2, ImageNet-LT / iNaturalist classifier: 10 / 30 epochs, batch 512, lr 0.2, fc only."""
     return replace(FinetuneConfig(epochs=epochs, batch_size=512, lr=0.2, train_params=("fc",)), **overrides)
-
-
-def digits_finetune_config(**overrides) -> FinetuneConfig:
-    """Digits: 5 epochs, batch 64, lr 1e-2 (the paper's 1e-4 moves a 500-image model by nothing measurable)."""
-    return replace(FinetuneConfig(epochs=5, batch_size=64, lr=1e-2), **overrides)
 
 
 @dataclass

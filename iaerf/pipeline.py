@@ -31,7 +31,8 @@ from typing import Callable
 import torch
 
 from iaerf import data as D
-from iaerf.finetune import BETAS, FinetuneConfig, config_dict, finetune, select_beta
+from iaerf.finetune import (BETAS, FinetuneConfig, cifar_finetune_config, classifier_retrain_config, config_dict,
+                            finetune, select_beta)
 from iaerf.models import build_model
 from iaerf.training import (ClassifierConfig, TrainConfig, cifar_config, digits_config, evaluate, resolve_device,
                             retrain_classifier, train_baseline)
@@ -48,7 +49,9 @@ class PipelineConfig:
     """Everything a run depends on. ``dataset``: "digits", "cifar10", "cifar100" or "features".
 
     ``train_epochs`` / ``finetune_*`` override the per-dataset presets (:func:`iaerf.training.digits_config`,
-    :func:`iaerf.training.cifar_config`; fine-tuning: the paper's 5 epochs, batch 128, lr 1e-4).
+    :func:`iaerf.training.cifar_config`; fine-tuning: :func:`iaerf.finetune.cifar_finetune_config` for images,
+    :func:`iaerf.finetune.classifier_retrain_config` for feature files). ``finetune_params``: "auto" = the preset's
+    choice, None = every non-batch-norm parameter, or a tuple of parameter-name prefixes.
     """
 
     dataset: str = "digits"
@@ -64,10 +67,10 @@ class PipelineConfig:
     solver_options: dict | None = None
     damping: float = 1e-3
     weight_decay: float = 0.0
-    finetune_epochs: int = 5
-    finetune_batch_size: int = 128
-    finetune_lr: float = 1e-4
-    finetune_params: tuple[str, ...] | None = None
+    finetune_epochs: int | None = None
+    finetune_batch_size: int | None = None
+    finetune_lr: float | None = None
+    finetune_params: tuple[str, ...] | str | None = "auto"
     energy_cap: str = "none"
     betas: tuple[float, ...] = BETAS
     select_metric: str = "loss"
@@ -88,7 +91,7 @@ class PipelineConfig:
         self.betas = tuple(float(b) for b in self.betas)
         for name in ("influence_params", "finetune_params"):
             value = getattr(self, name)
-            if value is not None:
+            if value is not None and value != "auto":
                 setattr(self, name, tuple(value))
         if self.dataset == "features" and not (self.train_features and self.test_features):
             raise ValueError("dataset='features' needs train_features and test_features file paths")
@@ -97,8 +100,17 @@ class PipelineConfig:
         FinetuneConfig(**self._finetune_kwargs())  # validate early, before any stage runs
 
     def _finetune_kwargs(self) -> dict:
-        return dict(epochs=self.finetune_epochs, batch_size=self.finetune_batch_size, lr=self.finetune_lr,
-                    energy_cap=self.energy_cap, train_params=self.finetune_params, seed=self.seed)
+        """Fine-tuning settings: the paper's preset for the dataset (images: 5 epochs, batch 128, lr 1e-4, whole
+        network; features: classifier re-training, 10 epochs, batch 512, lr 0.2, fc only), then the explicit fields."""
+        preset = classifier_retrain_config() if self.dataset == "features" else cifar_finetune_config()
+        kw = dict(epochs=preset.epochs, batch_size=preset.batch_size, lr=preset.lr, train_params=preset.train_params)
+        for key, value in (("epochs", self.finetune_epochs), ("batch_size", self.finetune_batch_size),
+                           ("lr", self.finetune_lr)):
+            if value is not None:
+                kw[key] = value
+        if self.finetune_params != "auto":
+            kw["train_params"] = self.finetune_params
+        return dict(kw, energy_cap=self.energy_cap, seed=self.seed)
 
     def finetune_config(self, record_energy: bool = False) -> FinetuneConfig:
         return FinetuneConfig(record_energy=record_energy, **self._finetune_kwargs())

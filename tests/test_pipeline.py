@@ -161,3 +161,23 @@ def test_missing_cifar_dir(tmp_path):
                     progress=False, log=lambda s: None)
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
         pipe.data()
+
+
+def test_feature_files_with_crt_and_lws(tmp_path):
+    """Classifier-only setting (ImageNet-LT style): feature files, ERM linear classifier, cRT and LWS, IAERF on fc."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 8, generator=g) * 2
+    counts = [60, 25, 10, 4]
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    yt = torch.arange(80) % 4
+    torch.save({"features": centers[y] + torch.randn(len(y), 8, generator=g), "labels": y}, tmp_path / "train.pt")
+    torch.save({"features": centers[yt] + torch.randn(80, 8, generator=g), "labels": yt}, tmp_path / "test.pt")
+    cfg = PipelineConfig(dataset="features", train_features=str(tmp_path / "train.pt"),
+                         test_features=str(tmp_path / "test.pt"), methods=("erm", "crt", "lws"), train_epochs=5,
+                         finetune_epochs=2, betas=(0.5,))
+    ft = cfg.finetune_config()
+    assert (ft.batch_size, ft.lr, ft.train_params) == (512, 0.2, ("fc",))  # paper's classifier re-training preset
+    metrics = Pipeline(str(tmp_path / "run"), cfg, progress=False, log=lambda s: None).evaluate()
+    labels = [r["model"] for r in metrics["results"]]
+    assert labels[3:6] == ["cRT", "cRT + CE fine-tuning", "cRT + IAERF"] and labels[-1] == "LWS + IAERF"
+    assert all(0 <= r["error"] <= 100 for r in metrics["results"])
