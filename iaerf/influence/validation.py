@@ -170,66 +170,89 @@ def actual_energy_effect(model, train, val, indices, *, eps: float, params=None,
     with eval_mode(model):
         probe, _ = val_d.batch([0], device)
         head = _find_head(model, chosen, probe)
+        runs = [(None, 0.0)] if not symmetric else []
+        for i in indices:
+            runs += [(i, eps), (i, -eps)] if symmetric else [(i, eps)]
         if head is not None:
             layer = head[1]
             bar = _progress(False, 0, "")
             train_x = _features(model, layer, train_d, range(len(train_d)), 512, device, bar)
             val_x = _features(model, layer, val_d, range(len(val_d)), 512, device, bar)
-            base_model, names = layer, ["weight", "bias"]
+            losses = _head_runs(layer, train_x, train_d.labels().to(device), val_x, val_d.labels().to(device), runs,
+                                settings)
         else:
-            train_x = val_x = None
-            base_model, names = model, list(chosen)
-        train_y = train_d.labels().to(device)
-        val_y = val_d.labels().to(device)
-
-        def run(point: int | None, coef: float) -> float:
-            net = copy.deepcopy(base_model)
-            net.eval()  # frozen batch norm throughout
-            trainable = dict(net.named_parameters())
-            for name, p in trainable.items():
-                p.requires_grad_(name in names)
-            opt = torch.optim.SGD([trainable[n] for n in names], lr=settings.lr, momentum=settings.momentum,
-                                  weight_decay=settings.weight_decay)
-            gen = torch.Generator().manual_seed(settings.seed)
-            n = len(train_d)
-            if point is not None:
-                x_point = train_x[point:point + 1] if train_x is not None else train_d.batch([point], device)[0]
-            for _ in range(settings.epochs):
-                order = torch.randperm(n, generator=gen)
-                for start in range(0, n, settings.batch_size):
-                    idx = order[start:start + settings.batch_size]
-                    if train_x is not None:
-                        x, y = train_x[idx.to(device)], train_y[idx.to(device)]
-                    else:
-                        x, y = train_d.batch(idx.tolist(), device)
-                    loss = F.cross_entropy(net(x), y)
-                    if point is not None:
-                        loss = loss + coef * -torch.logsumexp(net(x_point), dim=-1).sum()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-            with torch.no_grad():
-                if val_x is not None:
-                    return float(F.cross_entropy(net(val_x).double(), val_y))
-                total = 0.0
-                for x, y in val_d.batches(range(len(val_d)), 512, device):
-                    total += float(F.cross_entropy(net(x).double(), y, reduction="sum"))
-                return total / len(val_d)
-
-        bar = _progress(progress, len(indices) * (2 if symmetric else 1) + (0 if symmetric else 1), "fine-tuning")
-        baseline = None
-        if not symmetric:
-            baseline = run(None, 0.0)
-            bar.update(1)
-        effects = []
-        for i in indices:
-            up = run(i, eps)
-            bar.update(1)
-            if symmetric:
-                down = run(i, -eps)
+            bar = _progress(progress, len(runs), "fine-tuning")
+            losses = []
+            for point, coef in runs:
+                losses.append(_module_run(model, list(chosen), train_d, val_d, point, coef, settings, device))
                 bar.update(1)
-                effects.append((up - down) / (2 * eps))
-            else:
-                effects.append((up - baseline) / eps)
-        bar.close()
-    return torch.tensor(effects, dtype=torch.float64)
+            bar.close()
+    losses = torch.tensor(losses, dtype=torch.float64)
+    if symmetric:
+        return (losses[0::2] - losses[1::2]) / (2 * eps)
+    return (losses[1:] - losses[0]) / eps
+
+
+def _module_run(model, names, train_d, val_d, point, coef, settings: FinetuneSettings, device) -> float:
+    """Fine-tune a copy of ``model`` (eval mode: frozen batch norm) with coef * E(x_point); its val loss."""
+    net = copy.deepcopy(model)
+    net.eval()
+    trainable = dict(net.named_parameters())
+    for name, p in trainable.items():
+        p.requires_grad_(name in names)
+    opt = torch.optim.SGD([trainable[n] for n in names], lr=settings.lr, momentum=settings.momentum,
+                          weight_decay=settings.weight_decay)
+    gen = torch.Generator().manual_seed(settings.seed)  # the same batch order in every run
+    n = len(train_d)
+    x_point = train_d.batch([point], device)[0] if point is not None else None
+    for _ in range(settings.epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, settings.batch_size):
+            x, y = train_d.batch(order[start:start + settings.batch_size].tolist(), device)
+            loss = F.cross_entropy(net(x), y)
+            if x_point is not None:
+                loss = loss + coef * -torch.logsumexp(net(x_point), dim=-1).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    total = 0.0
+    with torch.no_grad():
+        for x, y in val_d.batches(range(len(val_d)), 512, device):
+            total += float(F.cross_entropy(net(x).double(), y, reduction="sum"))
+    return total / len(val_d)
+
+
+def _head_runs(layer, train_x, train_y, val_x, val_y, runs, settings: FinetuneSettings) -> list[float]:
+    """All fine-tuning runs of a linear head at once, in float64: weights ``[R, K, D]``, one SGD over the stack.
+
+    SGD (momentum, weight decay) acts elementwise and the runs' objectives are summed, so each slice follows
+    exactly its own run; float64 keeps the differences between runs (order eps * I) far above rounding.
+    """
+    R = len(runs)
+    dt = torch.float64
+    train_x, val_x = train_x.to(dt), val_x.to(dt)
+    W = layer.weight.detach().to(dt).expand(R, -1, -1).clone().requires_grad_()
+    b = layer.bias.detach().to(dt).expand(R, -1).clone().requires_grad_()
+    points = torch.tensor([p if p is not None else 0 for p, _ in runs], device=train_x.device)
+    coefs = torch.tensor([c for _, c in runs], dtype=dt, device=train_x.device)
+    x_points = train_x[points]                                                     # [R, D]
+    opt = torch.optim.SGD([W, b], lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    gen = torch.Generator().manual_seed(settings.seed)
+    n, K = train_x.shape[0], W.shape[1]
+    for _ in range(settings.epochs):
+        order = torch.randperm(n, generator=gen).to(train_x.device)
+        for start in range(0, n, settings.batch_size):
+            idx = order[start:start + settings.batch_size]
+            logits = torch.einsum("md,rkd->rmk", train_x[idx], W) + b[:, None, :]  # [R, m, K]
+            y = train_y[idx].expand(R, -1)
+            ce = F.cross_entropy(logits.reshape(-1, K), y.reshape(-1), reduction="none").view(R, -1).mean(1)
+            energy = -torch.logsumexp(torch.einsum("rd,rkd->rk", x_points, W) + b, dim=-1)
+            loss = (ce + coefs * energy).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        logits = torch.einsum("md,rkd->rmk", val_x, W) + b[:, None, :]
+        y = val_y.expand(R, -1)
+        val = F.cross_entropy(logits.reshape(-1, K), y.reshape(-1), reduction="none").view(R, -1).mean(1)
+    return val.tolist()

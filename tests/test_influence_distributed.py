@@ -1,0 +1,34 @@
+"""Two gloo processes (torchrun) give the same influences as one process, and every rank gets all of them."""
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+import _dist_influence_worker as worker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_equals_single_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "--master_addr=127.0.0.1", os.path.join(ROOT, "tests", "_dist_influence_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    single = worker.compute(None)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, want in single.items():
+        for r, got in enumerate(ranks):
+            assert got[name].shape == want.shape, (name, r)
+            rel = float((got[name] - want).abs().max() / want.abs().max())
+            assert rel <= 1e-6, (name, r, rel)
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: ranks disagree"

@@ -1,0 +1,231 @@
+"""energy_influence / energy_influence_on_test / loss_influence: exact against closed forms and explicit loops."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.special import softmax
+from torch import nn
+
+import iaerf
+from _influence_models import MLP, SmallCNN, randomize_batchnorm
+from iaerf.influence import energy_influence, energy_influence_on_test, loss_influence
+from iaerf.influence.validation import fit_softmax_regression, reoptimized_energy_effect
+
+WD = 0.05
+
+
+class Affine(nn.Module):
+    """x W^T + b without nn.Linear: the same model as a head, but it takes the generic (ModuleHessian) path."""
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(weight.clone()), nn.Parameter(bias.clone())
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+def _convex_problem(n=60, m=25, d=5, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d)) * 1.5
+    y = rng.integers(0, k, n)
+    X = centers[y] + rng.normal(size=(n, d))
+    yv = rng.integers(0, k, m)
+    Xv = centers[yv] + 1.3 * rng.normal(size=(m, d))
+    W = fit_softmax_regression(X, y, k, WD)  # [K, D+1], bias last
+    linear = nn.Linear(d, k).double()
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(W[:, :-1]))
+        linear.bias.copy_(torch.from_numpy(W[:, -1]))
+    t = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
+    return X, y, Xv, yv, W, linear, (t(X), t(y)), (t(Xv), t(yv))
+
+
+def _closed_form(W, X, y, Xv, yv, wd, which="energy", test_rows=False):
+    """Eq. 9 (or Eq. 4 / Eq. 8) for softmax regression from the analytic Hessian, in numpy float64."""
+    k = W.shape[0]
+    Xa, Xva = np.hstack([X, np.ones((len(X), 1))]), np.hstack([Xv, np.ones((len(Xv), 1))])
+    P, Pv = softmax(Xa @ W.T, axis=1), softmax(Xva @ W.T, axis=1)
+    H = sum(np.kron(np.diag(p) - np.outer(p, p), np.outer(x, x)) for p, x in zip(P, Xa)) / len(X)
+    H += wd * np.eye(H.shape[0])
+    Gv = np.stack([np.kron(p - np.eye(k)[c], x) for p, c, x in zip(Pv, yv, Xva)])  # per-val-point grads
+    G = Gv if test_rows else Gv.mean(0, keepdims=True)
+    if which == "energy":
+        Gtr = np.stack([np.kron(-p, x) for p, x in zip(P, Xa)])                     # grad E = -p (x) x~
+    else:
+        Gtr = np.stack([np.kron(p - np.eye(k)[c], x) for p, c, x in zip(P, y, Xa)])
+    out = -G @ np.linalg.solve(H, Gtr.T)
+    return out if test_rows else out[0]
+
+
+@pytest.mark.parametrize("path", ["head", "generic"])
+def test_convex_exact_equals_closed_form(path, monkeypatch):
+    X, y, Xv, yv, W, linear, train, val = _convex_problem()
+    used = []
+    from iaerf.hessian import head
+
+    monkeypatch.setattr(head.HeadHessian, "__init__", _spy(head.HeadHessian.__init__, used))
+    model = linear if path == "head" else Affine(linear.weight.detach(), linear.bias.detach())
+    got = energy_influence(model, train, val, weight_decay=WD, solver="exact", progress=False)
+    want = _closed_form(W, X, y, Xv, yv, WD)
+    assert (len(used) > 0) == (path == "head"), "the native head operator must serve exactly the head case"
+    assert got.shape == (len(y),) and got.dtype == torch.float64
+    assert np.abs(got.numpy() - want).max() <= 1e-6 * np.abs(want).max()
+    got_loss = loss_influence(model, train, val, weight_decay=WD, solver="exact", progress=False)
+    want_loss = _closed_form(W, X, y, Xv, yv, WD, which="loss")
+    assert np.abs(got_loss.numpy() - want_loss).max() <= 1e-6 * np.abs(want_loss).max()
+
+
+def _spy(fn, calls):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def test_convex_on_test_rows_and_mean():
+    X, y, Xv, yv, W, linear, train, val = _convex_problem(m=7)
+    got = energy_influence_on_test(linear, train, val, weight_decay=WD, solver="exact", progress=False)
+    want = _closed_form(W, X, y, Xv, yv, WD, test_rows=True)
+    assert got.shape == (7, len(y))
+    assert np.abs(got.numpy() - want).max() <= 1e-6 * np.abs(want).max()
+    mean = energy_influence(linear, train, val, weight_decay=WD, solver="exact", progress=False)
+    assert torch.allclose(got.mean(0), mean, rtol=0, atol=1e-10 * float(mean.abs().max()))
+
+
+def test_convex_prediction_matches_reoptimisation():
+    """Eq. 7 setting: predicted I_val(x_i) vs the actual d L_val / d eps after re-solving with eps * E(x_i)."""
+    X, y, Xv, yv, W, linear, train, val = _convex_problem(n=60)
+    pred = energy_influence(linear, train, val, weight_decay=WD, solver="exact", progress=False).numpy()
+    idx = np.arange(0, 60, 2)  # 30 points
+    actual = reoptimized_energy_effect(X, y, Xv, yv, idx, num_classes=3, weight_decay=WD, eps=1e-4, W_opt=W)
+    r = np.corrcoef(pred[idx], actual)[0, 1]
+    assert r >= 0.99, r
+    # the influence function is exact in the limit: the values agree, not only their ranking
+    assert np.abs(pred[idx] - actual).max() <= 1e-4 * np.abs(actual).max()
+
+
+def _explicit_influence(model, train, val, chosen, damping, wd, fn):
+    """Reference in float64: dense H by autograd, s by a dense solve, then per-example grads dotted with s."""
+    model = copy.deepcopy(model).double().eval()
+    x, y = (t.double() if t.is_floating_point() else t for t in train)
+    xv, yv = (t.double() if t.is_floating_point() else t for t in val)
+    params = {k: v for k, v in model.named_parameters() if k in chosen}
+    names = list(params)
+    flat0 = torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+    def loss_at(flat, xs, ys):
+        out, off = {}, 0
+        for k in names:
+            out[k] = flat[off:off + params[k].numel()].view_as(params[k])
+            off += params[k].numel()
+        return F.cross_entropy(torch.func.functional_call(model, out, (xs,)), ys), out
+
+    H = torch.autograd.functional.hessian(lambda f: loss_at(f, x, y)[0], flat0)
+    H = H + (wd + damping) * torch.eye(len(flat0), dtype=torch.float64)
+    g = torch.autograd.functional.jacobian(lambda f: loss_at(f, xv, yv)[0], flat0)
+    s = torch.linalg.solve(H, g)
+    res = []
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(fn(model(x[i:i + 1]), y[i:i + 1]).sum(), [params[k] for k in names])
+        res.append(-(torch.cat([gg.reshape(-1) for gg in grads]) @ s))
+    return torch.stack(res)
+
+
+@pytest.mark.parametrize("kind,chosen_prefix", [("mlp", None), ("cnn", ("features.4", "fc"))])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_pipeline_equals_explicit_definition(kind, chosen_prefix, dtype, tol):
+    g = torch.Generator().manual_seed(1)
+    if kind == "mlp":
+        model, x, xv = MLP(), torch.randn(40, 6, generator=g), torch.randn(9, 6, generator=g)
+        classes = 4
+    else:
+        model = randomize_batchnorm(SmallCNN())
+        x, xv = torch.randn(30, 1, 8, 8, generator=g), torch.randn(9, 1, 8, 8, generator=g)
+        classes = 10
+    y, yv = torch.randint(0, classes, (len(x),), generator=g), torch.randint(0, classes, (len(xv),), generator=g)
+    model = model.to(dtype).train()  # energy_influence must evaluate in eval mode itself
+    chosen = [k for k, _ in model.named_parameters()
+              if chosen_prefix is None or any(k.startswith(p) for p in chosen_prefix)]
+    damping = 0.3  # a non-convex net: damping keeps H + damping I well conditioned for the comparison
+    got = energy_influence(model, (x.to(dtype), y), (xv.to(dtype), yv), params=list(chosen_prefix or []) or None,
+                           damping=damping, weight_decay=1e-3, solver="exact", batch_size=16, progress=False)
+    assert model.training
+    want = _explicit_influence(model, (x, y), (xv, yv), chosen, damping, 1e-3,
+                               lambda z, t: -torch.logsumexp(z, -1))
+    assert got.dtype == dtype
+    assert float((got.double() - want).abs().max() / want.abs().max()) <= tol
+
+
+def test_dropout_is_off_and_flags_restored():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    kw = dict(params=["0", "3"], damping=0.1, solver="exact", progress=False)
+    a = energy_influence(model, (x, y), (x[:5], y[:5]), **kw)
+    b = energy_influence(model, (x, y), (x[:5], y[:5]), **kw)
+    assert torch.equal(a, b)
+    assert all(m.training for m in model.modules())
+
+
+def test_head_selection_by_prefix_matches_generic_path():
+    torch.manual_seed(0)
+    model = MLP().double()
+    for p in model.body.parameters():
+        p.requires_grad_(False)  # classifier-only influence: frozen features
+    x, y = torch.randn(50, 6, dtype=torch.float64), torch.randint(0, 4, (50,))
+    head = energy_influence(model, (x, y), (x[:10], y[:10]), weight_decay=0.01, solver="cg",
+                            solver_options={"tol": 1e-12}, progress=False)
+
+    class NotAHead(nn.Module):  # same function, but the logits are not the head's output tensor
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, z):
+            return self.inner(z) + 0.0
+
+    generic = energy_influence(NotAHead(model), (x, y), (x[:10], y[:10]), params=["inner.fc"], weight_decay=0.01,
+                               solver="cg", solver_options={"tol": 1e-12}, progress=False)
+    assert torch.allclose(head, generic, rtol=0, atol=1e-8 * float(generic.abs().max()))
+
+
+def test_bad_input_raises_clear_errors(monkeypatch):
+    model = MLP().double()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 4, (10,))
+    kw = dict(solver="exact", progress=False)
+    with pytest.raises(ValueError, match="val is empty"):
+        energy_influence(model, (x, y), (x[:0], y[:0]), **kw)
+    with pytest.raises(ValueError, match="test is empty"):
+        energy_influence_on_test(model, (x, y), (x[:0], y[:0]), **kw)
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        energy_influence(frozen, (x, y), (x, y), **kw)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        energy_influence(frozen, (x, y), (x, y), params=["fc"], **kw)
+    with pytest.raises(ValueError, match=r"train: labels must lie in \[0, 4\)"):
+        energy_influence(model, (x, torch.full((10,), 4)), (x, y), **kw)
+    with pytest.raises(ValueError, match=r"val: labels must lie in \[0, 4\)"):
+        energy_influence(model, (x, y), (x, torch.full((10,), -1)), **kw)
+    with pytest.raises(ValueError, match="solver"):
+        energy_influence(model, (x, y), (x, y), solver="newton", progress=False)
+    with pytest.raises(ValueError, match="damping"):
+        energy_influence(model, (x, y), (x, y), damping=-1.0, **kw)
+    with pytest.raises(ValueError, match="batch_size"):
+        energy_influence(model, (x, y), (x, y), batch_size=0, **kw)
+    with pytest.raises(TypeError, match="val"):
+        energy_influence(model, (x, y), 3, **kw)
+
+    import iaerf.hessian
+
+    monkeypatch.setattr(iaerf.hessian, "inverse_hvp", lambda op, v, **k: torch.full_like(v, float("nan")))
+    with pytest.raises(ValueError, match="not finite.*damping"):
+        energy_influence(model, (x, y), (x, y), **kw)
+
+
+def test_top_level_exports():
+    assert iaerf.energy_influence is energy_influence
+    assert iaerf.loss_influence is loss_influence
+    assert iaerf.energy_influence_on_test is energy_influence_on_test
