@@ -216,6 +216,35 @@ def load_checkpoint(path: str, expect_arch: dict | None = None) -> tuple[torch.n
     return model.eval(), obj.get("meta", {})
 
 
+@torch.no_grad()
+def classifier_head(model: torch.nn.Module, *datasets: D.TensorDataset, device=None):
+    """``(head, *feature_datasets)``: the model's ``fc`` as a :class:`~iaerf.models.LinearClassifier` and every
+    dataset mapped to its eval-mode features [n, D].
+
+    Classifier-only influence (``params=["fc"]``) depends on the rest of the network only through these frozen
+    features, so computing it on the head gives the same numbers while every Hessian-vector product skips the
+    backbone -- which matters for a cosine (NormedLinear) fc, where no closed-form linear-head path applies.
+    """
+    from iaerf.models import LinearClassifier, NormedLinear
+
+    fc = model.fc
+    normed = isinstance(fc, NormedLinear)
+    head = LinearClassifier(fc.in_features, fc.out_features, normed_fc=normed,
+                            **({"scale": fc.scale} if normed else {}))
+    head.fc.load_state_dict(fc.state_dict())
+    head = head.to(device if device is not None else fc.weight.device).eval()
+    was_training = model.training
+    model.eval()
+    out = []
+    for ds in datasets:
+        x = ds.tensors()[0]
+        dev = fc.weight.device
+        feats = torch.cat([model.features(x[s:s + 512].to(dev)).cpu() for s in range(0, len(ds), 512)])
+        out.append(D.TensorDataset(feats, ds.labels, ds.num_classes))
+    model.train(was_training)
+    return (head, *out)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the pipeline
 
@@ -369,8 +398,11 @@ class Pipeline:
             import iaerf.influence as infl
 
             c, split = self.config, self.split()
+            model, train, val = self.model(method), split.train, split.val
+            if c.influence_params == ("fc",):
+                model, train, val = classifier_head(model, train, val, device=self.device)
             values = infl.energy_influence(
-                self.model(method), split.train, split.val,
+                model, train, val,
                 params=list(c.influence_params) if c.influence_params is not None else None,
                 weight_decay=c.weight_decay, damping=c.damping, solver=c.solver,
                 solver_options=dict(c.solver_options) if c.solver_options else None, device=self.device,

@@ -181,3 +181,49 @@ def test_feature_files_with_crt_and_lws(tmp_path):
     labels = [r["model"] for r in metrics["results"]]
     assert labels[3:6] == ["cRT", "cRT + CE fine-tuning", "cRT + IAERF"] and labels[-1] == "LWS + IAERF"
     assert all(0 <= r["error"] <= 100 for r in metrics["results"])
+
+
+def test_cifar_path_end_to_end_on_synthetic_pickles(tmp_path):
+    """ResNet-32 on a tiny synthetic CIFAR-10 pickle folder: the CIFAR code path (uint8 inputs, augmentation, LDAM
+    cosine classifier, influence, fine-tuning) runs end to end; numbers are meaningless at this size."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.permutation(np.repeat(np.arange(10), 2)).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), "labels": labels}, f)
+    cfg = PipelineConfig(dataset="cifar10", data_root=str(tmp_path), ratio=5, train_epochs=1, finetune_epochs=1,
+                         betas=(1.0,))
+    pipe = Pipeline(str(tmp_path / "run"), cfg, progress=False, log=lambda s: None)
+    from iaerf.data import imbalance_counts
+
+    assert pipe.data()["train_counts"] == imbalance_counts(10, 10, 5)
+    metrics = pipe.evaluate()
+    assert len(metrics["results"]) == 6 and pipe.arch("ldam_drw") == {"name": "resnet32", "num_classes": 10,
+                                                                       "normed_fc": True}
+
+
+@pytest.mark.parametrize("normed", [False, True])
+def test_classifier_head_influence_equals_full_model(normed):
+    """Classifier-only influence on the extracted head equals the one computed through the whole network."""
+    import iaerf.influence as infl
+    from iaerf.data import load_digits_lt
+    from iaerf.pipeline import classifier_head
+    from iaerf.training import digits_config, train_baseline
+
+    split = load_digits_lt(seed=0)
+    train = split.train.subset(range(0, len(split.train), 4))
+    val = split.val.subset(range(0, len(split.val), 2))
+    torch.manual_seed(0)
+    model = SmallCNN(10, normed_fc=normed)
+    model, _ = train_baseline(model, train, digits_config("ldam_drw" if normed else "erm", epochs=3), progress=False)
+    kw = dict(params=["fc"], solver="exact", damping=1e-3, progress=False)
+    full = infl.energy_influence(model, train, val, **kw)
+    head, ftrain, fval = classifier_head(model, train, val)
+    fast = infl.energy_influence(head, ftrain, fval, **kw)
+    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5 * float(full.abs().max()))
