@@ -67,7 +67,26 @@ def test_hostile_large_logits(backend):
     _assert_matches_fp64(logits, target, coef.float(), backend)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS_ANY_DTYPE + [CPU_BACKENDS[2]])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("k", [3, 37, 300])
+def test_rows_across_overflow_and_underflow_ranges(backend, k):
+    # The C++ forward takes exp(z) without a max shift while a row's sum stays in a safe range and redoes the row
+    # with the shift otherwise; rows on both sides of those limits (fp32 exp over/underflows near +88.7 / -87.3)
+    # sit in the same blocks here. Shift-invariant results (CE, gradient) must stay accurate for every row.
+    offsets = torch.tensor([-1e4, -120.0, -80.0, -60.0, -45.0, -35.0, 0.0, 40.0, 80.0, 86.0, 88.5, 95.0, 1e4])
+    logits, target, coef = make_case(len(offsets) * 3, k, seed=k, ignore_frac=0.1)
+    logits += offsets.repeat(3)[:, None]
+    loss, ce, energy, grad = _run(logits, target, coef.float(), backend)
+    ref_loss, ref_ce, ref_lse, ref_grad = fp64_energy_ce(logits, target, coef)
+    # fp32 logits of magnitude m carry an absolute rounding of ~6e-8 m in z - lse, hence the m-scaled terms
+    magnitude = logits.double().abs().amax(1)
+    assert torch.all((ce.double() - ref_ce).abs() <= 1e-5 + 4e-7 * magnitude)
+    assert torch.all((energy.double() + ref_lse).abs() <= 1e-5 * (1 + magnitude))
+    grad_err = (grad.double() - ref_grad).abs().amax(1)
+    assert torch.all(grad_err <= 1e-6 + 2e-6 * magnitude * (ref_grad.abs().amax(1) + 1e-3))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_confident_rows(backend):
     # p_y ~ 0.9999: the gradient of the true class is a small difference (1 - c) p_y - 1.
     logits, target, coef = make_case(24, 10, scale=0.1, seed=5, ignore_frac=0.0)
