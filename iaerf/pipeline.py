@@ -93,6 +93,12 @@ class PipelineConfig:
             value = getattr(self, name)
             if value is not None and value != "auto":
                 setattr(self, name, tuple(value))
+        for name, allowed in (("imbalance", ("exp", "step")), ("solver", ("exact", "cg", "lissa")),
+                              ("select_metric", ("loss", "error"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.betas or any(not (b > 0 and math.isfinite(b)) for b in self.betas):
+            raise ValueError(f"betas must be positive finite numbers, got {self.betas}")
         if self.dataset == "features" and not (self.train_features and self.test_features):
             raise ValueError("dataset='features' needs train_features and test_features file paths")
         if self.dataset.startswith("cifar") and not self.data_root:

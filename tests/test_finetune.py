@@ -51,14 +51,16 @@ def test_energy_coefficients():
         energy_coefficients([1.0, 2.0], 1.0)
 
 
+@pytest.mark.parametrize("scale", [1.0, 40.0])  # 40: hostile, confident rows with logits in the hundreds
 @pytest.mark.parametrize("beta", [0.0, 0.5, 10.0])
-def test_one_step_matches_float64_reference(beta):
+def test_one_step_matches_float64_reference(beta, scale):
     """One full-batch SGD step of Algorithm 1 equals the step on CE + c_i E computed in float64 by autograd."""
     train = _toy()
+    train = TensorDataset(train.inputs * scale, train.labels, train.num_classes)
     torch.manual_seed(1)
     model = LinearClassifier(5, 3)
     infl = torch.randn(len(train), generator=torch.Generator().manual_seed(2))
-    lr = 0.3
+    lr = 0.3 / scale
     res = finetune(model, train, infl if beta else None, beta=beta, epochs=1, batch_size=len(train), lr=lr,
                    momentum=0.0, progress=False)
     W = model.fc.weight.detach().double().requires_grad_()

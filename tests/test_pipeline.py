@@ -149,7 +149,8 @@ def test_corrupt_checkpoint_in_run_is_reported(finished_run, tmp_path):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(ratio=0.5), "ratio"), (dict(dataset="mnist"), "dataset"), (dict(methods=("svm",)), "methods"),
     (dict(dataset="cifar10"), "data_root"), (dict(energy_cap="clip"), "energy_cap"),
-    (dict(dataset="features"), "train_features"),
+    (dict(dataset="features"), "train_features"), (dict(solver="newton"), "solver"),
+    (dict(select_metric="test_error"), "select_metric"), (dict(betas=(0.0,)), "betas"), (dict(imbalance="zipf"), "imbalance"),
 ])
 def test_config_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
