@@ -39,7 +39,7 @@ def head_hvp_reference(features: torch.Tensor, probs: torch.Tensor, v: torch.Ten
     vb = v[..., K * D:] if has_bias else None
     out_w = torch.zeros(r, b * K, D, dtype=v.dtype, device=v.device)
     out_b = torch.zeros(r, b, K, dtype=v.dtype, device=v.device) if has_bias else None
-    tile = tile_rows if tile_rows > 0 else max(64, (1 << 20) // max(1, b * K))
+    tile = tile_rows if tile_rows > 0 else max(64, (1 << 22) // max(1, b * K))   # the C++ rule
     for j in range(r):
         rows = indices[j] if indices is not None else None
         m = rows.shape[0] if rows is not None else n
