@@ -88,7 +88,7 @@ def speedup_plot(rows: list[dict], path: str) -> str | None:
     series = {}
     for r in rows:
         case = r["case"].lower()
-        if ("energy_regularized_cross_entropy" in case and "fwd+bwd" in case) or "head hvp" in case or "head_hvp" in case:
+        if ("energy" in case and "fwd+bwd" in case) or ("head" in case and "hvp" in case):
             size = _size_of(r["shape"])
             if not math.isnan(size):
                 series.setdefault(f"{r['case']} [{r['dtype']}]", []).append((size, r["speedup"]))
