@@ -56,7 +56,8 @@ class LissaOptions:
         check_every: steps between divergence / tolerance checks and progress-bar updates.
         checkpoint_path, checkpoint_every: when a path is given, the state (h, step, generator states, settings)
             is written there atomically every checkpoint_every steps and at the end; a later call with the same
-            settings and vectors resumes from it (a larger depth continues the run).
+            settings and vectors resumes from it (a larger depth continues the run). Under a process group each
+            rank writes ``<path>.rank<r>`` and the ranks resume only when all are at the same step.
     """
 
     depth: int = 1000
@@ -278,6 +279,18 @@ def estimate_lambda_max(op: HessianOperator, *, batch_size: int, seed: int = 0, 
     return float(norms.max())
 
 
+def _ranks_agree(op, step: int) -> bool:
+    """Whether every rank of the operator's process group resumes from the same step (-1: no checkpoint)."""
+    import torch.distributed as dist
+
+    from iaerf.hessian.operators import _collective_device
+
+    t = torch.tensor([float(step), -float(step)], dtype=torch.float64,
+                     device=_collective_device(op.process_group, op.device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=op.process_group)
+    return float(t[0]) == -float(t[1])
+
+
 def _lissa_settings(op, V, damping, seed, opts: LissaOptions) -> dict:
     return {"num_params": op.num_params, "num_samples": op.num_samples, "b": V.shape[0], "dtype": str(op.dtype),
             "repeats": opts.repeats, "first_repeat": opts.first_repeat, "batch_size": opts.batch_size,
@@ -311,7 +324,14 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
     # recursion is the deterministic Neumann series of (H + damping I)^{-1} (no resampling noise).
     full = m >= op.num_samples  # global n: every rank takes the same branch
     settings = _lissa_settings(op, V, damping, seed, opts)
-    state = _load_checkpoint(opts.checkpoint_path, settings, V)
+    path = opts.checkpoint_path
+    if path is not None and getattr(op, "process_group", None) is not None:
+        path = f"{path}.rank{_rank(op)}"            # one file per rank: each holds its own generator states
+    state = _load_checkpoint(path, settings, V)
+    if getattr(op, "process_group", None) is not None and not _ranks_agree(op, -1 if state is None else int(state["step"])):
+        warnings.warn("LiSSA checkpoints of the ranks are at different steps (interrupted between writes); "
+                      "starting afresh on every rank", RuntimeWarning, stacklevel=3)
+        state = None
     # One CPU generator per repeat, derived from (seed, repeat index, rank): repeat j draws the same minibatches
     # whether it runs alone or batched with others, and results do not depend on the device.
     gens = [torch.Generator().manual_seed(_derived_seed(seed, opts.first_repeat + j, _rank(op))) for j in range(r)]
@@ -337,10 +357,10 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
     vnorm = V.norm(dim=1).double().cpu().clamp_min(torch.finfo(torch.float64).tiny)
 
     def checkpoint():
-        if opts.checkpoint_path is not None:
+        if path is not None:
             _save_atomic({"settings": settings, "v": V.detach().cpu(), "h": h.detach().cpu(), "step": step,
                           "scale": scale, "converged": converged, "gen_states": [g.get_state() for g in gens]},
-                         opts.checkpoint_path)
+                         path)
 
     with tqdm(total=opts.depth, initial=min(step, opts.depth), desc="LiSSA", disable=not progress, leave=False) as bar:
         while step < opts.depth and not converged:
