@@ -15,8 +15,6 @@ training set (paper) is compared with IAERF driven by the held-out images.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import time

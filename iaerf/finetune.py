@@ -208,8 +208,8 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
     if config.record_energy:
         energies.append(_energy_and_ce(model, train, config.batch_size, device)[0])
 
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # any stochastic layer (dropout) draws from the seeded global generator
+    gen = torch.Generator().manual_seed(config.seed)  # batch order: identical for IAERF and the control
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)

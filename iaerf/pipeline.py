@@ -25,7 +25,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import torch
@@ -37,7 +37,7 @@ from iaerf.models import build_model
 from iaerf.training import (ClassifierConfig, TrainConfig, cifar_config, digits_config, evaluate, resolve_device,
                             retrain_classifier, train_baseline)
 
-__all__ = ["PipelineConfig", "Pipeline", "atomic_write", "save_checkpoint", "load_checkpoint", "demo_config"]
+__all__ = ["PipelineConfig", "Pipeline", "atomic_write", "save_checkpoint", "load_checkpoint", "classifier_head"]
 
 CHECKPOINT_FORMAT = "iaerf-checkpoint-1"
 BASE_METHODS = ("erm", "ldam_drw")
@@ -132,11 +132,6 @@ class PipelineConfig:
         if unknown:
             raise ValueError(f"settings.json has unknown keys {unknown}")
         return cls(**d)
-
-
-def demo_config(**overrides) -> PipelineConfig:
-    """The ``iaerf demo`` run: long-tailed digits at ratio 10, ERM and LDAM-DRW, classifier-only exact influence."""
-    return replace(PipelineConfig(), **overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------------
