@@ -19,5 +19,17 @@ from iaerf.hessian.operators import HessianOperator, ModuleHessian, eval_mode
 from iaerf.hessian.params import flatten, select_parameters, unflatten
 
 __all__ = [
-    "CGOptions", "ExactOptions", "HeadHessian", "HessianOperator", "LissaDivergenceError", "LissaOptions",
-    "estimate_lambda_max", "inverse_hvp", "ModuleHessian", "eval_mode", "flatten", "select_parameters", "unflatten"]
+    "CGOptions",
+    "ExactOptions",
+    "HeadHessian",
+    "HessianOperator",
+    "LissaDivergenceError",
+    "LissaOptions",
+    "ModuleHessian",
+    "estimate_lambda_max",
+    "eval_mode",
+    "flatten",
+    "inverse_hvp",
+    "select_parameters",
+    "unflatten",
+]
