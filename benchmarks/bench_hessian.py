@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -218,7 +219,6 @@ def _dattri_rows(quick, device):
         f = ihvp_cg(loss, argnums=0, max_iter=it, tol=1e-12, mode="rev-rev")
         return rel(f((theta, x, yf), V))
 
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         t_o, i_o, e_o = _time_to_target(ours_cg, target, 5, 640)

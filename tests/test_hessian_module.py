@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from iaerf.hessian import ModuleHessian, flatten, select_parameters
+from iaerf.hessian import ModuleHessian, select_parameters
 
 
 @pytest.fixture(autouse=True, scope="module")

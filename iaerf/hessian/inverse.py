@@ -19,7 +19,6 @@ Three methods share one meaning of ``damping``:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import warnings
 from dataclasses import dataclass
