@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from iaerf.data import ShotGroups, TensorDataset
+from iaerf.ops import energy, energy_regularized_cross_entropy
 from iaerf.training import _check_dataset, _check_model_classes, evaluate, predict_logits, resolve_device
 
 __all__ = [
@@ -154,8 +155,6 @@ def _trainable(model: nn.Module, train_params) -> list[nn.Parameter]:
 
 @torch.no_grad()
 def _energy_and_ce(model: nn.Module, data: TensorDataset, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    from iaerf.ops import energy
-
     logits = predict_logits(model, data, batch_size=max(batch_size, 256), device=device)
     return energy(logits).float(), F.cross_entropy(logits, data.labels, reduction="none")
 
@@ -187,7 +186,6 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
         coef = energy_coefficients(influence.detach().cpu(), beta)
     else:
         coef = torch.zeros(len(train))
-    from iaerf.ops import energy_regularized_cross_entropy
 
     device = resolve_device(device)
     if not inplace:
@@ -257,8 +255,6 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
 
 def _cap_per_sample(logits: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Scale c_i so that |c_i E_i| <= CE_i (App. B, per-sample reading); logits [B, K], y [B], c [B] -> [B]."""
-    from iaerf.ops import energy
-
     e = energy(logits).to(logits.dtype)
     ce = F.cross_entropy(logits, y, reduction="none")
     c = c.to(logits.dtype)
