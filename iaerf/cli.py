@@ -36,6 +36,8 @@ _SETTINGS = {  # option -> (PipelineConfig field, type, help)
     "--finetune-lr": ("finetune_lr", float, "fine-tuning SGD lr (paper: 1e-4; feature files: 0.2)"),
     "--energy-cap": ("energy_cap", str, "App. B rule: none | per_sample | global"),
     "--select-metric": ("select_metric", str, "validation metric that picks beta: loss | error"),
+    "--heldout-val": ("heldout_val", int, "digits: hold out K images per class as the validation set (default 0: "
+                      "the paper's class-balanced subset of the training set)"),
     "--seed": ("seed", int, "seed of data split, initialisation, batches"),
     "--device": ("device", str, "cpu | cuda (default: cuda when available)"),
 }

@@ -48,7 +48,8 @@ DERIVED_METHODS = ("crt", "lws")  # classifier re-training on the frozen ERM bac
 class PipelineConfig:
     """Everything a run depends on. ``dataset``: "digits", "cifar10", "cifar100" or "features".
 
-    ``train_epochs`` / ``finetune_*`` override the per-dataset presets (:func:`iaerf.training.digits_config`,
+    ``heldout_val = k > 0`` (digits only) holds out k images per class as the validation set instead of the paper's
+    subset of the training set (an ablation; n_max shrinks by k). ``train_epochs`` / ``finetune_*`` override the per-dataset presets (:func:`iaerf.training.digits_config`,
     :func:`iaerf.training.cifar_config`; fine-tuning: :func:`iaerf.finetune.cifar_finetune_config` for images,
     :func:`iaerf.finetune.classifier_retrain_config` for feature files). ``finetune_params``: "auto" = the preset's
     choice, None = every non-batch-norm parameter, or a tuple of parameter-name prefixes.
@@ -74,6 +75,7 @@ class PipelineConfig:
     energy_cap: str = "none"
     betas: tuple[float, ...] = BETAS
     select_metric: str = "loss"
+    heldout_val: int = 0
     fig1: bool = False
     fig1_points: int = 20
     seed: int = 0
@@ -99,6 +101,10 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.betas or any(not (b > 0 and math.isfinite(b)) for b in self.betas):
             raise ValueError(f"betas must be positive finite numbers, got {self.betas}")
+        if self.heldout_val and self.dataset != "digits":
+            raise ValueError("heldout_val (a validation set disjoint from the training set) is only built for digits")
+        if self.heldout_val < 0:
+            raise ValueError(f"heldout_val must be >= 0, got {self.heldout_val}")
         if self.dataset == "features" and not (self.train_features and self.test_features):
             raise ValueError("dataset='features' needs train_features and test_features file paths")
         if self.dataset.startswith("cifar") and not self.data_root:
@@ -305,7 +311,7 @@ class Pipeline:
         if self._split is None:
             c = self.config
             if c.dataset == "digits":
-                self._split = D.load_digits_lt(c.ratio, c.imbalance, seed=c.seed)
+                self._split = D.load_digits_lt(c.ratio, c.imbalance, seed=c.seed, heldout_val_per_class=c.heldout_val)
             elif c.dataset in ("cifar10", "cifar100"):
                 self._split = D.load_cifar_lt(c.data_root, 10 if c.dataset == "cifar10" else 100, c.ratio, c.imbalance,
                                               val_seed=c.seed)
@@ -313,9 +319,16 @@ class Pipeline:
                 self._split = D.load_feature_split(c.train_features, c.test_features, seed=c.seed)
         return self._split
 
+    def val(self) -> D.TensorDataset:
+        """The validation set behind the influence (Eq. 9) and the beta choice: the class-balanced subset of the
+        training set (paper), or with ``heldout_val = k`` the k-per-class set held out of training (digits)."""
+        split = self.split()
+        return split.heldout_val if self.config.heldout_val else split.val
+
     def data_key(self) -> str:
         c = self.config
-        return _key("data", c.dataset, c.data_root, c.train_features, c.test_features, c.imbalance, c.ratio, c.seed)
+        return _key("data", c.dataset, c.data_root, c.train_features, c.test_features, c.imbalance, c.ratio, c.seed,
+                    c.heldout_val)
 
     def data(self) -> dict:
         def run():
@@ -399,7 +412,7 @@ class Pipeline:
             import iaerf.influence as infl
 
             c, split = self.config, self.split()
-            model, train, val = self.model(method), split.train, split.val
+            model, train, val = self.model(method), split.train, self.val()
             if c.influence_params == ("fc",):
                 model, train, val = classifier_head(model, train, val, device=self.device)
             values = infl.energy_influence(
@@ -439,7 +452,7 @@ class Pipeline:
                 result, table = finetune(base, split.train, None, beta=0.0, config=cfg, device=self.device,
                                          progress=self.progress), []
             else:
-                _, result, table = select_beta(base, split.train, split.val, influence, betas=c.betas, config=cfg,
+                _, result, table = select_beta(base, split.train, self.val(), influence, betas=c.betas, config=cfg,
                                                metric=c.select_metric, device=self.device, progress=self.progress)
             energies = torch.stack(result.energies) if result.energies else torch.empty(0)
             atomic_write(self.path("finetune", f"{method}-{variant}-energy.pt"), lambda tmp: torch.save(energies, tmp))
@@ -511,7 +524,7 @@ class Pipeline:
                 out1 = self.path("plots", f"fig1_{m}.png")
 
                 def run1(m=m, influence=influence, out1=out1):
-                    P.fig1_predicted_vs_actual(self.model(m), split.train, split.val, influence, out1,
+                    P.fig1_predicted_vs_actual(self.model(m), split.train, self.val(), influence, out1,
                                                params=self.config.influence_params, points=self.config.fig1_points,
                                                seed=self.config.seed, progress=self.progress)
 

@@ -228,3 +228,15 @@ def test_classifier_head_influence_equals_full_model(normed):
     head, ftrain, fval = classifier_head(model, train, val)
     fast = infl.energy_influence(head, ftrain, fval, **kw)
     torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5 * float(full.abs().max()))
+
+
+def test_heldout_validation_option(tmp_path):
+    cfg = _quick(heldout_val=12, methods=("erm",), betas=(0.5,))
+    pipe = Pipeline(str(tmp_path / "h"), cfg, progress=False, log=lambda s: None)
+    info = pipe.data()
+    assert info["train_counts"][0] == 112 and pipe.val().class_counts() == [12] * 10
+    train_rows = {bytes(r.numpy().tobytes()) for r in pipe.split().train.inputs}
+    assert sum(bytes(r.numpy().tobytes()) in train_rows for r in pipe.val().inputs) <= 2  # not training images
+    assert len(pipe.evaluate()["results"]) == 3
+    with pytest.raises(ValueError, match="heldout_val"):
+        PipelineConfig(dataset="cifar10", data_root="/x", heldout_val=5)
