@@ -38,15 +38,17 @@ _SCRIPT = textwrap.dedent(
     for arch in (80, 90):
         for dtype in ("fp32", "bf16", "fp16"):
             fwd = {"logits_ptr": f"*{dtype}", "stride_row": "i64", "target_ptr": "*i64", "coef_ptr": "*fp32",
-                   "coef_stride": "i32", "loss_ptr": "*fp32", "ce_ptr": "*fp32", "lse_ptr": "*fp32", "K": "i32",
+                   "coef_stride": "i32", "loss_ptr": "*fp32", "ce_ptr": "*fp32", "lse_ptr": "*fp32", "N": "i32", "K": "i32",
                    "ignore_index": "i32"}
             bwd = {"grad_ptr": "*fp32", "grad_stride": "i32", "logits_ptr": f"*{dtype}", "stride_row": "i64",
                    "target_ptr": "*i64", "coef_ptr": "*fp32", "coef_stride": "i32", "lse_ptr": "*fp32",
-                   "out_ptr": f"*{dtype}", "K": "i32", "ignore_index": "i32"}
+                   "out_ptr": f"*{dtype}", "N": "i32", "K": "i32", "ignore_index": "i32"}
             for has_target in (True, False):
-                for chunked in (False, True):
-                    compile_(tk._forward_kernel, fwd, {"HAS_TARGET": has_target, "BLOCK": 1024, "CHUNKED": chunked}, arch)
-                compile_(tk._backward_kernel, bwd, {"HAS_TARGET": has_target, "BLOCK": 1024}, arch)
+                for rows, block in ((1, 1024), (64, 16)):
+                    for chunked in (False, True):
+                        compile_(tk._forward_kernel, fwd, {"HAS_TARGET": has_target, "ROWS": rows, "BLOCK": block,
+                                                           "CHUNKED": chunked}, arch)
+                    compile_(tk._backward_kernel, bwd, {"HAS_TARGET": has_target, "ROWS": rows, "BLOCK": block}, arch)
     print("compiled")
     """
 )

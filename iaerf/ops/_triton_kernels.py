@@ -1,8 +1,10 @@
 """Triton kernels for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1).
 
-One program per row, fp32 accumulation, int64 row offsets (N * K may exceed 2^31). A row of up to MAX_BLOCK
-classes is loaded whole; longer rows are swept in MAX_BLOCK chunks with the online-softmax recurrence
-(running max m, running sum s of exp(z - m), rescaled when m grows). The backward recomputes the softmax from the
+Each program takes a [ROWS, BLOCK] tile: one row per program for long rows, several rows at once for short ones
+(ROWS = TILE // BLOCK, so a K = 10 problem does not leave most lanes of a program idle). fp32 accumulation,
+int64 row offsets (N * K may exceed 2^31). A row of up to MAX_BLOCK classes is loaded whole; longer rows are swept
+in MAX_BLOCK chunks with the online-softmax recurrence (running max m, running sum s of exp(z - m), rescaled
+when m grows). The backward recomputes the softmax from the
 saved fp32 lse, so it reads the logits once and writes the gradient once. Edge conventions match the C++ kernels
 (see csrc/cpu/energy_ce.cpp): shift 0 when the row max is +-inf; ignored rows give 0.
 """
@@ -13,6 +15,7 @@ import triton
 import triton.language as tl
 
 MAX_BLOCK = 16384  # classes per program step; tests lower it to exercise the chunked path at small K
+TILE = 4096  # elements per program step: short rows are processed ROWS = TILE // BLOCK at a time
 
 
 @triton.jit
@@ -21,82 +24,88 @@ def _finite_or_zero(m):
 
 
 @triton.jit
-def _row_lse(row_ptr, K, BLOCK: tl.constexpr, CHUNKED: tl.constexpr):
-    """log sum_k exp(z_k) of one row, in fp32."""
+def _tile_lse(logits_ptr, row_off, row_mask, K, ROWS: tl.constexpr, BLOCK: tl.constexpr, CHUNKED: tl.constexpr):
+    """log sum_k exp(z_rk) for ROWS rows (row_off: int64 offsets of the rows), in fp32."""
+    cols = tl.arange(0, BLOCK)
     if CHUNKED:
-        offs = tl.arange(0, BLOCK)
-        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
-        s = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        s = tl.zeros([ROWS], tl.float32)
         for start in range(0, K, BLOCK):
-            x = tl.load(row_ptr + start + offs, mask=start + offs < K, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
+            c = start + cols
+            x = tl.load(logits_ptr + row_off[:, None] + c[None, :], mask=row_mask[:, None] & (c[None, :] < K),
+                        other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=1))
             shift_new = _finite_or_zero(m_new)
             # s == 0 means nothing accumulated yet: skip the rescale, whose factor may overflow (0 * inf = nan).
             rescaled = tl.where(s == 0.0, 0.0, s * tl.exp(_finite_or_zero(m) - shift_new))
-            s = rescaled + tl.sum(tl.exp(x - shift_new), axis=0)
+            s = rescaled + tl.sum(tl.exp(x - shift_new[:, None]), axis=1)
             m = m_new
         return _finite_or_zero(m) + tl.log(s)
     else:
-        offs = tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + offs, mask=offs < K, other=float("-inf")).to(tl.float32)
-        shift = _finite_or_zero(tl.max(x, axis=0))
-        return shift + tl.log(tl.sum(tl.exp(x - shift), axis=0))
+        x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=row_mask[:, None] & (cols[None, :] < K),
+                    other=float("-inf")).to(tl.float32)
+        shift = _finite_or_zero(tl.max(x, axis=1))
+        return shift + tl.log(tl.sum(tl.exp(x - shift[:, None]), axis=1))
 
 
 @triton.jit
 def _forward_kernel(
-    logits_ptr, stride_row, target_ptr, coef_ptr, coef_stride, loss_ptr, ce_ptr, lse_ptr, K, ignore_index,
-    HAS_TARGET: tl.constexpr, BLOCK: tl.constexpr, CHUNKED: tl.constexpr,
+    logits_ptr, stride_row, target_ptr, coef_ptr, coef_stride, loss_ptr, ce_ptr, lse_ptr, N, K, ignore_index,
+    HAS_TARGET: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, CHUNKED: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    lse = _row_lse(row_ptr, K, BLOCK, CHUNKED)
-    tl.store(lse_ptr + row, lse)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < N
+    row_off = rows * stride_row
+    lse = _tile_lse(logits_ptr, row_off, row_mask, K, ROWS, BLOCK, CHUNKED)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
     if HAS_TARGET:
-        y = tl.load(target_ptr + row)
+        y = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
         valid = y != ignore_index
-        z_y = tl.load(row_ptr + tl.where(valid, y, 0)).to(tl.float32)
-        c = tl.load(coef_ptr + row * coef_stride).to(tl.float32)
+        z_y = tl.load(logits_ptr + row_off + tl.where(valid, y, 0), mask=row_mask, other=0.0).to(tl.float32)
+        c = tl.load(coef_ptr + rows * coef_stride, mask=row_mask, other=0.0).to(tl.float32)
         ce = lse - z_y
-        tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
-        tl.store(loss_ptr + row, tl.where(valid, ce - c * lse, 0.0))
+        tl.store(ce_ptr + rows, tl.where(valid, ce, 0.0), mask=row_mask)
+        tl.store(loss_ptr + rows, tl.where(valid, ce - c * lse, 0.0), mask=row_mask)
 
 
 @triton.jit
 def _backward_kernel(
-    grad_ptr, grad_stride, logits_ptr, stride_row, target_ptr, coef_ptr, coef_stride, lse_ptr, out_ptr, K,
-    ignore_index, HAS_TARGET: tl.constexpr, BLOCK: tl.constexpr,
+    grad_ptr, grad_stride, logits_ptr, stride_row, target_ptr, coef_ptr, coef_stride, lse_ptr, out_ptr, N, K,
+    ignore_index, HAS_TARGET: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """out_k = g ((1 - c) exp(z_k - lse) - [k == y]) (with target), or g exp(z_k - lse) (logsumexp)."""
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    out_row = out_ptr + row * K
-    g = tl.load(grad_ptr + row * grad_stride).to(tl.float32)
-    lse = tl.load(lse_ptr + row).to(tl.float32)
+    """out_rk = g_r ((1 - c_r) exp(z_rk - lse_r) - [k == y_r]) (with target), or g_r exp(z_rk - lse_r)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < N
+    row_off = rows * stride_row
+    out_off = rows * K
+    g = tl.load(grad_ptr + rows * grad_stride, mask=row_mask, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     if HAS_TARGET:
-        y = tl.load(target_ptr + row)
+        y = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
         valid = y != ignore_index
-        w = g * (1.0 - tl.load(coef_ptr + row * coef_stride).to(tl.float32))
+        w = g * (1.0 - tl.load(coef_ptr + rows * coef_stride, mask=row_mask, other=0.0).to(tl.float32))
     else:
-        y = -1
-        valid = True
         w = g
-    offs = tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK)
     for start in range(0, K, BLOCK):
-        cols = start + offs
-        mask = cols < K
-        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        grad = w * tl.exp(x - lse)
-        # true-class term in fp32 before the (possibly bf16) store: keeps confident rows accurate
-        grad = tl.where(cols == y, grad - g, grad)
-        grad = tl.where(valid, grad, 0.0)
-        tl.store(out_row + cols, grad.to(out_ptr.dtype.element_ty), mask=mask)
+        c = start + cols
+        mask = row_mask[:, None] & (c[None, :] < K)
+        x = tl.load(logits_ptr + row_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        grad = w[:, None] * tl.exp(x - lse[:, None])
+        if HAS_TARGET:
+            # true-class term in fp32 before the (possibly bf16) store: keeps confident rows accurate
+            grad = tl.where(c[None, :] == y[:, None], grad - g[:, None], grad)
+            grad = tl.where(valid[:, None], grad, 0.0)
+        tl.store(out_ptr + out_off[:, None] + c[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _block(K: int) -> tuple[int, bool, int]:
+def _tiling(N: int, K: int) -> tuple[int, int, bool, int, int]:
+    """(ROWS, BLOCK, CHUNKED, num_warps, grid) for an [N, K] problem."""
     block = min(triton.next_power_of_2(K), MAX_BLOCK)
-    num_warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    return block, K > block, num_warps
+    rows = max(1, min(TILE // block, triton.next_power_of_2(N)))
+    tile = rows * block
+    num_warps = 4 if tile <= 2048 else (8 if tile <= 8192 else 16)
+    return rows, block, K > block, num_warps, triton.cdiv(N, rows)
 
 
 def _row_major(logits: torch.Tensor) -> torch.Tensor:
@@ -118,10 +127,10 @@ def energy_ce_forward(logits, target, coef, ignore_index: int):
     if N == 0:
         return loss, ce, lse
     coef, coef_stride = _coef_arg(coef)
-    block, chunked, num_warps = _block(K)
-    _forward_kernel[(N,)](
-        logits, logits.stride(0), target.contiguous(), coef, coef_stride, loss, ce, lse, K, ignore_index,
-        HAS_TARGET=True, BLOCK=block, CHUNKED=chunked, num_warps=num_warps,
+    rows, block, chunked, num_warps, grid = _tiling(N, K)
+    _forward_kernel[(grid,)](
+        logits, logits.stride(0), target.contiguous(), coef, coef_stride, loss, ce, lse, N, K, ignore_index,
+        HAS_TARGET=True, ROWS=rows, BLOCK=block, CHUNKED=chunked, num_warps=num_warps,
     )
     return loss, ce, lse
 
@@ -133,10 +142,10 @@ def logsumexp_forward(logits):
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N == 0:
         return lse
-    block, chunked, num_warps = _block(K)
-    _forward_kernel[(N,)](
-        logits, logits.stride(0), lse, lse, 0, lse, lse, lse, K, 0,
-        HAS_TARGET=False, BLOCK=block, CHUNKED=chunked, num_warps=num_warps,
+    rows, block, chunked, num_warps, grid = _tiling(N, K)
+    _forward_kernel[(grid,)](
+        logits, logits.stride(0), lse, lse, 0, lse, lse, lse, N, K, 0,
+        HAS_TARGET=False, ROWS=rows, BLOCK=block, CHUNKED=chunked, num_warps=num_warps,
     )
     return lse
 
@@ -147,15 +156,15 @@ def _backward(grad, logits, target, coef, lse, ignore_index, has_target):
     out = torch.empty((N, K), dtype=logits.dtype, device=logits.device)
     if N == 0:
         return out
-    block, _, num_warps = _block(K)
+    rows, block, _, num_warps, grid = _tiling(N, K)
     if has_target:
         coef, coef_stride = _coef_arg(coef)
         target = target.contiguous()
     else:
         target, coef, coef_stride = lse, lse, 0
-    _backward_kernel[(N,)](
-        grad, grad.stride(0), logits, logits.stride(0), target, coef, coef_stride, lse, out, K, ignore_index,
-        HAS_TARGET=has_target, BLOCK=block, num_warps=num_warps,
+    _backward_kernel[(grid,)](
+        grad, grad.stride(0), logits, logits.stride(0), target, coef, coef_stride, lse, out, N, K, ignore_index,
+        HAS_TARGET=has_target, ROWS=rows, BLOCK=block, num_warps=num_warps,
     )
     return out
 
