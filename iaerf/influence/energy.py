@@ -220,11 +220,11 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
     if len(train_d) == 0:
         raise ValueError("train is empty")
     chosen = _trainable_selection(model, opts.params)
-    model_device = next(iter(chosen.values())).device
-    device = model_device if args["device"] is None else torch.device(args["device"])
-    if device != model_device and not (device.type == model_device.type and device.index is None):
-        raise ValueError(f"device={device} but the model's parameters are on {model_device}; move the model first")
-    device = model_device
+    device = next(iter(chosen.values())).device
+    if args["device"] is not None:
+        wanted = torch.device(args["device"])
+        if wanted.type != device.type or (wanted.index is not None and wanted.index != device.index):
+            raise ValueError(f"device={wanted} but the model's parameters are on {device}; move the model first")
     group = D.resolve_group(args["process_group"])
     rank, world = D.rank_and_world(group)
     show = bool(args["progress"]) and rank == 0
@@ -241,8 +241,8 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
         val_d.check_labels(num_classes)
 
         base = {
-            "params": sorted(chosen),
             **opts.describe(),
+            "chosen_params": list(chosen),
             "model": model_fingerprint(model) if args["cache_dir"] is not None else None,
             "dtype": str(next(iter(chosen.values())).dtype),
         }
@@ -260,13 +260,13 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
         head = _find_head(model, chosen, probe)
         if head is not None:
             # Classifier-only influence: every pass runs on the frozen features through the head alone.
-            layer_name, layer = head
+            layer = head[1]
             bar = _progress(show, len(train_idx) + len(val_idx), "features")
             train_feats = _features(model, layer, train_d, train_idx, opts.batch_size, device, bar)
             val_feats = _features(model, layer, val_d, val_idx, opts.batch_size, device, bar)
             bar.close()
-            train_labels = train_d.as_tensors(train_idx)[1].to(device)
-            val_labels = val_d.as_tensors(val_idx)[1].to(device)
+            train_labels = train_d.labels()[torch.as_tensor(list(train_idx), dtype=torch.long)].to(device)
+            val_labels = val_d.labels()[torch.as_tensor(list(val_idx), dtype=torch.long)].to(device)
             func_model = layer
             func_params = {"weight": layer.weight, "bias": layer.bias}
             train_local = IndexedData((train_feats, train_labels), "train")
