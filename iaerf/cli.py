@@ -165,6 +165,14 @@ def main(argv=None) -> int:
                   f"I_max {float(infl.abs().max()):.4g} -> {pipe.influence_path(args.method)}")
         elif args.command == "finetune":
             pipe.finetune(args.method, args.variant)
+            if args.variant == "iaerf":
+                from iaerf.pipeline import read_json
+
+                info = read_json(pipe.path("finetune", f"{args.method}-iaerf.json"))
+                for row in info["beta_search"]:
+                    loss = "diverged" if row["diverged"] else f"val loss {row['val_loss']:.4g}, val error {row['val_error']:.2f}%"
+                    print(f"beta {row['beta']:g}: {loss}")
+                print(f"chosen on validation: beta {info['beta']:g} (effective {info['beta_effective']:.4g})")
             print(f"checkpoint: {pipe.checkpoint(args.method, args.variant)}")
         elif args.command in ("evaluate", "demo"):
             pipe.data()

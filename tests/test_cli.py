@@ -48,6 +48,7 @@ def test_step_by_step_subcommands(tmp_path, capsys):
     assert "I_max" in capsys.readouterr().out
     assert main(["finetune", *common, "--method", "erm", "--variant", "ce"]) == 0
     assert main(["finetune", *common, "--method", "erm"]) == 0
+    assert "chosen on validation: beta 0.5" in capsys.readouterr().out
     assert main(["evaluate", *common]) == 0
     table = capsys.readouterr().out
     assert "ERM + IAERF" in table and "LDAM" not in table
