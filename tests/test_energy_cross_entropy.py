@@ -156,7 +156,10 @@ def test_nan_inf_rows(backend):
     assert torch.isnan(loss[1]) and torch.isnan(ce[1]) and torch.isnan(energy[1]) and torch.isnan(grad[1]).all()
     assert energy[2] == float("inf") and torch.isnan(ce[2]) and torch.isnan(loss[2])
     assert energy[4] == float("-inf")
-    rows = torch.tensor([0, 3, 5])
+    logits[5, target[5]] = float("-inf")  # the target's own logit -inf: CE +inf, gradient still finite
+    loss, ce, energy, grad = _run(logits, target, coef.float(), backend)
+    assert ce[5] == float("inf") and torch.isfinite(grad[5]).all()
+    rows = torch.tensor([0, 3])
     assert torch.isfinite(loss[rows]).all() and torch.isfinite(grad[rows]).all()
     _assert_matches_fp64(logits[rows], target[rows], coef[rows].float(), backend)
 
@@ -282,6 +285,15 @@ def test_repeated_backward_through_one_graph(backend):
     torch.testing.assert_close(second, first)
     _, _, _, ref_grad = fp64_energy_ce(logits, target, coef)
     torch.testing.assert_close(first.double(), ref_grad / (target != -100).sum(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_any_integer_target_dtype(backend, dtype):
+    logits, target, coef = make_case(12, 5, seed=14, ignore_frac=0.0)
+    expected = ece(logits, target, coef.float(), reduction="none", backend=backend)
+    torch.testing.assert_close(ece(logits, target.to(dtype), coef.float(), reduction="none", backend=backend),
+                               expected)
 
 
 def test_coef_gradient_is_energy():
