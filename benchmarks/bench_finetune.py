@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import row, time_fn
-from iaerf.finetune import freeze_batchnorm
+from iaerf.finetuning import freeze_batchnorm
 from iaerf.models import ResNet32, SmallCNN
 from iaerf.ops import energy_regularized_cross_entropy
 

@@ -28,6 +28,7 @@ MODULES = [
     ("Fused energy / energy-regularized cross-entropy ops", "benchmarks.bench_ops"),
     ("Hessian-vector products and inverse-HVP solvers", "benchmarks.bench_hessian"),
     ("Energy influence of every training point", "benchmarks.bench_influence"),
+    ("Classifier-only influence: head vs whole network", "benchmarks.bench_pipeline"),
     ("IAERF fine-tuning epoch", "benchmarks.bench_finetune"),
 ]
 

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import iaerf.influence as influence_mod  # noqa: E402
 from iaerf.data import load_digits_lt  # noqa: E402
-from iaerf.finetune import BETAS, FinetuneConfig, finetune, select_beta  # noqa: E402
+from iaerf.finetuning import BETAS, FinetuneConfig, finetune, select_beta  # noqa: E402
 from iaerf.models import SmallCNN  # noqa: E402
 from iaerf.pipeline import write_json, write_text  # noqa: E402
 from iaerf.training import digits_config, evaluate, train_baseline  # noqa: E402

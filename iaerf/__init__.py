@@ -26,7 +26,7 @@ _EXPORTS = {
     "energy_influence": "iaerf.influence",
     "energy_influence_on_test": "iaerf.influence",
     "loss_influence": "iaerf.influence",
-    "finetune": "iaerf.finetune",
+    "finetune": "iaerf.finetuning",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

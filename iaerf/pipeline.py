@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from iaerf import data as D
-from iaerf.finetune import (BETAS, FinetuneConfig, cifar_finetune_config, classifier_retrain_config, config_dict,
+from iaerf.finetuning import (BETAS, FinetuneConfig, cifar_finetune_config, classifier_retrain_config, config_dict,
                             finetune, select_beta)
 from iaerf.models import build_model
 from iaerf.training import (ClassifierConfig, TrainConfig, cifar_config, digits_config, evaluate, resolve_device,
@@ -50,8 +50,8 @@ class PipelineConfig:
 
     ``heldout_val = k > 0`` (digits only) holds out k images per class as the validation set instead of the paper's
     subset of the training set (an ablation; n_max shrinks by k). ``train_epochs`` / ``finetune_*`` override the per-dataset presets (:func:`iaerf.training.digits_config`,
-    :func:`iaerf.training.cifar_config`; fine-tuning: :func:`iaerf.finetune.cifar_finetune_config` for images,
-    :func:`iaerf.finetune.classifier_retrain_config` for feature files). ``finetune_params``: "auto" = the preset's
+    :func:`iaerf.training.cifar_config`; fine-tuning: :func:`iaerf.finetuning.cifar_finetune_config` for images,
+    :func:`iaerf.finetuning.classifier_retrain_config` for feature files). ``finetune_params``: "auto" = the preset's
     choice, None = every non-batch-norm parameter, or a tuple of parameter-name prefixes.
     """
 

@@ -1,4 +1,4 @@
-"""iaerf.finetune (Algorithm 1): coefficients, the fused loss step against a float64 reference, frozen batch norm,
+"""iaerf.finetuning (Algorithm 1): coefficients, the fused loss step against a float64 reference, frozen batch norm,
 App. B caps, the CE control, beta selection on validation, determinism."""
 import copy
 import math
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import iaerf
 from iaerf.data import TensorDataset
-from iaerf.finetune import (FinetuneConfig, _cap_per_sample, energy_coefficients, finetune, freeze_batchnorm,
+from iaerf.finetuning import (FinetuneConfig, _cap_per_sample, energy_coefficients, finetune, freeze_batchnorm,
                             select_beta)
 from iaerf.models import LinearClassifier, SmallCNN
 
@@ -207,8 +207,8 @@ def test_select_beta_uses_validation_and_skips_divergence():
         select_beta(model, train, val, infl, metric="test_error", progress=False)
 
 
-def test_package_level_finetune_is_callable():
-    import iaerf.finetune as module  # binds the submodule to iaerf.finetune; it must stay callable
+def test_package_level_finetune_is_the_function():
+    import iaerf.finetuning  # importing the module must not shadow iaerf.finetune, the function
     train = _toy()
     res = iaerf.finetune(LinearClassifier(5, 3), train, None, beta=0.0, epochs=1, progress=False)
-    assert module is iaerf.finetune and math.isfinite(res.history[0]["loss"])
+    assert iaerf.finetune is iaerf.finetuning.finetune and math.isfinite(res.history[0]["loss"])

@@ -21,8 +21,6 @@ App. B's rule for an energy term larger than the CE term has two readings, chose
 from __future__ import annotations
 
 import copy
-import sys
-import types
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -303,14 +301,3 @@ def config_dict(config: FinetuneConfig) -> dict:
     d = asdict(config)
     d["train_params"] = list(config.train_params) if config.train_params is not None else None
     return d
-
-
-class _CallableModule(types.ModuleType):
-    """``iaerf.finetune`` is both this module and Algorithm 1's function: importing the submodule makes Python bind
-    the module object to ``iaerf.finetune``, so the module forwards calls to :func:`finetune`."""
-
-    def __call__(self, *args, **kwargs):
-        return finetune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
