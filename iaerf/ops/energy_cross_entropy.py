@@ -1,8 +1,10 @@
 """Energy-regularized cross-entropy of Algorithm 1, fused: l_i = CE(z_i, y_i) + c_i E(z_i), E = -logsumexp.
 
 With c_i = -beta I_val(x_i) / I_max this is the fine-tuning loss of Algorithm 1; its logits gradient is
-(1 - c_i) softmax(z_i) - onehot(y_i) (paper Eq. 15 up to notation). The fused forward makes one pass over each
-row and saves only the fp32 lse [N]; the backward reads the logits once and writes the gradient once.
+(1 - c_i) softmax(z_i) - onehot(y_i) (paper Eq. 14, with beta_x = c_i). The fused forward makes one pass over
+each row. The gradient then comes either from the saved fp32 lse [N] (Triton, fp16/bf16: the backward reads the
+logits once and writes the gradient once) or, on CPU for fp32/fp64, from the softmax the forward kept, turned into
+the gradient in place (the exp, not memory traffic, bounds a CPU; see csrc/cpu/energy_ce.cpp).
 """
 from __future__ import annotations
 

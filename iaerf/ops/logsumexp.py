@@ -1,7 +1,8 @@
 """Fused logsumexp and energy (paper Eq. 2): E_i = -T logsumexp_k(z_ik / T).
 
 Backends: fused C++ (CPU), Triton (CUDA; CPU under TRITON_INTERPRET=1), plain-autograd reference; see
-iaerf.ops._checks.select_backend. The forward saves the fp32 lse and the backward recomputes softmax from it.
+iaerf.ops._checks.select_backend. The backward needs softmax(z): recomputed from the saved fp32 lse (Triton,
+fp16/bf16), or kept by the C++ forward and scaled in place (CPU, fp32/fp64, when a backward can follow).
 """
 from __future__ import annotations
 
