@@ -378,3 +378,19 @@ def test_cuda_bad_target_raises_value_error():
     logits = torch.randn(4, 3, device="cuda")
     with pytest.raises(ValueError, match="target"):
         ece(logits, torch.tensor([0, 1, 3, 0], device="cuda"), 1.0)
+
+
+@cuda
+def test_cuda_offsets_past_two_to_the_31():
+    # N * K > 2^31 elements: row offsets must be int64 in the kernels (bf16 keeps this at ~4.3 GB per buffer).
+    n, k = 2**16 + 8, 2**15 + 1
+    assert n * k > 2**31
+    logits = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    target = torch.randint(0, k, (n,), device="cuda")
+    parts = ece(logits, target, 0.5, reduction="sum", return_parts=True)
+    (grad,) = torch.autograd.grad(parts.loss, logits)
+    last = slice(n - 4, n)
+    z = logits.detach()[last].double()
+    torch.testing.assert_close(parts.energy[last].double(), -torch.logsumexp(z, 1), rtol=1e-5, atol=1e-4)
+    expected = 0.5 * torch.softmax(z, 1) - F.one_hot(target[last], k).double()
+    torch.testing.assert_close(grad[last].double(), expected, rtol=2e-2, atol=1e-3)
