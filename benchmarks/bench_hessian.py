@@ -16,6 +16,7 @@ Cases (b = 10 vectors, fp32 unless noted; every row records the error against a 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 import warnings
 
@@ -27,6 +28,24 @@ from benchmarks import common
 from iaerf.hessian import HeadHessian, ModuleHessian, inverse_hvp
 
 B = 10
+
+
+def _interleaved(fns: dict, reps: int, device, warmup: int = 1) -> dict:
+    """Time several functions in alternation (A B C A B C ...): on a shared machine the load drifts, and
+    alternating exposes every contender to the same drift. Returns ``{name: timing dict}`` like common.time_fn."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            times[k].append(common.time_fn(fn, warmup=0, reps=1, device=device)["median"])
+    out = {}
+    for k, ts in times.items():
+        ts.sort()
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        out[k] = {"median": statistics.median(ts), "min": ts[0], "max": ts[-1], "iqr": q[2] - q[0], "n": len(ts)}
+    return out
 
 
 # -- head HVP ---------------------------------------------------------------------------------------------------
@@ -63,17 +82,17 @@ def _head_rows(quick, device):
         op = HeadHessian(x, y, W, b)
         V = torch.randn(B, op.num_params, generator=torch.Generator().manual_seed(1)).to(device)
         baseline = _double_backward_hvp(x, y, W, b)
-        reps = 3 if D == 512 else 7
-        t_base = common.time_fn(lambda: baseline(V), reps=reps, warmup=1, device=device)
-        t_ours = common.time_fn(lambda: op.matvec(V), reps=reps, warmup=1, device=device)
+        reps = 5 if D == 512 else 9
+        A, M = x, W.T.contiguous()
+        t = _interleaved({"base": lambda: baseline(V), "ours": lambda: op.matvec(V), "mm": lambda: torch.mm(A, M)},
+                         reps, device)
+        t_base, t_ours, t_mm = t["base"], t["ours"], t["mm"]
         # float64 reference of the first vector: the autograd double backward in float64
         ref = _double_backward_hvp(x.double(), y, W.double(), b.double())(V[:1].double())
         err = common.max_rel_error(op.matvec(V[:1]), ref)
-        note = f"impl={op.backend[0]}; baseline graph built once, not timed"
+        note = f"impl={op.backend[0]}; baseline graph built once, not timed; timings interleaved"
         target = ">= 5x" if D == 64 else ">= 1.2x and >= 70% of fp32 matmul rate"
         if D == 512:
-            A, M = x, W.T.contiguous()
-            t_mm = common.time_fn(lambda: torch.mm(A, M), reps=5, warmup=1, device=device)
             mm_rate = 2 * n * D * K / t_mm["median"]
             hvp_rate = 4 * n * D * K * B / t_ours["median"]
             note += (f"; HVP {hvp_rate / 1e9:.1f} GFLOP/s = {100 * hvp_rate / mm_rate:.0f}% of torch.mm "
@@ -123,16 +142,20 @@ def _generic_rows(quick, device):
             out.append(torch.cat([h.reshape(-1) for h in hv]))
         return torch.stack(out)
 
-    t_base = common.time_fn(baseline, reps=5, warmup=1, device=device)
-    t_ours = common.time_fn(lambda: op.matvec(V), reps=5, warmup=1, device=device)
+    op_rr = ModuleHessian(model, (x, y), batch_size=n, mode="rev-rev")
+    t = _interleaved({"base": baseline, "fwd-rev": lambda: op.matvec(V), "rev-rev": lambda: op_rr.matvec(V)}, 7,
+                     device)
     model64 = _cnn().double().to(device)
     model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     model64.eval()
     ref = ModuleHessian(model64, (x.double(), y), batch_size=n).matvec(V[:2].double())
-    err = common.max_rel_error(op.matvec(V[:2]), ref)
-    return [common.row("generic HVP, small CNN + batch norm", f"n={n} P={op.num_params} b={B}", "fp32",
-                       "torch.autograd.functional.hvp x b", t_base, t_ours, max_err=err, target=">= 2x",
-                       note="vmapped forward-over-reverse (torch.func)")]
+    rows = []
+    for mode, o in (("fwd-rev", op), ("rev-rev", op_rr)):
+        err = common.max_rel_error(o.matvec(V[:2]), ref)
+        rows.append(common.row(f"generic HVP, small CNN + batch norm, mode={mode}", f"n={n} P={op.num_params} b={B}",
+                               "fp32", "torch.autograd.functional.hvp x b", t["base"], t[mode], max_err=err,
+                               target=">= 2x", note="vmapped over the vectors (torch.func); timings interleaved"))
+    return rows
 
 
 # -- LiSSA repeats batched vs sequential -------------------------------------------------------------------------------
@@ -143,9 +166,9 @@ def _lissa_rows(quick, device):
     v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(4)).to(device)
     kw = dict(depth=5 if quick else 20, batch_size=32, scale=50.0, damping=1e-2, tol=0.0, progress=False, seed=0)
     repeats = 10
-    t_seq = common.time_fn(lambda: [inverse_hvp(op, v, repeats=1, first_repeat=j, **kw) for j in range(repeats)],
-                           reps=3, warmup=1, device=device)
-    t_bat = common.time_fn(lambda: inverse_hvp(op, v, repeats=repeats, **kw), reps=3, warmup=1, device=device)
+    t = _interleaved({"seq": lambda: [inverse_hvp(op, v, repeats=1, first_repeat=j, **kw) for j in range(repeats)],
+                      "bat": lambda: inverse_hvp(op, v, repeats=repeats, **kw)}, 3, device)
+    t_seq, t_bat = t["seq"], t["bat"]
     seq = torch.stack([inverse_hvp(op, v, repeats=1, first_repeat=j, **kw) for j in range(repeats)]).mean(0)
     err = common.max_rel_error(inverse_hvp(op, v, repeats=repeats, **kw), seq)
     return [common.row("LiSSA: 10 repeats batched vs 10 sequential runs", f"CNN P={op.num_params} m=32 "

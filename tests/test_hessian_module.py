@@ -51,8 +51,9 @@ def _warm_bn(model, x):
         model(x * 2 + 1)  # running stats differ from batch stats, so eval mode matters
 
 
+@pytest.mark.parametrize("mode", ["fwd-rev", "rev-rev"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_hvp_matches_dense_hessian_fp64(kind):
+def test_hvp_matches_dense_hessian_fp64(kind, mode):
     torch.manual_seed(1)
     if kind == "mlp":
         model, x = _mlp(), torch.randn(23, 5, dtype=torch.float64)
@@ -63,7 +64,7 @@ def test_hvp_matches_dense_hessian_fp64(kind):
         _warm_bn(model, x)
     y = torch.randint(0, K, (x.shape[0],))
     model.train()
-    op = ModuleHessian(model, (x, y), batch_size=5, weight_decay=0.03)   # several uneven batches
+    op = ModuleHessian(model, (x, y), batch_size=5, weight_decay=0.03, mode=mode)   # several uneven batches
     assert model.training  # flags restored
     names = list(select_parameters(model))
     H = _dense_reference(model, x, y, names, wd=0.03)
@@ -127,13 +128,14 @@ def test_gauss_newton_matches_explicit_JtHJ():
     assert torch.linalg.eigvalsh(op.dense()).min() > -1e-12   # PSD, unlike the exact Hessian of a tanh net
 
 
-def test_minibatch_matvec_is_per_repeat_hessian():
+@pytest.mark.parametrize("mode", ["fwd-rev", "rev-rev"])
+def test_minibatch_matvec_is_per_repeat_hessian(mode):
     torch.manual_seed(5)
     model = _cnn()
     x = torch.randn(12, 2, 6, 6, dtype=torch.float64)
     _warm_bn(model, x)
     y = torch.randint(0, 3, (12,))
-    op = ModuleHessian(model, (x, y), weight_decay=0.1)
+    op = ModuleHessian(model, (x, y), weight_decay=0.1, mode=mode)
     idx = torch.tensor([[0, 3, 3, 7], [11, 1, 2, 2]])
     V = torch.randn(2, 3, op.num_params, dtype=torch.float64)
     out = op.minibatch_matvec(V, idx)
@@ -175,6 +177,8 @@ def test_bad_inputs():
         ModuleHessian(model, (x, y), weight_decay=-1.0)
     with pytest.raises(ValueError, match="batch_size"):
         ModuleHessian(model, (x, y), batch_size=0)
+    with pytest.raises(ValueError, match="mode"):
+        ModuleHessian(model, (x, y), mode="fwd-fwd")
     op = ModuleHessian(model, (x, y))
     P = op.num_params
     with pytest.raises(ValueError, match="length"):
