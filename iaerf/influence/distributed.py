@@ -75,22 +75,9 @@ def agree(flag: bool, group) -> bool:
     return bool(t.item())
 
 
-def broadcast_object(obj, group, src_rank: int = 0):
-    """``obj`` of group rank ``src_rank`` on every rank."""
-    if group is None:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src_rank), group=group)
-    return box[0]
-
-
 def _collective_device(group) -> torch.device:
     # NCCL only moves CUDA tensors; gloo handles CPU ones.
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
-
-def collective_device(group, default: torch.device) -> torch.device:
-    """Where tensors must live for collectives on ``group`` (``default`` without a group)."""
-    return default if group is None else _collective_device(group)

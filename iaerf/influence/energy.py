@@ -310,7 +310,7 @@ def _solve(kind, opts, model, chosen, head, func_model, func_params, train_d, tr
     bar = _progress(show, len(local_val_idx), "validation gradient")
     if kind == "energy_on_test":
         grads = loss_gradients(func_model, func_params, val_local, local_val_idx, total=m,
-                               batch_size=opts.batch_size, device=device, per_index=True)
+                               batch_size=opts.batch_size, device=device, per_index=True, progress=bar)
         local = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
         g = D.all_gather_shards(local, m, group, dim=0)
     else:

@@ -62,7 +62,11 @@ def loss_gradients(
 
     if per_index:
         per_example = vmap(torch.func.grad(lambda p, x, y: batch_loss(p, x[None], y[None])), in_dims=(None, 0, 0))
-        chunks = [per_example(primals, x, y) for x, y in data.batches(indices, batch_size, device)]
+        chunks = []
+        for x, y in data.batches(indices, batch_size, device):
+            chunks.append(per_example(primals, x, y))
+            if progress is not None:
+                progress.update(len(y))
         if not chunks:
             return {k: v.new_zeros((0, *v.shape)) for k, v in primals.items()}
         return {k: torch.cat([c[k] for c in chunks]) for k in primals}
