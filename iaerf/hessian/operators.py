@@ -157,6 +157,9 @@ def _floating_to(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
+_CPU_EXAMPLE_VECTORS = 640
+
+
 class ModuleHessian(HessianOperator):
     """Exact (or Gauss-Newton) Hessian of the mean training loss of any ``nn.Module`` over chosen parameters.
 
@@ -174,7 +177,8 @@ class ModuleHessian(HessianOperator):
         params: parameter names/prefixes (see :func:`select_parameters`); None = all with requires_grad.
         weight_decay: adds ``weight_decay * V`` (the L2 term ``weight_decay/2 ||theta||^2`` of the training loss).
         gauss_newton: use the GGN instead of the exact Hessian.
-        batch_size: examples per evaluation in :meth:`matvec` (memory vs speed).
+        batch_size: at most this many examples per evaluation in :meth:`matvec` (memory vs speed); on CPU also at
+            most ~640 / b for b vectors, to stay cache-resident.
         device: where to compute (default: the device of the first selected parameter).
         process_group: a torch.distributed group; each rank holds its shard of ``data`` and :meth:`matvec`
             all-reduces (None: no communication).
@@ -261,12 +265,20 @@ class ModuleHessian(HessianOperator):
             return torch.cat([out[k].reshape(V.shape[0], -1) for k in params], dim=1)
         return flat
 
+    def _chunk(self, num_vectors: int) -> int:
+        """Examples per evaluation: batch_size, and on CPU at most ~_CPU_EXAMPLE_VECTORS / b, because the b vectors'
+        activations for all m examples are live at once and beyond that they fall out of the CPU caches (measured:
+        a small CNN at b=10 runs 2.3x faster with 64-example chunks than with 256)."""
+        if self.device.type != "cpu":
+            return self.batch_size
+        return min(self.batch_size, max(16, _CPU_EXAMPLE_VECTORS // max(1, num_vectors)))
+
     def _sum_matvec(self, V: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """sum over local examples of the per-example HVPs (batch means weighted by batch sizes)."""
         fn = self._batch_hvp_fn(dtype)
         total = torch.zeros_like(V)
         with eval_mode(self.model):
-            for x, y in self._data.slices(self.batch_size):
+            for x, y in self._data.slices(self._chunk(V.shape[0])):
                 total += fn(x, y, V) * x.shape[0]
         return total
 
