@@ -229,3 +229,15 @@ def test_top_level_exports():
     assert iaerf.energy_influence is energy_influence
     assert iaerf.loss_influence is loss_influence
     assert iaerf.energy_influence_on_test is energy_influence_on_test
+
+
+def test_map_style_dataset_equals_tensor_pair():
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, y = torch.randn(21, 6, dtype=torch.float64), torch.randint(0, 4, (21,))
+    as_list = [(x[i], int(y[i])) for i in range(21)]  # a plain list is a map-style dataset
+    kw = dict(damping=0.5, solver="exact", batch_size=4, progress=False)
+    for fn in (energy_influence, loss_influence):
+        a = fn(model, as_list, as_list[:6], **kw)
+        b = fn(model, (x, y), (x[:6], y[:6]), **kw)
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14 * float(b.abs().max()))
