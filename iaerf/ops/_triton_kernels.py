@@ -34,6 +34,7 @@ def _tile_lse(logits_ptr, row_off, row_mask, K, ROWS: tl.constexpr, BLOCK: tl.co
             c = start + cols
             x = tl.load(logits_ptr + row_off[:, None] + c[None, :], mask=row_mask[:, None] & (c[None, :] < K),
                         other=float("-inf")).to(tl.float32)
+            x = tl.where(row_mask[:, None], x, 0.0)  # rows past N: finite filler, never stored
             m_new = tl.maximum(m, tl.max(x, axis=1))
             shift_new = _finite_or_zero(m_new)
             # s == 0 means nothing accumulated yet: skip the rescale, whose factor may overflow (0 * inf = nan).
@@ -44,6 +45,7 @@ def _tile_lse(logits_ptr, row_off, row_mask, K, ROWS: tl.constexpr, BLOCK: tl.co
     else:
         x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=row_mask[:, None] & (cols[None, :] < K),
                     other=float("-inf")).to(tl.float32)
+        x = tl.where(row_mask[:, None], x, 0.0)  # rows past N: finite filler, never stored
         shift = _finite_or_zero(tl.max(x, axis=1))
         return shift + tl.log(tl.sum(tl.exp(x - shift[:, None]), axis=1))
 
