@@ -217,8 +217,13 @@ void check_logits(const at::Tensor& logits, const char* op) {
                    ": logits must be float32, float16, bfloat16 or float64, got ", t);
 }
 
+void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor here, got one on ", t.device());
+}
+
 // A per-row vector argument: [N] (any stride) -> returned as is, cast to dtype.
 at::Tensor check_rows(const at::Tensor& v, int64_t N, at::ScalarType dtype, const char* op, const char* name) {
+  check_cpu(v, op, name);
   TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == N, op, ": ", name, " must have shape [N] = [", N,
                     "], got shape ", v.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(v.scalar_type()), op, ": ", name, " must be floating point, got ",
@@ -228,6 +233,7 @@ at::Tensor check_rows(const at::Tensor& v, int64_t N, at::ScalarType dtype, cons
 
 // energy_coef: a 0-dim tensor (one coefficient for every row) or [N].
 at::Tensor check_coef(const at::Tensor& coef, int64_t N, at::ScalarType dtype, const char* op) {
+  check_cpu(coef, op, "energy_coef");
   TORCH_CHECK_TYPE(at::isFloatingType(coef.scalar_type()), op, ": energy_coef must be floating point, got ",
                    coef.scalar_type());
   TORCH_CHECK_VALUE(coef.dim() == 0 || (coef.dim() == 1 && coef.size(0) == N), op,
@@ -237,6 +243,7 @@ at::Tensor check_coef(const at::Tensor& coef, int64_t N, at::ScalarType dtype, c
 
 // Checks every target before any kernel runs: integer dtype, shape [N], values in [0, K) or ignore_index.
 at::Tensor check_target(const at::Tensor& target, int64_t N, int64_t K, int64_t ignore_index, const char* op) {
+  check_cpu(target, op, "target");
   TORCH_CHECK_TYPE(!at::isFloatingType(target.scalar_type()) && !at::isComplexType(target.scalar_type()) &&
                        target.scalar_type() != at::kBool,
                    op, ": target must be an integer tensor, got ", target.scalar_type());
