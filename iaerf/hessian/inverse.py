@@ -350,7 +350,8 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
                 raise ValueError("the Hessian products are all zero (lambda_max = 0) and damping = 0: "
                                  "H is singular; give damping > 0")
         step, converged = 0, False
-        h = V.unsqueeze(0).repeat(r, 1, 1)               # h_0 = v for every repeat
+        # h_0 = v for every repeat; full-data repeats would all be identical, so one is run
+        h = V.unsqueeze(0).repeat(1 if full else r, 1, 1)
     d = damping / scale
     v = V.unsqueeze(0)
     vnorm = V.norm(dim=1).double().cpu().clamp_min(torch.finfo(torch.float64).tiny)
@@ -364,7 +365,7 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
     with tqdm(total=opts.depth, initial=min(step, opts.depth), desc="LiSSA", disable=not progress, leave=False) as bar:
         while step < opts.depth and not converged:
             if full:
-                Hh = op.matvec(h.reshape(r * h.shape[1], -1)).reshape(h.shape)
+                Hh = op.matvec(h[0])[None]
             else:
                 idx = torch.stack([torch.randint(n_local, (m,), generator=g) for g in gens]).to(V.device)
                 Hh = op.minibatch_matvec(h, idx)
