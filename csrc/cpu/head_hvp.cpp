@@ -32,15 +32,28 @@ void mix_cpu(const at::Tensor& pt, at::Tensor& u, const at::Tensor& vb) {
       for (int64_t k = 1; k < K; ++k) top = p[k] > p[top] ? k : top;
       for (int64_t c = 0; c < b; ++c) {
         scalar_t* row = U + (i * b + c) * K;
-        if (B != nullptr) {
-          const scalar_t* bc = B + c * K;
-          for (int64_t k = 0; k < K; ++k) row[k] += bc[k];
+        const scalar_t* bc = B != nullptr ? B + c * K : nullptr;
+        const scalar_t um = row[top] + (bc != nullptr ? bc[top] : scalar_t(0));
+        // one pass: w = u (+ bias) - u_m stored in place and <p, w> accumulated in four independent double
+        // partial sums: a single running sum is a serial chain of dependent adds, the bottleneck at small K
+        double acc[4] = {0.0, 0.0, 0.0, 0.0};
+        int64_t k = 0;
+        for (; k + 4 <= K; k += 4) {
+          for (int l = 0; l < 4; ++l) {
+            const scalar_t w = row[k + l] + (bc != nullptr ? bc[k + l] : scalar_t(0)) - um;
+            row[k + l] = w;
+            acc[l] += static_cast<double>(p[k + l]) * static_cast<double>(w);
+          }
         }
-        const scalar_t um = row[top];
-        double dot = 0.0;
-        for (int64_t k = 0; k < K; ++k) dot += static_cast<double>(p[k]) * static_cast<double>(row[k] - um);
+        for (; k < K; ++k) {
+          const scalar_t w = row[k] + (bc != nullptr ? bc[k] : scalar_t(0)) - um;
+          row[k] = w;
+          acc[0] += static_cast<double>(p[k]) * static_cast<double>(w);
+        }
+        const double dot = (acc[0] + acc[1]) + (acc[2] + acc[3]);
         const scalar_t sdot = static_cast<scalar_t>(dot);
-        for (int64_t k = 0; k < K; ++k) row[k] = p[k] * ((row[k] - um) - sdot);
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) row[k] = p[k] * (row[k] - sdot);
       }
     }
   });
