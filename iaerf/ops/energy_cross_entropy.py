@@ -34,13 +34,18 @@ class EnergyCEParts(NamedTuple):
     energy: torch.Tensor
 
 
-def _reduce(loss: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
-    """"none": [N]; "sum"; "mean" over non-ignored rows (0/0 = nan when there are none, as F.cross_entropy)."""
+def _reduce(loss: torch.Tensor, num_valid: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """"none": [N]; "sum"; "mean" over the num_valid non-ignored rows (0/0 = nan when there are none, as
+    F.cross_entropy)."""
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":
-        return loss.sum() / (target != ignore_index).sum()
+        return loss.sum() / num_valid
     return loss
+
+
+def _num_valid(target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor | None:
+    return (target != ignore_index).sum() if reduction == "mean" else None
 
 
 class _EnergyCE(torch.autograd.Function):
@@ -66,16 +71,17 @@ class _EnergyCE(torch.autograd.Function):
         else:
             loss, ce, lse = torch.ops.iaerf.energy_ce_forward(logits, target, coef, ignore_index)
         ctx.impl, ctx.ignore_index, ctx.keep_probs, ctx.reduction = impl, ignore_index, keep_probs, reduction
+        ctx.num_valid = _num_valid(target, ignore_index, reduction)
         ctx.save_for_backward(logits, target, coef, lse)
         ctx.mark_non_differentiable(ce, lse)
-        return _reduce(loss, target, ignore_index, reduction), ce, lse
+        return _reduce(loss, ctx.num_valid, reduction), ce, lse
 
     @staticmethod
     def backward(ctx, grad, _grad_ce, _grad_lse):
         logits, target, coef, lse = ctx.saved_tensors
         # per-row gradient of the (reduced) loss; an expanded view, the kernels read it with stride 0
         if ctx.reduction == "mean":
-            grad = (grad / (target != ctx.ignore_index).sum()).expand(lse.shape)
+            grad = (grad / ctx.num_valid).expand(lse.shape)
         elif ctx.reduction == "sum":
             grad = grad.expand(lse.shape)
         grad_logits = grad_coef = None
@@ -147,7 +153,7 @@ def energy_regularized_cross_entropy(
         _checks.check_target_range(target, logits.shape[1], ignore_index)
     if impl == "reference":
         loss, cross_entropy, lse = reference_energy_ce(logits, target, coef, ignore_index, with_parts=return_parts)
-        loss = _reduce(loss, target, ignore_index, reduction)
+        loss = _reduce(loss, _num_valid(target, ignore_index, reduction), reduction)
     else:
         loss, cross_entropy, lse = _EnergyCE.apply(logits, target, coef, ignore_index, impl,
                                                    _checks.keep_probs(logits, impl), reduction)
