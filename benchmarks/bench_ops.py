@@ -64,24 +64,24 @@ def _stats(times: list[float]) -> dict:
     return {"median": statistics.median(times), "min": times[0], "max": times[-1], "iqr": q[2] - q[0], "n": len(times)}
 
 
-def _paired(fns: dict, reps: int, device, setup=None) -> dict:
-    """Time several callables in alternating blocks (rounds of [a a a, b b b]) so that load from other processes
-    on a shared machine hits all of them alike; each block starts with one untimed call, which absorbs the switch
-    (caches, and the allocator state the other callable left). ``setup`` (untimed) makes each call's argument,
-    e.g. a fresh graph."""
+def _paired(fns: dict, reps: int, device, setup=None, warmup: int = 3) -> dict:
+    """Time several callables in alternating blocks (rounds of [a a a a a, b b b b b]) so that load from other
+    processes on a shared machine hits all of them alike. Each block starts with ``warmup`` untimed calls: after a
+    switch the first calls pay for the state the other callable left (allocator pages returned to the OS, caches),
+    which measured 2-3 calls here. ``setup`` (untimed) makes each call's argument, e.g. a fresh graph."""
     sync = (lambda: torch.cuda.synchronize()) if torch.device(device).type == "cuda" else (lambda: None)
     times = {name: [] for name in fns}
-    rounds = max(1, reps // 3)
+    rounds = max(1, reps // 5)
     per_block = -(-reps // rounds)
     for _ in range(rounds):
         for name, fn in fns.items():
-            for call in range(per_block + 1):
+            for call in range(warmup + per_block):
                 arg = setup(name) if setup else None
                 sync()
                 t0 = time.perf_counter()
                 fn(arg) if setup else fn()
                 sync()
-                if call:
+                if call >= warmup:
                     times[name].append(time.perf_counter() - t0)
     return {name: _stats(t) for name, t in times.items()}
 
@@ -104,7 +104,7 @@ def run(quick: bool = False, device: str = "cpu", threads: int | None = None) ->
     n = 1024 if quick else 8192
     rows = []
     for k in KS:
-        reps = 3 if quick else (9 if k >= 8192 else 15)
+        reps = 3 if quick else (5 if k >= 8192 else 15)
         z, y, c = _inputs(n, k, device)
         zg = z.clone().requires_grad_()
         shape = f"N={n} K={k}"
