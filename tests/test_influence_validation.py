@@ -48,9 +48,9 @@ def _pretrained(seed: int):
     return model, split
 
 
-@pytest.fixture(scope="module")
-def fig1_case():
-    model, split = _pretrained(0)
+@pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda seed: f"seed{seed}")
+def fig1_case(request):
+    model, split = _pretrained(request.param)
     pred = energy_influence(model, split.train, split.test, params="fc", weight_decay=WD, solver="cg",
                             solver_options={"tol": 1e-10}, progress=False)
     top = pred.abs().argsort(descending=True)[:20].tolist()  # the 20 most influential points (|I| largest)
