@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import _dist_influence_worker as worker
@@ -32,3 +33,19 @@ def test_two_process_gloo_equals_single_process(tmp_path):
             rel = float((got[name] - want).abs().max() / want.abs().max())
             assert rel <= 1e-6, (name, r, rel)
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: ranks disagree"
+
+
+def test_shards_cover_range_in_order_and_auto_without_init():
+    from iaerf.influence import distributed as D
+
+    for n in (0, 1, 7, 31, 64):
+        for world in (1, 2, 3, 5):
+            shards = [D.shard_range(n, r, world) for r in range(world)]
+            assert [i for s in shards for i in s] == list(range(n))
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert D.resolve_group(None) is None
+    assert D.resolve_group("auto") is None  # torch.distributed not initialised here: single process
+    with pytest.raises(ValueError, match="process_group"):
+        D.resolve_group("everything")
+    with pytest.raises(ValueError, match="not initialised"):
+        D.resolve_group(object())
