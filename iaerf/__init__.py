@@ -19,6 +19,8 @@ _EXPORTS = {
     "energy": "iaerf.ops",
     "energy_regularized_cross_entropy": "iaerf.ops",
     "EnergyRegularizedCrossEntropy": "iaerf.ops",
+    "Energy": "iaerf.ops",
+    "EnergyCEParts": "iaerf.ops",
     "backend_info": "iaerf._backend",
     "ModuleHessian": "iaerf.hessian",
     "HeadHessian": "iaerf.hessian",

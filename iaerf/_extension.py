@@ -44,6 +44,13 @@ def built_with_cuda() -> bool:
     return has_native_op("built_with_cuda") and bool(torch.ops.iaerf.built_with_cuda())
 
 
+def has_native_kernel(name: str, device_type: str) -> bool:
+    """True when ``torch.ops.iaerf.<name>`` has a kernel for ``device_type`` ("cpu" / "cuda") compiled in."""
+    if not has_native_op(name):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"iaerf::{name}", device_type.upper())
+
+
 def triton_status() -> tuple[bool, str]:
     """Whether Triton can run, and why (not installed / no CUDA and no interpreter / ok)."""
     if os.environ.get("IAERF_DISABLE_TRITON", "0") == "1":
@@ -73,11 +80,11 @@ def kernel_choice(device: torch.device | str, *, triton_ok: bool = True, native_
             ok, why = triton_status()
             if ok:
                 return "triton", why
-        if native_op is not None and built_with_cuda() and has_native_op(native_op):
-            return "cuda", f"torch.ops.iaerf.{native_op} (CUDA kernels compiled in)"
+        if native_op is not None and has_native_kernel(native_op, "cuda"):
+            return "cuda", f"torch.ops.iaerf.{native_op} (CUDA kernel compiled in)"
         return "reference", "no Triton and no CUDA kernels for this op" + _why_no_extension()
     if device.type == "cpu":
-        if native_op is not None and has_native_op(native_op):
+        if native_op is not None and has_native_kernel(native_op, "cpu"):
             return "cpp", f"torch.ops.iaerf.{native_op} (fused C++ kernel)"
         return "reference", "native C++ op unavailable" + _why_no_extension()
     return "reference", f"no fused kernel for device type {device.type!r}"

@@ -111,7 +111,8 @@ def fig1_predicted_vs_actual(model, train, val, influence: torch.Tensor, path: s
     """Paper Fig. 1: for the ``points`` training points of largest |I_val|, the predicted influence against the actual
     change of the validation loss per unit of energy regularization, measured by fine-tuning with eps * E(x_i)
     added (batch norm frozen) vs without, via :func:`iaerf.influence.validation.actual_energy_effect` (symmetric
-    difference +-eps). ``eps`` defaults to 1 / n_train, the weight of one point in the mean training loss.
+    difference +-eps). ``eps`` defaults to 0.05 / n_train: a twentieth of one point's weight in the mean training
+    loss, small enough for the validation loss to respond linearly (at 1 / n_train the energy term already bends it).
     """
     from iaerf.influence.validation import actual_energy_effect
 
@@ -119,7 +120,7 @@ def fig1_predicted_vs_actual(model, train, val, influence: torch.Tensor, path: s
         raise ValueError(f"points must be >= 2, got {points}")
     infl = influence.detach().cpu()
     idx = torch.argsort(infl.abs(), descending=True)[:points].tolist()
-    eps = 1.0 / len(train) if eps is None else eps
+    eps = 0.05 / len(train) if eps is None else eps
     actual = actual_energy_effect(model, train, val, idx, eps=eps, params=list(params) if params else None,
                                   epochs=epochs, lr=lr, seed=seed, symmetric=True, progress=progress).numpy()
     predicted = infl[idx].double().numpy()
