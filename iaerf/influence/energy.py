@@ -282,7 +282,7 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
             s = stored["s"].to(device)
         else:
             s = _solve(kind, opts, model, chosen, head, func_model, func_params, train_d, train_idx, train_local,
-                       val_local, local_val_idx, m, device, group, show, solve_cache, rank)
+                       val_local, local_val_idx, m, device, group, show, solve_cache)
             if rank == 0:
                 solve_cache.store({"s": s})
 
@@ -302,7 +302,7 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
 
 
 def _solve(kind, opts, model, chosen, head, func_model, func_params, train_d, train_idx, train_local, val_local,
-           local_val_idx, m, device, group, show, solve_cache, rank) -> torch.Tensor:
+           local_val_idx, m, device, group, show, solve_cache) -> torch.Tensor:
     """s = (H + damping I)^{-1} g: one vector [P] for Eq. 9 / Eq. 4, k vectors [k, P] for Eq. 8."""
     from iaerf.hessian import HeadHessian, ModuleHessian, inverse_hvp
     from iaerf.hessian.params import flatten
@@ -330,8 +330,8 @@ def _solve(kind, opts, model, chosen, head, func_model, func_params, train_d, tr
                                  batch_size=opts.batch_size, device=device, process_group=group)
     solver_options = dict(opts.solver_options)
     if opts.solver == "lissa" and solve_cache.enabled and "checkpoint_path" not in solver_options:
-        # each rank keeps its own (identical, all-reduced) state, so a resumed run restarts consistently
-        solver_options["checkpoint_path"] = solve_cache.path(f".lissa-rank{rank}.pt")
+        # inverse_hvp appends ".rank<r>" under a process group: each rank keeps its own generator states
+        solver_options["checkpoint_path"] = solve_cache.path(".lissa.pt")
     s = inverse_hvp(operator, g, method=opts.solver, damping=opts.damping, seed=opts.seed, progress=show,
                     **solver_options)
     if not bool(torch.isfinite(s).all()):
