@@ -273,16 +273,6 @@ def run(quick: bool = False, device: str = "cpu", only: tuple[str, ...] = tuple(
     return rows
 
 
-def _markdown(rows: list[dict]) -> str:
-    lines = ["| case | shape | baseline | baseline | iaerf | speedup | max rel err | target | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        err = "-" if r["max_rel_err_vs_fp64"] is None else f"{r['max_rel_err_vs_fp64']:.2e}"
-        lines.append(f"| {r['case']} | {r['shape']} | {r['baseline']} | {r['baseline_median_s']:.4g} s | "
-                     f"{r['iaerf_median_s']:.4g} s | {r['speedup']:.2f}x | {err} | {r['target']} | {r['note']} |")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -290,4 +280,4 @@ if __name__ == "__main__":
     parser.add_argument("--only", nargs="+", choices=sorted(PARTS), default=list(PARTS))
     args = parser.parse_args()
     print(common.machine_description())
-    print(_markdown(run(quick=args.quick, device=args.device, only=tuple(args.only))))
+    print(common.markdown_table(run(quick=args.quick, device=args.device, only=tuple(args.only))))

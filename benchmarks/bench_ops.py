@@ -150,17 +150,6 @@ def run(quick: bool = False, device: str = "cpu", threads: int | None = None) ->
     return rows
 
 
-def _markdown(rows: list[dict]) -> str:
-    lines = ["| case | shape | baseline ms | iaerf ms | speedup | max rel err | peak MB (iaerf / base) | target | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        err = "" if r["max_rel_err_vs_fp64"] is None else f"{r['max_rel_err_vs_fp64']:.1e}"
-        peak = "" if r["iaerf_peak_bytes"] is None else f"{r['iaerf_peak_bytes'] / 2**20:.0f} / {r['baseline_peak_bytes'] / 2**20:.0f}"
-        lines.append(f"| {r['case']} | {r['shape']} | {1e3 * r['baseline_median_s']:.3f} | {1e3 * r['iaerf_median_s']:.3f} "
-                     f"| {r['speedup']:.2f}x | {err} | {peak} | {r['target']} | {r['note']} |")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -168,4 +157,4 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     print({**common.machine_description(), "threads_used": args.threads or torch.get_num_threads()})
-    print(_markdown(run(quick=args.quick, device=args.device, threads=args.threads)))
+    print(common.markdown_table(run(quick=args.quick, device=args.device, threads=args.threads)))

@@ -56,6 +56,6 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from benchmarks.run_all import markdown_table
+    from benchmarks.common import markdown_table
 
     print(markdown_table(run()))

@@ -7,11 +7,11 @@ Timings are ratios measured side by side in the same process on the same machine
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import statistics
 import time
-import tracemalloc
 from typing import Callable
 
 import torch
@@ -125,3 +125,44 @@ def row(case: str, shape: str, dtype: str, baseline: str, baseline_t: dict, iaer
         "target": target,
         "note": note,
     }
+
+
+def _fmt_time(seconds):
+    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.3g} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} us"
+
+
+def _fmt_bytes(n):
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def _fmt_err(e):
+    return "-" if e is None else f"{e:.1e}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| case | shape | dtype | baseline | baseline median (IQR) | iaerf median (IQR) | speed-up | peers (median) "
+            "| max rel err vs fp64 | peak mem iaerf / baseline | target |")
+    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    for r in rows:
+        peers = ", ".join(f"{k}: {_fmt_time(v['median_s'])}" for k, v in r.get("peers", {}).items()) or "-"
+        lines.append(
+            f"| {r['case']} | {r['shape']} | {r['dtype']} | {r['baseline']} "
+            f"| {_fmt_time(r['baseline_median_s'])} ({_fmt_time(r['baseline_iqr_s'])}) "
+            f"| {_fmt_time(r['iaerf_median_s'])} ({_fmt_time(r['iaerf_iqr_s'])}) "
+            f"| **{r['speedup']:.2f}x** | {peers} | {_fmt_err(r.get('max_rel_err_vs_fp64'))} "
+            f"| {_fmt_bytes(r.get('iaerf_peak_bytes'))} / {_fmt_bytes(r.get('baseline_peak_bytes'))} "
+            f"| {r.get('target') or '-'} |"
+        )
+    notes = [f"- {r['case']} ({r['shape']}): {r['note']}" for r in rows if r.get("note")]
+    return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import machine_description, max_rel_error, time_fn  # noqa: E402
+from iaerf._io import write_text  # noqa: E402
 
 
 def copy_bandwidth(device, nbytes: int) -> float:
@@ -158,13 +158,8 @@ def main(argv=None):
               f"| n={f['n']} (CIFAR-10-LT size) | {f['points_per_s']:.0f} | {f['speedup_vs_per_example']:.1f}x "
               f"| {f['max_rel_err_vs_fp64']:.1e} |"]
     text = "\n".join(lines) + "\n"
-    directory = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(directory, exist_ok=True)
-    for path, content in ((args.out, text), (os.path.splitext(args.out)[0] + ".json", json.dumps(results, indent=1))):
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(content)
-        os.replace(tmp, path)
+    write_text(args.out, text)
+    write_text(os.path.splitext(args.out)[0] + ".json", json.dumps(results, indent=1))
     print(text)
 
 

@@ -15,14 +15,14 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from benchmarks.common import machine_description  # noqa: E402
+from benchmarks.common import machine_description, markdown_table  # noqa: E402
+from iaerf._io import atomic_write, write_text  # noqa: E402
 
 MODULES = [
     ("Fused energy / energy-regularized cross-entropy ops", "benchmarks.bench_ops"),
@@ -31,47 +31,6 @@ MODULES = [
     ("Classifier-only influence: head vs whole network", "benchmarks.bench_pipeline"),
     ("IAERF fine-tuning epoch", "benchmarks.bench_finetune"),
 ]
-
-
-def _fmt_time(seconds):
-    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
-        return "-"
-    if seconds >= 1:
-        return f"{seconds:.3g} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.3g} ms"
-    return f"{seconds * 1e6:.3g} us"
-
-
-def _fmt_bytes(n):
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-
-
-def _fmt_err(e):
-    return "-" if e is None else f"{e:.1e}"
-
-
-def markdown_table(rows: list[dict]) -> str:
-    head = ("| case | shape | dtype | baseline | baseline median (IQR) | iaerf median (IQR) | speed-up | peers (median) "
-            "| max rel err vs fp64 | peak mem iaerf / baseline | target |")
-    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
-    for r in rows:
-        peers = ", ".join(f"{k}: {_fmt_time(v['median_s'])}" for k, v in r.get("peers", {}).items()) or "-"
-        lines.append(
-            f"| {r['case']} | {r['shape']} | {r['dtype']} | {r['baseline']} "
-            f"| {_fmt_time(r['baseline_median_s'])} ({_fmt_time(r['baseline_iqr_s'])}) "
-            f"| {_fmt_time(r['iaerf_median_s'])} ({_fmt_time(r['iaerf_iqr_s'])}) "
-            f"| **{r['speedup']:.2f}x** | {peers} | {_fmt_err(r.get('max_rel_err_vs_fp64'))} "
-            f"| {_fmt_bytes(r.get('iaerf_peak_bytes'))} / {_fmt_bytes(r.get('baseline_peak_bytes'))} "
-            f"| {r.get('target') or '-'} |"
-        )
-    notes = [f"- {r['case']} ({r['shape']}): {r['note']}" for r in rows if r.get("note")]
-    return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
 def _size_of(shape: str) -> float:
@@ -106,23 +65,9 @@ def speedup_plot(rows: list[dict], path: str) -> str | None:
     ax.set_title("iaerf speed-up vs problem size")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _atomic_savefig(fig, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
-
-
-def _atomic_write(path: str, text: str):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _atomic_savefig(fig, path: str):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -167,8 +112,8 @@ def main(argv=None):
         header += ["", f"![speed-up vs problem size]({os.path.basename(plot)})"]
     if failures:
         header += ["", "**Modules that failed:** " + ", ".join(m for m, _ in failures)]
-    _atomic_write(args.out, "\n".join(header) + "\n\n" + "\n".join(sections))
-    _atomic_write(os.path.join(out_dir, "results.json"), json.dumps({"machine": machine, "rows": all_rows}, indent=1))
+    write_text(args.out, "\n".join(header) + "\n\n" + "\n".join(sections))
+    write_text(os.path.join(out_dir, "results.json"), json.dumps({"machine": machine, "rows": all_rows}, indent=1))
     print(f"wrote {args.out}")
     return 1 if failures else 0
 

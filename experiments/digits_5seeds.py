@@ -28,7 +28,8 @@ import iaerf.influence as influence_mod  # noqa: E402
 from iaerf.data import load_digits_lt  # noqa: E402
 from iaerf.finetuning import BETAS, FinetuneConfig, finetune, select_beta  # noqa: E402
 from iaerf.models import SmallCNN  # noqa: E402
-from iaerf.pipeline import write_json, write_text  # noqa: E402
+from iaerf._io import write_text  # noqa: E402
+from iaerf.pipeline import write_json  # noqa: E402
 from iaerf.training import digits_config, evaluate, train_baseline  # noqa: E402
 
 METHODS = {"erm": "ERM", "ldam_drw": "LDAM-DRW"}

@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
@@ -31,13 +30,14 @@ from typing import Callable
 import torch
 
 from iaerf import data as D
+from iaerf._io import atomic_write, write_text
 from iaerf.finetuning import (BETAS, FinetuneConfig, cifar_finetune_config, classifier_retrain_config, config_dict,
                             finetune, select_beta)
 from iaerf.models import build_model
 from iaerf.training import (ClassifierConfig, TrainConfig, cifar_config, digits_config, evaluate, resolve_device,
                             retrain_classifier, train_baseline)
 
-__all__ = ["PipelineConfig", "Pipeline", "atomic_write", "save_checkpoint", "load_checkpoint", "classifier_head"]
+__all__ = ["PipelineConfig", "Pipeline", "save_checkpoint", "load_checkpoint", "classifier_head"]
 
 CHECKPOINT_FORMAT = "iaerf-checkpoint-1"
 BASE_METHODS = ("erm", "ldam_drw")
@@ -144,34 +144,11 @@ class PipelineConfig:
 # files
 
 
-def atomic_write(path: str, writer: Callable[[str], None]) -> None:
-    """Write ``path`` by calling ``writer(tmp_path)`` on a temporary file in the same folder, then ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_json(path: str, obj) -> None:
     def w(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
             f.write("\n")
-
-    atomic_write(path, w)
-
-
-def write_text(path: str, text: str) -> None:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
 
     atomic_write(path, w)
 

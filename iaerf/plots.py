@@ -26,7 +26,7 @@ def _plt():
 
 
 def _save(fig, path: str) -> str:
-    from iaerf.pipeline import atomic_write
+    from iaerf._io import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
     _plt().close(fig)

@@ -20,4 +20,12 @@ def _seed_everything():
     yield
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny problems: a second thread only adds synchronisation there
+    (10x slower on a loaded 2-core box). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

@@ -8,13 +8,7 @@ from iaerf.hessian import HeadHessian, ModuleHessian
 from iaerf.hessian.head import head_hvp_reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the problems here are tiny: a second intra-op thread only adds synchronisation (10x slower on a loaded box)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 native = pytest.mark.skipif(not _extension.has_native_op("head_hvp"), reason="iaerf._C with head_hvp not built")
 

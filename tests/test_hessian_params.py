@@ -5,13 +5,7 @@ from torch import nn
 from iaerf.hessian.params import flatten, select_parameters, unflatten
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the problems here are tiny: a second intra-op thread only adds synchronisation (10x slower on a loaded box)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from iaerf.models import SmallCNN
-from iaerf.pipeline import Pipeline, PipelineConfig, atomic_write, load_checkpoint, save_checkpoint
+from iaerf._io import atomic_write
+from iaerf.pipeline import Pipeline, PipelineConfig, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module", autouse=True)

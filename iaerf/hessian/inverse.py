@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from iaerf._io import atomic_write
 from iaerf.hessian._checks import check_nonnegative, check_vectors
 from iaerf.hessian.operators import HessianOperator
 
@@ -297,12 +298,6 @@ def _lissa_settings(op, V, damping, seed, opts: LissaOptions) -> dict:
             "rank": _rank(op)}
 
 
-def _save_atomic(state: dict, path: str):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def _load_checkpoint(path, settings, V):
     if path is None or not os.path.exists(path):
         return None
@@ -358,9 +353,9 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
 
     def checkpoint():
         if path is not None:
-            _save_atomic({"settings": settings, "v": V.detach().cpu(), "h": h.detach().cpu(), "step": step,
-                          "scale": scale, "converged": converged, "gen_states": [g.get_state() for g in gens]},
-                         path)
+            state = {"settings": settings, "v": V.detach().cpu(), "h": h.detach().cpu(), "step": step, "scale": scale,
+                     "converged": converged, "gen_states": [g.get_state() for g in gens]}
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     with tqdm(total=opts.depth, initial=min(step, opts.depth), desc="LiSSA", disable=not progress, leave=False) as bar:
         while step < opts.depth and not converged:

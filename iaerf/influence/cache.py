@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from iaerf._io import atomic_write
 from iaerf.influence.data import _hash_tensor
 
 
@@ -73,8 +73,8 @@ class ResultCache:
         if not self.enabled:
             return
         cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        _atomic_write(self.path(".safetensors"), lambda p: save_file(cpu, p))
-        _atomic_write(self.path(".json"), lambda p: _write_json(p, self.settings))
+        atomic_write(self.path(".safetensors"), lambda p: save_file(cpu, p))
+        atomic_write(self.path(".json"), lambda p: _write_json(p, self.settings))
 
 
 def _write_json(path: str, settings: dict) -> None:
@@ -82,14 +82,3 @@ def _write_json(path: str, settings: dict) -> None:
         f.write(json.dumps(settings, sort_keys=True, indent=1, default=str))
 
 
-def _atomic_write(path: str, write) -> None:
-    """Write via ``write(tmp_path)`` into a temporary file next to ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
