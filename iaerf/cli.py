@@ -56,6 +56,8 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
         p.add_argument(opt, dest=dest, type=typ, default=None, help=help_)
     for opt, (dest, typ, help_) in _LISTS.items():
         p.add_argument(opt, dest=dest, type=typ, nargs="+", default=None, help=help_)
+    p.add_argument("--gauss-newton", dest="gauss_newton", action="store_const", const=True, default=None,
+                   help="use the Gauss-Newton matrix (PSD) instead of the exact Hessian in the influence")
     p.add_argument("--solver-option", dest="solver_option", action="append", default=None, metavar="KEY=VALUE",
                    help="inverse-HVP solver option, repeatable (LiSSA: depth=5000 repeats=10 batch_size=128 ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -105,6 +107,8 @@ def _config(args, defaults=None):
         given["finetune_params"] = "auto"
     if getattr(args, "fig1", False):
         given["fig1"] = True
+    if args.gauss_newton:
+        given["gauss_newton"] = True
     if args.solver_option:
         given["solver_options"] = {**(base.get("solver_options") or {}), **dict(_parse_option(o) for o in args.solver_option)}
     elif "solver" in given and given["solver"] != base.get("solver"):

@@ -67,6 +67,7 @@ class PipelineConfig:
     solver: str = "exact"
     solver_options: dict | None = None
     damping: float = 1e-3
+    gauss_newton: bool = False
     weight_decay: float = 0.0
     finetune_epochs: int | None = None
     finetune_batch_size: int | None = None
@@ -377,7 +378,7 @@ class Pipeline:
     def influence_key(self, method: str) -> str:
         c = self.config
         return _key("influence", self.train_key(method), c.influence_params, c.solver, c.solver_options, c.damping,
-                    c.weight_decay)
+                    c.weight_decay, c.gauss_newton)
 
     def influence_path(self, method: str) -> str:
         return self.path("influence", f"{method}.pt")
@@ -395,7 +396,7 @@ class Pipeline:
             values = infl.energy_influence(
                 model, train, val,
                 params=list(c.influence_params) if c.influence_params is not None else None,
-                weight_decay=c.weight_decay, damping=c.damping, solver=c.solver,
+                weight_decay=c.weight_decay, damping=c.damping, gauss_newton=c.gauss_newton, solver=c.solver,
                 solver_options=dict(c.solver_options) if c.solver_options else None, device=self.device,
                 progress=self.progress, seed=c.seed)
             if values.shape != (len(split.train),) or not bool(torch.isfinite(values).all()):

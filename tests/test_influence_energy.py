@@ -241,3 +241,30 @@ def test_map_style_dataset_equals_tensor_pair():
         a = fn(model, as_list, as_list[:6], **kw)
         b = fn(model, (x, y), (x[:6], y[:6]), **kw)
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14 * float(b.abs().max()))
+
+
+def test_gauss_newton_option_reaches_the_operator_and_the_cache_key(tmp_path):
+    """gauss_newton=True solves with the Gauss-Newton matrix: for a tanh MLP it differs from the exact Hessian, and
+    it equals an explicit dense GGN solve."""
+    import iaerf
+    from iaerf.hessian import ModuleHessian
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    train = (torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,)))
+    val = (torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))
+    kw = dict(weight_decay=1e-2, solver="exact", progress=False)
+    ggn = iaerf.energy_influence(model, train, val, gauss_newton=True, cache_dir=tmp_path, **kw)
+    exact = iaerf.energy_influence(model, train, val, gauss_newton=False, cache_dir=tmp_path, **kw)
+    assert not torch.allclose(ggn, exact, rtol=1e-3)
+    H = ModuleHessian(model, train, weight_decay=1e-2, gauss_newton=True).dense()
+    params = list(model.parameters())
+    g_val = torch.autograd.grad(torch.nn.functional.cross_entropy(model(val[0]), val[1]), params)
+    s = torch.linalg.solve(H, torch.cat([g.reshape(-1) for g in g_val]))
+    expected = []
+    for x in train[0]:
+        e = -torch.logsumexp(model(x[None]), 1).sum()
+        expected.append(-(torch.cat([g.reshape(-1) for g in torch.autograd.grad(e, params)]) @ s))
+    torch.testing.assert_close(ggn, torch.stack(expected), rtol=1e-8, atol=1e-12)
+    with pytest.raises(TypeError, match="gauss_newton"):
+        iaerf.energy_influence(model, train, val, gauss_newton="yes", **kw)

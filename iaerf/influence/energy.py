@@ -39,6 +39,7 @@ class InfluenceOptions:
     solver_options: tuple[tuple[str, object], ...] = ()
     batch_size: int = 256
     seed: int = 0
+    gauss_newton: bool = False
 
     def describe(self) -> dict:
         return {
@@ -49,12 +50,13 @@ class InfluenceOptions:
             "solver_options": dict(self.solver_options),
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "gauss_newton": self.gauss_newton,
         }
 
 
 def energy_influence(model, train, val, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
                      solver_options=None, batch_size=256, device=None, cache_dir=None, process_group=None,
-                     progress=True, seed=0) -> torch.Tensor:
+                     progress=True, seed=0, gauss_newton=False) -> torch.Tensor:
     """Influence of energy regularization of each training point on the mean validation loss (paper Eq. 9).
 
     Args:
@@ -76,6 +78,9 @@ def energy_influence(model, train, val, *, params=None, weight_decay=0.0, dampin
             :mod:`iaerf.influence.distributed`.
         progress: tqdm progress bars (rank 0 only).
         seed: seed of the stochastic solver.
+        gauss_newton: use the Gauss-Newton matrix (positive semi-definite) instead of the exact Hessian, for
+            non-convex models where LiSSA or CG meet negative curvature (for a linear head over frozen features
+            the two are the same matrix).
 
     Returns:
         ``[n]`` tensor (the parameters' dtype, on ``device``) in training-set order: I_val(x_i) = -s . grad E(x_i).
@@ -85,7 +90,7 @@ def energy_influence(model, train, val, *, params=None, weight_decay=0.0, dampin
 
 def energy_influence_on_test(model, train, test, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
                              solver_options=None, batch_size=256, device=None, cache_dir=None, process_group=None,
-                             progress=True, seed=0) -> torch.Tensor:
+                             progress=True, seed=0, gauss_newton=False) -> torch.Tensor:
     """Influence of energy regularization of each training point on each test point's loss (paper Eq. 8).
 
     Same arguments as :func:`energy_influence` with ``test`` (k points) in place of ``val``. The k right-hand
@@ -100,7 +105,7 @@ def energy_influence_on_test(model, train, test, *, params=None, weight_decay=0.
 
 def loss_influence(model, train, val, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
                    solver_options=None, batch_size=256, device=None, cache_dir=None, process_group=None,
-                   progress=True, seed=0) -> torch.Tensor:
+                   progress=True, seed=0, gauss_newton=False) -> torch.Tensor:
     """Classic influence of upweighting each training point on the mean validation loss (Koh & Liang, Eq. 4).
 
     I_loss(x_i) = -g_val^T (H + damping I)^{-1} grad L(x_i, y_i) = -(d/de) CE(f_{theta + e s}(x_i), y_i): the same
@@ -146,8 +151,10 @@ def _options(args: dict) -> InfluenceOptions:
         params = (params,)
     elif params is not None:
         params = tuple(params)
+    if not isinstance(args["gauss_newton"], bool):
+        raise TypeError(f"gauss_newton must be a bool, got {type(args['gauss_newton']).__name__}")
     return InfluenceOptions(params, float(weight_decay), float(damping), args["solver"],
-                            tuple(sorted(solver_options.items())), batch_size, seed)
+                            tuple(sorted(solver_options.items())), batch_size, seed, args["gauss_newton"])
 
 
 def _trainable_selection(model: nn.Module, params) -> dict[str, torch.Tensor]:
@@ -327,7 +334,8 @@ def _solve(kind, opts, model, chosen, head, func_model, func_params, train_d, tr
         shard = torch.utils.data.Subset(train_d.dataset, list(train_idx)) if train_d.dataset is not None else (
             train_d.as_tensors(train_idx))
         operator = ModuleHessian(model, shard, params=list(chosen), weight_decay=opts.weight_decay,
-                                 batch_size=opts.batch_size, device=device, process_group=group)
+                                 gauss_newton=opts.gauss_newton, batch_size=opts.batch_size, device=device,
+                                 process_group=group)
     solver_options = dict(opts.solver_options)
     if opts.solver == "lissa" and solve_cache.enabled and "checkpoint_path" not in solver_options:
         # inverse_hvp appends ".rank<r>" under a process group: each rank keeps its own generator states
