@@ -69,6 +69,29 @@ def fused_loss(device, dry: bool) -> list[dict]:
     return out
 
 
+def liger_comparison(device, dry: bool) -> list[dict] | None:
+    """Plain CE (energy_coef = 0) fwd+bwd: iaerf vs Liger-Kernel's fused CE vs eager; None when Liger is absent."""
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+    except ImportError:
+        return None
+    from iaerf.ops import energy_regularized_cross_entropy
+
+    liger = LigerCrossEntropyLoss()
+    out = []
+    for n, k in ((256, 1024),) if dry else ((16384, 32768), (4096, 131072)):
+        gen = torch.Generator().manual_seed(k)
+        z0 = (torch.randn(n, k, generator=gen) * 3).to(device)
+        y = torch.randint(0, k, (n,), generator=gen).to(device)
+        times = {}
+        for name, fn in (("iaerf", lambda z: energy_regularized_cross_entropy(z, y, 0.0)),
+                         ("liger", lambda z: liger(z, y)), ("eager", lambda z: F.cross_entropy(z, y))):
+            z = z0.clone().requires_grad_(True)   # Liger writes the gradient into its input: a fresh copy each
+            times[name] = time_fn(lambda: fn(z).backward(), warmup=3, reps=10, device=device)["median"]
+        out.append({"N": n, "K": k, **{f"{name}_s": t for name, t in times.items()}})
+    return out
+
+
 def head_hvp(device, dry: bool) -> dict:
     from iaerf.hessian.head import head_hvp as op, head_hvp_reference
 
@@ -139,6 +162,7 @@ def main(argv=None):
     bw = copy_bandwidth(device, (1 << 20) if args.dry_run else (1 << 30))
     results = {"machine": machine, "copy_GBps": bw / 1e9}
     results["fused_loss"] = fused_loss(device, args.dry_run)
+    results["liger_ce"] = liger_comparison(device, args.dry_run)
     results["head_hvp"] = head_hvp(device, args.dry_run)
     results["influence"] = influence_throughput(device, args.dry_run)
 
@@ -148,6 +172,10 @@ def main(argv=None):
     for r in results["fused_loss"]:
         lines.append(f"| {r['dtype']} N={r['N']} K={r['K']} | {r['GBps']:.0f} | {100 * r['GBps'] * 1e9 / bw:.0f}% "
                      f"| {r['speedup_vs_eager']:.2f}x | {r['max_rel_err_vs_fp64']:.1e} |")
+    if results["liger_ce"]:
+        lines += ["", "| plain CE fwd+bwd (coef 0) | iaerf | Liger-Kernel | eager |", "|---|---|---|---|"]
+        lines += [f"| N={r['N']} K={r['K']} | {1e3 * r['iaerf_s']:.2f} ms | {1e3 * r['liger_s']:.2f} ms "
+                  f"| {1e3 * r['eager_s']:.2f} ms |" for r in results["liger_ce"]]
     h = results["head_hvp"]
     lines += ["", "| head HVP | TFLOP/s | matmul TFLOP/s | fraction | max rel err vs fp64 |", "|---|---|---|---|---|",
               f"| n={h['n']} D={h['D']} K={h['K']} b={h['b']} | {h['TFLOPs']:.2f} | {h['matmul_TFLOPs']:.2f} "
