@@ -257,11 +257,7 @@ PARTS = {"head": _head_rows, "generic": _generic_rows, "lissa": _lissa_rows, "da
 
 
 def run(quick: bool = False, device: str = "cpu", only: tuple[str, ...] = tuple(PARTS)) -> list[dict]:
-    torch.manual_seed(0)
-    rows = []
-    for name in only:
-        rows += PARTS[name](quick, device)
-    return rows
+    return common.run_parts(PARTS, only, quick, device)
 
 
 if __name__ == "__main__":

@@ -266,11 +266,7 @@ PARTS = {"jvp_vs_forward": _jvp_vs_forward_rows, "all_points": _all_points_rows,
 
 
 def run(quick: bool = False, device: str = "cpu", only: tuple[str, ...] = tuple(PARTS)) -> list[dict]:
-    torch.manual_seed(0)
-    rows = []
-    for name in only:
-        rows += PARTS[name](quick, device)
-    return rows
+    return common.run_parts(PARTS, only, quick, device)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,15 @@ def max_rel_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value - reference).abs().max() / scale)
 
 
+def run_parts(parts: dict, only, quick: bool, device) -> list[dict]:
+    """Rows of the benchmark parts named in ``only`` (``parts``: name -> fn(quick, device)), seeded."""
+    torch.manual_seed(0)
+    rows = []
+    for name in only:
+        rows += parts[name](quick, device)
+    return rows
+
+
 def row(case: str, shape: str, dtype: str, baseline: str, baseline_t: dict, iaerf_t: dict, *, max_err: float | None = None,
         peak_bytes: int | None = None, baseline_peak_bytes: int | None = None, peers: dict | None = None,
         target: str = "", note: str = "") -> dict:

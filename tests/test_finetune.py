@@ -15,13 +15,7 @@ from iaerf.finetuning import (FinetuneConfig, _cap_per_sample, energy_coefficien
 from iaerf.models import LinearClassifier, SmallCNN
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread avoids intra-op scheduling overhead on a busy 2-core CI machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy(n=48, d=5, k=3, seed=0):

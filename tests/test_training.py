@@ -31,13 +31,7 @@ def test_augment_cifar_is_crop_of_padded_and_flip():
         assert hits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these models are tiny: one thread avoids the intra-op scheduling overhead on a busy 2-core CI machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
