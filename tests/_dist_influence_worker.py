@@ -43,6 +43,7 @@ def main(out_dir: str):
     try:
         results = compute("auto")
         torch.save(results, os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -35,6 +35,7 @@ def _worker(rank, world, init_file, out_dir):
         torch.save({"n": mod.num_samples, "mod": mod.matvec(V), "head": head.matvec(Vh), "dense": head.dense(),
                     "mb": mod.minibatch_matvec(V[None].expand(2, 2, -1).contiguous(), idx), "lissa": lissa},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
