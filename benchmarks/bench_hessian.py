@@ -15,7 +15,6 @@ Cases (b = 10 vectors, fp32 unless noted; every row records the error against a 
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import warnings
@@ -261,10 +260,4 @@ def run(quick: bool = False, device: str = "cpu", only: tuple[str, ...] = tuple(
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", nargs="+", choices=sorted(PARTS), default=list(PARTS))
-    args = parser.parse_args()
-    print(common.machine_description())
-    print(common.markdown_table(run(quick=args.quick, device=args.device, only=tuple(args.only))))
+    common.parts_main(PARTS, __doc__)

@@ -20,7 +20,6 @@ Cases (fp32, eval mode, random CIFAR-sized inputs 3x32x32 unless noted):
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import time
 
@@ -270,10 +269,4 @@ def run(quick: bool = False, device: str = "cpu", only: tuple[str, ...] = tuple(
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", nargs="+", choices=sorted(PARTS), default=list(PARTS))
-    args = parser.parse_args()
-    print(common.machine_description())
-    print(common.markdown_table(run(quick=args.quick, device=args.device, only=tuple(args.only))))
+    common.parts_main(PARTS, __doc__)

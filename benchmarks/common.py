@@ -113,6 +113,19 @@ def run_parts(parts: dict, only, quick: bool, device) -> list[dict]:
     return rows
 
 
+def parts_main(parts: dict, doc: str) -> None:
+    """Command line of a benchmark module made of parts: ``[--quick] [--device D] [--only PART ...]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", nargs="+", choices=sorted(parts), default=list(parts))
+    args = parser.parse_args()
+    print(machine_description())
+    print(markdown_table(run_parts(parts, args.only, args.quick, args.device)))
+
+
 def row(case: str, shape: str, dtype: str, baseline: str, baseline_t: dict, iaerf_t: dict, *, max_err: float | None = None,
         peak_bytes: int | None = None, baseline_peak_bytes: int | None = None, peers: dict | None = None,
         target: str = "", note: str = "") -> dict:
