@@ -134,13 +134,8 @@ def keep_probs(logits: torch.Tensor, impl: str) -> bool:
 
 def _native_kernels() -> dict:
     # Fixed once the extension is imported; computed here so that torch.compile traces a dict lookup.
-    kernels = {}
-    for op in ("logsumexp", "energy_ce_forward"):
-        for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA")):
-            kernels[op, device_type] = _extension.has_native_op(op) and torch._C._dispatch_has_kernel_for_dispatch_key(
-                f"iaerf::{op}", key
-            )
-    return kernels
+    return {(op, device_type): _extension.has_native_kernel(op, device_type)
+            for op in ("logsumexp", "energy_ce_forward") for device_type in ("cpu", "cuda")}
 
 
 _NATIVE_KERNELS = _native_kernels()
