@@ -6,7 +6,7 @@ Selection protocol: everything is chosen on the class-balanced validation subset
 loss): beta from {0.1, 0.5, 1, 10} inside each (cap, damping) cell, and for the headline "IAERF" row also the
 (cap, damping) cell. The test set is only evaluated, never compared across settings. Fine-tuning follows the paper
 (5 epochs, batch 128, SGD lr 1e-4, batch norm frozen, whole network); influence is classifier-only
-(params=["fc"], exact inverse Hessian), the setting NOTES.md found stable. A second block ablates the validation
+(params=["fc"], exact inverse Hessian), the setting a calibration prototype found stable. A second block ablates the validation
 protocol: 12 images per class are held out first (n_max 112), and IAERF driven by a validation subset of the
 training set (paper) is compared with IAERF driven by the held-out images.
 
