@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from iaerf._io import first_sentence, load_tensor_file
+
 __all__ = [
     "TensorDataset",
     "ShotGroups",
@@ -250,12 +252,87 @@ def load_digits_lt(ratio: float = 10.0, kind: str = "exp", test_per_class: int =
     return ImbalancedSplit(f"digits-{kind}-{ratio:g}", train, test, val, DIGITS_SHOT_GROUPS, heldout)
 
 
+def _numpy_reconstructors() -> dict[tuple[str, str], object]:
+    """The globals a CIFAR batch may name, mapped to the objects they stand for, resolved here rather than by import.
+
+    The real files were pickled by Python 2 with numpy 1 (``numpy.core.multiarray._reconstruct``); batches re-pickled
+    with numpy 2 name ``numpy._core``; protocol 5 stores arrays through ``_frombuffer``. Under protocols < 3 Python 3
+    writes bytes as ``_codecs.encode(text, "latin1")`` (and ``bytes()`` for b"").
+    """
+    # taken from numpy's own reduce output so that no module path has to be imported (numpy.core warns in numpy 2)
+    reconstruct = np.zeros(0).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("builtins", "bytes"): bytes, ("__builtin__", "bytes"): bytes,
+               ("_codecs", "encode"): _latin1_encode}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{package}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+def _latin1_encode(text, encoding="latin1"):
+    # the only use of _codecs.encode in a pickle of bytes; other codecs would widen what a file can run
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that admits only numpy array reconstruction and bytes (what a CIFAR batch holds), nothing callable
+    beyond that: a pickle can otherwise name any importable function and have it called while loading."""
+
+    _allowed = None
+
+    def find_class(self, module: str, name: str):
+        if _CifarUnpickler._allowed is None:
+            _CifarUnpickler._allowed = _numpy_reconstructors()
+        try:
+            return _CifarUnpickler._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refused global {module}.{name}: a CIFAR batch holds only numpy arrays, lists and strings, so this "
+                f"is not a genuine CIFAR batch file (it may be crafted to run code; do not open it with pickle)"
+            ) from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refused persistent id: a CIFAR batch has none")
+
+
 def _unpickle(path: str) -> dict:
+    """A CIFAR python-version batch file as a dict with str keys, read by :class:`_CifarUnpickler`."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
+            # latin1: the real files are Python 2 pickles whose str values hold raw array bytes
+            obj = _CifarUnpickler(f, encoding="latin1").load()
+    except OSError as exc:
         raise ValueError(f"cannot read CIFAR batch file {path}: {exc}") from exc
+    except Exception as exc:  # any failure of the restricted unpickler means a malformed or hostile file
+        raise ValueError(f"cannot read CIFAR batch file {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a CIFAR batch: it holds a {type(obj).__name__}, expected a dict")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_arrays(batch: dict, path: str, key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(data [n, 3, 32, 32] uint8, labels [n] int64)`` of one decoded batch, after checking its structure."""
+    if "data" not in batch or key not in batch:
+        keys = sorted(str(k) for k in batch)[:5]
+        raise ValueError(f"{path} is not a CIFAR-{num_classes} batch: expected keys 'data' and {key!r}, got {keys}")
+    data = batch["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{path}: 'data' must be a uint8 array of shape [n, 3072], got {desc}")
+    labels = batch[key]
+    if not isinstance(labels, (list, np.ndarray)) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+        raise ValueError(f"{path}: {key!r} must be a list of integer labels, got {type(labels).__name__}")
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if len(labels) != len(data):
+        raise ValueError(f"{path}: {len(data)} images but {len(labels)} entries in {key!r}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{path}: {key!r} out of range [0, {num_classes}): [{labels.min()}, {labels.max()}]")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def read_cifar(root: str, num_classes: int = 10) -> tuple[TensorDataset, TensorDataset]:
@@ -284,18 +361,10 @@ def read_cifar(root: str, num_classes: int = 10) -> tuple[TensorDataset, TensorD
             path = os.path.join(directory, name)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"CIFAR-{num_classes} batch file missing: {path}")
-            batch = _unpickle(path)
-            if "data" not in batch or key not in batch:
-                raise ValueError(f"{path} is not a CIFAR-{num_classes} batch (keys {sorted(batch)[:5]})")
-            data = np.asarray(batch["data"], dtype=np.uint8)
-            if data.ndim != 2 or data.shape[1] != 3072:
-                raise ValueError(f"{path}: data has shape {data.shape}, expected [N, 3072]")
-            xs.append(data.reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(batch[key], dtype=np.int64))
-        y = np.concatenate(ys)
-        if y.min() < 0 or y.max() >= num_classes:
-            raise ValueError(f"CIFAR-{num_classes} labels out of range [0, {num_classes}) in {directory}")
-        return TensorDataset(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(y), num_classes)
+            data, labels = _cifar_arrays(_unpickle(path), path, key, num_classes)
+            xs.append(data)
+            ys.append(labels)
+        return TensorDataset(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), num_classes)
 
     return load(train_files), load(test_files)
 
@@ -320,29 +389,37 @@ def load_features(path: str, num_classes: int | None = None) -> TensorDataset:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"feature file not found: {path}")
     ext = os.path.splitext(path)[1].lower()
-    try:
-        if ext == ".pt":
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(obj, dict):
-                raise ValueError("a .pt feature file must hold a dict")
-            feats, labels = obj.get("features"), obj.get("labels")
-        elif ext == ".npz":
-            with np.load(path) as z:
-                feats = torch.from_numpy(z["features"]) if "features" in z else None
-                labels = torch.from_numpy(z["labels"]) if "labels" in z else None
-        elif ext == ".safetensors":
-            from safetensors.torch import load_file
+    if ext not in (".pt", ".npz", ".safetensors"):
+        raise ValueError(f"{path}: unsupported feature file type {ext!r} (use .pt, .npz or .safetensors)")
+    if ext == ".pt":
+        obj = load_tensor_file(path, "feature file")
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: a .pt feature file must hold a dict, got {type(obj).__name__}")
+    else:
+        try:
+            if ext == ".npz":
+                # allow_pickle=False: an object array in an .npz is a pickle, which could run code
+                with np.load(path, allow_pickle=False) as z:
+                    obj = {k: torch.from_numpy(z[k]) for k in ("features", "labels") if k in z.files}
+            else:
+                from safetensors.torch import load_file
 
-            obj = load_file(path)
-            feats, labels = obj.get("features"), obj.get("labels")
-        else:
-            raise ValueError(f"unsupported feature file type {ext!r} (use .pt, .npz or .safetensors)")
-    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"cannot read feature file {path}: {exc}") from exc
+                obj = load_file(path)
+        except OSError:
+            raise
+        except Exception as exc:  # zip, npy and safetensors readers each raise their own types on a damaged file
+            # first sentence only: numpy's message goes on to suggest allow_pickle=True
+            raise ValueError(f"cannot read feature file {path}: damaged or not a {ext} file "
+                             f"({type(exc).__name__}: {first_sentence(exc)})") from exc
+    feats, labels = obj.get("features"), obj.get("labels")
     if feats is None or labels is None:
         raise ValueError(f"{path} must contain 'features' [N, D] and 'labels' [N]")
-    if feats.dim() != 2 or not feats.is_floating_point():
-        raise ValueError(f"{path}: 'features' must be a 2-D float tensor, got {tuple(feats.shape)} {feats.dtype}")
+    if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or not feats.is_floating_point():
+        desc = f"{tuple(feats.shape)} {feats.dtype}" if isinstance(feats, torch.Tensor) else type(feats).__name__
+        raise ValueError(f"{path}: 'features' must be a 2-D float tensor, got {desc}")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        desc = f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"{path}: 'labels' must be a 1-D integer tensor, got {desc}")
     return TensorDataset(feats.float(), labels.long(), num_classes)
 
 

@@ -1,6 +1,8 @@
 """iaerf.data: imbalance counts and the LDAM-DRW selection rule, the balanced validation subset, shot groups, sources."""
+import io
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -183,6 +185,116 @@ def test_cifar_missing_and_corrupt(tmp_path):
         read_cifar(str(tmp_path), 7)
 
 
+class _Py2Pickler(pickle._Pickler):
+    """Writes str and bytes as Python 2 ``str`` (BINSTRING), the way the real CIFAR python-version files were made."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        raw = obj.encode("latin1") if isinstance(obj, str) else obj
+        self.write(pickle.BINSTRING + struct.pack("<I", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[str] = _save_py2_str
+    dispatch[bytes] = _save_py2_str
+
+
+def _py2_cifar_bytes(batch):
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(batch)
+    # Python 2 + numpy 1 name the reconstructor numpy.core.multiarray
+    return buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def _genuine_batch(rng, n, key="labels", bytes_keys=False):
+    labels = rng.integers(0, 10, n).tolist()
+    batch = {"batch_label": "training batch 1 of 5", key: labels,
+             "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+             "filenames": [f"img_{i}.png" for i in range(n)]}
+    return {k.encode(): v for k, v in batch.items()} if bytes_keys else batch
+
+
+@pytest.mark.parametrize("fmt", ["python2", "protocol2-bytes-keys", "protocol4", "protocol5", "labels-array"])
+def test_cifar_reader_accepts_every_genuine_pickle_format(tmp_path, fmt):
+    folder = _write_cifar(tmp_path, 10, 2)
+    rng = np.random.default_rng(5)
+    batch = _genuine_batch(rng, 7, bytes_keys=fmt == "protocol2-bytes-keys")
+    if fmt == "labels-array":
+        batch["labels"] = np.asarray(batch["labels"], dtype=np.int64)
+    if fmt == "python2":
+        raw = _py2_cifar_bytes(batch)
+        assert b"numpy.core.multiarray" in raw and b"_codecs" not in raw
+    else:
+        raw = pickle.dumps(batch, protocol={"protocol2-bytes-keys": 2, "protocol4": 4, "protocol5": 5,
+                                            "labels-array": 4}[fmt])
+    with open(os.path.join(folder, "data_batch_2"), "wb") as f:
+        f.write(raw)
+    train, _ = read_cifar(str(tmp_path), 10)
+    data = batch[b"data" if fmt == "protocol2-bytes-keys" else "data"]
+    labels = batch[b"labels" if fmt == "protocol2-bytes-keys" else "labels"]
+    # data_batch_1 holds 20 images, so data_batch_2's come next
+    assert torch.equal(train.inputs[20:27], torch.from_numpy(data).view(7, 3, 32, 32))
+    assert train.labels[20:27].tolist() == list(labels)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("where", ["top level", "inside the dict", "as the labels", "python2 format"])
+def test_cifar_reader_never_runs_code_from_a_batch_file(tmp_path, where):
+    folder = _write_cifar(tmp_path, 10, 2)
+    marker = str(tmp_path / "pwned")
+    batch = _genuine_batch(np.random.default_rng(0), 4)
+    if where == "top level":
+        obj = _Payload(marker)
+    elif where == "as the labels":
+        obj = {**batch, "labels": _Payload(marker)}
+    else:
+        obj = {**batch, "batch_label": _Payload(marker)}
+    path = os.path.join(folder, "data_batch_4")
+    with open(path, "wb") as f:
+        f.write(_py2_cifar_bytes(obj) if where == "python2 format" else pickle.dumps(obj))
+    with pytest.raises(ValueError, match=r"data_batch_4.*refused global posix\.mkdir"):
+        read_cifar(str(tmp_path), 10)
+    assert not os.path.exists(marker), "the payload ran"
+
+
+@pytest.mark.parametrize("batch,match", [
+    ([1, 2, 3], "holds a list, expected a dict"),
+    ({"labels": [0]}, "expected keys 'data' and 'labels'"),
+    ({"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]}, r"uint8 array of shape \[n, 3072\], got float32"),
+    ({"data": np.zeros((2, 3000), np.uint8), "labels": [0, 1]}, r"got uint8 array of shape \(2, 3000\)"),
+    ({"data": [[0] * 3072] * 2, "labels": [0, 1]}, "got list"),
+    ({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1, 1]}, "2 images but 3 entries in 'labels'"),
+    ({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}, r"out of range \[0, 10\)"),
+    ({"data": np.zeros((2, 3072), np.uint8), "labels": [0.0, 1.0]}, "list of integer labels"),
+    ({"data": np.zeros((2, 3072), np.uint8), "labels": "ab"}, "list of integer labels"),
+])
+def test_malformed_cifar_batch_names_the_file(tmp_path, batch, match):
+    folder = _write_cifar(tmp_path, 10, 2)
+    with open(os.path.join(folder, "test_batch"), "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(ValueError, match=rf"test_batch.*{match}"):
+        read_cifar(str(tmp_path), 10)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "bad opcode", "bad arguments"])
+def test_damaged_cifar_pickle_names_the_file(tmp_path, damage):
+    folder = _write_cifar(tmp_path, 10, 2)
+    path = os.path.join(folder, "data_batch_5")
+    raw = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write({"truncated": raw[:len(raw) // 2], "empty": b"", "bad opcode": b"\x80\x02\xff",
+                 "bad arguments": b"\x80\x02cnumpy.core.multiarray\n_reconstruct\n)R."}[damage])
+    with pytest.raises(ValueError, match=r"cannot read CIFAR batch file .*data_batch_5"):
+        read_cifar(str(tmp_path), 10)
+
+
 def test_cifar_class_too_small_for_ratio(tmp_path):
     _write_cifar(tmp_path, 10, 1)  # 5 per class in train: ratio 1 asks 5 of each, fine; n_max is 5
     split = load_cifar_lt(str(tmp_path), 10, ratio=1)
@@ -220,3 +332,27 @@ def test_feature_file_errors(tmp_path):
     (tmp_path / "x.csv").write_text("1,2")
     with pytest.raises(ValueError, match="unsupported"):
         load_features(str(tmp_path / "x.csv"))
+
+
+def test_feature_files_never_run_code_and_damage_names_the_file(tmp_path):
+    marker = str(tmp_path / "pwned")
+    torch.save({"features": torch.randn(3, 2), "labels": torch.arange(3), "extra": _Payload(marker)},
+               tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"evil\.pt.*refuses to load.*posix\.mkdir") as info:
+        load_features(str(tmp_path / "evil.pt"))
+    assert "weights_only=False" not in str(info.value), "torch's advice to load unsafely must not be passed on"
+    np.savez(tmp_path / "evil.npz", features=np.array([_Payload(marker)], dtype=object), labels=np.arange(1))
+    with pytest.raises(ValueError, match=r"evil\.npz.*Object arrays"):
+        load_features(str(tmp_path / "evil.npz"))
+    assert not os.path.exists(marker)
+    for name in ("garbage.npz", "garbage.safetensors"):
+        (tmp_path / name).write_bytes(b"garbage")
+        with pytest.raises(ValueError, match=rf"cannot read feature file .*{name}: damaged") as info:
+            load_features(str(tmp_path / name))
+        assert "allow_pickle" not in str(info.value)
+    torch.save({"features": [[1.0, 2.0]], "labels": torch.arange(1)}, tmp_path / "lists.pt")
+    with pytest.raises(ValueError, match=r"lists\.pt: 'features' must be a 2-D float tensor, got list"):
+        load_features(str(tmp_path / "lists.pt"))
+    torch.save({"features": torch.randn(2, 2), "labels": torch.tensor([0.0, 1.0])}, tmp_path / "flt.pt")
+    with pytest.raises(ValueError, match=r"flt\.pt: 'labels' must be a 1-D integer tensor"):
+        load_features(str(tmp_path / "flt.pt"))

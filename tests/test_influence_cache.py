@@ -1,14 +1,18 @@
 """Result cache: a repeated call loads instead of recomputing; any changed input recomputes; writes are atomic."""
 import json
 import os
+import shutil
+import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from _influence_models import MLP
 from iaerf.influence import energy as energy_mod
-from iaerf.influence import energy_influence, loss_influence
+from iaerf.influence import energy_influence, energy_influence_on_test, loss_influence
 from iaerf.influence.cache import ResultCache
+from test_io import run_without_write_access
 
 
 @pytest.fixture
@@ -86,7 +90,7 @@ def test_interrupted_write_leaves_no_entry(tmp_path, monkeypatch):
     cache = ResultCache(tmp_path, "energy", {"a": 1})
     import iaerf.influence.cache as cache_mod
 
-    def failing_save(tensors, path):
+    def failing_save(tensors, path, metadata=None):
         with open(path, "wb") as f:
             f.write(b"partial")
         raise KeyboardInterrupt
@@ -95,8 +99,103 @@ def test_interrupted_write_leaves_no_entry(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cache.store({"influence": torch.ones(3)})
     assert os.listdir(tmp_path) == []
-    assert cache.load() is None
+    expected = {"influence": ((3,), torch.float32)}
+    assert cache.load(expected) is None
     monkeypatch.undo()
     cache.store({"influence": torch.arange(3.0)})
-    assert torch.equal(cache.load()["influence"], torch.arange(3.0))
-    assert ResultCache(tmp_path, "energy", {"a": 2}).load() is None
+    assert torch.equal(cache.load(expected)["influence"], torch.arange(3.0))
+    assert ResultCache(tmp_path, "energy", {"a": 2}).load(expected) is None
+
+
+@pytest.mark.parametrize("fn,params,dtype", [
+    (energy_influence_on_test, None, torch.float64),      # [k, n] result, [k, P] solution
+    (energy_influence, "fc", torch.float32),              # the classifier-only (head Hessian) path
+    (loss_influence, ["body.0", "fc.bias"], torch.float32),
+])
+def test_valid_entries_of_every_kind_pass_the_checks(tmp_path, counters, fn, params, dtype):
+    model, (x, y), (xv, yv) = _setup()
+    model, x, xv = model.to(dtype), x.to(dtype), xv.to(dtype)
+    kw = dict(params=params, damping=0.1, solver="exact", cache_dir=tmp_path, progress=False)
+    first = fn(model, (x, y), (xv, yv), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        again = fn(model, (x, y), (xv, yv), **kw)
+    assert counters == {"solve": 1, "jvp": 1} and torch.equal(first, again) and again.dtype == dtype
+
+
+def _entry(tmp_path, stage):
+    (name,) = [n for n in os.listdir(tmp_path) if n.startswith(f"{stage}-") and n.endswith(".safetensors")]
+    return tmp_path / name
+
+
+def _forge(path, tensor):
+    """A tensor file with the entry's own settings metadata but other content (a careful tamperer)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file({"influence": tensor}, str(path), metadata=metadata)
+
+
+_TAMPERINGS = {
+    # the issue's case: a [3] NaN tensor for 30 training points, written without any settings
+    "wrong tensor": lambda p, other: save_file({"influence": torch.full((3,), float("nan"))}, str(p)),
+    "garbage": lambda p, other: p.write_bytes(b"not a safetensors file at all"),
+    "truncated": lambda p, other: p.write_bytes(p.read_bytes()[:-17]),
+    "other entry's file": lambda p, other: shutil.copyfile(other, p),
+    "non-finite": lambda p, other: _forge(p, torch.full((30,), float("nan"), dtype=torch.float64)),
+    "wrong dtype": lambda p, other: _forge(p, load_file(str(p))["influence"].float()),
+    "wrong shape": lambda p, other: _forge(p, load_file(str(p))["influence"][:29].clone()),
+    "extra tensor": lambda p, other: save_file({**load_file(str(p)), "x": torch.ones(1)}, str(p)),
+}
+
+
+@pytest.mark.parametrize("how", list(_TAMPERINGS))
+def test_damaged_entry_is_recomputed_overwritten_and_reported(tmp_path, counters, how):
+    model, train, val = _setup()
+    kw = dict(damping=0.1, solver="exact", cache_dir=tmp_path, progress=False)
+    other_dir = tmp_path / "other"
+    energy_influence(model, train, val, **{**kw, "damping": 0.2, "cache_dir": other_dir})
+    other = _entry(other_dir, "energy")
+    counters.update(solve=0, jvp=0)
+    first = energy_influence(model, train, val, **kw)
+    entry = _entry(tmp_path, "energy")
+    _TAMPERINGS[how](entry, other)
+
+    with pytest.warns(RuntimeWarning, match=rf"{entry.name}.*recomputing"):
+        again = energy_influence(model, train, val, **kw)
+    assert torch.equal(again, first), "a damaged entry must never be returned"
+    assert counters == {"solve": 1, "jvp": 2}, "only the damaged stage reruns (the stored s is still valid)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert torch.equal(energy_influence(model, train, val, **kw), first)
+    assert counters == {"solve": 1, "jvp": 2}, "the damaged entry must have been overwritten by the recomputed one"
+
+
+def test_damaged_solution_is_recomputed(tmp_path, counters):
+    model, train, val = _setup()
+    kw = dict(damping=0.1, solver="exact", progress=False)
+    loss_influence(model, train, val, cache_dir=tmp_path, **kw)
+    entry = _entry(tmp_path, "solve")
+    save_file({"s": torch.zeros(3)}, str(entry))
+    with pytest.warns(RuntimeWarning, match=rf"{entry.name}.*recomputing"):
+        served = energy_influence(model, train, val, cache_dir=tmp_path, **kw)
+    assert counters["solve"] == 2
+    assert torch.equal(served, energy_influence(model, train, val, **kw))
+
+
+def test_read_only_cache_dir_fails_before_any_work(counters):
+    model, train, val = _setup()
+    # one uncached run first: under root the check runs as `nobody`, who may not read the Python installation,
+    # so every module the old failure path lazily imports must already be loaded
+    energy_influence(model, train, val, damping=0.1, solver="exact", progress=False)
+    counters.update(solve=0, jvp=0)
+    forwards = []
+    model.register_forward_hook(lambda *a: forwards.append(1))
+
+    def check(folder):
+        with pytest.raises(PermissionError, match=r"cache_dir=.*not a writable folder"):
+            energy_influence(model, train, val, damping=0.1, solver="exact", cache_dir=folder, progress=False)
+        assert counters == {"solve": 0, "jvp": 0} and forwards == [], "nothing may be computed first"
+
+    run_without_write_access(check)

@@ -1,22 +1,31 @@
 """On-disk cache of influence results and inverse-HVP solutions, keyed by every input that changes them.
 
-A cache entry is ``<cache_dir>/<stage>-<key>.safetensors`` (the tensors) plus ``<stage>-<key>.json`` (the settings
-in readable form, including the fingerprints of the model state and of the data). ``key`` is the SHA-256 of that
-JSON, so an entry is reused only when the model parameters and buffers, the data and every setting match exactly.
-Writes go to a temporary file in the same folder followed by ``os.replace``, so an interrupted run never leaves a
-half-written entry behind.
+A cache entry is ``<cache_dir>/<stage>-<key>.safetensors`` (the tensors, with the settings they were computed under
+in the file's metadata) plus ``<stage>-<key>.json`` (the same settings in readable form, including the fingerprints
+of the model state and of the data). ``key`` is the SHA-256 of those settings, so an entry is reused only when the
+model parameters and buffers, the data and every setting match exactly. Writes go to a temporary file in the same
+folder followed by ``os.replace``, so an interrupted run never leaves a half-written entry behind.
+
+A cache folder may be shared or edited by hand, so nothing read from it is trusted: an entry is returned only when
+the tensor file parses, records exactly this entry's settings, and holds the expected tensors with the expected
+shape and dtype and only finite values. Anything else is reported with a warning naming the file and treated as a
+miss, so the caller recomputes and :meth:`ResultCache.store` overwrites the damaged entry.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import warnings
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from iaerf._io import atomic_write
+from iaerf._io import atomic_write, ensure_writable_dir
 from iaerf.influence.data import _hash_tensor
+
+_SETTINGS_METADATA = "iaerf_settings"
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -39,15 +48,16 @@ def _canonical(settings: dict) -> str:
 
 
 class ResultCache:
-    """Load / store named tensors for one settings dict under ``cache_dir`` (no-op when ``cache_dir`` is None)."""
+    """Load / store named tensors for one settings dict under ``cache_dir`` (no-op when ``cache_dir`` is None).
+
+    A given ``cache_dir`` is created if needed and must be writable (checked here, before any work is done).
+    """
 
     def __init__(self, cache_dir: str | os.PathLike | None, stage: str, settings: dict):
         self.settings = settings
         self.key = settings_key(settings)
         self.stage = stage
-        self.dir = None if cache_dir is None else os.fspath(cache_dir)
-        if self.dir is not None:
-            os.makedirs(self.dir, exist_ok=True)
+        self.dir = None if cache_dir is None else ensure_writable_dir(cache_dir, "cache_dir")
 
     @property
     def enabled(self) -> bool:
@@ -56,29 +66,55 @@ class ResultCache:
     def path(self, suffix: str) -> str:
         return os.path.join(self.dir, f"{self.stage}-{self.key}{suffix}")
 
-    def load(self) -> dict[str, torch.Tensor] | None:
-        """The stored tensors, or None when absent or stored under different settings."""
-        if not self.enabled or not os.path.exists(self.path(".safetensors")):
+    def load(self, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor] | None:
+        """The stored tensors, or None when there is no valid entry.
+
+        ``expected`` maps every tensor name the entry must hold (and no other) to its ``(shape, dtype)``. An entry
+        that fails any check (unreadable, settings other than this key's, other names, shapes or dtypes,
+        non-finite values) gives a warning naming the file and None, so that the caller recomputes and overwrites it.
+        """
+        if not self.enabled:
             return None
+        path = self.path(".safetensors")
+        if not os.path.exists(path):
+            return None
+        tensors, problem = self._read(path, expected)
+        if problem is not None:
+            warnings.warn(f"influence cache entry {path} is damaged or stale ({problem}); recomputing it, the entry "
+                          f"will be overwritten", RuntimeWarning, stacklevel=2)
+        return tensors
+
+    def _read(self, path: str, expected) -> tuple[dict[str, torch.Tensor] | None, str | None]:
         try:
-            with open(self.path(".json")) as f:
-                stored = json.load(f)
-        except (OSError, ValueError):
-            return None
-        if _canonical(stored) != _canonical(self.settings):  # guards against a (theoretical) key collision
-            return None
-        return load_file(self.path(".safetensors"))
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                names = set(f.keys())
+                if metadata.get(_SETTINGS_METADATA) != _canonical(self.settings):
+                    return None, ("it records no settings" if _SETTINGS_METADATA not in metadata
+                                  else "the settings it records are not this entry's settings")
+                if names != set(expected):
+                    return None, f"it holds tensors {sorted(names)}, expected {sorted(expected)}"
+                tensors = {name: f.get_tensor(name) for name in expected}
+        except Exception as exc:  # safetensors raises SafetensorError, OSError or others on a damaged file
+            return None, f"not a readable safetensors file: {type(exc).__name__}: {exc}"
+        for name, (shape, dtype) in expected.items():
+            t = tensors[name]
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                return None, (f"{name!r} is {t.dtype} of shape {list(t.shape)}, expected {dtype} of shape "
+                              f"{list(shape)}")
+            if not bool(torch.isfinite(t).all()):
+                return None, f"{name!r} holds non-finite values"
+        return tensors, None
 
     def store(self, tensors: dict[str, torch.Tensor]) -> None:
         if not self.enabled:
             return
         cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        atomic_write(self.path(".safetensors"), lambda p: save_file(cpu, p))
+        metadata = {_SETTINGS_METADATA: _canonical(self.settings)}
+        atomic_write(self.path(".safetensors"), lambda p: save_file(cpu, p, metadata=metadata))
         atomic_write(self.path(".json"), lambda p: _write_json(p, self.settings))
 
 
 def _write_json(path: str, settings: dict) -> None:
     with open(path, "w") as f:
         f.write(json.dumps(settings, sort_keys=True, indent=1, default=str))
-
-

@@ -14,12 +14,14 @@ forward-mode directional derivative, -(d/de) E_{theta + e s}(x_i) (see :mod:`iae
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from iaerf._io import ensure_writable_dir
 from iaerf.influence import distributed as D
 from iaerf.influence.cache import ResultCache, model_fingerprint
 from iaerf.influence.data import IndexedData
@@ -220,6 +222,9 @@ def _progress(enabled: bool, total: int, desc: str):
 
 def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
     opts = _options(args)
+    if args["cache_dir"] is not None:
+        # before any pass over the data: an unwritable cache would otherwise fail only when the result is stored
+        ensure_writable_dir(args["cache_dir"], "cache_dir")
     val_name = "test" if kind == "energy_on_test" else "val"
     train_d, val_d = IndexedData(train, "train"), IndexedData(val, val_name)
     if len(val_d) == 0:
@@ -257,7 +262,13 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
             base["train"], base[val_name] = train_d.fingerprint(), val_d.fingerprint()
         solve_stage = "solve_test" if kind == "energy_on_test" else "solve"
         result_cache = ResultCache(args["cache_dir"], kind, {**base, "kind": kind})
-        hit = result_cache.load()
+        p_total = sum(p.numel() for p in chosen.values())
+        s_dtype = functools.reduce(torch.promote_types, [p.dtype for p in chosen.values()])
+        if kind == "energy_on_test":
+            expected_s, expected_influence = ((m, p_total), s_dtype), ((m, n), logits.dtype)
+        else:
+            expected_s, expected_influence = ((p_total,), s_dtype), ((n,), logits.dtype)
+        hit = result_cache.load({"influence": expected_influence})
         if D.agree(hit is not None, group):
             return hit["influence"].to(device)
         solve_cache = ResultCache(args["cache_dir"], solve_stage, base)
@@ -284,7 +295,7 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
             train_local, val_local = train_d, val_d
             local_train_idx, local_val_idx = train_idx, val_idx
 
-        stored = solve_cache.load()
+        stored = solve_cache.load({"s": expected_s})
         if D.agree(stored is not None, group):
             s = stored["s"].to(device)
         else:
