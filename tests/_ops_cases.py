@@ -1,4 +1,5 @@
-"""Shared helpers for the fused-op tests: available backends and float64 ground truth."""
+"""Shared helpers for the fused-op tests: available backends, the devices the Triton kernels run on, float64
+ground truth."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _cuda import cuda_path_missing, needs_cuda
 from iaerf import _extension
+from iaerf.ops import _checks
 
 HAS_CPP = _extension.has_native_op("energy_ce_forward") and _extension.has_native_op("logsumexp")
 HAS_TRITON = importlib.util.find_spec("triton") is not None and (
@@ -22,6 +25,40 @@ CPU_BACKENDS = [
 ]
 # Backends that take float64 / fp16 / bf16 logits on CPU (the Triton interpreter has no bf16 arithmetic).
 CPU_BACKENDS_ANY_DTYPE = CPU_BACKENDS[:2]
+
+# Where the Triton kernels run: CPU tensors through the interpreter (the proof before a GPU exists) and CUDA.
+TRITON_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not available")),
+    pytest.param("cuda", marks=needs_cuda),
+]
+TRITON_LAUNCHERS = ("energy_ce_forward", "energy_ce_backward", "logsumexp_forward", "logsumexp_backward")
+
+
+def triton_backend(device: str, logits: torch.Tensor, native_op: str) -> str:
+    """The backend argument that runs the Triton kernels on these logits: forced on CPU (interpreter), the
+    default dispatch on CUDA, where a dispatch to anything else is a missing CUDA path (see _cuda)."""
+    if device == "cpu":
+        return "triton"
+    impl = _checks.select_backend(logits, None, native_op)
+    if impl != "triton":
+        cuda_path_missing(f"backend=None runs {impl!r}, not Triton, on CUDA {logits.dtype} logits")
+    return None
+
+
+def spy_triton_launchers(monkeypatch) -> list[str]:
+    """Record the name of every Triton launcher called from now on (proof that the Triton path ran)."""
+    from iaerf.ops import _triton_kernels
+
+    calls: list[str] = []
+    for name in TRITON_LAUNCHERS:
+        real = getattr(_triton_kernels, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(_triton_kernels, name, spy)
+    return calls
 
 
 def make_case(n: int, k: int, *, scale: float = 3.0, ignore_frac: float = 0.2, seed: int = 0,

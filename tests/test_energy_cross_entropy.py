@@ -1,7 +1,12 @@
 """iaerf.ops.energy_regularized_cross_entropy: every backend against a float64 reference, hostile inputs, AD."""
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -9,7 +14,9 @@ import torch.nn.functional as F
 
 from iaerf import ops
 from iaerf.ops import _checks
-from _ops_cases import CPU_BACKENDS, CPU_BACKENDS_ANY_DTYPE, HAS_CPP, HAS_TRITON, fp64_energy_ce, make_case
+from _cuda import needs_cuda
+from _ops_cases import (CPU_BACKENDS, CPU_BACKENDS_ANY_DTYPE, HAS_CPP, HAS_TRITON, TRITON_DEVICES, fp64_energy_ce,
+                        make_case, spy_triton_launchers, triton_backend)
 
 ece = ops.energy_regularized_cross_entropy
 
@@ -175,6 +182,12 @@ _no_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not available")
 ])
 def test_low_precision_no_worse_than_torch(backend, dtype):
     logits, target, coef = make_case(64, 300, seed=21, dtype=dtype)
+    _assert_low_precision_no_worse_than_torch(logits, target, coef, backend)
+
+
+def _assert_low_precision_no_worse_than_torch(logits, target, coef, backend):
+    """fp16/bf16 loss and gradient against float64: error no worse than the same-dtype torch composition + 1e-2."""
+    dtype = logits.dtype
     logits[:8, 0] += 12  # a few confident rows
     target[:8] = 0
     loss, ce, energy, grad = _run(logits, target, coef.float(), backend)
@@ -183,7 +196,7 @@ def test_low_precision_no_worse_than_torch(backend, dtype):
 
     z = logits.clone().requires_grad_()
     torch_loss = F.cross_entropy(z, target, reduction="none") + coef.to(dtype) * (-torch.logsumexp(z, 1))
-    torch_loss = torch.where(target != -100, torch_loss, torch.zeros((), dtype=dtype))
+    torch_loss = torch.where(target != -100, torch_loss, torch.zeros((), dtype=dtype, device=z.device))
     (torch_grad,) = torch.autograd.grad(torch_loss.sum(), z)
 
     def err(x, ref):
@@ -314,6 +327,12 @@ def test_coef_gradient_is_energy():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_bad_input_raises_before_any_kernel(backend):
     logits, target, coef = make_case(6, 4, seed=0, ignore_frac=0.0)
+
+    def coef_with(i, value):  # a float64 [N] coefficient holding value at i (1e300 overflows float32)
+        c = coef.clone()
+        c[i] = value
+        return c
+
     cases = [
         (TypeError, "logits", lambda: ece(logits.long(), target, 1.0, backend=backend)),
         (TypeError, "logits", lambda: ece(logits.numpy(), target, 1.0, backend=backend)),
@@ -330,12 +349,37 @@ def test_bad_input_raises_before_any_kernel(backend):
         (TypeError, "energy_coef", lambda: ece(logits, target, "1", backend=backend)),
         (ValueError, "reduction", lambda: ece(logits, target, 1.0, reduction="avg", backend=backend)),
         (TypeError, "ignore_index", lambda: ece(logits, target, 1.0, ignore_index=1.5, backend=backend)),
+        # these raised a pybind cast error, an OverflowError or "value cannot be converted to type float", or
+        # (non-finite coefficients) returned inf / nan without a word
+        (ValueError, "ignore_index", lambda: ece(logits, target, 1.0, ignore_index=2**70, backend=backend)),
+        (ValueError, "energy_coef", lambda: ece(logits, target, 1e308, backend=backend)),
+        (ValueError, "energy_coef", lambda: ece(logits, target, 10**400, backend=backend)),
+        (ValueError, "energy_coef", lambda: ece(logits, target, float("inf"), backend=backend)),
+        (ValueError, "energy_coef", lambda: ece(logits, target, float("nan"), backend=backend)),
+        (ValueError, "energy_coef", lambda: ece(logits, target, torch.tensor(float("nan")), backend=backend)),
+        (ValueError, r"energy_coef\[2\] = inf", lambda: ece(logits, target, coef_with(2, math.inf), backend=backend)),
+        (ValueError, r"energy_coef\[4\] = 1e\+300", lambda: ece(logits, target, coef_with(4, 1e300), backend=backend)),
+        (ValueError, r"target\[3\] = 4 is outside", lambda: ece(logits, torch.tensor([0, 1, 2, 4, 0, 0]), 1.0,
+                                                                 backend=backend)),
     ]
     for exc, name, call in cases:
         with pytest.raises(exc, match=name):
             call()
     with pytest.raises(ValueError, match="backend"):
         ece(logits, target, 1.0, backend="fast")
+    with pytest.raises(ValueError, match="ignore_index"):
+        ops.EnergyRegularizedCrossEntropy(ignore_index=-(2**63) - 1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS_ANY_DTYPE)
+def test_float64_takes_coefficients_beyond_float32_and_any_int64_ignore_index(backend):
+    logits, target, coef = make_case(6, 4, seed=0, ignore_frac=0.0, dtype=torch.float64)
+    target[2] = 2**62
+    for c in (1e300, coef * 1e300):
+        loss = ece(logits, target, c, reduction="none", ignore_index=2**62, backend=backend)
+        ref_loss, *_ = fp64_energy_ce(logits, target, torch.as_tensor(c, dtype=torch.float64), ignore_index=2**62)
+        assert torch.isfinite(loss).all() and loss[2] == 0
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not available")
@@ -362,17 +406,213 @@ def test_triton_chunked_path_with_small_block(monkeypatch, k):
         assert torch.isfinite(loss[3])
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@cuda
+@pytest.mark.parametrize("offset", [1e6, 1e8])
+def test_reference_gradient_at_large_logits(offset):
+    # The reference (run under torch.func and forward-mode AD) took torch.logsumexp's gradient exp(z - lse) from
+    # an unshifted fp32 lse: relative error ~5e-3 at 1e6, softmax rows summing to K at 1e8.
+    logits, target, coef = make_case(16, 10, seed=3)
+    logits = logits + offset
+    _, _, _, ref_grad = fp64_energy_ce(logits, target, coef)
+
+    def loss(z):
+        return ece(z, target, coef.float(), reduction="sum", backend="reference")
+
+    z = logits.clone().requires_grad_()
+    (autograd_grad,) = torch.autograd.grad(loss(z), z)
+    func_grad = torch.func.grad(lambda z: ece(z, target, coef.float(), reduction="sum"))(logits)
+    v = torch.randn(16, 10)
+    with torch.autograd.forward_ad.dual_level():
+        tangent = torch.autograd.forward_ad.unpack_dual(loss(torch.autograd.forward_ad.make_dual(logits, v))).tangent
+    scale = float(ref_grad.abs().max())
+    for grad in (autograd_grad, func_grad):
+        assert float((grad.double() - ref_grad).abs().max()) <= 1e-6 * scale
+    expected_tangent = float((ref_grad * v.double()).sum())
+    assert abs(float(tangent) - expected_tangent) <= 1e-5 * float((ref_grad.abs() * v.double().abs()).sum())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mixed_second_derivative_at_large_logits(backend):
+    # d/dz (d l / d c) = -softmax(z) on valid rows; the double-backward graph formed it from an unshifted lse.
+    logits, target, coef = make_case(16, 10, seed=4)
+    logits = logits + 1e8
+    z = logits.clone().requires_grad_()
+    c = coef.float().requires_grad_()
+    (grad_coef,) = torch.autograd.grad(ece(z, target, c, reduction="sum", backend=backend), c, create_graph=True)
+    (mixed,) = torch.autograd.grad(grad_coef.sum(), z)
+    valid = (target != -100)[:, None].double()
+    torch.testing.assert_close(mixed.double(), -torch.softmax(logits.double(), 1) * valid, rtol=1e-5, atol=1e-6)
+
+
+# ---- The Triton kernels on every device they run on: CPU tensors through the interpreter, and CUDA ----
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("n,k", [(67, 1), (67, 77), (1003, 10), (67, 1000), (1003, 1000)])
+def test_triton_partly_filled_row_tiles(monkeypatch, device, n, k):
+    # An odd N leaves the last [ROWS, BLOCK] tile partly filled; K = 1, 77, 1000 are not multiples of 16.
+    from iaerf.ops import _triton_kernels
+
+    rows, _, _, _, grid = _triton_kernels._tiling(n, k)
+    assert rows * grid > n
+    logits, target, coef = (t.to(device) for t in make_case(n, k, seed=n + k))
+    backend = triton_backend(device, logits, "energy_ce_forward")
+    calls = spy_triton_launchers(monkeypatch)
+    _assert_matches_fp64(logits, target, coef.float(), backend)
+    assert calls == ["energy_ce_forward", "energy_ce_backward"]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("k", [1, 77, 1000])
+def test_triton_nan_inf_and_ignored_rows(monkeypatch, device, k):
+    logits, target, coef = make_case(67, k, seed=k, ignore_frac=0.0)
+    inf, nan = float("inf"), float("nan")
+    logits[0, 0] = nan
+    logits[1] = -inf
+    logits[2, 0] = inf
+    logits[3, target[3]] = -inf  # the target's own logit: CE +inf, gradient finite
+    logits[4, -1] = nan  # rows 4-6 are ignored and hold NaN, all -inf and +inf
+    logits[5] = -inf
+    logits[6, 0] = inf
+    target[4:7] = -100
+    target[[10, 33, 66]] = -100  # ordinary ignored rows, one in the last, partial tile
+    expected = _run(logits.double(), target, coef, "reference")  # the documented conventions, in float64
+    logits, target, coef = logits.to(device), target.to(device), coef.float().to(device)
+    backend = triton_backend(device, logits, "energy_ce_forward")
+    calls = spy_triton_launchers(monkeypatch)
+    loss, ce, energy, grad = _run(logits, target, coef, backend)
+    assert calls == ["energy_ce_forward", "energy_ce_backward"]
+    for got, want in zip((loss, ce, energy, grad), expected):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    ignored = (target == -100).cpu()
+    assert torch.all(loss.cpu()[ignored] == 0) and torch.all(grad.cpu()[ignored] == 0)
+    assert energy[1] == inf and energy[2] == -inf and torch.isnan(loss[0])
+    assert ce[3] == inf if k > 1 else torch.isnan(ce[3])  # at K = 1 row 3 is all -inf
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_strided_rows(monkeypatch, device):
+    n, k = 67, 77
+    g = torch.Generator().manual_seed(4)
+
+    def base(*shape):  # made on the device, then viewed: a copy to the device would make a view contiguous
+        return torch.randn(*shape, generator=g).to(device)
+
+    views = {
+        "row stride > K (read in place)": base(n, k + 13)[:, 5:5 + k],
+        "every other row": base(2 * n, k)[::2],
+        "column stride 2": base(n, 2 * k)[:, ::2],
+        "transposed": base(k, n).t(),
+        "expanded (row stride 0)": base(1, k).expand(n, k),
+    }
+    target = torch.randint(0, k, (2 * n,), generator=g)[::2].to(device)
+    coef = torch.rand(n, generator=g).to(device)
+    for what, logits in views.items():
+        assert not logits.is_contiguous(), what
+        backend = triton_backend(device, logits, "energy_ce_forward")
+        calls = spy_triton_launchers(monkeypatch)
+        before = logits.clone()
+        _assert_matches_fp64(logits, target, coef, backend)
+        assert torch.equal(logits, before), what
+        assert calls == ["energy_ce_forward", "energy_ce_backward"], what
+
+
+@pytest.mark.parametrize("device,dtype", [
+    pytest.param("cpu", torch.float16, marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not available")),
+    pytest.param("cuda", torch.float16, marks=needs_cuda),
+    pytest.param("cuda", torch.bfloat16, marks=needs_cuda),  # the Triton interpreter has no bf16 arithmetic
+])
+@pytest.mark.parametrize("n,k", [(67, 77), (1003, 1000)])
+def test_triton_low_precision_no_worse_than_torch(monkeypatch, device, dtype, n, k):
+    logits, target, coef = (t.to(device) for t in make_case(n, k, seed=k, dtype=dtype))
+    backend = triton_backend(device, logits, "energy_ce_forward")
+    calls = spy_triton_launchers(monkeypatch)
+    _assert_low_precision_no_worse_than_torch(logits, target, coef, backend)
+    assert calls == ["energy_ce_forward", "energy_ce_backward"]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_out_of_range_target_reads_only_its_row(device):
+    # The callers reject such targets first (on CUDA with a device-side assert that does not stop the launch):
+    # the kernel itself must still stay inside the row. Before, it read a neighbouring row's logit.
+    from iaerf.ops import _triton_kernels
+
+    logits, target, coef = (t.to(device) for t in make_case(9, 5, seed=3, ignore_frac=0.0))
+    coef = coef.float()
+    target[3], target[5] = 5, -1  # one past the end of the row, one before its start
+    bad = torch.zeros(9, dtype=torch.bool, device=device)
+    bad[[3, 5]] = True
+    loss, ce, lse = _triton_kernels.energy_ce_forward(logits, target, coef, -100)
+    grad = _triton_kernels.energy_ce_backward(torch.ones(9, device=device), logits, target, coef, lse, -100)
+    assert torch.isnan(loss[bad]).all() and torch.isnan(ce[bad]).all() and torch.isnan(grad[bad]).all()
+    ref_loss, ref_ce, ref_lse, ref_grad = fp64_energy_ce(logits[~bad], target[~bad], coef[~bad])
+    torch.testing.assert_close(loss[~bad].double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits.double(), 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad[~bad].double(), ref_grad, rtol=1e-5, atol=1e-6)
+
+
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel: records whether each launch happened inside the device guard."""
+
+    def __init__(self, kernel, inside: list, launches: list):
+        self.kernel, self.inside, self.launches = kernel, inside, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(bool(self.inside))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not available")
+def test_every_triton_launch_enters_the_logits_device(monkeypatch):
+    # Triton launches on the current CUDA device: without the guard, logits on cuda:1 ran on cuda:0 (see
+    # test_cuda_second_device for the real thing).
+    from iaerf.ops import _triton_kernels
+
+    inside, devices, launches = [], [], []
+
+    @contextlib.contextmanager
+    def on_device(t):
+        devices.append(t.device)
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(_triton_kernels, "_on_device", on_device)
+    for name in ("_forward_kernel", "_backward_kernel"):
+        monkeypatch.setattr(_triton_kernels, name, _LaunchSpy(getattr(_triton_kernels, name), inside, launches))
+    logits, target, coef = make_case(7, 5, seed=1)
+    z = logits.clone().requires_grad_()
+    loss = ece(z, target, coef.float(), backend="triton") + ops.logsumexp(z, backend="triton").sum()
+    torch.autograd.grad(loss, z)
+    assert launches == [True] * 4 and devices == [z.device] * 4
+
+
+def test_value_checks_read_no_tensor_data():
+    # On a GPU, reading a check's verdict back on the host is a sync per training step (and breaks CUDA-graph
+    # capture). Meta tensors hold no data, so any such read fails on them; the whole reference path runs.
+    logits = torch.randn(6, 4, device="meta")
+    target = torch.zeros(6, dtype=torch.long, device="meta")
+    coef = torch.ones(6, device="meta")
+    _checks.check_target_range(target, 4, -100)
+    assert _checks.coef_tensor(coef, logits).device.type == "meta"
+    assert ece(logits, target, coef, reduction="none").shape == (6,)
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("k", [10, 1000, 32768])
-def test_cuda_triton_matches_fp64(dtype, k):
-    logits, target, coef = make_case(64, k, seed=k, dtype=dtype)
+def test_cuda_triton_matches_fp64(monkeypatch, dtype, k):
+    logits, target, coef = make_case(67, k, seed=k, dtype=dtype)
     logits, target, coef = logits.cuda(), target.cuda(), coef.float().cuda()
-    assert _checks.select_backend(logits, None, "energy_ce_forward") == "triton"
-    loss, ce, energy, grad = _run(logits, target, coef, None)
+    backend = triton_backend("cuda", logits, "energy_ce_forward")
+    calls = spy_triton_launchers(monkeypatch)
+    loss, ce, energy, grad = _run(logits, target, coef, backend)
+    assert calls == ["energy_ce_forward", "energy_ce_backward"]
     ref_loss, ref_ce, ref_lse, ref_grad = fp64_energy_ce(logits.cpu(), target.cpu(), coef.cpu())
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=tol, atol=tol)
@@ -380,22 +620,102 @@ def test_cuda_triton_matches_fp64(dtype, k):
     torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=tol, atol=tol)
 
 
-@cuda
-def test_cuda_bad_target_raises_value_error():
+@needs_cuda
+def test_cuda_second_device(monkeypatch):
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    device = torch.device("cuda:1")
+    assert torch.cuda.current_device() == 0
+    logits, target, coef = (t.to(device) for t in make_case(67, 77, seed=5))
+    backend = triton_backend("cuda", logits, "energy_ce_forward")
+    calls = spy_triton_launchers(monkeypatch)
+    _assert_matches_fp64(logits, target, coef.float(), backend)
+    z = logits.clone().requires_grad_()
+    lse = ops.logsumexp(z, backend=backend)
+    (grad,) = torch.autograd.grad(lse.sum(), z)
+    assert lse.device == grad.device == device
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits.double(), 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), torch.softmax(logits.double(), 1), rtol=1e-5, atol=1e-6)
+    assert calls == list(("energy_ce_forward", "energy_ce_backward", "logsumexp_forward", "logsumexp_backward"))
+
+
+@needs_cuda
+def test_cuda_step_has_no_host_sync_and_captures_in_a_cuda_graph(monkeypatch):
+    logits, target, coef = (t.cuda() for t in make_case(67, 77, seed=8))
+    coef = coef.float()
+    backend = triton_backend("cuda", logits, "energy_ce_forward")
+    calls = spy_triton_launchers(monkeypatch)
+    z = logits.clone().requires_grad_()
+
+    def step():
+        loss = ece(z, target, coef, reduction="mean", backend=backend)
+        return (loss, *torch.autograd.grad(loss, z))
+
+    step()  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, grad = step()
+    fresh = torch.randn_like(logits) * 3
+    with torch.no_grad():
+        z.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_loss, _, _, ref_grad = fp64_energy_ce(fresh, target, coef)
+    valid = (target != -100).sum()
+    torch.testing.assert_close(loss.double(), ref_loss.sum() / valid, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad / valid, rtol=1e-5, atol=1e-6)
+    assert "energy_ce_forward" in calls and "energy_ce_backward" in calls
+
+
+_BAD_TARGET_ON_CUDA = textwrap.dedent(
+    """
+    import torch
+    from iaerf import ops
+    from iaerf.ops import _checks
+
     logits = torch.randn(4, 3, device="cuda")
-    with pytest.raises(ValueError, match="target"):
-        ece(logits, torch.tensor([0, 1, 3, 0], device="cuda"), 1.0)
+    print("backend", _checks.select_backend(logits, None, "energy_ce_forward"), flush=True)
+    loss = ops.energy_regularized_cross_entropy(logits, torch.tensor([0, 1, 3, 0], device="cuda"), 1.0)
+    torch.cuda.synchronize()
+    print("returned", float(loss), flush=True)
+    """
+)
 
 
-@cuda
-def test_cuda_offsets_past_two_to_the_31():
+@needs_cuda
+def test_cuda_out_of_range_target_is_a_device_side_assert():
+    # A device-side assert ends the CUDA context, hence a process of its own.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _BAD_TARGET_ON_CUDA], cwd=root, capture_output=True, text=True,
+                            timeout=300)
+    assert "backend triton" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert result.returncode != 0 and "returned" not in result.stdout, result.stdout
+    assert "device-side assert" in result.stderr, result.stderr[-3000:]
+
+
+@needs_cuda
+def test_cuda_offsets_past_two_to_the_31(monkeypatch):
     # N * K > 2^31 elements: row offsets must be int64 in the kernels (bf16 keeps this at ~4.3 GB per buffer).
     n, k = 2**16 + 8, 2**15 + 1
     assert n * k > 2**31
     logits = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).requires_grad_()
     target = torch.randint(0, k, (n,), device="cuda")
-    parts = ece(logits, target, 0.5, reduction="sum", return_parts=True)
+    backend = triton_backend("cuda", logits, "energy_ce_forward")
+    calls = spy_triton_launchers(monkeypatch)
+    parts = ece(logits, target, 0.5, reduction="sum", return_parts=True, backend=backend)
     (grad,) = torch.autograd.grad(parts.loss, logits)
+    assert calls == ["energy_ce_forward", "energy_ce_backward"]
     last = slice(n - 4, n)
     z = logits.detach()[last].double()
     torch.testing.assert_close(parts.energy[last].double(), -torch.logsumexp(z, 1), rtol=1e-5, atol=1e-4)

@@ -6,9 +6,13 @@ int64 row offsets (N * K may exceed 2^31). A row of up to MAX_BLOCK classes is l
 in MAX_BLOCK chunks with the online-softmax recurrence (running max m, running sum s of exp(z - m), rescaled
 when m grows). The backward recomputes the softmax from the
 saved fp32 lse, so it reads the logits once and writes the gradient once. Edge conventions match the C++ kernels
-(see csrc/cpu/energy_ce.cpp): shift 0 when the row max is +-inf; ignored rows give 0.
+(see csrc/cpu/energy_ce.cpp): shift 0 when the row max is +-inf; ignored rows give 0. A target outside [0, K)
+that is not ignore_index (the callers reject it first) never makes a kernel read outside its row: its row gets
+NaN. Every launch enters the logits' CUDA device.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -63,7 +67,11 @@ def _forward_kernel(
     if HAS_TARGET:
         y = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
         valid = y != ignore_index
-        z_y = tl.load(logits_ptr + row_off + tl.where(valid, y, 0), mask=row_mask, other=0.0).to(tl.float32)
+        # The launchers' callers reject out-of-range targets (on a GPU only by a device-side assert, which does
+        # not stop this launch): such a row reads nothing outside its own and gives NaN.
+        in_range = (y >= 0) & (y < K)
+        z_y = tl.load(logits_ptr + row_off + tl.where(in_range, y, 0), mask=row_mask & in_range,
+                      other=float("nan")).to(tl.float32)
         c = tl.load(coef_ptr + rows * coef_stride, mask=row_mask, other=0.0).to(tl.float32)
         ce = lse - z_y
         tl.store(ce_ptr + rows, tl.where(valid, ce, 0.0), mask=row_mask)
@@ -85,6 +93,7 @@ def _backward_kernel(
     if HAS_TARGET:
         y = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
         valid = y != ignore_index
+        out_of_range = valid & ((y < 0) | (y >= K))  # NaN gradient, as the forward gives NaN (see there)
         w = g * (1.0 - tl.load(coef_ptr + rows * coef_stride, mask=row_mask, other=0.0).to(tl.float32))
     else:
         w = g
@@ -98,6 +107,7 @@ def _backward_kernel(
             # true-class term in fp32 before the (possibly bf16) store: keeps confident rows accurate
             grad = tl.where(c[None, :] == y[:, None], grad - g[:, None], grad)
             grad = tl.where(valid[:, None], grad, 0.0)
+            grad = tl.where(out_of_range[:, None], float("nan"), grad)
         tl.store(out_ptr + out_off[:, None] + c[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -115,6 +125,11 @@ def _row_major(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.stride(1) == 1 or logits.shape[1] == 1 else logits.contiguous()
 
 
+def _on_device(t: torch.Tensor):
+    """Context for a launch on t's GPU: Triton launches on the current CUDA device, which need not be t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _coef_arg(coef: torch.Tensor) -> tuple[torch.Tensor, int]:
     return (coef.reshape(1), 0) if coef.dim() == 0 else (coef, coef.stride(0))
 
@@ -130,10 +145,11 @@ def energy_ce_forward(logits, target, coef, ignore_index: int):
         return loss, ce, lse
     coef, coef_stride = _coef_arg(coef)
     rows, block, chunked, num_warps, grid = _tiling(N, K)
-    _forward_kernel[(grid,)](
-        logits, logits.stride(0), target.contiguous(), coef, coef_stride, loss, ce, lse, N, K, ignore_index,
-        HAS_TARGET=True, ROWS=rows, BLOCK=block, CHUNKED=chunked, num_warps=num_warps,
-    )
+    with _on_device(logits):
+        _forward_kernel[(grid,)](
+            logits, logits.stride(0), target.contiguous(), coef, coef_stride, loss, ce, lse, N, K, ignore_index,
+            HAS_TARGET=True, ROWS=rows, BLOCK=block, CHUNKED=chunked, num_warps=num_warps,
+        )
     return loss, ce, lse
 
 
@@ -145,10 +161,11 @@ def logsumexp_forward(logits):
     if N == 0:
         return lse
     rows, block, chunked, num_warps, grid = _tiling(N, K)
-    _forward_kernel[(grid,)](
-        logits, logits.stride(0), lse, lse, 0, lse, lse, lse, N, K, 0,
-        HAS_TARGET=False, ROWS=rows, BLOCK=block, CHUNKED=chunked, num_warps=num_warps,
-    )
+    with _on_device(logits):
+        _forward_kernel[(grid,)](
+            logits, logits.stride(0), lse, lse, 0, lse, lse, lse, N, K, 0,
+            HAS_TARGET=False, ROWS=rows, BLOCK=block, CHUNKED=chunked, num_warps=num_warps,
+        )
     return lse
 
 
@@ -164,10 +181,11 @@ def _backward(grad, logits, target, coef, lse, ignore_index, has_target):
         target = target.contiguous()
     else:
         target, coef, coef_stride = lse, lse, 0
-    _backward_kernel[(grid,)](
-        grad, grad.stride(0), logits, logits.stride(0), target, coef, coef_stride, lse, out, N, K, ignore_index,
-        HAS_TARGET=has_target, ROWS=rows, BLOCK=block, num_warps=num_warps,
-    )
+    with _on_device(logits):
+        _backward_kernel[(grid,)](
+            grad, grad.stride(0), logits, logits.stride(0), target, coef, coef_stride, lse, out, N, K, ignore_index,
+            HAS_TARGET=has_target, ROWS=rows, BLOCK=block, num_warps=num_warps,
+        )
     return out
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from iaerf.ops import _checks
-from iaerf.ops.reference import _upcast, reference_energy_ce
+from iaerf.ops.reference import _upcast, reference_energy_ce, reference_logsumexp
 
 
 def _triton():
@@ -95,7 +95,7 @@ class _EnergyCE(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 onehot = torch.nn.functional.one_hot(torch.where(valid, target, 0).long(), z.shape[1]).to(z.dtype)
                 grad_logits = ((grad * (1 - coef))[:, None] * probs - grad[:, None] * onehot).to(logits.dtype)
-            energy = -torch.logsumexp(z, dim=1)
+            energy = -reference_logsumexp(z)  # max-shifted: its own derivative stays accurate for large logits
         else:
             if ctx.needs_input_grad[0]:
                 if ctx.keep_probs:
@@ -132,11 +132,11 @@ def energy_regularized_cross_entropy(
     Args:
         logits: [N, K] float32/float16/bfloat16/float64, any strides (never modified).
         target: [N] integer class indices in [0, K), or ignore_index.
-        energy_coef: c, a real number or a tensor of shape [] or [N]. A tensor that requires grad gets
-            d l_i / d c_i = E_i.
+        energy_coef: c, a real number or a tensor of shape [] or [N], finite in the accumulation dtype. A tensor
+            that requires grad gets d l_i / d c_i = E_i.
         reduction: "mean" (over non-ignored rows, as F.cross_entropy; nan when there are none), "sum" or "none"
             ([N], ignored rows 0).
-        ignore_index: target value whose rows contribute 0 loss and get 0 gradient.
+        ignore_index: target value (an int64) whose rows contribute 0 loss and get 0 gradient.
         return_parts: also return the per-row cross-entropy and energy from the same pass (detached).
         backend: None/"auto" (iaerf's dispatch rule), or force "triton", "cpp" or "reference".
     Returns:
@@ -145,8 +145,7 @@ def energy_regularized_cross_entropy(
     _checks.check_logits(logits)
     _checks.check_target(target, logits)
     _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _checks.check_ignore_index(ignore_index)
     coef = _checks.coef_tensor(energy_coef, logits)
     impl = _checks.select_backend(logits, backend, "energy_ce_forward")
     if impl not in ("cpp", "cuda"):  # the native op checks targets itself, in its first pass
@@ -172,6 +171,7 @@ class EnergyRegularizedCrossEntropy(torch.nn.Module):
                  backend: str | None = None):
         super().__init__()
         _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
+        _checks.check_ignore_index(ignore_index)
         self.energy_coef = energy_coef
         self.reduction = reduction
         self.ignore_index = ignore_index

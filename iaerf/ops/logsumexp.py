@@ -6,12 +6,10 @@ fp16/bf16), or kept by the C++ forward and scaled in place (CPU, fp32/fp64, when
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from iaerf.ops import _checks
-from iaerf.ops.reference import _upcast, reference_logsumexp
+from iaerf.ops.reference import _upcast, reference_logsumexp, shifted_scaled_logits
 
 
 def _triton():
@@ -81,19 +79,20 @@ def energy(logits: torch.Tensor, temperature: float = 1.0, *, backend: str | Non
 
     Args:
         logits: [N, K] floating (see :func:`logsumexp`).
-        temperature: positive finite T. T != 1 makes one scaled copy of the logits.
+        temperature: T, a positive real number that is a normal number of the accumulation dtype (float32, float64
+            for float64 logits); others raise ValueError. T != 1 makes one scaled copy of the logits, in the
+            accumulation dtype, computed as -(m_i + T logsumexp_k((z_ik - m_i) / T)) with m_i the row max, so
+            that neither a small T nor fp16 logits overflow the scaled copy.
         backend: as in :func:`logsumexp`.
     Returns:
         [N] float32 (float64 for float64 logits). An all -inf row gives +inf.
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be positive and finite, got {temperature}")
     _checks.check_logits(logits)
-    if temperature == 1.0:
+    t = _checks.check_temperature(temperature, logits)
+    if t == 1.0:
         return -logsumexp(logits, backend=backend)
-    return -temperature * logsumexp(logits / temperature, backend=backend)
+    m, scaled = shifted_scaled_logits(logits, t)
+    return -(m + t * logsumexp(scaled, backend=backend))
 
 
 class Energy(torch.nn.Module):

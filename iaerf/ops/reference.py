@@ -9,22 +9,49 @@ from __future__ import annotations
 
 import torch
 
+from iaerf.ops._checks import acc_dtype
+
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
+def _row_shift(z: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N, 1]: the row max, or 0 where it is +-inf or NaN (the fused kernels' shift), detached.
+
+    Every formula below is shift-invariant, so the shift is a constant for autograd: its derivative terms cancel
+    exactly (1 - sum softmax = 0), and leaving them out keeps all derivative orders exact. Working on z - m keeps
+    the gradient accurate for large logits: torch.logsumexp's backward forms exp(z - lse) from the unshifted lse,
+    whose rounding error grows with |z| (at z ~ 1e8 in fp32 every softmax entry came out as 1).
+    """
+    m = z.detach().amax(dim=1, keepdim=True)
+    return torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))
+
+
 def reference_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     """lse_i = log sum_k exp(z_ik). logits [N, K] -> [N] (float32, or float64 for float64 logits)."""
-    return torch.logsumexp(_upcast(logits), dim=1)
+    z = _upcast(logits)
+    m = _row_shift(z)
+    return m.squeeze(1) + torch.logsumexp(z - m, dim=1)
+
+
+def shifted_scaled_logits(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m [N], (z - m) / T [N, K]) with m the row shift of :func:`_row_shift`, so that
+    E = -(m + T logsumexp((z - m) / T)): the scaled values are <= 0, where z / T alone overflows for a small T.
+
+    The result has the accumulation dtype (float32, float64 for float64 logits): a scaled copy in fp16 would
+    overflow at |z| / T > 65504. One [N, K] copy is made.
+    """
+    m = _row_shift(logits).to(acc_dtype(logits))  # exact: the max of fp16/bf16 values is one of them
+    return m.squeeze(1), (logits - m).div_(temperature)
 
 
 def reference_energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """E_i = -T logsumexp_k(z_ik / T) (paper Eq. 2 with temperature T). [N, K] -> [N]."""
-    z = _upcast(logits)
-    if temperature != 1.0:
-        z = z / temperature
-    return -temperature * torch.logsumexp(z, dim=1)
+    if temperature == 1.0:
+        return -reference_logsumexp(logits)
+    m, scaled = shifted_scaled_logits(logits, temperature)
+    return -(m + temperature * torch.logsumexp(scaled, dim=1))
 
 
 def reference_energy_ce(
@@ -50,14 +77,16 @@ def reference_energy_ce(
     # Ignored rows are replaced by zeros before the loss so that they get exactly zero gradient even when they
     # hold NaN or all -inf (0 * NaN would otherwise leak through logsumexp's backward).
     z_loss = torch.where(valid[:, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
-    lse_loss = torch.logsumexp(z_loss, dim=1)
+    m = _row_shift(z_loss)
+    shifted = z_loss - m  # CE = lse(z - m) - (z_y - m): no cancellation between two O(|z|) values
+    lse_shifted = torch.logsumexp(shifted, dim=1)
     safe_target = torch.where(valid, target, torch.zeros((), dtype=target.dtype, device=target.device))
-    z_y = z_loss.gather(1, safe_target.long()[:, None]).squeeze(1)
+    ce_loss = lse_shifted - shifted.gather(1, safe_target.long()[:, None]).squeeze(1)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    loss = torch.where(valid, (lse_loss - z_y) - energy_coef * lse_loss, zero)
+    loss = torch.where(valid, ce_loss - energy_coef * (m.squeeze(1) + lse_shifted), zero)
     if not with_parts:
         return loss, None, None
     with torch.no_grad():
-        lse = torch.logsumexp(z, dim=1)
-        cross_entropy = torch.where(valid, lse - z.gather(1, safe_target.long()[:, None]).squeeze(1), zero)
+        lse = reference_logsumexp(z)  # of the unmasked rows: ignored rows keep their true energy
+        cross_entropy = torch.where(valid, ce_loss, zero)
     return loss, cross_entropy, lse
