@@ -68,16 +68,16 @@ def _value_checks_skipped(t: torch.Tensor) -> bool:
 def _raise_if_any(bad: torch.Tensor, message: Callable[[int | None], str]) -> None:
     """Reject the input when any entry of the bool tensor bad is True.
 
-    On CPU: ValueError(message(i)) for the first bad flat index i. Elsewhere: a device-side assert carrying
-    message(None), as torch's own CUDA losses do for their targets. Reading the flag back on the host would be a
-    sync per call (and make the step impossible to capture in a CUDA graph); the price is that a failed assert
-    ends the CUDA context, as any device-side assert does.
+    On CUDA: a device-side assert carrying message(None), as torch's own CUDA losses do for their targets. Reading
+    the flag back on the host would be a sync per call (and make the step impossible to capture in a CUDA graph);
+    the price is that a failed assert ends the CUDA context, as any device-side assert does. Meta tensors take the
+    same path (they hold no values; their assert is a no-op). Elsewhere (CPU, and devices without an async assert):
+    ValueError(message(i)) for the first bad flat index i.
     """
-    if bad.device.type == "cpu":
-        if bool(bad.any()):
-            raise ValueError(message(int(bad.reshape(-1).nonzero()[0, 0])))
-    else:
+    if bad.device.type in ("cuda", "meta"):
         torch._assert_async(~bad.any(), message(None))
+    elif bool(bad.any()):
+        raise ValueError(message(int(bad.reshape(-1).nonzero()[0, 0])))
 
 
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
