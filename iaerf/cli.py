@@ -17,8 +17,12 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 __all__ = ["main", "build_parser"]
+
+# torch accepts any count but crashes (segfault) on very large ones; far above any machine's core count
+_MAX_THREADS = 1024
 
 _SETTINGS = {  # option -> (PipelineConfig field, type, help)
     "--dataset": ("dataset", str, "digits | cifar10 | cifar100 | features"),
@@ -61,12 +65,45 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver-option", dest="solver_option", action="append", default=None, metavar="KEY=VALUE",
                    help="inverse-HVP solver option, repeatable (LiSSA: depth=5000 repeats=10 batch_size=128 ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; demo: 1, fastest for its tiny model)")
+    p.add_argument("--threads", type=_threads, default=None,
+                   help=f"torch CPU threads, 1..{_MAX_THREADS} (default: torch's choice; demo: 1, fastest for its "
+                        "tiny model)")
+
+
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= _MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {_MAX_THREADS}, got {text!r}")
+    return n
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (argparse prints the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _option_of(field: str) -> str:
+    """The command-line option that sets PipelineConfig ``field``."""
+    for opt, (dest, _, _) in list(_SETTINGS.items()) + list(_LISTS.items()):
+        if dest == field:
+            return opt
+    return {"solver_options": "--solver-option", "gauss_newton": "--gauss-newton", "fig1": "--fig1"}.get(field, field)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iaerf", description="Influence-aware energy regularization (IAERF) pipeline")
+    parser = _Parser(prog="iaerf", description="Influence-aware energy regularization (IAERF) pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("data", help="build the imbalanced split and print its class counts")
     _add_settings(p)
@@ -94,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args, defaults=None):
     """The run's PipelineConfig: stored settings (if any) < command-line options."""
-    from iaerf.pipeline import PipelineConfig, read_json
+    from iaerf.pipeline import PipelineConfig, SettingError, read_settings
 
     stored = os.path.join(args.out, "settings.json")
-    base = read_json(stored) if os.path.isfile(stored) else dict(defaults or {})
+    base = read_settings(stored) if os.path.isfile(stored) else dict(defaults or {})
     given = {dest: getattr(args, dest) for dest, _, _ in list(_SETTINGS.values()) + list(_LISTS.values())
              if getattr(args, dest) is not None}
     for name in ("influence_params", "finetune_params"):
@@ -113,11 +150,17 @@ def _config(args, defaults=None):
         given["solver_options"] = {**(base.get("solver_options") or {}), **dict(_parse_option(o) for o in args.solver_option)}
     elif "solver" in given and given["solver"] != base.get("solver"):
         given["solver_options"] = None  # options belong to the solver they were given for
-    return PipelineConfig.from_json({**base, **given})
+    try:
+        return PipelineConfig.from_json({**base, **given})
+    except SettingError as exc:
+        if exc.field not in given and os.path.isfile(stored):
+            raise SettingError(exc.field, f"{exc} (stored in {stored}: give {_option_of(exc.field)} to replace it)") \
+                from None
+        raise
 
 
 def _parse_option(text: str) -> tuple[str, object]:
-    """``"depth=5000"`` -> ("depth", 5000); values become int, float, bool or stay strings."""
+    """``"depth=5000"`` -> ("depth", 5000); values become int, float, bool, None ("none") or stay strings."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ValueError(f"--solver-option expects KEY=VALUE, got {text!r}")
@@ -126,75 +169,100 @@ def _parse_option(text: str) -> tuple[str, object]:
             return key, cast(value)
         except ValueError:
             pass
-    return key, {"true": True, "false": False}.get(value.lower(), value)
+    return key, {"true": True, "false": False, "none": None}.get(value.lower(), value)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit status (0, 2 for any error, 130 when interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage error (already printed in one line) or --help: a status, as for the rest
+        return exc.code
+    name = f"iaerf {args.command}"
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"{name}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line
+        try:
+            return _run(args)
+        except KeyboardInterrupt:
+            print(f"\n{name}: interrupted; finished stages are kept, run the same command again to resume",
+                  file=sys.stderr)
+            return 130
+        except (ValueError, TypeError, OSError, FloatingPointError) as exc:
+            from iaerf.pipeline import SettingError
+
+            where = f"{_option_of(exc.field)}: " if isinstance(exc, SettingError) else ""
+            if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
+                exc = exc.strerror  # iaerf's own message, without the "[Errno N]" prefix
+            text = " ".join(str(exc).split())  # one line, whatever the message holds
+            print(f"{name}: error: {where}{text}", file=sys.stderr)
+            return 2
+
+
+def _run(args) -> int:
     import torch
 
     from iaerf.pipeline import Pipeline
 
     threads = args.threads if args.threads is not None else (1 if args.command == "demo" else None)
     if threads is not None:
-        if threads < 1:
-            print(f"iaerf {args.command}: error: --threads must be >= 1, got {threads}", file=sys.stderr)
-            return 2
+        if threads > _cores():
+            warnings.warn(f"--threads {threads} is more than the {_cores()} CPU cores available; "
+                          "the extra threads only compete for them")
         torch.set_num_threads(threads)
-    try:
+    if args.command == "demo":
+        seed = args.seed if args.seed is not None else 0
+        args.out = args.out or os.path.join("runs", f"demo-{seed}")
+        defaults = {"seed": seed}
+        if args.quick:
+            defaults.update(train_epochs=4, finetune_epochs=1, betas=[0.1, 1.0])
+        config = _config(args, defaults)
+    else:
+        if args.out is None:
+            raise ValueError("--out (the run directory) is required")
+        config = _config(args)
+    method = getattr(args, "method", None)
+    pipe = Pipeline(args.out, config, progress=not args.quiet, log=lambda s: print(s, file=sys.stderr),
+                    methods=(method,) if method else ())
+    t0 = time.perf_counter()
+    if args.command == "data":
+        info = pipe.data()
+        print(f"{info['name']}: {info['n_train']} training images, counts {info['train_counts']}, "
+              f"{info['n_val']} validation (class-balanced subset of train), {info['n_test']} test")
+        print("shot groups:", {k: v for k, v in info["groups"].items()})
+    elif args.command == "train":
+        pipe.train(args.method)
+        print(f"checkpoint: {pipe.checkpoint(args.method)}")
+    elif args.command == "influence":
+        infl = pipe.influence(args.method)
+        print(f"influence [{len(infl)}]: min {float(infl.min()):.4g}, max {float(infl.max()):.4g}, "
+              f"I_max {float(infl.abs().max()):.4g} -> {pipe.influence_path(args.method)}")
+    elif args.command == "finetune":
+        pipe.finetune(args.method, args.variant)
+        if args.variant == "iaerf":
+            info = pipe.finetune_info(args.method)
+            for row in info["beta_search"]:
+                loss = "diverged" if row["diverged"] else f"val loss {row['val_loss']:.4g}, val error {row['val_error']:.2f}%"
+                print(f"beta {row['beta']:g}: {loss}")
+            print(f"chosen on validation: beta {info['beta']:g} (effective {info['beta_effective']:.4g})")
+        print(f"checkpoint: {pipe.checkpoint(args.method, args.variant)}")
+    elif args.command in ("evaluate", "demo"):
+        pipe.data()
+        metrics = pipe.evaluate()
         if args.command == "demo":
-            seed = args.seed if args.seed is not None else 0
-            args.out = args.out or os.path.join("runs", f"demo-{seed}")
-            defaults = {"seed": seed}
-            if args.quick:
-                defaults.update(train_epochs=4, finetune_epochs=1, betas=[0.1, 1.0])
-            config = _config(args, defaults)
-        else:
-            if args.out is None:
-                raise ValueError("--out (the run directory) is required")
-            config = _config(args)
-        pipe = Pipeline(args.out, config, progress=not args.quiet, log=lambda s: print(s, file=sys.stderr))
-        t0 = time.perf_counter()
-        if args.command == "data":
-            info = pipe.data()
-            print(f"{info['name']}: {info['n_train']} training images, counts {info['train_counts']}, "
-                  f"{info['n_val']} validation (class-balanced subset of train), {info['n_test']} test")
-            print("shot groups:", {k: v for k, v in info["groups"].items()})
-        elif args.command == "train":
-            pipe.train(args.method)
-            print(f"checkpoint: {pipe.checkpoint(args.method)}")
-        elif args.command == "influence":
-            infl = pipe.influence(args.method)
-            print(f"influence [{len(infl)}]: min {float(infl.min()):.4g}, max {float(infl.max()):.4g}, "
-                  f"I_max {float(infl.abs().max()):.4g} -> {pipe.influence_path(args.method)}")
-        elif args.command == "finetune":
-            pipe.finetune(args.method, args.variant)
-            if args.variant == "iaerf":
-                from iaerf.pipeline import read_json
+            pipe.plots(fig1=config.fig1)
+        from iaerf.pipeline import format_table
 
-                info = read_json(pipe.path("finetune", f"{args.method}-iaerf.json"))
-                for row in info["beta_search"]:
-                    loss = "diverged" if row["diverged"] else f"val loss {row['val_loss']:.4g}, val error {row['val_error']:.2f}%"
-                    print(f"beta {row['beta']:g}: {loss}")
-                print(f"chosen on validation: beta {info['beta']:g} (effective {info['beta_effective']:.4g})")
-            print(f"checkpoint: {pipe.checkpoint(args.method, args.variant)}")
-        elif args.command in ("evaluate", "demo"):
-            pipe.data()
-            metrics = pipe.evaluate()
-            if args.command == "demo":
-                pipe.plots(fig1=config.fig1)
-            from iaerf.pipeline import format_table
-
-            print(f"\n{metrics['dataset']['name']}, seed {config.seed}: test error (%), shot groups "
-                  f"{metrics['dataset']['shot_groups']}\n")
-            print(format_table(metrics["results"]))
-            print(f"\nrun directory: {pipe.out}  ({time.perf_counter() - t0:.1f}s)")
-        elif args.command == "plot":
-            for path in pipe.plots(fig1=args.fig1 or None):
-                print(path)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
-        print(f"iaerf {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"\n{metrics['dataset']['name']}, seed {config.seed}: test error (%), shot groups "
+              f"{metrics['dataset']['shot_groups']}\n")
+        print(format_table(metrics["results"]))
+        print(f"\nrun directory: {pipe.out}  ({time.perf_counter() - t0:.1f}s)")
+    elif args.command == "plot":
+        for path in pipe.plots(fig1=args.fig1 or None):
+            print(path)
     return 0
 
 

@@ -148,6 +148,12 @@ def _trainable(model: nn.Module, train_params) -> list[nn.Parameter]:
             chosen.append(p)
     if not chosen:
         raise ValueError(f"train_params={train_params!r} selects no non-batch-norm parameter of the model")
+    if train_params is not None:
+        names = [name for name, _ in model.named_parameters()]
+        unknown = [t for t in train_params if not any(n == t or n.startswith(t + ".") for n in names)]
+        if unknown:  # a misspelt prefix would otherwise silently train less than asked
+            raise ValueError(f"train_params {unknown} match no parameter of {type(model).__name__}; "
+                             f"known names: {names[:20]}")
     return chosen
 
 

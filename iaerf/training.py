@@ -87,12 +87,24 @@ def digits_config(method: str = "erm", **overrides) -> TrainConfig:
 
 
 def resolve_device(device) -> torch.device:
+    """``None`` -> cuda when available, else cpu; otherwise "cpu", "cuda", "cuda:N" or a torch.device of those, which
+    must exist on this machine (ValueError naming the device otherwise)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: CUDA was requested but torch.cuda.is_available() is False")
-    return device
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {str(device)!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA was requested but torch.cuda.is_available() is False")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def _augment_cifar(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

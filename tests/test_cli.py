@@ -76,14 +76,132 @@ def test_solver_options_reach_the_influence(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,match", [
     (["data", "--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], "cifar-10-batches-py"),
-    (["data", "--ratio", "0.5"], "ratio"),
-    (["data", "--energy-cap", "clip"], "energy_cap"),
-    (["demo", "--threads", "0"], "threads"),
+    (["data", "--ratio", "0.5"], "--ratio"),
+    (["data", "--energy-cap", "clip"], "--energy-cap"),
+    (["demo", "--threads", "0"], "--threads"),
+    (["demo", "--threads", "1e11"], "--threads"),
+    (["demo", "--threads", "100000000000"], "--threads"),  # torch overflows (or segfaults) on it
+    (["demo", "--damping", "-1"], "--damping"),
+    (["demo", "--solver", "lissa", "--solver-option", "depth=abc"], "depth must be a positive int"),
+    (["demo", "--solver-option", "depth=10"], "unknown option"),  # the default solver is exact
+    (["demo", "--influence-params", "nosuch"], "--influence-params"),
+    (["demo", "--finetune-params", "nosuch"], "--finetune-params"),
+    (["demo", "--device", "banana"], "--device"),
+    (["demo", "--ratio", "1e308"], "--ratio"),  # 9 of 10 classes would be empty
+    (["demo", "--seed", "-1"], "--seed"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, capsys, argv, match):
-    assert main([*argv, "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    out = tmp_path / "r"
+    assert main([*argv, "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "error" in err and match in err
+    assert err.count("\n") == 1 and "error" in err and match in err, err  # one line
+    assert "[iaerf]" not in err  # no stage ran
+    assert not (out / "settings.json").exists()  # the bad settings are not stored
+
+
+def test_bad_option_on_a_stored_run_keeps_its_settings(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert main(["data", "--out", out, "--quiet", "--damping", "0.01"]) == 0
+    stored = open(os.path.join(out, "settings.json")).read()
+    assert main(["influence", "--out", out, "--quiet", "--method", "erm", "--damping", "-1"]) == 2
+    assert open(os.path.join(out, "settings.json")).read() == stored
+    assert "--damping" in capsys.readouterr().err
+
+
+def test_out_pointing_at_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["data", "--out", str(tmp_path / "f"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run directory" in err and "not a folder" in err
+
+
+def test_threads_above_core_count_warn(tmp_path, capsys):
+    from iaerf.cli import _cores
+
+    assert main(["data", "--out", str(tmp_path / "r"), "--quiet", "--threads", str(_cores() + 1)]) == 0
+    assert "warning: --threads" in capsys.readouterr().err
+
+
+def test_damaged_settings_json(tmp_path, capsys):
+    (tmp_path / "settings.json").write_text("{not json")
+    assert main(["evaluate", "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "settings.json") in err and "delete it" in err
+
+
+def test_interrupted_demo_resumes_to_identical_outputs(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of a stage: one line, exit 130; the same command then finishes, and every output file
+    has the bytes of an uninterrupted run (stage markers aside: they hold run times)."""
+    import iaerf.pipeline
+
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "cut")
+    assert main(["demo", "--quick", "--quiet", "--out", ref]) == 0
+    real = iaerf.pipeline.select_beta
+    calls = []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the LDAM-DRW beta search: ERM is finished by then
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(iaerf.pipeline, "select_beta", interrupted)
+    capsys.readouterr()
+    assert main(["demo", "--quick", "--quiet", "--out", out]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "resume" in err and "Traceback" not in err
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+    monkeypatch.setattr(iaerf.pipeline, "select_beta", real)
+    assert main(["demo", "--quick", "--quiet", "--out", out]) == 0
+    files = sorted(os.path.relpath(os.path.join(d, f), ref) for d, _, fs in os.walk(ref) for f in fs)
+    assert files == sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    for rel in files:
+        if not rel.startswith("stages"):
+            assert open(os.path.join(ref, rel), "rb").read() == open(os.path.join(out, rel), "rb").read(), rel
+
+
+def _run_cli(*argv, timeout=300):
+    return subprocess.run([sys.executable, "-m", "iaerf", *argv], capture_output=True, text=True, timeout=timeout,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "iaerf", "demo", "--quick", "--out", str(tmp_path / "r")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = []
+    deadline = time.monotonic() + 240
+    for line in proc.stderr:  # the data stage's log line: training has started
+        lines.append(line)
+        if line.startswith("[iaerf] data") or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    err = "".join(lines) + proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "run the same command again to resume" in err.strip().splitlines()[-1]
+
+
+def test_damaged_run_outputs_in_a_subprocess(tmp_path):
+    """Garbage influence and energy files: a one-line warning each, the stage re-runs, exit 0; garbage
+    metrics.json likewise. No traceback, and nothing suggests weights_only=False."""
+    out = str(tmp_path / "r")
+    common = ["--out", out, "--quiet", "--threads", "1", "--methods", "erm", "--train-epochs", "2",
+              "--finetune-epochs", "1", "--betas", "1"]
+    assert main(["evaluate", *common]) == 0
+    for rel in ("influence/erm.pt", "finetune/erm-iaerf-energy.pt", "metrics.json"):
+        with open(os.path.join(out, rel), "wb") as f:
+            f.write(b"\x80\x02garbage")
+    res = _run_cli("plot", *common)
+    assert res.returncode == 0, res.stderr
+    warned = [line for line in res.stderr.splitlines() if "warning" in line]
+    assert len(warned) == 2 and "influence/erm.pt" in warned[0] and "erm-iaerf-energy.pt" in warned[1], res.stderr
+    assert "Traceback" not in res.stderr and "weights_only=False" not in res.stderr
+    res = _run_cli("evaluate", *common)
+    assert res.returncode == 0 and "metrics.json" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_subcommand_without_run_dir(capsys):

@@ -115,6 +115,9 @@ def test_train_params_classifier_only():
         assert torch.equal(v, res.model.state_dict()[k]) == (not k.startswith("fc.")), k
     with pytest.raises(ValueError, match="train_params"):
         finetune(model, train, None, beta=0.0, train_params=("nothing",), progress=False)
+    # one misspelt prefix beside a valid one used to be ignored silently (training less than asked)
+    with pytest.raises(ValueError, match="'fc_typo'"):
+        finetune(model, train, None, beta=0.0, train_params=("fc", "fc_typo"), progress=False)
 
 
 def test_per_sample_cap():
@@ -180,6 +183,10 @@ def test_finetune_bad_input():
         FinetuneConfig(lr=0.0)
     with pytest.raises(TypeError, match="TensorDataset"):
         finetune(model, [(torch.zeros(5), 0)], None, beta=0.0, progress=False)
+    for device, match in (("banana", "'cpu', 'cuda' or 'cuda:N'"), ("meta", "'cpu', 'cuda' or 'cuda:N'"),
+                          ("cuda:999", "cuda:999")):
+        with pytest.raises(ValueError, match=match):  # torch's RuntimeError listing every device type, before
+            finetune(model, train, None, beta=0.0, device=device, progress=False)
 
 
 def test_select_beta_uses_validation_and_skips_divergence():

@@ -1,6 +1,7 @@
 """iaerf.pipeline: the run directory, stage resume, seeds, atomic writes, checkpoint checks."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -126,8 +127,9 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         load_checkpoint(path, {"name": "small_cnn", "num_classes": 7})
     (tmp_path / "bad.pt").write_bytes(b"\x00corrupt")
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(ValueError, match="damaged") as err:
         load_checkpoint(str(tmp_path / "bad.pt"))
+    assert "weights_only=False" not in str(err.value)  # torch's advice would run whatever the file holds
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an iaerf checkpoint"):
         load_checkpoint(str(tmp_path / "other.pt"))
@@ -143,7 +145,7 @@ def test_corrupt_checkpoint_in_run_is_reported(finished_run, tmp_path):
     with open(os.path.join(out, "models", "erm.pt"), "wb") as f:
         f.write(b"truncated")
     pipe = Pipeline(out, None, progress=False, log=lambda s: None)
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(ValueError, match="damaged"):
         pipe.model("erm")
 
 
@@ -159,10 +161,125 @@ def test_config_bad_input(kwargs, match):
 
 
 def test_missing_cifar_dir(tmp_path):
-    pipe = Pipeline(str(tmp_path / "r"), PipelineConfig(dataset="cifar10", data_root=str(tmp_path / "none")),
-                    progress=False, log=lambda s: None)
+    # the data are loaded while the settings are checked, so the run stops before storing anything
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        Pipeline(str(tmp_path / "r"), PipelineConfig(dataset="cifar10", data_root=str(tmp_path / "none")),
+                 progress=False, log=lambda s: None)
+    assert not os.path.exists(tmp_path / "r")
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(damping=-1.0), "damping"), (dict(weight_decay=float("nan")), "weight_decay"),
+    (dict(solver="lissa", solver_options={"depth": "abc"}), "solver_options"),
+    (dict(solver="cg", solver_options={"depth": 10}), "solver_options"),  # a LiSSA option given to CG
+    (dict(solver_options={"max_exact_params": 2.5}), "solver_options"),
+    (dict(seed=-1), "seed"), (dict(seed="0"), "seed"), (dict(train_epochs=2.5), "train_epochs"),
+    (dict(finetune_lr=0.0), "finetune_lr"), (dict(finetune_batch_size=0), "finetune_batch_size"),
+    (dict(ratio=float("inf")), "ratio"), (dict(ratio=True), "ratio"), (dict(betas=("a",)), "betas"),
+    (dict(influence_params="fc"), "influence_params"), (dict(gauss_newton=1), "gauss_newton"),
+    (dict(fig1_points=0), "fig1_points"), (dict(device=0), "device"), (dict(heldout_val=-1), "heldout_val"),
+])
+def test_config_rejects_bad_types_and_ranges(kwargs, field):
+    from iaerf.pipeline import SettingError
+
+    with pytest.raises(SettingError, match=field) as err:
+        PipelineConfig(**kwargs)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("kwargs,field,match", [
+    (dict(influence_params=("nosuch",)), "influence_params", "nosuch"),
+    (dict(influence_params=("fc.bias",)), "influence_params", "fc.bias"),  # LDAM's cosine classifier has no bias
+    (dict(finetune_params=("fc", "nosuch")), "finetune_params", "nosuch"),
+    (dict(ratio=1e308), "ratio", "no training image"),
+    (dict(device="banana"), "device", "banana"),
+    (dict(device="cuda:999"), "device", "cuda"),
+])
+def test_settings_fail_before_any_stage_and_are_not_stored(tmp_path, monkeypatch, kwargs, field, match):
+    from iaerf import pipeline
+    from iaerf.pipeline import SettingError
+
+    def no_stage(*a, **k):
+        raise AssertionError("a stage ran before the settings were checked")
+
+    monkeypatch.setattr(pipeline, "train_baseline", no_stage)
+    out = tmp_path / "r"
+    with pytest.raises(SettingError, match=match) as err:
+        Pipeline(str(out), _quick(**kwargs), progress=False, log=lambda s: None)
+    assert err.value.field == field
+    assert not out.exists()  # neither settings.json nor any folder
+
+
+def test_run_directory_must_be_a_writable_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="run directory"):
+        Pipeline(str(tmp_path / "file"), _quick(), progress=False, log=lambda s: None)
+    with pytest.raises(NotADirectoryError, match="checkpoint_path"):
+        Pipeline(str(tmp_path / "r"),
+                 _quick(solver="lissa", solver_options={"checkpoint_path": str(tmp_path / "file" / "c.pt")}),
+                 progress=False, log=lambda s: None)
+    assert not (tmp_path / "r" / "settings.json").exists()
+
+
+def _garbage(path):
+    with open(path, "wb") as f:
+        f.write(b"\x80\x02garbage not a torch file")
+
+
+def _wrong_tensor(path):
+    torch.save(torch.full((3,), float("nan")), path)  # a readable tensor of the wrong shape
+
+
+def _tensor_of_wrong_dtype(path):
+    torch.save(torch.zeros(503, dtype=torch.float64), path)
+
+
+def _json_garbage(path):
+    with open(path, "w") as f:
+        f.write("{")
+
+
+def _json_wrong(path):
+    with open(path, "w") as f:
+        f.write('{"results": []}')
+
+
+@pytest.mark.parametrize("rel,damage", [
+    ("influence/erm.pt", _garbage), ("influence/erm.pt", _wrong_tensor), ("influence/erm.pt", _tensor_of_wrong_dtype),
+    ("finetune/erm-iaerf-energy.pt", _garbage), ("finetune/erm-iaerf-energy.pt", _wrong_tensor),
+    ("finetune/erm-iaerf.json", _json_garbage), ("metrics.json", _json_garbage), ("metrics.json", _json_wrong),
+    ("data.json", _json_garbage), ("models/erm.pt", _garbage), ("finetune/erm-ce.pt", _wrong_tensor),
+    ("stages/influence-erm.json", _json_garbage), ("plots/fig5_erm.png", _garbage), ("table.md", _garbage),
+])
+def test_damaged_output_reruns_its_stage(finished_run, tmp_path, rel, damage):
+    """A damaged output counts as missing: a warning names it, its stage runs again and writes the same bytes."""
+    import shutil
+
+    from iaerf.pipeline import DamagedOutputWarning
+
+    out = str(tmp_path / "e")
+    shutil.copytree(finished_run[0], out)
+    damage(os.path.join(out, rel))
+    with pytest.warns(DamagedOutputWarning, match=re.escape(os.path.join(out, rel))):
+        pipe = Pipeline(out, None, progress=False, log=lambda s: None)
         pipe.data()
+        metrics = pipe.evaluate()
+        pipe.plots()
+    assert metrics["results"] == finished_run[1]["results"]
+    if rel.startswith("stages/"):  # a marker records the stage's run time besides its key
+        assert _stage_keys(out) == _stage_keys(finished_run[0])
+    else:
+        with open(os.path.join(out, rel), "rb") as f, open(os.path.join(finished_run[0], rel), "rb") as g:
+            assert f.read() == g.read()
+
+
+@pytest.mark.parametrize("text,match", [("nope", "not valid JSON"), ("[1, 2]", "JSON object"),
+                                        ('{"ratio": "ten"}', "ratio must be")])
+def test_damaged_settings_json_names_the_file(tmp_path, text, match):
+    (tmp_path / "settings.json").write_text(text)
+    with pytest.raises(ValueError, match=match) as err:
+        Pipeline(str(tmp_path), None, progress=False, log=lambda s: None)
+    assert str(tmp_path / "settings.json") in str(err.value)
 
 
 def test_feature_files_with_crt_and_lws(tmp_path):
