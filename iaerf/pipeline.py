@@ -12,7 +12,8 @@ Layout of ``<run>/``::
     plots/fig{1,2,3,5}_<method>.png
     stages/<stage>.json           completion marker: the stage's settings key (written last)
 
-Resume: a stage is skipped when its marker holds the same key and its outputs exist. A key hashes the stage's own
+Resume: a stage is skipped when its marker holds the same key and its outputs exist and pass their checks (a
+damaged output is warned about and counts as missing). A key hashes the stage's own
 settings and its upstream keys, so changing e.g. the damping re-runs influence, fine-tuning and evaluation but not
 training. Every file is written to a temporary file in the same folder and moved into place with ``os.replace``,
 so an interrupted run never leaves a half-written output, and earlier outputs stay intact.
