@@ -8,9 +8,8 @@ cd "$(dirname "$0")/.."
 work=${IAERF_CUDA_CHECK_DIR:-/tmp/iaerf-cuda-check}
 venv=$work/venv
 src=$work/src
-nvcc_path=$(command -v nvcc) || { echo "nvcc not found on PATH" >&2; exit 1; }
-# nvcc on PATH may be a wrapper script; the toolkit folder is the one holding the real bin/nvcc.
-cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(grep -o '/[^ ]*/bin/nvcc' "$nvcc_path" | head -n 1 || echo "$nvcc_path")")")")}
+# The toolkit folder (the one holding include/cuda_runtime_api.h), also when nvcc on PATH is a wrapper script.
+cuda_home=$(bash scripts/cuda_home.sh)
 echo "CUDA_HOME=$cuda_home"
 mkdir -p "$work"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"

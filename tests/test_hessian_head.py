@@ -7,6 +7,8 @@ from iaerf import _extension
 from iaerf.hessian import HeadHessian, ModuleHessian
 from iaerf.hessian.head import head_hvp_reference
 
+from _cuda import cuda_path_missing, needs_cuda
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,26 +141,144 @@ def test_bad_inputs():
         head.matvec(torch.randn(2, head.num_params - 1))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-@pytest.mark.parametrize("shape", [(37, 5, 3), (300, 9, 1), (129, 4, 77)])   # K=1, K > warp size
-@pytest.mark.parametrize("bias", [True, False])
-def test_cuda_matches_cpu_reference(dtype, tol, shape, bias):
-    n, D, K = shape
+def _tied_probs(n, K, seed=0):
+    """``[n, K]`` float64 rows with 2-4 equal maxima at random places (K > 1), half of them not normalised.
+
+    Where sum p != 1 the mix's result depends on which maximum m it subtracts (through u_m * (1 - sum p)), so an
+    implementation that does not take the first maximum, as torch.argmax and the float64 reference do, is off by
+    O(1) rather than by rounding."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(n, K, generator=g, dtype=torch.float64) * 0.5 + 0.01
+    for i in range(n):
+        ties = torch.randint(0, K, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g)
+        p[i, ties] = 0.75
+    p[::2] /= p[::2].sum(1, keepdim=True)
+    return p
+
+
+@native
+@pytest.mark.parametrize("K", [5, 33, 1000])
+def test_native_ties_pick_first_maximum(K):
+    n, D = 21, 3
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, D, generator=g, dtype=torch.float64)
+    p = _tied_probs(n, K)
+    V = torch.randn(1, 2, K * D + K, generator=g, dtype=torch.float64)
+    want = head_hvp_reference(x, p, V, None, True, 0)
+    assert _rel(torch.ops.iaerf.head_hvp(x, p, V, None, True, 0), want) <= 1e-12
+    # the check has teeth: the last maximum instead of the first moves the result by far more than rounding
+    last = p.shape[1] - 1 - p.flip(1).argmax(1)
+    assert bool((last != p.argmax(1)).any())
+    assert _rel(_mix_with_max_at(x, p, V, last), want) > 1e-3
+
+
+def _mix_with_max_at(x, p, V, m):
+    """head_hvp (all rows, with bias, one repeat) with the maximum index m [n] given instead of argmax p."""
+    K, D = p.shape[1], x.shape[1]
+    u = (x @ V[0, :, : K * D].reshape(-1, K, D).transpose(1, 2)).transpose(0, 1) + V[0, :, K * D:]   # [n, b, K]
+    du = u - u.gather(-1, m[:, None, None].expand(-1, u.shape[1], 1))
+    rr = p[:, None] * (du - (p[:, None] * du).sum(-1, keepdim=True))
+    return torch.cat([torch.einsum("nbk,nd->bkd", rr, x).flatten(1), rr.sum(0)], 1)[None]
+
+
+@pytest.fixture
+def cuda_head_kernel():
+    """The CUDA kernel of iaerf::head_hvp, fp32 GEMMs in full fp32 (TF32 off) while the test runs.
+
+    A missing kernel would make HeadHessian fall back to the torch reference on the GPU: that is a skip here, and a
+    failure under IAERF_REQUIRE_CUDA=1 (tests/_cuda.py), never a pass."""
+    if not _extension.has_native_kernel("head_hvp", "cuda"):
+        why = _extension.extension_error() or "iaerf._C was built without its CUDA kernels"
+        cuda_path_missing(f"the CUDA kernel of iaerf::head_hvp is not available ({why})")
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield torch.ops.iaerf.head_hvp
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+CUDA_TOLS = [(torch.float32, 1e-5), (torch.float64, 1e-10)]
+
+
+def _close(got, want, tol):
+    """Max error within tol of want's largest entry; exactly zero where want is (K = 1: p = 1, no curvature)."""
+    scale = float(want.abs().max())
+    err = float((got.double() - want).abs().max())
+    return err <= tol * scale if scale > 0 else err == 0.0
+
+
+def _cuda_problem(n, D, K, dtype, bias, device="cuda"):
+    """HeadHessian on ``device`` in ``dtype`` and the float64 CPU inputs it was built from (features and probs
+    rounded to dtype, so the reference sees exactly the kernel's inputs)."""
     x, y, lin = _problem(n, D, K, torch.float64, bias, logit_scale=3.0)
-    cpu = HeadHessian(x, y, lin.weight, lin.bias)
-    gpu = HeadHessian(x.to("cuda", dtype), y.cuda(), lin.weight.to("cuda", dtype),
-                      lin.bias.to("cuda", dtype) if bias else None)
-    assert gpu.backend[0] == ("cuda" if _extension.built_with_cuda() else "reference")
-    V = torch.randn(2, 3, cpu.num_params, dtype=torch.float64)
+    gpu = HeadHessian(x.to(device, dtype), y.to(device), lin.weight.to(device, dtype),
+                      lin.bias.to(device, dtype) if bias else None)
+    assert gpu.backend[0] == "cuda", gpu.backend
+    return gpu, gpu.features.cpu().double(), gpu.probs.cpu().double()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, tol", CUDA_TOLS)
+@pytest.mark.parametrize("shape", [(37, 5, 1), (300, 9, 33), (129, 4, 1000)])   # K=1, K > warp, K = 1000
+@pytest.mark.parametrize("bias", [True, False])
+def test_cuda_matches_cpu_reference(cuda_head_kernel, dtype, tol, shape, bias):
+    n, D, K = shape
+    gpu, x64, p64 = _cuda_problem(n, D, K, dtype, bias)
+    V = torch.randn(2, 3, gpu.num_params, dtype=torch.float64).to(dtype)
     idx = torch.randint(0, n, (2, 50))
     for indices in (None, idx):
-        for tile in (0, 13):
-            want = head_hvp_reference(cpu.features, cpu.probs, V, indices, bias, 0)
+        for tile in (0, 13, 64):   # n and 50 are multiples of neither 13 nor 64; the default tile holds all rows
+            want = head_hvp_reference(x64, p64, V.double(), indices, bias, 0)
             dev_idx = indices.cuda() if indices is not None else None
-            if _extension.built_with_cuda():
-                got = torch.ops.iaerf.head_hvp(gpu.features, gpu.probs, V.to("cuda", dtype), dev_idx, bias, tile)
-            else:
-                got = head_hvp_reference(gpu.features, gpu.probs, V.to("cuda", dtype), dev_idx, bias, tile)
-            assert _rel(got.cpu(), want) <= tol
-    assert _rel(gpu.matvec(V[0].to("cuda", dtype)).cpu(), cpu.matvec(V[0])) <= tol
+            got = cuda_head_kernel(gpu.features, gpu.probs, V.cuda(), dev_idx, bias, tile)
+            assert got.dtype == dtype and got.is_cuda
+            assert bool(torch.isfinite(got).all())
+            assert _close(got.cpu(), want, tol), (indices is not None, tile)
+    want = head_hvp_reference(x64, p64, V[:1].double(), None, bias, 0)[0] / n
+    assert _close(gpu.matvec(V[0].cuda()).cpu(), want, tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, tol", CUDA_TOLS)
+@pytest.mark.parametrize("K", [5, 33, 1000])
+def test_cuda_ties_pick_first_maximum(cuda_head_kernel, dtype, tol, K):
+    n, D = 21, 3
+    x = torch.randn(n, D, dtype=torch.float64).to(dtype)
+    p = _tied_probs(n, K).to(dtype)
+    V = torch.randn(2, 3, K * D + K, dtype=torch.float64).to(dtype)
+    want = head_hvp_reference(x.double(), p.double(), V.double(), None, True, 0)
+    got = cuda_head_kernel(x.cuda(), p.cuda(), V.cuda(), None, True, 0)
+    assert _close(got.cpu(), want, tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, tol", CUDA_TOLS)
+def test_cuda_non_contiguous_inputs(cuda_head_kernel, dtype, tol):
+    n, D, K = 45, 6, 33
+    gpu, x64, p64 = _cuda_problem(n, D, K, dtype, True)
+    V = torch.randn(2, 3, 2 * gpu.num_params, dtype=torch.float64).to(dtype)
+    V_strided = V.cuda()[..., ::2]                                   # every other entry: strided last dim
+    features_t = gpu.features.t().contiguous().t()                   # column-major [n, D]
+    probs_wide = torch.cat([gpu.probs, gpu.probs], 1)[:, :K]         # row stride 2K
+    assert not (V_strided.is_contiguous() or features_t.is_contiguous() or probs_wide.is_contiguous())
+    want = head_hvp_reference(x64, p64, V[..., ::2].double(), None, True, 0)
+    got = cuda_head_kernel(features_t, probs_wide, V_strided, None, True, 7)
+    assert _close(got.cpu(), want, tol)
+    vectors = V[0].cuda().t().contiguous().t()[:, ::2]               # matvec on a strided [b, P] batch
+    assert not vectors.is_contiguous()
+    assert _close(gpu.matvec(vectors).cpu(), want[0] / n, tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, tol", CUDA_TOLS)
+def test_cuda_second_device(cuda_head_kernel, dtype, tol):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    current = torch.cuda.current_device()
+    gpu, x64, p64 = _cuda_problem(77, 5, 33, dtype, True, device="cuda:1")
+    V = torch.randn(1, 3, gpu.num_params, dtype=torch.float64).to(dtype)
+    got = cuda_head_kernel(gpu.features, gpu.probs, V.to("cuda:1"), None, True, 0)
+    assert got.device == torch.device("cuda:1")
+    assert torch.cuda.current_device() == current
+    assert _close(got.cpu(), head_hvp_reference(x64, p64, V.double(), None, True, 0), tol)

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <optional>
@@ -35,6 +36,78 @@ inline void head_hvp_check(const at::Tensor& features, const at::Tensor& probs, 
                 "head_hvp: indices must be int64 [r, m] with r=v.size(0), got ", idx.sizes());
     TORCH_CHECK(idx.device() == features.device(), "head_hvp: indices must be on the device of features");
   }
+}
+
+// The contract of every mix step (CPU here, CUDA in ../cuda/head_hvp_cuda.cpp): they index raw row-major memory.
+inline void head_hvp_mix_check(const at::Tensor& pt, const at::Tensor& u, const at::Tensor& vb) {
+  TORCH_CHECK(pt.dim() == 2 && pt.is_contiguous(), "head_hvp mix: probs tile must be a contiguous [t, K], got ",
+              pt.sizes(), " with strides ", pt.strides());
+  const int64_t t = pt.size(0), K = pt.size(1);
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == t && K > 0 && u.size(1) % K == 0,
+              "head_hvp mix: u must be [t=", t, ", b*K] with K=", K, ", got ", u.sizes());
+  TORCH_CHECK(u.is_contiguous(), "head_hvp mix: u must be contiguous (it is updated in place through its data "
+              "pointer), got strides ", u.strides());
+  TORCH_CHECK(pt.scalar_type() == u.scalar_type() && pt.device() == u.device(),
+              "head_hvp mix: probs tile and u must share dtype and device");
+  if (vb.defined()) {
+    TORCH_CHECK(vb.dim() == 2 && vb.size(0) == u.size(1) / K && vb.size(1) == K && vb.is_contiguous(),
+                "head_hvp mix: bias must be a contiguous [b=", u.size(1) / K, ", K=", K, "], got ", vb.sizes());
+    TORCH_CHECK(vb.scalar_type() == u.scalar_type() && vb.device() == u.device(),
+                "head_hvp mix: bias and u must share dtype and device");
+  }
+}
+
+// m = argmax p over K entries, the first one on ties (the CUDA kernel's warp reduction picks the same).
+template <typename scalar_t>
+inline int64_t head_hvp_row_argmax(const scalar_t* p, int64_t K) {
+  int64_t top = 0;
+  for (int64_t k = 1; k < K; ++k) top = p[k] > p[top] ? k : top;
+  return top;
+}
+
+// CPU mix: R = p * (u - <p, u>) row by row, u = U[i, c*K:(c+1)*K] + vb[c]. Written as
+// u - <p,u> = (u - u_m) - <p, u - u_m> with m = argmax p (exact when sum p = 1): on confident rows (p_m ~ 1) the
+// direct form cancels to the rounding of p_m * u_m, while here every term of the inner product is small and exact
+// to the rounding of p_j. The inner product accumulates in double.
+template <typename scalar_t>
+void head_hvp_mix_cpu(const at::Tensor& pt, at::Tensor& u, const at::Tensor& vb) {
+  head_hvp_mix_check(pt, u, vb);
+  const int64_t t = pt.size(0), K = pt.size(1), b = u.size(1) / K;
+  const scalar_t* P = pt.data_ptr<scalar_t>();
+  scalar_t* U = u.data_ptr<scalar_t>();
+  const scalar_t* B = vb.defined() ? vb.data_ptr<scalar_t>() : nullptr;
+  // >= 64K entries per task: below that a second thread costs more in wake-up/barrier than it saves
+  at::parallel_for(0, t, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, b * K)), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const scalar_t* p = P + i * K;
+      const int64_t top = head_hvp_row_argmax(p, K);
+      for (int64_t c = 0; c < b; ++c) {
+        scalar_t* row = U + (i * b + c) * K;
+        const scalar_t* bc = B != nullptr ? B + c * K : nullptr;
+        const scalar_t um = row[top] + (bc != nullptr ? bc[top] : scalar_t(0));
+        // one pass: w = u (+ bias) - u_m stored in place and <p, w> accumulated in four independent double
+        // partial sums: a single running sum is a serial chain of dependent adds, the bottleneck at small K
+        double acc[4] = {0.0, 0.0, 0.0, 0.0};
+        int64_t k = 0;
+        for (; k + 4 <= K; k += 4) {
+          for (int l = 0; l < 4; ++l) {
+            const scalar_t w = row[k + l] + (bc != nullptr ? bc[k + l] : scalar_t(0)) - um;
+            row[k + l] = w;
+            acc[l] += static_cast<double>(p[k + l]) * static_cast<double>(w);
+          }
+        }
+        for (; k < K; ++k) {
+          const scalar_t w = row[k] + (bc != nullptr ? bc[k] : scalar_t(0)) - um;
+          row[k] = w;
+          acc[0] += static_cast<double>(p[k]) * static_cast<double>(w);
+        }
+        const double dot = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        const scalar_t sdot = static_cast<scalar_t>(dot);
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) row[k] = p[k] * (row[k] - sdot);
+      }
+    }
+  });
 }
 
 // mix(P_T [t,K], U [t, b*K] in/out, vb_j [b, K] or undefined) applies the per-row softmax-Hessian in place.

@@ -1,6 +1,7 @@
 // CUDA binding of iaerf::head_hvp: the row-tiled driver of csrc/cpu/head_hvp.h (GEMMs through ATen/cuBLAS on the
 // current stream) with the mix step launched from head_hvp_kernel.cu. Only compiled when CUDA is.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -12,11 +13,15 @@ namespace iaerf {
 namespace {
 
 void mix_cuda(const at::Tensor& pt, at::Tensor& u, const at::Tensor& vb) {
-  const int64_t t = pt.size(0), K = pt.size(1), b = u.size(1) / K;
-  const auto stream = c10::cuda::getCurrentCUDAStream(pt.device().index()).stream();
-  // pt is a row slice or an index_select of a contiguous [n, K] tensor: contiguous either way.
+  // pt is a row slice or an index_select of a contiguous [n, K] tensor, so .contiguous() costs nothing. u is written
+  // in place, where a contiguous copy would lose the result: the shared mix check refuses a strided u instead (the
+  // mm that makes it returns a contiguous tensor).
   const auto p = pt.contiguous();
   const auto bias = vb.defined() ? vb.contiguous() : vb;
+  head_hvp_mix_check(p, u, bias);
+  TORCH_CHECK(u.is_cuda(), "head_hvp mix (CUDA): u must be a CUDA tensor, got ", u.device());
+  const int64_t t = p.size(0), K = p.size(1), b = u.size(1) / K;
+  const auto stream = c10::cuda::getCurrentCUDAStream(u.device().index()).stream();
   cudaError_t err;
   if (u.scalar_type() == at::kFloat) {
     err = iaerf_head_hvp_mix_f32(p.data_ptr<float>(), u.data_ptr<float>(),
@@ -25,7 +30,11 @@ void mix_cuda(const at::Tensor& pt, at::Tensor& u, const at::Tensor& vb) {
     err = iaerf_head_hvp_mix_f64(p.data_ptr<double>(), u.data_ptr<double>(),
                                  bias.defined() ? bias.data_ptr<double>() : nullptr, t, b, K, stream);
   }
-  TORCH_CHECK(err == cudaSuccess, "head_hvp CUDA mix kernel failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "head_hvp CUDA mix kernel not launched (t=", t, ", b=", b, ", K=", K,
+              "): ", cudaGetErrorString(err));
+  // The launch itself, and any earlier asynchronous kernel fault that has surfaced by now, through torch's check
+  // (device-side assertion info, CUDA_LAUNCH_BLOCKING=1 for a synchronous report).
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor head_hvp_cuda(const at::Tensor& features, const at::Tensor& probs, const at::Tensor& v,
