@@ -10,6 +10,7 @@ from iaerf.hessian.head import HeadHessian
 from iaerf.hessian.inverse import (
     CGOptions,
     ExactOptions,
+    HessianNotFiniteError,
     LissaDivergenceError,
     LissaOptions,
     estimate_lambda_max,
@@ -22,6 +23,7 @@ __all__ = [
     "CGOptions",
     "ExactOptions",
     "HeadHessian",
+    "HessianNotFiniteError",
     "HessianOperator",
     "LissaDivergenceError",
     "LissaOptions",

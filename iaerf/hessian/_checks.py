@@ -12,7 +12,8 @@ def check_vectors(vectors, *, num_params: int, dtype: torch.dtype, device: torch
     """Validate a batch of flat parameter vectors.
 
     Args:
-        vectors: ``[*lead, P]`` with ``len(lead) == batched_dims``, or ``[P]`` when ``allow_single``.
+        vectors: ``[*lead, P]`` with ``len(lead) == batched_dims`` and every lead dim >= 1, or ``[P]`` when
+            ``allow_single``.
     Returns:
         ``(vectors with the leading dims, was_single)``.
     """
@@ -25,6 +26,10 @@ def check_vectors(vectors, *, num_params: int, dtype: torch.dtype, device: torch
         want = "[P] or " if allow_single else ""
         lead = ", ".join("rbm"[i] for i in range(batched_dims))
         raise ValueError(f"{name} must have shape {want}[{lead}, P], got {tuple(vectors.shape)}")
+    if any(d == 0 for d in vectors.shape[:-1]):
+        # an empty batch is almost always an upstream bug (an empty validation set, a bad slice); refusing it here
+        # names the argument instead of failing inside vmap
+        raise ValueError(f"{name} holds no vectors (shape {tuple(vectors.shape)}); pass at least one")
     if vectors.shape[-1] != num_params:
         raise ValueError(f"{name} has length {vectors.shape[-1]} along the last dim, but the operator has P={num_params} parameters")
     if vectors.dtype != dtype:

@@ -17,7 +17,7 @@ from torch import nn
 
 from iaerf import _extension
 from iaerf.hessian._checks import check_nonnegative
-from iaerf.hessian.operators import HessianOperator, _Data, eval_mode
+from iaerf.hessian.operators import HessianOperator, _Data, _digest, eval_mode
 
 _NATIVE = "head_hvp"
 
@@ -81,8 +81,8 @@ class HeadHessian(HessianOperator):
 
     Args:
         features: ``[n, D]`` inputs of the head (frozen backbone outputs).
-        labels: ``[n]`` class indices (the Hessian of CE does not depend on them; kept for interface symmetry
-            and validated).
+        labels: ``[n]`` integer class indices in ``[0, K)`` (the Hessian of CE does not depend on them; kept for
+            interface symmetry, validated, and part of :meth:`fingerprint`).
         weight: ``[K, D]``; bias: ``[K]`` or None. The operator's dtype/device are the weight's.
         weight_decay: adds ``weight_decay * V``.
         process_group: torch.distributed group; each rank holds its shard of features (None: no communication).
@@ -102,6 +102,11 @@ class HeadHessian(HessianOperator):
             raise ValueError("features is empty: the Hessian averages over the training examples, and there are none")
         if labels.shape != (features.shape[0],):
             raise ValueError(f"labels must be [n={features.shape[0]}], got {tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        if int(labels.min()) < 0 or int(labels.max()) >= K:
+            raise ValueError(f"labels must lie in [0, K={K}) (weight has K={K} rows), "
+                             f"got range [{int(labels.min())}, {int(labels.max())}]")
         if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (K,)):
             raise ValueError(f"bias must be None or a [K={K}] tensor, got {getattr(bias, 'shape', bias)}")
         self.weight_decay = check_nonnegative(weight_decay, "weight_decay")
@@ -131,6 +136,15 @@ class HeadHessian(HessianOperator):
             logits = self.features[s: s + chunk].to(dtype) @ w.T
             out.append(torch.softmax(logits + b if b is not None else logits, dim=1))
         return torch.cat(out)
+
+    def fingerprint(self) -> dict:
+        """See :meth:`HessianOperator.fingerprint`: settings, digests of (weight, bias) and of (features, labels)."""
+        settings = {"type": "HeadHessian", "num_classes": self.num_classes, "num_features": self.num_features,
+                    "has_bias": self.has_bias, "weight_decay": self.weight_decay, "dtype": str(self.dtype),
+                    "num_samples": self.num_samples, "world_size": self._world_size()}
+        params = [("weight", self.weight)] + ([("bias", self.bias)] if self.has_bias else [])
+        return {"operator": settings, "parameters": _digest(params),
+                "data": _digest([("features", self.features), ("labels", self.labels)])}
 
     @property
     def backend(self) -> tuple[str, str]:

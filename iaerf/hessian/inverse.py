@@ -35,6 +35,10 @@ class LissaDivergenceError(FloatingPointError):
     """LiSSA's iterate became non-finite or grew geometrically: the update is not a contraction."""
 
 
+class HessianNotFiniteError(FloatingPointError):
+    """A Hessian-vector product of finite vectors came out NaN/Inf: the data, weights or loss are not finite."""
+
+
 @dataclass
 class LissaOptions:
     """Settings of the LiSSA solver.
@@ -51,13 +55,21 @@ class LissaOptions:
             can be split over several calls or machines and averaged afterwards.
         scale_margin, power_iters, power_probes: the automatic scale is scale_margin * (lambda_max + damping),
             lambda_max the largest of power_probes minibatch estimates after power_iters iterations.
-        growth_limit: divergence is declared when ||h_j|| > growth_limit * (j + 1) * ||v|| (a contraction keeps
-            ||h_j|| <= (j + 1) ||v||), or when h is not finite.
+        growth_limit: divergence is declared when ||h_j|| > growth_limit * (j + 1) / (k + 1) * ||h_k||, k the
+            checked step nearest j / 2 (a contraction keeps the ratio within (j + 1) / (k + 1)), when the
+            full-data increment h_j - h_(j-1) (the residual) exceeds ||v||, or when h is not finite.
+        check_curvature: before the run, estimate the smallest eigenvalue of H (Lanczos, power_iters steps on the
+            power_probes minibatch Hessians' mean, or on the full-data H when a minibatch holds all data) and
+            refuse when H + damping I is not positive definite: LiSSA then does not converge to the solution.
         check_every: steps between divergence / tolerance checks and progress-bar updates.
-        checkpoint_path, checkpoint_every: when a path is given, the state (h, step, generator states, settings)
-            is written there atomically every checkpoint_every steps and at the end; a later call with the same
-            settings and vectors resumes from it (a larger depth continues the run). Under a process group each
-            rank writes ``<path>.rank<r>`` and the ranks resume only when all are at the same step.
+        checkpoint_path, checkpoint_every: when a path is given, the state (h, step, generator states) is written
+            there atomically every checkpoint_every steps and at the end, with a key of everything the solution
+            depends on: ``operator.fingerprint()`` (settings, parameter values, data), every option here except
+            depth / checkpoint_path / checkpoint_every, damping, seed and a digest of the vectors. A later call
+            resumes only when the key matches (a larger depth continues the run); otherwise, or when the file is
+            damaged, it warns with the reason and starts afresh, overwriting the file. The file is read with
+            ``torch.load(weights_only=True)``, which cannot run code. Under a process group each rank writes
+            ``<path>.rank<r>`` and the ranks resume only when all are at the same step.
     """
 
     depth: int = 1000
@@ -69,7 +81,8 @@ class LissaOptions:
     scale_margin: float = 1.1
     power_iters: int = 30
     power_probes: int = 8
-    growth_limit: float = 10.0
+    growth_limit: float = 2.0
+    check_curvature: bool = True
     check_every: int = 10
     checkpoint_path: str | None = None
     checkpoint_every: int = 100
@@ -89,6 +102,11 @@ class LissaOptions:
             raise ValueError(f"LiSSA option scale_margin must be >= 1, got {self.scale_margin}")
         if check_nonnegative(self.growth_limit, "growth_limit") < 1.0:
             raise ValueError(f"LiSSA option growth_limit must be >= 1, got {self.growth_limit}")
+        if not isinstance(self.check_curvature, bool):
+            raise TypeError(f"LiSSA option check_curvature must be a bool, got {self.check_curvature!r}")
+        if self.checkpoint_path is not None and not (isinstance(self.checkpoint_path, (str, os.PathLike))
+                                                     and str(self.checkpoint_path)):
+            raise TypeError(f"LiSSA option checkpoint_path must be a file path or None, got {self.checkpoint_path!r}")
 
 
 @dataclass
@@ -188,6 +206,8 @@ def _exact(op, V, damping, opts: ExactOptions):
             f"max_exact_params={opts.max_exact_params}; use method='cg' (full-data, deterministic) or 'lissa' "
             "(stochastic, scales to any P), or raise max_exact_params")
     H = op.dense().to(torch.float64)
+    if not bool(torch.isfinite(H).all()):
+        raise _not_finite_error("method='exact' (the dense Hessian)")
     A = H + damping * torch.eye(P, dtype=torch.float64, device=H.device)
     try:
         x = torch.linalg.solve(A, V.to(torch.float64).T.to(A.device)).T
@@ -217,6 +237,9 @@ def _cg(op, V, damping, opts: CGOptions, progress):
         while bool(active.any()) and it < opts.max_iter:
             Ap = A(p)
             pAp = (p * Ap).sum(1)
+            # NaN fails every comparison: without this it would pass the test below and end the run "converged"
+            if not bool(torch.isfinite(pAp).all()):
+                raise _not_finite_error(f"CG (iteration {it})")
             if bool((pAp[active] <= 0).any()):
                 raise ValueError(
                     f"CG: H + damping I is not positive definite (p^T A p <= 0 at iteration {it}, damping={damping}); "
@@ -243,7 +266,8 @@ def _cg(op, V, damping, opts: CGOptions, progress):
 # -- LiSSA ------------------------------------------------------------------------------------------------------
 def _derived_seed(*key: int) -> int:
     """A 63-bit seed for (seed, stream, ...) that is decorrelated across streams (numpy SeedSequence)."""
-    return int(np.random.SeedSequence([int(k) % 2**63 for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    # shift a Python int: numpy 1.x promotes np.uint64 >> int to float64 and refuses the shift
+    return int(np.random.SeedSequence([int(k) % 2**63 for k in key]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 def _rank(op) -> int:
@@ -254,29 +278,84 @@ def _rank(op) -> int:
     return dist.get_rank(op.process_group)
 
 
+def _not_finite_error(where: str) -> HessianNotFiniteError:
+    return HessianNotFiniteError(
+        f"{where}: a Hessian-vector product came out NaN/Inf from finite vectors, so the operator itself is not "
+        "finite: check the training data (inputs, features), the model's weights and buffers, and the loss for "
+        "NaN/Inf or overflow")
+
+
+def _spectrum(op: HessianOperator, *, batch_size: int, seed: int, iters: int, probes: int, want_max: bool,
+              want_min: bool) -> tuple[float | None, float | None, int]:
+    """Extreme-eigenvalue estimates from one batched product per iteration.
+
+    The same ``probes`` minibatches of ``batch_size`` local examples (or the full data when a minibatch holds it)
+    serve both estimates. ``want_max``: power iteration on each minibatch Hessian, the largest ||H_B u|| (the LiSSA
+    step uses one H_B at a time, so the scale must bound each). ``want_min``: Lanczos on their mean (the full-data
+    Hessian when full), whose smallest Ritz value bounds lambda_min from above, so a negative one is real
+    negative curvature of that mean, never a rounding artefact of the method. Returns
+    ``(lambda_max or None, lambda_min or None, Lanczos steps)``.
+    """
+    P = op.num_params
+    n_local = getattr(op, "num_local_samples", op.num_samples)
+    gen = torch.Generator().manual_seed(_derived_seed(seed, 0x5CA1E, _rank(op)))
+    full = batch_size >= op.num_samples
+    k = 1 if full else probes
+    U = torch.randn(k, 1, P, generator=torch.Generator().manual_seed(_derived_seed(seed, 0x5CA1F)),
+                    dtype=torch.float64).to(op.dtype).to(op.device)
+    idx = None if full else torch.randint(n_local, (k, batch_size), generator=gen).to(op.device)
+    q = torch.randn(P, generator=torch.Generator().manual_seed(_derived_seed(seed, 0x1A2C)), dtype=torch.float64)
+    q = (q / q.norm()).to(op.device)
+    q_prev, beta = torch.zeros_like(q), 0.0
+    alphas, betas = [], []
+    lanczos = want_min
+    norms = None
+    for _ in range(iters):
+        parts = []
+        if want_max:
+            U = U / U.norm(dim=2, keepdim=True).clamp_min(torch.finfo(op.dtype).tiny)
+            parts.append(U)
+        if lanczos:
+            parts.append(q.to(op.dtype).expand(k, 1, P))
+        if not parts:
+            break
+        X = torch.cat(parts, dim=1)
+        HX = op.matvec(X[0])[None] if full else op.minibatch_matvec(X.contiguous(), idx)
+        if not bool(torch.isfinite(HX).all()):
+            raise _not_finite_error("the spectrum estimate for LiSSA (power iteration / Lanczos)")
+        if want_max:
+            U = HX[:, :1]
+            norms = U.norm(dim=2)[:, 0].double().cpu()
+        if lanczos:
+            w = HX[:, -1].double().mean(0)
+            alpha = float(w @ q)
+            w = w - alpha * q - beta * q_prev
+            w = w - (w @ q) * q          # one local re-orthogonalisation keeps the extreme Ritz values clean
+            alphas.append(alpha)
+            beta = float(w.norm())
+            if beta <= 1e-10 * max(abs(a) for a in alphas):
+                lanczos = False           # invariant subspace: the Ritz values are exact eigenvalues
+            else:
+                betas.append(beta)
+                q_prev, q = q, w / beta
+    lam_max = float(norms.max()) if want_max else None
+    lam_min = None
+    if want_min:
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        lam_min = float(torch.linalg.eigvalsh(T)[0])
+    return lam_max, lam_min, len(alphas)
+
+
 def estimate_lambda_max(op: HessianOperator, *, batch_size: int, seed: int = 0, iters: int = 30, probes: int = 8) -> float:
     """Largest |eigenvalue| of the minibatch Hessians (or of the full-data one when a minibatch holds all data).
 
     ``probes`` minibatches of ``batch_size`` local examples are fixed, and power iteration runs on all of them
     at once (one batched ``minibatch_matvec`` per iteration); returns the largest ||H_B u|| with ||u|| = 1.
     """
-    n_local = getattr(op, "num_local_samples", op.num_samples)
-    gen = torch.Generator().manual_seed(_derived_seed(seed, 0x5CA1E, _rank(op)))
-    full = batch_size >= op.num_samples
-    k = 1 if full else probes
-    U = torch.randn(k, 1, op.num_params, generator=torch.Generator().manual_seed(_derived_seed(seed, 0x5CA1F)),
-                    dtype=torch.float64).to(op.dtype).to(op.device)
-    idx = None if full else torch.randint(n_local, (k, batch_size), generator=gen).to(op.device)
-    norms = torch.zeros(k, dtype=torch.float64)
-    for _ in range(iters):
-        U = U / U.norm(dim=2, keepdim=True).clamp_min(torch.finfo(op.dtype).tiny)
-        HU = op.matvec(U[:, 0])[:, None] if full else op.minibatch_matvec(U, idx)
-        norms = HU.norm(dim=2)[:, 0].double().cpu()
-        if not bool(torch.isfinite(norms).all()):
-            raise LissaDivergenceError("power iteration for the LiSSA scale produced NaN/Inf: the Hessian "
-                                       "products are not finite (check the model, loss and data)")
-        U = HU
-    return float(norms.max())
+    return _spectrum(op, batch_size=batch_size, seed=seed, iters=iters, probes=probes, want_max=True,
+                     want_min=False)[0]
 
 
 def _ranks_agree(op, step: int) -> bool:
@@ -291,22 +370,96 @@ def _ranks_agree(op, step: int) -> bool:
     return float(t[0]) == -float(t[1])
 
 
-def _lissa_settings(op, V, damping, seed, opts: LissaOptions) -> dict:
-    return {"num_params": op.num_params, "num_samples": op.num_samples, "b": V.shape[0], "dtype": str(op.dtype),
-            "repeats": opts.repeats, "first_repeat": opts.first_repeat, "batch_size": opts.batch_size,
-            "scale_option": opts.scale, "scale_margin": opts.scale_margin, "damping": damping, "seed": seed,
-            "rank": _rank(op)}
+_CHECKPOINT_FORMAT = "iaerf-lissa-checkpoint/2"
+# the options that do not change the returned value of a run that reaches them
+_RESUMABLE_OPTIONS = ("depth", "checkpoint_path", "checkpoint_every")
 
 
-def _load_checkpoint(path, settings, V):
+def _checkpoint_key(op, V, damping, seed, opts: LissaOptions) -> dict:
+    """Everything a LiSSA solution depends on: the operator (settings, parameter and data digests), the solver
+    settings, and a digest of the right-hand sides."""
+    from iaerf.hessian.operators import _digest
+
+    fingerprint = getattr(op, "fingerprint", None)
+    try:
+        if fingerprint is None:
+            raise NotImplementedError
+        op_fp = fingerprint()
+    except NotImplementedError:
+        raise ValueError(
+            f"checkpoint_path needs operator.fingerprint() (a digest of what H depends on), so that a checkpoint "
+            f"written for another operator is never resumed; {type(op).__name__} does not implement it") from None
+    solver = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name not in _RESUMABLE_OPTIONS}
+    solver.update(damping=damping, seed=seed, rank=_rank(op), num_vectors=V.shape[0], dtype=str(V.dtype))
+    return {"operator": op_fp["operator"], "parameters": op_fp["parameters"], "data": op_fp["data"],
+            "solver": solver, "vectors": _digest([("v", V)])}
+
+
+_KEY_PARTS = {"operator": "operator settings", "parameters": "parameter values", "data": "training data",
+              "solver": "solver settings", "vectors": "right-hand sides (vectors)"}
+
+
+def _key_differences(old, new: dict) -> list[str]:
+    if not isinstance(old, dict):
+        return ["fingerprint (missing: written by an older iaerf)"]
+    out = []
+    for part, label in _KEY_PARTS.items():
+        a, b = old.get(part), new[part]
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            label = f"{label} ({'; '.join(changed)[:300]})"
+        out.append(label)
+    return out
+
+
+def _checkpoint_problem(state, key: dict, h_shape: tuple, repeats: int, depth: int) -> str | None:
+    """Why ``state`` (as loaded) cannot be resumed for ``key``, or None when it can."""
+    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
+        return "not a LiSSA checkpoint of this iaerf version"
+    diff = _key_differences(state.get("key"), key)
+    if diff:
+        return "it was written for other " + ", ".join(diff)
+    h, gens, steps, norms = state.get("h"), state.get("gen_states"), state.get("norm_steps"), state.get("norms")
+    step, scale = state.get("step"), state.get("scale")
+    if not (isinstance(h, torch.Tensor) and tuple(h.shape) == h_shape and h.is_floating_point()
+            and bool(torch.isfinite(h).all())):
+        return f"its iterate is not a finite {list(h_shape)} tensor"
+    if not (isinstance(gens, list) and len(gens) == repeats
+            and all(isinstance(g, torch.Tensor) and g.dtype == torch.uint8 for g in gens)):
+        return f"it does not hold {repeats} generator states"
+    if not (isinstance(step, int) and 0 <= step and isinstance(scale, float) and 0 < scale < float("inf")
+            and isinstance(state.get("converged"), bool)):
+        return "its step, scale or converged entries are invalid"
+    if not (isinstance(steps, torch.Tensor) and isinstance(norms, torch.Tensor) and steps.dim() == 1
+            and tuple(norms.shape) == (steps.shape[0],) + h_shape[:2] and steps.shape[0] >= 1):
+        return "its norm history is invalid"
+    if step > depth:
+        return f"it is at step {step}, beyond depth={depth}"
+    return None
+
+
+def _load_checkpoint(path, key: dict, h_shape: tuple, repeats: int, depth: int):
+    """The resumable state saved at ``path``, or None (with a warning naming the file and the reason) when there is
+    none that applies; a rejected file is overwritten by the next save."""
+    from iaerf._io import load_tensor_file
+
     if path is None or not os.path.exists(path):
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("settings") != settings or not torch.equal(state["v"], V.detach().cpu()):
-        warnings.warn(f"LiSSA checkpoint {path} was written with other settings or vectors; starting afresh "
-                      "(it will be overwritten)", RuntimeWarning, stacklevel=4)
-        return None
-    return state
+    try:
+        state = load_tensor_file(path, "LiSSA checkpoint")   # weights_only: a crafted file cannot run code
+    except ValueError as exc:
+        why = str(exc)
+    except OSError as exc:  # torch's zip reader reports a truncated file as EINVAL
+        why = f"cannot read LiSSA checkpoint {path} ({type(exc).__name__}: {exc.strerror or exc})"
+    else:
+        why = _checkpoint_problem(state, key, h_shape, repeats, depth)
+        if why is None:
+            return state
+        why = f"LiSSA checkpoint {path}: {why}"
+    warnings.warn(f"{why}; starting afresh (the file will be overwritten)", RuntimeWarning, stacklevel=5)
+    return None
 
 
 def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
@@ -317,11 +470,12 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
     # A minibatch as large as the local data is the data itself: the products are exact full-data ones and the
     # recursion is the deterministic Neumann series of (H + damping I)^{-1} (no resampling noise).
     full = m >= op.num_samples  # global n: every rank takes the same branch
-    settings = _lissa_settings(op, V, damping, seed, opts)
-    path = opts.checkpoint_path
+    h_shape = (1 if full else r, V.shape[0], op.num_params)
+    path = None if opts.checkpoint_path is None else os.fspath(opts.checkpoint_path)
+    key = _checkpoint_key(op, V, damping, seed, opts) if path is not None else None
     if path is not None and getattr(op, "process_group", None) is not None:
         path = f"{path}.rank{_rank(op)}"            # one file per rank: each holds its own generator states
-    state = _load_checkpoint(path, settings, V)
+    state = _load_checkpoint(path, key, h_shape, r, opts.depth)
     if getattr(op, "process_group", None) is not None and not _ranks_agree(op, -1 if state is None else int(state["step"])):
         warnings.warn("LiSSA checkpoints of the ranks are at different steps (interrupted between writes); "
                       "starting afresh on every rank", RuntimeWarning, stacklevel=3)
@@ -329,32 +483,43 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
     # One CPU generator per repeat, derived from (seed, repeat index, rank): repeat j draws the same minibatches
     # whether it runs alone or batched with others, and results do not depend on the device.
     gens = [torch.Generator().manual_seed(_derived_seed(seed, opts.first_repeat + j, _rank(op))) for j in range(r)]
+    vnorm = V.norm(dim=1).double().cpu().clamp_min(torch.finfo(torch.float64).tiny)
     if state is not None:
         scale, step, converged = float(state["scale"]), int(state["step"]), bool(state["converged"])
+        lam, lam_min = state.get("lambda_max"), state.get("lambda_min")
         h = state["h"].to(device=V.device, dtype=V.dtype)
         for g, s in zip(gens, state["gen_states"]):
             g.set_state(s)
+        history = dict(zip(state["norm_steps"].tolist(), state["norms"].double()))
     else:
+        lam, lam_min, lanczos_steps = _spectrum(op, batch_size=m, seed=seed, iters=opts.power_iters,
+                                                probes=opts.power_probes, want_max=opts.scale is None,
+                                                want_min=opts.check_curvature)
+        if lam_min is not None:
+            _check_curvature(lam_min, lam, damping, op.dtype, lanczos_steps, full, opts)
         if opts.scale is not None:
             scale = float(opts.scale)
-            lam = None
         else:
-            lam = estimate_lambda_max(op, batch_size=m, seed=seed, iters=opts.power_iters, probes=opts.power_probes)
             scale = opts.scale_margin * (lam + damping)
             if not scale > 0:
                 raise ValueError("the Hessian products are all zero (lambda_max = 0) and damping = 0: "
                                  "H is singular; give damping > 0")
         step, converged = 0, False
         # h_0 = v for every repeat; full-data repeats would all be identical, so one is run
-        h = V.unsqueeze(0).repeat(1 if full else r, 1, 1)
+        h = V.unsqueeze(0).repeat(h_shape[0], 1, 1)
+        history = {0: vnorm.expand(h_shape[:2]).clone()}
     d = damping / scale
     v = V.unsqueeze(0)
-    vnorm = V.norm(dim=1).double().cpu().clamp_min(torch.finfo(torch.float64).tiny)
+    eps = torch.finfo(V.dtype).eps
+    change = None
 
     def checkpoint():
         if path is not None:
-            state = {"settings": settings, "v": V.detach().cpu(), "h": h.detach().cpu(), "step": step, "scale": scale,
-                     "converged": converged, "gen_states": [g.get_state() for g in gens]}
+            steps = sorted(history)
+            state = {"format": _CHECKPOINT_FORMAT, "key": key, "h": h.detach().cpu(), "step": step,
+                     "scale": scale, "converged": converged, "gen_states": [g.get_state() for g in gens],
+                     "lambda_max": lam, "lambda_min": lam_min, "norm_steps": torch.tensor(steps, dtype=torch.long),
+                     "norms": torch.stack([history[s] for s in steps])}
             atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     with tqdm(total=opts.depth, initial=min(step, opts.depth), desc="LiSSA", disable=not progress, leave=False) as bar:
@@ -366,16 +531,22 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
                 Hh = op.minibatch_matvec(h, idx)
             h_new = v + (1.0 - d) * h - Hh / scale
             step += 1
+            # every step, in one sync (the operator already syncs on its own input check): a NaN product must be
+            # reported as such, not as the operator refusing a NaN iterate on the next step
+            finite_product, finite_h = torch.stack([torch.isfinite(Hh).all(), torch.isfinite(h_new).all()]).tolist()
+            if not finite_product:
+                raise _not_finite_error(f"LiSSA (step {step})")
+            if not finite_h:
+                raise LissaDivergenceError(
+                    f"LiSSA's iterate overflowed at step {step} (scale={scale:.4g}, damping={damping}): the update is "
+                    "not a contraction; raise scale (or leave scale=None) or damping")
             if step % opts.check_every == 0 or step == opts.depth:
                 hn = h_new.norm(dim=2).double().cpu()                       # [r, b]
-                if not bool(torch.isfinite(hn).all()) or bool((hn > opts.growth_limit * (step + 1) * vnorm).any()):
-                    raise LissaDivergenceError(
-                        f"LiSSA diverged at step {step} (max ||h||/||v|| = {float((hn / vnorm).max()):.3g}, "
-                        f"scale={scale:.4g}, damping={damping}): the update is not a contraction. Raise `scale` "
-                        "(or leave scale=None to pick it by power iteration) or raise `damping`; a non-convex model "
-                        "needs damping above its most negative eigenvalue, or gauss_newton=True")
+                delta = (h_new - h).norm(dim=2).double().cpu()
+                _check_growth(history, step, hn, delta, vnorm, full, eps, scale, lam, damping, opts)
+                history[step] = hn
+                change = delta / hn.clamp_min(torch.finfo(torch.float64).tiny)
                 if opts.tol > 0:
-                    change = (h_new - h).norm(dim=2).double().cpu() / hn.clamp_min(torch.finfo(torch.float64).tiny)
                     converged = bool((change <= opts.tol).all())
                 bar.set_postfix(norm_x=f"{float(hn.mean()) / scale:.4g}")
             h = h_new
@@ -386,5 +557,52 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
     x = h.mean(0) / scale
     if not bool(torch.isfinite(x).all()):
         raise LissaDivergenceError(f"LiSSA produced NaN/Inf (scale={scale:.4g}, damping={damping}); raise scale or damping")
+    if not converged and opts.tol > 0:
+        largest = f" (largest now {float(change.max()):.3g})" if change is not None else ""
+        warnings.warn(
+            f"LiSSA stopped at depth={opts.depth} before the relative change ||h_j - h_(j-1)|| / ||h_j|| fell below "
+            f"tol={opts.tol}{largest}, so the result may be far from (H + damping I)^-1 v (scale={scale:.4g}; a "
+            "scale far above lambda_max slows convergence). Raise depth; with minibatches (batch_size < n) the "
+            "change stays at the noise level, so raise repeats or batch_size, set tol=0 to accept a fixed depth, or "
+            "use method='cg'", RuntimeWarning, stacklevel=3)
     return x, {"method": "lissa", "scale": scale, "steps": step, "converged": converged, "repeats": r, "full_batch": full,
-               "lambda_max": lam if state is None else None}
+               "lambda_max": lam, "lambda_min": lam_min}
+
+
+def _check_curvature(lam_min, lam_max, damping, dtype, steps, full, opts: LissaOptions):
+    """Refuse when the Lanczos estimate shows H + damping I indefinite: LiSSA's recursion then grows along the
+    negative directions instead of converging, and stops with a plausible-looking wrong answer."""
+    width = max(abs(lam_min), abs(lam_max or 0.0), damping)
+    # below this the negative value is at the rounding level of the products (a singular PSD H with damping 0)
+    if lam_min + damping >= -1e3 * torch.finfo(dtype).eps * width:
+        return
+    where = "the full-data Hessian" if full else (f"the mean of {opts.power_probes} minibatch Hessians of "
+                                                  f"{opts.batch_size} examples")
+    raise ValueError(
+        f"LiSSA: H + damping I is not positive definite (smallest eigenvalue about {lam_min + damping:.4g} by a "
+        f"{steps}-step Lanczos run on {where}, damping={damping}); raise damping above {-lam_min:.4g}, use "
+        "gauss_newton=True, or use method='exact' to inspect the spectrum (check_curvature=False skips this "
+        "check)")
+
+
+def _check_growth(history, step, hn, delta, vnorm, full, eps, scale, lam, damping, opts: LissaOptions):
+    """Raise LissaDivergenceError when the iterate grows faster than a contraction can.
+
+    Per eigendirection a contraction's partial sums satisfy |h_j| <= (j + 1) / (k + 1) |h_k| for k <= j, so h is
+    compared with its norm at the checked step k nearest j / 2: geometric growth doubles that ratio's exponent
+    every check, where the old bound 10 (j + 1) ||v|| let slow growth through for hundreds of steps. With the
+    full-data product the increment h_j - h_(j-1) = (I - A / scale)^j v is the residual, which a contraction never
+    lets exceed ||v|| (up to rounding of the subtraction).
+    """
+    k = max(s for s in history if s <= step // 2)
+    limit = opts.growth_limit * (step + 1) / (k + 1) * history[k]
+    grown = hn > limit
+    if full:
+        grown |= delta > vnorm * (1.01 + 10 * eps * (step + 1))
+    if not bool(torch.isfinite(hn).all()) or bool(grown.any()):
+        est = f", lambda_max estimate {lam:.4g}" if lam is not None else ""
+        raise LissaDivergenceError(
+            f"LiSSA diverged at step {step} (max ||h||/||v|| = {float((hn / vnorm).max()):.3g}, "
+            f"scale={scale:.4g}{est}, damping={damping}): the update is not a contraction. Raise `scale` "
+            "(or leave scale=None to pick it by power iteration) or raise `damping`; a non-convex model "
+            "needs damping above its most negative eigenvalue, or gauss_newton=True")

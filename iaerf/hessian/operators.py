@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 from collections.abc import Callable
 
 import torch
@@ -59,6 +60,16 @@ class HessianOperator(abc.ABC):
     def dense(self) -> torch.Tensor:
         """The full-data Hessian ``[P, P]`` in float64 (for small P: the exact-solve reference)."""
 
+    def fingerprint(self) -> dict:
+        """What ``H`` depends on, for deciding whether a saved solver state still applies to this operator.
+
+        Returns ``{"operator": {setting: value}, "parameters": hex digest, "data": hex digest}``: the settings as
+        plain values (so a difference can be reported), SHA-256 digests of the exact bytes of the parameter values
+        and of the data the operator holds. Recomputed on every call (weights and data can change in place).
+        Not abstract, so operators written before it existed keep working; LiSSA checkpoints need it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement fingerprint()")
+
     # -- helpers shared by the implementations -------------------------------------------------------------------
     def _check_vectors(self, vectors, name="vectors", batched_dims=1, allow_single=True):
         return check_vectors(vectors, num_params=self.num_params, dtype=self.dtype, device=self.device, name=name,
@@ -89,6 +100,32 @@ class HessianOperator(abc.ABC):
         t = torch.tensor([float(local)], dtype=torch.float64, device=_collective_device(self.process_group, self.device))
         self._all_reduce_sum(t)
         return int(t.item())
+
+
+def _digest(named_tensors) -> str:
+    """SHA-256 over ``(name, tensor)`` pairs: names, dtypes, shapes and exact bytes."""
+    # iaerf.influence imports this package, so its tensor hasher is imported on use
+    from iaerf.influence.data import _hash_tensor
+
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        h.update(name.encode())
+        _hash_tensor(h, torch.as_tensor(t))
+    return h.hexdigest()
+
+
+def _callable_id(fn) -> str:
+    """A readable identity of a loss function: its qualified name, plus its code and constants for plain functions
+    (two lambdas share a name) and its plain attributes for objects (``nn.CrossEntropyLoss(label_smoothing=0.1)``
+    reprs as ``CrossEntropyLoss()``)."""
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        body = code.co_code + repr(code.co_consts).encode()
+        return f"{name}[{hashlib.sha256(body).hexdigest()[:16]}]"
+    attrs = {k: v for k, v in sorted(vars(fn).items()) if isinstance(v, (bool, int, float, str, type(None)))} \
+        if hasattr(fn, "__dict__") else {}
+    return f"{name}{attrs}" if attrs else name
 
 
 def _collective_device(group, device) -> torch.device:
@@ -125,6 +162,13 @@ class _Data:
                             f"or a DataLoader over one; got {type(data).__name__}")
         if self.n == 0:
             raise ValueError("data is empty: the Hessian averages over the training examples, and there are none")
+
+    def fingerprint(self) -> str:
+        """SHA-256 of every input and label held (for a dataset: one pass over its items)."""
+        if self.tensors is not None:
+            return _digest(zip(("inputs", "labels"), self.tensors))
+        pairs = ((f"{i}", t) for i in range(self.n) for t in self.dataset[i][:2])
+        return _digest(pairs)
 
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs ``[m, ...]`` and labels ``[m, ...]`` of the examples ``indices [m]``, on the operator's device."""
@@ -220,6 +264,17 @@ class ModuleHessian(HessianOperator):
     @property
     def param_names(self) -> list[str]:
         return list(self._params)
+
+    def fingerprint(self) -> dict:
+        """See :meth:`HessianOperator.fingerprint`; the parameters part covers the selected parameters and every
+        other parameter and buffer (all of them shape H), the data part every example held."""
+        settings = {"type": "ModuleHessian", "model": repr(self.model), "loss_fn": _callable_id(self.loss_fn),
+                    "params": ",".join(self._params), "weight_decay": self.weight_decay,
+                    "gauss_newton": self.gauss_newton, "mode": self.mode, "dtype": str(self.dtype),
+                    "num_params": self.num_params, "num_samples": self.num_samples,
+                    "world_size": self._world_size()}
+        return {"operator": settings, "parameters": _digest(sorted({**self._params, **self._frozen}.items())),
+                "data": self._data.fingerprint()}
 
     # -- the per-batch kernel --------------------------------------------------------------------------------------
     def _batch_hvp_fn(self, dtype: torch.dtype | None):
