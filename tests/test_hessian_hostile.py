@@ -369,3 +369,15 @@ def test_checkpoint_needs_a_fingerprint(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint_path needs operator.fingerprint\(\)"):
         inverse_hvp(NoFingerprint(), V, depth=10, progress=False, checkpoint_path=str(tmp_path / "c.pt"))
     assert not os.path.exists(tmp_path / "c.pt")
+
+
+def test_bad_lissa_options_are_refused_by_name():
+    x, y, W, b = _head()
+    op = HeadHessian(x, y, W, b, weight_decay=0.1)
+    V = torch.randn(op.num_params, dtype=torch.float64)
+    with pytest.raises(TypeError, match="check_curvature must be a bool"):
+        inverse_hvp(op, V, check_curvature="yes")
+    with pytest.raises(TypeError, match="checkpoint_path must be a file path"):
+        inverse_hvp(op, V, checkpoint_path=3)
+    with pytest.raises(ValueError, match="checkpoint_path must not be empty"):
+        inverse_hvp(op, V, checkpoint_path="")

@@ -12,7 +12,9 @@ Three methods share one meaning of ``damping``:
   x vectors advance together through ONE batched ``minibatch_matvec`` per step. The iteration contracts when
   scale >= lambda_max(H_B + damping I) for the minibatch Hessians; ``scale=None`` picks
   ``scale_margin * (lambda_max + damping)`` from a power iteration on a few minibatch Hessians (their largest
-  eigenvalue bounds the full-data one on average, lambda_max being convex).
+  eigenvalue bounds the full-data one on average, lambda_max being convex). The same products carry a Lanczos
+  estimate of the smallest eigenvalue, and LiSSA refuses when H + damping I is not positive definite: the
+  recursion then grows along the negative directions and would return a plausible, wrong answer.
 - ``"cg"``: conjugate gradients on the full-data operator, batched over vectors, stopped at a relative residual.
 - ``"exact"``: dense float64 solve; the reference for the others (small P only).
 """
@@ -104,9 +106,11 @@ class LissaOptions:
             raise ValueError(f"LiSSA option growth_limit must be >= 1, got {self.growth_limit}")
         if not isinstance(self.check_curvature, bool):
             raise TypeError(f"LiSSA option check_curvature must be a bool, got {self.check_curvature!r}")
-        if self.checkpoint_path is not None and not (isinstance(self.checkpoint_path, (str, os.PathLike))
-                                                     and str(self.checkpoint_path)):
-            raise TypeError(f"LiSSA option checkpoint_path must be a file path or None, got {self.checkpoint_path!r}")
+        if self.checkpoint_path is not None:
+            if not isinstance(self.checkpoint_path, (str, os.PathLike)):
+                raise TypeError(f"LiSSA option checkpoint_path must be a file path or None, got {self.checkpoint_path!r}")
+            if not os.fspath(self.checkpoint_path):
+                raise ValueError("LiSSA option checkpoint_path must not be empty (None disables checkpoints)")
 
 
 @dataclass
@@ -292,8 +296,8 @@ def _spectrum(op: HessianOperator, *, batch_size: int, seed: int, iters: int, pr
     The same ``probes`` minibatches of ``batch_size`` local examples (or the full data when a minibatch holds it)
     serve both estimates. ``want_max``: power iteration on each minibatch Hessian, the largest ||H_B u|| (the LiSSA
     step uses one H_B at a time, so the scale must bound each). ``want_min``: Lanczos on their mean (the full-data
-    Hessian when full), whose smallest Ritz value bounds lambda_min from above, so a negative one is real
-    negative curvature of that mean, never a rounding artefact of the method. Returns
+    Hessian when full), whose smallest Ritz value bounds lambda_min from above (in exact arithmetic), so a clearly
+    negative one is real negative curvature of that mean. Returns
     ``(lambda_max or None, lambda_min or None, Lanczos steps)``.
     """
     P = op.num_params
