@@ -61,7 +61,31 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 2, reps: int = 7, device=
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    times.sort()
+    return _summary(times)
+
+
+def device_time(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10, device=None) -> dict:
+    """:func:`time_fn`'s summary, each of the ``reps`` runs timed on the GPU with CUDA events on CUDA devices.
+
+    Host wall-clock time adds the launch latency and the synchronisation to every run; events bracket the work on
+    the stream, so bandwidth figures of short kernels are those of the kernels. Other devices: :func:`time_fn`.
+    """
+    if device is None or torch.device(device).type != "cuda":
+        return time_fn(fn, warmup=warmup, reps=reps, device=device)
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return _summary([start.elapsed_time(end) / 1e3 for start, end in events])
+
+
+def _summary(times: list[float]) -> dict:
+    times = sorted(times)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return {"median": statistics.median(times), "min": times[0], "max": times[-1], "iqr": q[2] - q[0], "n": len(times)}
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite: compile-check of every CUDA source with nvcc, a full CUDA build of the extension against
 # the CUDA build of torch (import check, no GPU needed), the CMake build and its ctest C++ tests,
-# then pytest (Triton kernels run under TRITON_INTERPRET=1 on CPU tensors when there is no GPU).
+# the CPU dry run of the one-shot GPU validation (benchmarks/gpu_check --dry-run, docs/gpu.md), then pytest (Triton
+# kernels run under TRITON_INTERPRET=1 on CPU tensors when there is no GPU).
 # Run scripts/setup_env.sh first. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=$PWD/.venv/bin/python
 export PATH="$PWD/.venv/bin:$PATH"
 
-echo "== [1/4] nvcc compile check of csrc/cuda/*.cu (sm_80, sm_90)"
+echo "== [1/5] nvcc compile check of csrc/cuda/*.cu (sm_80, sm_90)"
 if [ "${IAERF_SKIP_NVCC:-0}" = "1" ]; then
   echo "skipped: IAERF_SKIP_NVCC=1"
 else
@@ -23,19 +24,23 @@ else
   rm -rf "$objdir"
 fi
 
-echo "== [2/4] full CUDA extension build against the CUDA build of torch (compile, link, import; no GPU needed)"
+echo "== [2/5] full CUDA extension build against the CUDA build of torch (compile, link, import; no GPU needed)"
 if [ "${IAERF_SKIP_CUDA_BUILD:-0}" = "1" ]; then
   echo "skipped: IAERF_SKIP_CUDA_BUILD=1"
 else
   bash scripts/check_cuda_build.sh
 fi
 
-echo "== [3/4] CMake build of the C++ sources and ctest"
+echo "== [3/5] CMake build of the C++ sources and ctest"
 builddir=build/cmake
 cmake -S . -B "$builddir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="$("$py" -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
 cmake --build "$builddir" -j 2
 (cd "$builddir" && ctest --output-on-failure)
 
-echo "== [4/4] pytest"
+echo "== [4/5] GPU validation script, CPU dry run (build in a copy, backend table, CUDA test collection, report)"
+# Results and logs in build/gpu_check_dry_run; the first run also builds the copy (minutes), later runs ~1 minute.
+PYTHON=$py bash benchmarks/gpu_check build/gpu_check_dry_run --dry-run
+
+echo "== [5/5] pytest"
 "$py" -m pytest -q "$@"
