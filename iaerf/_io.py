@@ -106,8 +106,8 @@ def load_tensor_file(path: str, what: str):
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, MemoryError):
-        raise
+    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
+        raise  # the file could not be opened: its own message names it
     except Exception as exc:  # a damaged file can fail anywhere in torch's reader
         if isinstance(exc, pickle.UnpicklingError):
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "weights_only" not in ln
@@ -124,3 +124,13 @@ def first_sentence(exc: BaseException) -> str:
     the reason with advice to load the file unsafely, which iaerf must not pass on."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text.split(". ")[0][:200]
+
+
+def hash_tensor(h, t) -> None:
+    """Feed a tensor's dtype, shape and exact bytes into the hashlib object ``h`` (cache keys, fingerprints)."""
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    # view as bytes: works for every dtype (bfloat16 has no numpy equivalent)
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")

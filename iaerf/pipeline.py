@@ -183,7 +183,7 @@ class PipelineConfig:
 
     def _check_solver_options(self) -> None:
         """The options must be ones the chosen solver accepts, with valid values (the solver's own check)."""
-        from iaerf.hessian.inverse import _make_options
+        from iaerf.hessian.inverse import make_solver_options
 
         opts = self.solver_options
         if opts is None:
@@ -191,7 +191,7 @@ class PipelineConfig:
         if not isinstance(opts, dict) or not all(isinstance(k, str) for k in opts):
             raise SettingError("solver_options", f"solver_options must be a dict of option names, got {opts!r}")
         try:
-            _make_options(self.solver, opts, {})
+            make_solver_options(self.solver, opts, {})
         except (TypeError, ValueError) as exc:
             raise SettingError("solver_options", f"solver_options {opts} for solver {self.solver!r}: {exc}") from None
 

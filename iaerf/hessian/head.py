@@ -52,7 +52,7 @@ def head_hvp_reference(features: torch.Tensor, probs: torch.Tensor, v: torch.Ten
                 u = u + vb[j]
             p = pt.unsqueeze(1)
             # (diag p - p p^T) u with u - <p,u> = (u - u_m) - <p, u - u_m>, m = argmax p: no cancellation on
-            # confident rows (see csrc/cpu/head_hvp.cpp)
+            # confident rows (see csrc/cpu/head_hvp.h)
             du = u - u.gather(-1, pt.argmax(-1)[:, None, None].expand(-1, b, 1))
             rr = p * (du - (p * du).sum(-1, keepdim=True))
             out_w[j] += rr.reshape(e - s, b * K).T @ xt

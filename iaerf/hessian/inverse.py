@@ -141,8 +141,11 @@ class ExactOptions:
 _OPTIONS = {"lissa": LissaOptions, "cg": CGOptions, "exact": ExactOptions}
 
 
-def _make_options(method: str, options, kwargs):
+def make_solver_options(method: str, options=None, kwargs=None):
+    """The validated options dataclass of ``method`` ("lissa", "cg", "exact") from an options object or dict plus
+    keyword overrides; raises TypeError / ValueError naming a bad option before any solve runs."""
     cls = _OPTIONS[method]
+    kwargs = kwargs or {}
     if options is None:
         fields = {}
     elif isinstance(options, cls):
@@ -189,7 +192,7 @@ def inverse_hvp(operator: HessianOperator, vectors: torch.Tensor, method: str = 
     damping = check_nonnegative(damping, "damping")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    opts = _make_options(method, options, method_options)
+    opts = make_solver_options(method, options, method_options)
     V, single = check_vectors(vectors, num_params=operator.num_params, dtype=operator.dtype, device=operator.device)
     if method == "exact":
         x, info = _exact(operator, V, damping, opts)

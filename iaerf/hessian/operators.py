@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from iaerf._io import hash_tensor
 from iaerf.hessian._checks import check_indices, check_nonnegative, check_vectors
 from iaerf.hessian.params import select_parameters, unflatten
 
@@ -104,13 +105,10 @@ class HessianOperator(abc.ABC):
 
 def _digest(named_tensors) -> str:
     """SHA-256 over ``(name, tensor)`` pairs: names, dtypes, shapes and exact bytes."""
-    # iaerf.influence imports this package, so its tensor hasher is imported on use
-    from iaerf.influence.data import _hash_tensor
-
     h = hashlib.sha256()
     for name, t in named_tensors:
         h.update(name.encode())
-        _hash_tensor(h, torch.as_tensor(t))
+        hash_tensor(h, torch.as_tensor(t))
     return h.hexdigest()
 
 

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from iaerf._io import atomic_write, ensure_writable_dir
-from iaerf.influence.data import _hash_tensor
+from iaerf._io import hash_tensor
 
 _SETTINGS_METADATA = "iaerf_settings"
 
@@ -34,7 +34,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     h.update(repr(model).encode())
     for name, t in model.state_dict(keep_vars=False).items():
         h.update(name.encode())
-        _hash_tensor(h, t)
+        hash_tensor(h, t)
     return h.hexdigest()
 
 

@@ -12,6 +12,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from iaerf._io import hash_tensor
+
 
 class IndexedData:
     """``(input, label)`` pairs addressed by index.
@@ -97,17 +99,11 @@ class IndexedData:
         h = hashlib.sha256()
         if self.inputs is not None:
             for t in (self.inputs, self.targets):
-                _hash_tensor(h, t)
+                hash_tensor(h, t)
         else:
             for i in range(len(self.dataset)):
                 x, y = self.dataset[i][:2]
-                _hash_tensor(h, torch.as_tensor(x))
-                _hash_tensor(h, torch.as_tensor(y))
+                hash_tensor(h, torch.as_tensor(x))
+                hash_tensor(h, torch.as_tensor(y))
         return h.hexdigest()
 
-
-def _hash_tensor(h, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    # view as bytes: works for every dtype (bfloat16 has no numpy equivalent)
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
