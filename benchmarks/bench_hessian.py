@@ -161,7 +161,7 @@ def _generic_rows(quick, device):
 def _lissa_rows(quick, device):
     n = 512
     model, x, y = _cnn_problem(n, device, seed=3)
-    op = ModuleHessian(model, (x, y), weight_decay=1e-2)
+    op = ModuleHessian(model, (x, y), weight_decay=1e-2, gauss_newton=True)  # PSD: LiSSA refuses an indefinite H
     v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(4)).to(device)
     kw = dict(depth=5 if quick else 20, batch_size=32, scale=50.0, damping=1e-2, tol=0.0, progress=False, seed=0)
     repeats = 10
