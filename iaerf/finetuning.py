@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from iaerf._progress import progress_bar
 from iaerf.data import ShotGroups, TensorDataset
 from iaerf.ops import energy, energy_regularized_cross_entropy
 from iaerf.training import _check_dataset, _check_model_classes, evaluate, predict_logits, resolve_device
@@ -221,8 +221,8 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
     coef_dev = coef.to(device)
     history = []
     try:
-        bar = tqdm(range(config.epochs), desc="finetune" + (f" beta={beta:g}" if beta else " (CE control)"),
-                   disable=not progress, leave=False)
+        bar = progress_bar(range(config.epochs), desc="finetune" + (f" beta={beta:g}" if beta else " (CE control)"),
+                           enabled=progress)
         for epoch in bar:
             model.train()
             freeze_batchnorm(model)

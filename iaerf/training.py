@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from iaerf._progress import progress_bar
 from iaerf.data import ShotGroups, TensorDataset
 from iaerf.losses import LDAMLoss, class_balanced_weights
 
@@ -159,7 +159,7 @@ def train_baseline(model: nn.Module, train: TensorDataset, config: TrainConfig =
     ldam = LDAMLoss(counts, config.max_m, config.s).to(device) if config.method == "ldam_drw" else None
     drw = class_balanced_weights(counts, config.cb_beta).to(device)
     history = []
-    bar = tqdm(range(config.epochs), desc=f"train {config.method}", disable=not progress, leave=False)
+    bar = progress_bar(range(config.epochs), desc=f"train {config.method}", enabled=progress)
     for epoch in bar:
         lr = config.lr_at(epoch)
         for group in opt.param_groups:
@@ -292,7 +292,7 @@ def retrain_classifier(model: nn.Module, train: TensorDataset, config: Classifie
     opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train) / config.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * steps_per_epoch)
-    for _ in tqdm(range(config.epochs), desc=f"train {config.method}", disable=not progress, leave=False):
+    for _ in progress_bar(range(config.epochs), desc=f"train {config.method}", enabled=progress):
         for _ in range(steps_per_epoch):
             cls = torch.randint(0, train.num_classes, (config.batch_size,), generator=gen)
             offset = (torch.rand(config.batch_size, generator=gen) * n_c[cls]).long()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from iaerf._io import atomic_write
+from iaerf._progress import progress_bar
 from iaerf.hessian._checks import check_nonnegative, check_vectors
 from iaerf.hessian.operators import HessianOperator
 
@@ -227,8 +228,6 @@ def _exact(op, V, damping, opts: ExactOptions):
 
 # -- conjugate gradients ----------------------------------------------------------------------------------------------
 def _cg(op, V, damping, opts: CGOptions, progress):
-    from tqdm.auto import tqdm
-
     def A(X):
         return op.matvec(X) + damping * X if damping else op.matvec(X)
 
@@ -240,7 +239,7 @@ def _cg(op, V, damping, opts: CGOptions, progress):
     active = vnorm > 0
     relres = torch.zeros_like(vnorm)
     it = 0
-    with tqdm(total=opts.max_iter, desc="CG", disable=not progress, leave=False) as bar:
+    with progress_bar(total=opts.max_iter, desc="CG", enabled=progress) as bar:
         while bool(active.any()) and it < opts.max_iter:
             Ap = A(p)
             pAp = (p * Ap).sum(1)
@@ -470,8 +469,6 @@ def _load_checkpoint(path, key: dict, h_shape: tuple, repeats: int, depth: int):
 
 
 def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
-    from tqdm.auto import tqdm
-
     n_local = getattr(op, "num_local_samples", op.num_samples)
     r, m = opts.repeats, opts.batch_size
     # A minibatch as large as the local data is the data itself: the products are exact full-data ones and the
@@ -529,7 +526,7 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
                      "norms": torch.stack([history[s] for s in steps])}
             atomic_write(path, lambda tmp: torch.save(state, tmp))
 
-    with tqdm(total=opts.depth, initial=min(step, opts.depth), desc="LiSSA", disable=not progress, leave=False) as bar:
+    with progress_bar(total=opts.depth, initial=min(step, opts.depth), desc="LiSSA", enabled=progress) as bar:
         while step < opts.depth and not converged:
             if full:
                 Hh = op.matvec(h[0])[None]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from iaerf._io import ensure_writable_dir
+from iaerf._progress import progress_bar
 from iaerf.influence import distributed as D
 from iaerf.influence.cache import ResultCache, model_fingerprint
 from iaerf.influence.data import IndexedData
@@ -214,12 +215,6 @@ def _features(model: nn.Module, layer: nn.Linear, data: IndexedData, indices, ba
     return torch.cat(chunks).to(dtype)
 
 
-def _progress(enabled: bool, total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
 def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
     opts = _options(args)
     if args["cache_dir"] is not None:
@@ -279,7 +274,7 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
         if head is not None:
             # Classifier-only influence: every pass runs on the frozen features through the head alone.
             layer = head[1]
-            bar = _progress(show, len(train_idx) + len(val_idx), "features")
+            bar = progress_bar(total=len(train_idx) + len(val_idx), desc="features", enabled=show)
             train_feats = _features(model, layer, train_d, train_idx, opts.batch_size, device, bar)
             val_feats = _features(model, layer, val_d, val_idx, opts.batch_size, device, bar)
             bar.close()
@@ -308,7 +303,7 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
 
         directions = unflatten(s, func_params)
         fn = energy_from_logits if kind != "loss" else loss_from_logits
-        bar = _progress(show, len(local_train_idx), f"{kind} influence (JVP)")
+        bar = progress_bar(total=len(local_train_idx), desc=f"{kind} influence (JVP)", enabled=show)
         local = directional_derivatives(func_model, func_params, directions, train_local, local_train_idx, fn=fn,
                                         batch_size=opts.batch_size, device=device,
                                         batched=kind == "energy_on_test", progress=bar)
@@ -325,7 +320,7 @@ def _solve(kind, opts, model, chosen, head, func_model, func_params, train_d, tr
     from iaerf.hessian import HeadHessian, ModuleHessian, inverse_hvp
     from iaerf.hessian.params import flatten
 
-    bar = _progress(show, len(local_val_idx), "validation gradient")
+    bar = progress_bar(total=len(local_val_idx), desc="validation gradient", enabled=show)
     if kind == "energy_on_test":
         grads = loss_gradients(func_model, func_params, val_local, local_val_idx, total=m,
                                batch_size=opts.batch_size, device=device, per_index=True, progress=bar)

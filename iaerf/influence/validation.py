@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from scipy.special import logsumexp as np_logsumexp
 
+from iaerf._progress import progress_bar
 from iaerf.influence.data import IndexedData
-from iaerf.influence.energy import _find_head, _features, _progress, _trainable_selection, eval_mode
+from iaerf.influence.energy import _find_head, _features, _trainable_selection, eval_mode
 
 # --------------------------------------------------------------------------------------------------------------
 # Convex check (Eq. 7): multinomial logistic regression, float64 numpy
@@ -177,13 +178,13 @@ def actual_energy_effect(model, train, val, indices, *, eps: float, params=None,
             runs += [(i, eps), (i, -eps)] if symmetric else [(i, eps)]
         if head is not None:
             layer = head[1]
-            bar = _progress(False, 0, "")
+            bar = progress_bar(total=0, desc="", enabled=False)
             train_x = _features(model, layer, train_d, range(len(train_d)), 512, device, bar)
             val_x = _features(model, layer, val_d, range(len(val_d)), 512, device, bar)
             losses = _head_runs(layer, train_x, train_d.labels().to(device), val_x, val_d.labels().to(device), runs,
                                 settings)
         else:
-            bar = _progress(progress, len(runs), "fine-tuning")
+            bar = progress_bar(total=len(runs), desc="fine-tuning", enabled=progress)
             losses = []
             for point, coef in runs:
                 losses.append(_module_run(model, list(chosen), train_d, val_d, point, coef, settings, device))
