@@ -88,7 +88,7 @@ def fig3_class_influence(influence: torch.Tensor, labels: torch.Tensor, num_clas
     return {"r": r}
 
 
-def fig5_energy_distribution(energies: torch.Tensor, path: str, *, labels=None) -> str:
+def fig5_energy_distribution(energies: torch.Tensor, path: str) -> str:
     """Histograms of the training-set energy, one per epoch (energies [epochs + 1, n]; row 0 = before fine-tuning)."""
     energies = torch.as_tensor(energies).double()
     if energies.dim() != 2 or energies.shape[0] < 1:

@@ -178,10 +178,8 @@ class HeadHessian(HessianOperator):
                    layer.bias.to(dev) if layer.bias is not None else None,
                    weight_decay=weight_decay, process_group=process_group)
 
-    def _sum(self, V3: torch.Tensor, indices: torch.Tensor | None, features=None, probs=None) -> torch.Tensor:
-        features = self.features if features is None else features
-        probs = self.probs if probs is None else probs
-        return head_hvp(features, probs, V3, indices, self.has_bias)
+    def _sum(self, V3: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+        return head_hvp(self.features, self.probs, V3, indices, self.has_bias)
 
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
         V, single = self._check_vectors(vectors)

@@ -36,8 +36,8 @@ def softmax_regression_objective(W: np.ndarray, X: np.ndarray, y: np.ndarray, we
     """Value, gradient and Hessian of (1/n) sum CE + (wd/2)||W||^2 + sum_i c_i E(x_i) for W ``[K, D+1]``.
 
     ``X`` is ``[n, D]`` (a bias column is appended), ``energy_coef`` is c ``[n]`` (None: no energy term). Returns
-    ``(value, grad [K*(D+1)], hess [K*(D+1), K*(D+1)])`` with W flattened row-major (the nn.Linear layout
-    ``[weight, bias]`` differs: see :func:`linear_to_augmented`).
+    ``(value, grad [K*(D+1)], hess [K*(D+1), K*(D+1)])`` with W flattened row-major (the nn.Linear weight
+    ``[K, D]`` and bias ``[K]`` side by side, bias as the last column).
     """
     Xa = _augment(X)
     n, K = Xa.shape[0], W.shape[0]
@@ -92,11 +92,6 @@ def softmax_regression_loss(W: np.ndarray, X, y) -> float:
     """Plain mean cross-entropy of W ``[K, D+1]`` on ``(X [n, D], y [n])``."""
     Z = _augment(np.asarray(X, dtype=np.float64)) @ W.T
     return float(np.mean(np_logsumexp(Z, axis=1) - Z[np.arange(len(y)), np.asarray(y)]))
-
-
-def linear_to_augmented(weight: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
-    """nn.Linear ``(weight [K, D], bias [K])`` -> ``W [K, D+1]`` (bias as the last column)."""
-    return np.hstack([weight.detach().double().cpu().numpy(), bias.detach().double().cpu().numpy()[:, None]])
 
 
 def reoptimized_energy_effect(X, y, X_val, y_val, indices, *, num_classes: int, weight_decay: float,

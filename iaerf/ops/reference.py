@@ -46,14 +46,6 @@ def shifted_scaled_logits(logits: torch.Tensor, temperature: float) -> tuple[tor
     return m.squeeze(1), (logits - m).div_(temperature)
 
 
-def reference_energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """E_i = -T logsumexp_k(z_ik / T) (paper Eq. 2 with temperature T). [N, K] -> [N]."""
-    if temperature == 1.0:
-        return -reference_logsumexp(logits)
-    m, scaled = shifted_scaled_logits(logits, temperature)
-    return -(m + temperature * torch.logsumexp(scaled, dim=1))
-
-
 def reference_energy_ce(
     logits: torch.Tensor,
     target: torch.Tensor,
