@@ -98,7 +98,7 @@ def fig5_energy_distribution(energies: torch.Tensor, path: str) -> str:
     bins = np.linspace(float(energies.min()), float(energies.max()), 40)
     cmap = plt.get_cmap("viridis")
     for t in range(energies.shape[0]):
-        name = labels[t] if labels is not None else ("before" if t == 0 else f"epoch {t}")
+        name = "before" if t == 0 else f"epoch {t}"
         ax.hist(energies[t].numpy(), bins=bins, histtype="step", color=cmap(t / max(1, energies.shape[0] - 1)), label=name)
     ax.set(xlabel="energy E(x)", ylabel="training images", title="training-set energy during fine-tuning")
     ax.legend(fontsize=7)
