@@ -28,10 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from iaerf._progress import progress_bar
 from iaerf.data import ShotGroups, TensorDataset
 from iaerf.ops import energy, energy_regularized_cross_entropy
 from iaerf.training import _check_dataset, _check_model_classes, evaluate, predict_logits, resolve_device
+from iaerf.training_loop import freeze_batchnorm, is_batchnorm, shuffled_batches, train_loop  # noqa: F401 (public here)
 
 __all__ = [
     "FinetuneConfig",
@@ -117,29 +117,8 @@ def energy_coefficients(influence: torch.Tensor, beta: float) -> torch.Tensor:
     return (-float(beta) * influence.double() / i_max.double()).float()
 
 
-def _is_bn(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._NormBase)
-
-
-def freeze_batchnorm(model: nn.Module) -> list[nn.Parameter]:
-    """Put every batch-norm layer in eval mode and stop gradients to its affine parameters.
-
-    Returns the affine parameters that were frozen (so the caller can restore ``requires_grad``). Call it after
-    ``model.train()``, which would switch the layers back to batch statistics.
-    """
-    frozen = []
-    for module in model.modules():
-        if _is_bn(module):
-            module.eval()
-            for p in module.parameters(recurse=False):
-                if p.requires_grad:
-                    p.requires_grad_(False)
-                    frozen.append(p)
-    return frozen
-
-
 def _trainable(model: nn.Module, train_params) -> list[nn.Parameter]:
-    bn_params = {id(p) for m in model.modules() if _is_bn(m) for p in m.parameters(recurse=False)}
+    bn_params = {id(p) for m in model.modules() if is_batchnorm(m) for p in m.parameters(recurse=False)}
     chosen = []
     for name, p in model.named_parameters():
         if id(p) in bn_params:
@@ -217,39 +196,28 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     coef_dev = coef.to(device)
-    history = []
+
+    def loss_fn(epoch, idx):
+        x, y = x_all[idx].to(device), y_all[idx].to(device)
+        c = coef_dev[idx.to(device)]
+        logits = model(x)
+        if beta > 0 and config.energy_cap == "per_sample":
+            c = _cap_per_sample(logits.detach(), y, c)
+        parts = energy_regularized_cross_entropy(logits, y, c, reduction="mean", return_parts=True)
+        return parts.loss, {"ce": parts.cross_entropy.detach().sum(), "energy": parts.energy.detach().sum()}
+
+    def record_energy(epoch):
+        if config.record_energy:
+            energies.append(_energy_and_ce(model, train, config.batch_size, device)[0])
+
     try:
-        bar = progress_bar(range(config.epochs), desc="finetune" + (f" beta={beta:g}" if beta else " (CE control)"),
-                           enabled=progress)
-        for epoch in bar:
-            model.train()
-            freeze_batchnorm(model)
-            perm = torch.randperm(len(train), generator=gen)
-            sums = {"loss": 0.0, "ce": 0.0, "energy": 0.0}
-            for start in range(0, len(perm), config.batch_size):
-                idx = perm[start:start + config.batch_size]
-                x, y = x_all[idx].to(device), y_all[idx].to(device)
-                c = coef_dev[idx.to(device)]
-                logits = model(x)
-                if beta > 0 and config.energy_cap == "per_sample":
-                    c = _cap_per_sample(logits.detach(), y, c)
-                parts = energy_regularized_cross_entropy(logits, y, c, reduction="mean", return_parts=True)
-                opt.zero_grad(set_to_none=True)
-                parts.loss.backward()
-                opt.step()
-                n = len(idx)
-                sums["loss"] += float(parts.loss.detach()) * n
-                sums["ce"] += float(parts.cross_entropy.detach().sum())
-                sums["energy"] += float(parts.energy.detach().sum())
-            if not math.isfinite(sums["loss"]):
-                raise FloatingPointError(f"fine-tuning diverged at epoch {epoch} (beta={beta}); lower beta or lr, "
-                                         "or use energy_cap='per_sample'")
-            history.append({"epoch": epoch, **{k: v / len(train) for k, v in sums.items()}})
-            bar.set_postfix(loss=f"{sums['loss'] / len(train):.4f}")
-            if config.record_energy:
-                energies.append(_energy_and_ce(model, train, config.batch_size, device)[0])
+        history = train_loop(params, loss_fn, shuffled_batches(len(train), config.batch_size, gen),
+                             epochs=config.epochs, lr=config.lr, momentum=config.momentum,
+                             weight_decay=config.weight_decay, model=model, mode="frozen_bn", record=True,
+                             on_epoch=record_energy, progress=progress,
+                             desc="finetune" + (f" beta={beta:g}" if beta else " (CE control)"),
+                             hint="lower beta or lr, or use energy_cap='per_sample'")
     finally:
         for p in model.parameters():
             p.requires_grad_(requires_grad[id(p)])

@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from iaerf._progress import progress_bar
 from iaerf.data import ShotGroups, TensorDataset
 from iaerf.losses import LDAMLoss, class_balanced_weights
+from iaerf.training_loop import shuffled_batches, train_loop
 
 __all__ = [
     "TrainConfig",
@@ -148,44 +148,29 @@ def train_baseline(model: nn.Module, train: TensorDataset, config: TrainConfig =
     if config.method == "ldam_drw" and min(counts) == 0:
         raise ValueError("train: LDAM-DRW needs at least one example of every class")
     torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)  # batch order, then the augmentation draws of each batch
     model.to(device)
     x_all, y_all = train.tensors()
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (no_decay if p.dim() == 1 else decay).append(p)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=config.lr, momentum=config.momentum)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     ldam = LDAMLoss(counts, config.max_m, config.s).to(device) if config.method == "ldam_drw" else None
     drw = class_balanced_weights(counts, config.cb_beta).to(device)
-    history = []
-    bar = progress_bar(range(config.epochs), desc=f"train {config.method}", enabled=progress)
-    for epoch in bar:
-        lr = config.lr_at(epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if ldam is not None and epoch >= config.drw_epoch:
+
+    def loss_fn(epoch, idx):
+        if ldam is not None and ldam.weight is None and epoch >= config.drw_epoch:
             ldam.set_weight(drw)
-        model.train()
-        perm = torch.randperm(len(train), generator=gen)
-        total, seen, correct = 0.0, 0, 0
-        for start in range(0, len(perm), config.batch_size):
-            idx = perm[start:start + config.batch_size]
-            x, y = x_all[idx].to(device), y_all[idx].to(device)
-            if config.augment == "cifar":
-                x = _augment_cifar(x, gen)
-            logits = model(x)
-            loss = ldam(logits, y) if ldam is not None else F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-        if not math.isfinite(total):
-            raise FloatingPointError(f"training diverged at epoch {epoch} (loss {total}); lower the lr")
-        history.append({"epoch": epoch, "lr": lr, "loss": total / seen, "train_acc": correct / seen})
-        bar.set_postfix(loss=f"{total / seen:.3f}")
+        x, y = x_all[idx].to(device), y_all[idx].to(device)
+        if config.augment == "cifar":
+            x = _augment_cifar(x, gen)
+        logits = model(x)
+        loss = ldam(logits, y) if ldam is not None else F.cross_entropy(logits, y)
+        return loss, {"train_acc": (logits.argmax(1) == y).sum()}
+
+    history = train_loop(groups, loss_fn, shuffled_batches(len(train), config.batch_size, gen), epochs=config.epochs,
+                         lr=config.lr, momentum=config.momentum, lr_at=config.lr_at, model=model, record=True,
+                         desc=f"train {config.method}", progress=progress)
     model.eval()
     return model, history
 
@@ -289,22 +274,24 @@ def retrain_classifier(model: nn.Module, train: TensorDataset, config: Classifie
         fc.requires_grad_(False)
         scales = torch.ones(train.num_classes, device=device, requires_grad=True)
         params = [scales]
-    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train) / config.batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * steps_per_epoch)
-    for _ in progress_bar(range(config.epochs), desc=f"train {config.method}", enabled=progress):
+
+    def class_aware(epoch):
         for _ in range(steps_per_epoch):
             cls = torch.randint(0, train.num_classes, (config.batch_size,), generator=gen)
             offset = (torch.rand(config.batch_size, generator=gen) * n_c[cls]).long()
-            pick = order[start_c[cls] + offset]
-            logits = fc(feats[pick.to(device)])
-            if scales is not None:
-                logits = logits * scales
-            loss = F.cross_entropy(logits, y[pick.to(device)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            yield order[start_c[cls] + offset].to(device)
+
+    def loss_fn(epoch, pick):
+        logits = fc(feats[pick])
+        if scales is not None:
+            logits = logits * scales
+        return F.cross_entropy(logits, y[pick])
+
+    train_loop(params, loss_fn, class_aware, epochs=config.epochs, lr=config.lr, momentum=config.momentum,
+               weight_decay=config.weight_decay, desc=f"train {config.method}", progress=progress,
+               scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(
+                   opt, T_max=config.epochs * steps_per_epoch))
     if scales is not None:
         with torch.no_grad():
             fc.weight.mul_(scales.detach()[:, None])

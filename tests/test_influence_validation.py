@@ -112,3 +112,64 @@ def test_actual_energy_effect_rejects_bad_input():
         actual_energy_effect(model, data, data, [4], eps=1e-3)
     with pytest.raises(ValueError, match="val is empty"):
         actual_energy_effect(model, data, (data[0][:0], data[1][:0]), [0], eps=1e-3)
+
+
+def test_fig1_runs_bit_identical_to_the_loops_before_the_core():
+    """Both Fig. 1 paths, now on the shared training-loop core, take exactly the steps of the hand-written loops
+    they replaced: one seeded permutation per epoch, plain SGD, the model in eval mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    model[0].requires_grad_(False)
+    x, y = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 3, (40,))
+    xv, yv = torch.randn(15, 5, dtype=torch.float64), torch.randint(0, 3, (15,))
+    eps, epochs, lr, mom, bs, wd, seed = 1e-2, 3, 0.3, 0.5, 16, 1e-3, 4
+    runs = [(None, 0.0), (3, eps), (17, eps)]
+
+    def sgd_epochs(params, loss_fn):
+        opt = torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            order = torch.randperm(len(y), generator=gen)
+            for start in range(0, len(y), bs):
+                loss = loss_fn(order[start:start + bs])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+    module_losses = []
+    for point, coef in runs:  # the whole-module path: a deep copy per run
+        net = copy.deepcopy(model).eval()
+        sgd_epochs([net[2].weight, net[2].bias], lambda i: F.cross_entropy(net(x[i]), y[i]) + (
+            coef * -torch.logsumexp(net(x[[point]]), -1).sum() if point is not None else 0.0))
+        with torch.no_grad():
+            module_losses.append(float(F.cross_entropy(net(xv), yv, reduction="sum")) / len(yv))
+    # the head path: all runs' heads stacked [R, K, D] over the frozen features
+    feats, feats_v = model[1](model[0](x)).detach(), model[1](model[0](xv)).detach()
+    W = model[2].weight.detach().expand(3, -1, -1).clone().requires_grad_()
+    b = model[2].bias.detach().expand(3, -1).clone().requires_grad_()
+    coefs = torch.tensor([c for _, c in runs], dtype=torch.float64)
+    xp = feats[[p or 0 for p, _ in runs]]
+
+    def head_loss(i):
+        z = torch.einsum("md,rkd->rmk", feats[i], W) + b[:, None, :]
+        ce = F.cross_entropy(z.reshape(-1, 3), y[i].expand(3, -1).reshape(-1), reduction="none").view(3, -1).mean(1)
+        return (ce + coefs * -torch.logsumexp(torch.einsum("rd,rkd->rk", xp, W) + b, -1)).sum()
+    sgd_epochs([W, b], head_loss)
+    with torch.no_grad():
+        z = torch.einsum("md,rkd->rmk", feats_v, W) + b[:, None, :]
+        head_losses = F.cross_entropy(z.reshape(-1, 3), yv.expand(3, -1).reshape(-1), reduction="none").view(3, -1).mean(1)
+
+    class Wrapped(nn.Module):  # logits are not the head's output tensor: forces the generic path
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, z):
+            return self.inner(z) * 1.0
+
+    kw = dict(eps=eps, epochs=epochs, lr=lr, momentum=mom, batch_size=bs, weight_decay=wd, seed=seed, progress=False)
+    slow = actual_energy_effect(Wrapped(copy.deepcopy(model)), (x, y), (xv, yv), [3, 17], params="inner.2", **kw)
+    fast = actual_energy_effect(model, (x, y), (xv, yv), [3, 17], params="2", **kw)
+    module_losses = torch.tensor(module_losses, dtype=torch.float64)
+    assert torch.equal(slow, (module_losses[1:] - module_losses[0]) / eps)
+    assert torch.equal(fast, (head_losses[1:] - head_losses[0]) / eps)

@@ -22,6 +22,7 @@ from scipy.special import logsumexp as np_logsumexp
 from iaerf._progress import progress_bar
 from iaerf.influence.data import IndexedData
 from iaerf.influence.energy import _find_head, _features, _trainable_selection, eval_mode
+from iaerf.training_loop import shuffled_batches, train_loop
 
 # --------------------------------------------------------------------------------------------------------------
 # Convex check (Eq. 7): multinomial logistic regression, float64 numpy
@@ -191,6 +192,14 @@ def actual_energy_effect(model, train, val, indices, *, eps: float, params=None,
     return (losses[1:] - losses[0]) / eps
 
 
+def _finetune(settings: FinetuneSettings, params, loss_fn, n: int, model=None) -> None:
+    """The protocol's SGD over ``n`` training points; the same seed, so the same batch order, in every run."""
+    gen = torch.Generator().manual_seed(settings.seed)
+    train_loop(params, loss_fn, shuffled_batches(n, settings.batch_size, gen), epochs=settings.epochs,
+               lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay, model=model,
+               mode="eval")
+
+
 def _module_run(model, names, train_d, val_d, point, coef, settings: FinetuneSettings, device) -> float:
     """Fine-tune a copy of ``model`` (eval mode: frozen batch norm) with coef * E(x_point); its val loss."""
     net = copy.deepcopy(model)
@@ -198,21 +207,16 @@ def _module_run(model, names, train_d, val_d, point, coef, settings: FinetuneSet
     trainable = dict(net.named_parameters())
     for name, p in trainable.items():
         p.requires_grad_(name in names)
-    opt = torch.optim.SGD([trainable[n] for n in names], lr=settings.lr, momentum=settings.momentum,
-                          weight_decay=settings.weight_decay)
-    gen = torch.Generator().manual_seed(settings.seed)  # the same batch order in every run
-    n = len(train_d)
     x_point = train_d.batch([point], device)[0] if point is not None else None
-    for _ in range(settings.epochs):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, settings.batch_size):
-            x, y = train_d.batch(order[start:start + settings.batch_size].tolist(), device)
-            loss = F.cross_entropy(net(x), y)
-            if x_point is not None:
-                loss = loss + coef * -torch.logsumexp(net(x_point), dim=-1).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+    def loss_fn(epoch, idx):
+        x, y = train_d.batch(idx.tolist(), device)
+        loss = F.cross_entropy(net(x), y)
+        if x_point is not None:
+            loss = loss + coef * -torch.logsumexp(net(x_point), dim=-1).sum()
+        return loss
+
+    _finetune(settings, [trainable[n] for n in names], loss_fn, len(train_d), model=net)
     total = 0.0
     with torch.no_grad():
         for x, y in val_d.batches(range(len(val_d)), 512, device):
@@ -234,21 +238,17 @@ def _head_runs(layer, train_x, train_y, val_x, val_y, runs, settings: FinetuneSe
     points = torch.tensor([p if p is not None else 0 for p, _ in runs], device=train_x.device)
     coefs = torch.tensor([c for _, c in runs], dtype=dt, device=train_x.device)
     x_points = train_x[points]                                                     # [R, D]
-    opt = torch.optim.SGD([W, b], lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    gen = torch.Generator().manual_seed(settings.seed)
-    n, K = train_x.shape[0], W.shape[1]
-    for _ in range(settings.epochs):
-        order = torch.randperm(n, generator=gen).to(train_x.device)
-        for start in range(0, n, settings.batch_size):
-            idx = order[start:start + settings.batch_size]
-            logits = torch.einsum("md,rkd->rmk", train_x[idx], W) + b[:, None, :]  # [R, m, K]
-            y = train_y[idx].expand(R, -1)
-            ce = F.cross_entropy(logits.reshape(-1, K), y.reshape(-1), reduction="none").view(R, -1).mean(1)
-            energy = -torch.logsumexp(torch.einsum("rd,rkd->rk", x_points, W) + b, dim=-1)
-            loss = (ce + coefs * energy).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    K = W.shape[1]
+
+    def loss_fn(epoch, idx):
+        idx = idx.to(train_x.device)
+        logits = torch.einsum("md,rkd->rmk", train_x[idx], W) + b[:, None, :]  # [R, m, K]
+        y = train_y[idx].expand(R, -1)
+        ce = F.cross_entropy(logits.reshape(-1, K), y.reshape(-1), reduction="none").view(R, -1).mean(1)
+        energy = -torch.logsumexp(torch.einsum("rd,rkd->rk", x_points, W) + b, dim=-1)
+        return (ce + coefs * energy).sum()
+
+    _finetune(settings, [W, b], loss_fn, train_x.shape[0])
     with torch.no_grad():
         logits = torch.einsum("md,rkd->rmk", val_x, W) + b[:, None, :]
         y = val_y.expand(R, -1)
