@@ -8,12 +8,15 @@ readable by whoever the umask admits.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 import threading
 from typing import Callable
 
-__all__ = ["atomic_write", "write_text", "ensure_writable_dir", "load_tensor_file", "first_sentence"]
+__all__ = ["atomic_write", "write_text", "write_json", "read_json", "settings_key", "canonical_json", "ensure_writable_dir",
+           "load_tensor_file", "first_sentence", "hash_tensor"]
 
 _UMASK_LOCK = threading.Lock()
 
@@ -64,6 +67,63 @@ def write_text(path: str, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def _json_default(o):
+    import torch
+
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_json(path: str, obj) -> None:
+    """Atomically write ``obj`` as indented JSON with sorted keys and a final newline (tensors become lists).
+
+    Raises TypeError for a value JSON cannot hold, before anything is written.
+    """
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    write_text(path, text)
+
+
+def read_json(path: str, keys: tuple[str, ...] | None = None):
+    """The JSON value in ``path``; with ``keys``, it must be an object holding them. A damaged file is a ValueError
+    naming the file (json's own "Expecting value" does not)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path} is damaged: not valid JSON ({exc})") from None
+    if keys is not None:
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path} is damaged: expected a JSON object, got {type(obj).__name__}")
+        missing = [k for k in keys if k not in obj]
+        if missing:
+            raise ValueError(f"{path} is damaged: missing keys {missing}")
+    return obj
+
+
+def canonical_json(settings) -> str:
+    """One-line JSON of ``settings`` with sorted keys: the identity of a stage's or a cache entry's inputs.
+
+    Tensors become lists; any other value JSON cannot hold (a path, a dtype) becomes its ``str``, so a key can
+    always be formed.
+    """
+    return json.dumps(settings, sort_keys=True, default=_key_default)
+
+
+def _key_default(o):
+    try:
+        return _json_default(o)
+    except TypeError:
+        return str(o)
+
+
+def settings_key(settings, length: int = 32) -> str:
+    """The first ``length`` hex digits of the SHA-256 of :func:`canonical_json` ``(settings)``."""
+    return hashlib.sha256(canonical_json(settings).encode()).hexdigest()[:length]
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str) -> str:

@@ -20,8 +20,7 @@ so an interrupted run never leaves a half-written output, and earlier outputs st
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
 import math
 import os
 import time
@@ -32,9 +31,11 @@ from typing import Callable
 import torch
 
 from iaerf import data as D
-from iaerf._io import atomic_write, ensure_writable_dir, load_tensor_file, write_text
+from iaerf._io import (atomic_write, ensure_writable_dir, load_tensor_file, read_json, settings_key, write_json,
+                       write_text)
 from iaerf.finetuning import (BETAS, CAPS, FinetuneConfig, cifar_finetune_config, classifier_retrain_config, config_dict,
                             finetune, select_beta)
+from iaerf.heads import find_classifier_head, head_features
 from iaerf.models import build_model
 from iaerf.training import (ClassifierConfig, TrainConfig, cifar_config, digits_config, evaluate, resolve_device,
                             retrain_classifier, train_baseline)
@@ -234,40 +235,6 @@ class DamagedOutputWarning(UserWarning):
     """A stage's output file was unreadable or held the wrong content; the stage runs again."""
 
 
-def write_json(path: str, obj) -> None:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-            f.write("\n")
-
-    atomic_write(path, w)
-
-
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def read_json(path: str, keys: tuple[str, ...] | None = None):
-    """The JSON value in ``path``; with ``keys``, it must be an object holding them. A damaged file is a ValueError
-    naming the file (json's own "Expecting value" does not)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise ValueError(f"{path} is damaged: not valid JSON ({exc})") from None
-    if keys is not None:
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path} is damaged: expected a JSON object, got {type(obj).__name__}")
-        missing = [k for k in keys if k not in obj]
-        if missing:
-            raise ValueError(f"{path} is damaged: missing keys {missing}")
-    return obj
-
-
 def read_settings(path: str) -> dict:
     """The stored settings of a run (``settings.json``) as a dict; a damaged file is a ValueError that names it and
     the fix."""
@@ -281,7 +248,7 @@ def read_settings(path: str) -> dict:
 
 
 def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
+    return settings_key(list(parts), 16)
 
 
 def save_checkpoint(path: str, model: torch.nn.Module, arch: dict, meta: dict | None = None) -> None:
@@ -359,30 +326,29 @@ def _read_vector(path: str, what: str, rows: tuple[int, int] | None, n: int) -> 
 
 @torch.no_grad()
 def classifier_head(model: torch.nn.Module, *datasets: D.TensorDataset, device=None):
-    """``(head, *feature_datasets)``: the model's ``fc`` as a :class:`~iaerf.models.LinearClassifier` and every
-    dataset mapped to its eval-mode features [n, D].
+    """``(head, *feature_datasets)``: the model's classifier head (:func:`iaerf.heads.find_classifier_head`, whatever
+    its name: ``fc``, ``head``, ``classifier``) as the ``fc`` of a :class:`~iaerf.models.LinearClassifier`, and every
+    dataset mapped to its eval-mode features [n, D] (the head's inputs).
 
     Classifier-only influence (``params=["fc"]``) depends on the rest of the network only through these frozen
     features, so computing it on the head gives the same numbers while every Hessian-vector product skips the
     backbone -- which matters for a cosine (NormedLinear) fc, where no closed-form linear-head path applies.
     """
-    from iaerf.models import LinearClassifier, NormedLinear
+    from iaerf.models import LinearClassifier
 
-    fc = model.fc
-    normed = isinstance(fc, NormedLinear)
-    head = LinearClassifier(fc.in_features, fc.out_features, normed_fc=normed,
-                            **({"scale": fc.scale} if normed else {}))
-    head.fc.load_state_dict(fc.state_dict())
-    head = head.to(device if device is not None else fc.weight.device).eval()
-    was_training = model.training
-    model.eval()
+    if not datasets:
+        raise ValueError("classifier_head needs at least one dataset: the head is found on a probe batch of it")
+    dev = next(model.parameters()).device
+    _, layer = find_classifier_head(model, datasets[0].tensors()[0][:1].to(dev))
+    head = LinearClassifier(layer.in_features, layer.out_features)
+    # the layer itself, not a rebuilt one: any nn.Linear subclass (NormedLinear's cosine logits) keeps its forward
+    head.fc = copy.deepcopy(layer)
+    head = head.to(device if device is not None else layer.weight.device).eval()
     out = []
     for ds in datasets:
         x = ds.tensors()[0]
-        dev = fc.weight.device
-        feats = torch.cat([model.features(x[s:s + 512].to(dev)).cpu() for s in range(0, len(ds), 512)])
+        feats = head_features(model, layer, (x[s:s + 512].to(dev) for s in range(0, len(ds), 512))).cpu()
         out.append(D.TensorDataset(feats, ds.labels, ds.num_classes))
-    model.train(was_training)
     return (head, *out)
 
 

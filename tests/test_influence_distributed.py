@@ -55,3 +55,39 @@ def test_shards_cover_range_in_order_and_auto_without_init():
         D.resolve_group("everything")
     with pytest.raises(ValueError, match="not initialised"):
         D.resolve_group(object())
+
+
+@pytest.mark.parametrize("backend, device, want", [
+    ("nccl", "cuda:1", "cuda:1"),   # the operator's / data's GPU
+    ("nccl", "cuda", "cuda:3"),     # a bare "cuda" is the current device
+    ("nccl", "cpu", "cuda:3"),      # nccl cannot move CPU tensors: the current GPU
+    ("nccl", None, "cuda:3"),
+    ("gloo", "cuda:1", "cpu"),      # gloo reduces CPU tensors
+    ("gloo", None, "cpu"),
+])
+def test_one_collective_device_rule_for_hessian_and_influence(monkeypatch, backend, device, want):
+    import torch.distributed as dist
+
+    import iaerf._distributed as shared
+    from iaerf.hessian import operators
+    from iaerf.influence import distributed as D
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert shared.collective_device(object(), device) == torch.device(want)
+    # the Hessian operators and the influence passes use this very rule, not copies of it
+    assert operators._collective_device is shared.collective_device
+    assert D.collective_device is shared.collective_device and D.all_reduce_sum is shared.all_reduce_sum
+
+
+def test_agree_reduces_on_the_device_the_work_runs_on(monkeypatch):
+    import torch.distributed as dist
+
+    from iaerf.influence import distributed as D
+
+    seen = []
+    monkeypatch.setattr(D, "collective_device", lambda group, device=None: seen.append(device) or torch.device("cpu"))
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: None)
+    assert D.agree(True, object(), torch.device("cuda", 1)) and not D.agree(False, object())
+    assert seen == [torch.device("cuda", 1), None]
+    assert D.agree(False, None) is False  # single process: no collective

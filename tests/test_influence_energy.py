@@ -268,3 +268,73 @@ def test_gauss_newton_option_reaches_the_operator_and_the_cache_key(tmp_path):
     torch.testing.assert_close(ggn, torch.stack(expected), rtol=1e-8, atol=1e-12)
     with pytest.raises(TypeError, match="gauss_newton"):
         iaerf.energy_influence(model, train, val, gauss_newton="yes", **kw)
+
+
+class _TorchvisionHead(nn.Module):
+    """torchvision layout over identity features: ``classifier = Sequential(Dropout, Linear)``."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.features = nn.Flatten()
+        self.classifier = nn.Sequential(nn.Dropout(0.5), linear)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class _TimmHead(nn.Module):
+    """timm layout over identity features: ``forward_head`` applies ``head_drop`` then ``head``."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.norm = nn.Identity()
+        self.head_drop = nn.Dropout(0.1)
+        self.head = linear
+
+    def forward(self, x):
+        return self.head(self.head_drop(self.norm(x)))
+
+
+@pytest.mark.parametrize("wrap, params", [(_TorchvisionHead, "classifier"), (_TimmHead, "head")])
+def test_head_named_classifier_or_head_takes_the_native_path(wrap, params, monkeypatch):
+    X, y, Xv, yv, W, linear, train, val = _convex_problem()
+    used = []
+    from iaerf.hessian import head
+
+    monkeypatch.setattr(head.HeadHessian, "__init__", _spy(head.HeadHessian.__init__, used))
+    model = wrap(copy.deepcopy(linear)).train()
+    got = iaerf.energy_influence(model, train, val, params=params, weight_decay=WD, solver="exact", progress=False)
+    assert used, f"params={params!r} is the whole classifier head: HeadHessian must serve it"
+    assert model.training, "train flags must be restored"
+    want = _closed_form(W, X, y, Xv, yv, WD)
+    assert np.abs(got.numpy() - want).max() <= 1e-6 * np.abs(want).max()
+
+
+class _DoubledLinear(nn.Linear):
+    """An nn.Linear subclass with its own forward (2 (W x + b)): its logits are not the affine map HeadHessian
+    assumes, so the generic path must serve it."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class _DoubledAffine(Affine):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_linear_subclass_with_its_own_forward_is_not_taken_for_an_affine_head(monkeypatch):
+    X, y, Xv, yv, W, linear, train, val = _convex_problem()
+    doubled = _DoubledLinear(linear.in_features, linear.out_features).double()
+    doubled.load_state_dict(linear.state_dict())
+    used = []
+    from iaerf.hessian import head
+
+    monkeypatch.setattr(head.HeadHessian, "__init__", _spy(head.HeadHessian.__init__, used))
+    kw = dict(weight_decay=WD, solver="exact", progress=False)
+    got = iaerf.energy_influence(doubled, train, val, **kw)
+    assert not used, "HeadHessian is the Hessian of W x + b, not of 2 (W x + b)"
+    # the same function of the same parameters, written without nn.Linear: always the generic path
+    want = iaerf.energy_influence(_DoubledAffine(linear.weight.detach(), linear.bias.detach()), train, val, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+

@@ -138,3 +138,56 @@ def test_load_tensor_file_refuses_code_and_names_the_file(tmp_path):
         load_tensor_file(str(tmp_path / "short.pt"), "checkpoint")
     torch.save({"x": torch.arange(3)}, tmp_path / "ok.pt")
     assert torch.equal(load_tensor_file(str(tmp_path / "ok.pt"), "checkpoint")["x"], torch.arange(3))
+
+
+def test_write_json_is_atomic_sorted_and_refuses_what_json_cannot_hold(tmp_path):
+    from iaerf._io import read_json, write_json
+
+    path = str(tmp_path / "a.json")
+    write_json(path, {"b": torch.tensor([1.5, 2.0]), "a": (1, 2)})
+    with open(path) as f:
+        assert f.read() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": [\n    1.5,\n    2.0\n  ]\n}\n'
+    with pytest.raises(TypeError, match="not JSON serialisable: object"):
+        write_json(path, {"a": object()})
+    assert read_json(path, ("a", "b")) == {"a": [1, 2], "b": [1.5, 2.0]}, "a refused write must leave the file"
+    assert os.listdir(tmp_path) == ["a.json"], "no temporary file left behind"
+
+
+def test_read_json_names_the_damaged_file(tmp_path):
+    from iaerf._io import read_json
+
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b"{not json")
+    with pytest.raises(ValueError, match=r"bad.json is damaged: not valid JSON"):
+        read_json(str(bad))
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object, got list"):
+        read_json(str(bad), ("key",))
+    bad.write_text('{"key": 1}')
+    with pytest.raises(ValueError, match=r"missing keys \['other'\]"):
+        read_json(str(bad), ("key", "other"))
+
+
+def test_one_json_writer_and_one_settings_key_for_stages_and_the_cache(tmp_path, monkeypatch):
+    import json
+    import pathlib
+
+    import iaerf.influence.cache as cache_mod
+    import iaerf.pipeline as pipeline_mod
+    from iaerf._io import canonical_json, settings_key, write_json
+
+    assert pipeline_mod.write_json is write_json and pipeline_mod.read_json is io_mod.read_json
+    # stage keys are 16 digits of the same hash the cache uses (unchanged from before: old run folders stay valid)
+    assert pipeline_mod._key("data", 1, [2]) == settings_key(["data", 1, [2]], 16)
+    assert pipeline_mod._key("data", 1, [2]) == settings_key(["data", 1, [2]])[:16]
+    # a key never fails: a value JSON cannot hold is keyed by its str
+    assert canonical_json({"p": pathlib.Path("/x"), "a": 1}) == '{"a": 1, "p": "/x"}'
+    written = []
+    monkeypatch.setattr(cache_mod, "write_json", lambda p, obj: written.append(p) or write_json(p, obj))
+    settings = {"solver_options": {"checkpoint_path": pathlib.Path("/tmp/c")}, "damping": 0.1}
+    cache = ResultCache(str(tmp_path), "solve", settings)
+    cache.store({"s": torch.zeros(3)})
+    assert written == [cache.path(".json")]
+    with open(cache.path(".json")) as f:
+        assert json.load(f) == json.loads(canonical_json(settings)), "the readable copy is what the key hashes"
+    assert cache.key == settings_key(settings)

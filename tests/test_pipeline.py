@@ -348,6 +348,46 @@ def test_classifier_head_influence_equals_full_model(normed):
     torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5 * float(full.abs().max()))
 
 
+
+class _TorchvisionStyle(torch.nn.Module):
+    """torchvision's layout (``classifier = Sequential(Dropout, Linear)``), no ``fc`` and no ``features()`` method."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh())
+        self.classifier = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+def test_classifier_head_of_a_model_without_fc():
+    """The head is found by the head finder (here ``classifier.1``), features are its eval-mode inputs, and the
+    classifier-only influence on the extracted head equals the one through the whole model."""
+    import iaerf.influence as infl
+    from iaerf.data import TensorDataset
+    from iaerf.pipeline import classifier_head
+
+    torch.manual_seed(0)
+    model = _TorchvisionStyle().double().train()
+    with torch.no_grad():
+        model.body[1].running_mean.uniform_(-0.5, 0.5)
+    train = TensorDataset(torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,)), 3)
+    val = TensorDataset(torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,)), 3)
+    head, ftrain, fval = classifier_head(model, train, val)
+    assert model.training and model.classifier[0].training, "train flags must be restored"
+    assert torch.equal(head.fc.weight, model.classifier[1].weight) and ftrain.num_classes == 3
+    with torch.no_grad():
+        torch.testing.assert_close(ftrain.inputs, model.eval().body(train.inputs))
+    model.train()
+    kw = dict(solver="exact", damping=1e-3, progress=False)
+    full = infl.energy_influence(model, train, val, params=["classifier"], **kw)
+    fast = infl.energy_influence(head, ftrain, fval, params=["fc"], **kw)
+    torch.testing.assert_close(fast, full, rtol=1e-9, atol=1e-12 * float(full.abs().max()))
+    with pytest.raises(ValueError, match="at least one dataset"):
+        classifier_head(model)
+
+
 def test_heldout_validation_option(tmp_path):
     cfg = _quick(heldout_val=12, methods=("erm",), betas=(0.5,))
     pipe = Pipeline(str(tmp_path / "h"), cfg, progress=False, log=lambda s: None)

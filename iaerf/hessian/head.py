@@ -17,7 +17,8 @@ from torch import nn
 
 from iaerf import _extension
 from iaerf.hessian._checks import check_nonnegative
-from iaerf.hessian.operators import HessianOperator, _Data, _digest, eval_mode
+from iaerf.hessian.operators import HessianOperator, _Data, _digest
+from iaerf.heads import eval_mode
 
 _NATIVE = "head_hvp"
 

@@ -12,7 +12,6 @@ analytically for a linear softmax classifier on fixed features.
 from __future__ import annotations
 
 import abc
-import contextlib
 import hashlib
 from collections.abc import Callable
 
@@ -21,9 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from iaerf._distributed import all_reduce_sum, rank_and_world
+from iaerf._distributed import collective_device as _collective_device
 from iaerf._io import hash_tensor
 from iaerf.hessian._checks import check_indices, check_nonnegative, check_vectors
 from iaerf.hessian.params import select_parameters, unflatten
+from iaerf.heads import eval_mode
 
 
 class HessianOperator(abc.ABC):
@@ -82,18 +84,10 @@ class HessianOperator(abc.ABC):
         return vectors, indices.to(self.device)
 
     def _all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.process_group is not None:
-            import torch.distributed as dist
-
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
-        return t
+        return all_reduce_sum(t, self.process_group)
 
     def _world_size(self) -> int:
-        if self.process_group is None:
-            return 1
-        import torch.distributed as dist
-
-        return dist.get_world_size(self.process_group)
+        return rank_and_world(self.process_group)[1]
 
     def _global_count(self, local: int) -> int:
         if self.process_group is None:
@@ -124,14 +118,6 @@ def _callable_id(fn) -> str:
     attrs = {k: v for k, v in sorted(vars(fn).items()) if isinstance(v, (bool, int, float, str, type(None)))} \
         if hasattr(fn, "__dict__") else {}
     return f"{name}{attrs}" if attrs else name
-
-
-def _collective_device(group, device) -> torch.device:
-    """gloo reduces CPU tensors, nccl CUDA tensors: use the device the backend wants."""
-    import torch.distributed as dist
-
-    backend = dist.get_backend(group)
-    return torch.device(device) if backend == "nccl" else torch.device("cpu")
 
 
 class _Data:
@@ -181,18 +167,6 @@ class _Data:
         for start in range(0, self.n, batch_size):
             idx = torch.arange(start, min(start + batch_size, self.n))
             yield self.get(idx)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put ``model`` in eval mode (batch norm uses its running statistics) and restore every module's flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _floating_to(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -22,8 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from iaerf._io import atomic_write, ensure_writable_dir
-from iaerf._io import hash_tensor
+from iaerf._io import atomic_write, canonical_json, ensure_writable_dir, hash_tensor, settings_key, write_json
 
 _SETTINGS_METADATA = "iaerf_settings"
 
@@ -36,15 +35,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         h.update(name.encode())
         hash_tensor(h, t)
     return h.hexdigest()
-
-
-def settings_key(settings: dict) -> str:
-    """Stable hash of a JSON-serialisable settings dict."""
-    return hashlib.sha256(_canonical(settings).encode()).hexdigest()[:32]
-
-
-def _canonical(settings: dict) -> str:
-    return json.dumps(settings, sort_keys=True, default=str)
 
 
 class ResultCache:
@@ -89,7 +79,7 @@ class ResultCache:
             with safe_open(path, framework="pt") as f:
                 metadata = f.metadata() or {}
                 names = set(f.keys())
-                if metadata.get(_SETTINGS_METADATA) != _canonical(self.settings):
+                if metadata.get(_SETTINGS_METADATA) != canonical_json(self.settings):
                     return None, ("it records no settings" if _SETTINGS_METADATA not in metadata
                                   else "the settings it records are not this entry's settings")
                 if names != set(expected):
@@ -110,11 +100,7 @@ class ResultCache:
         if not self.enabled:
             return
         cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        metadata = {_SETTINGS_METADATA: _canonical(self.settings)}
+        metadata = {_SETTINGS_METADATA: canonical_json(self.settings)}
         atomic_write(self.path(".safetensors"), lambda p: save_file(cpu, p, metadata=metadata))
-        atomic_write(self.path(".json"), lambda p: _write_json(p, self.settings))
-
-
-def _write_json(path: str, settings: dict) -> None:
-    with open(path, "w") as f:
-        f.write(json.dumps(settings, sort_keys=True, indent=1, default=str))
+        # the readable copy holds exactly what the metadata records (values JSON cannot hold as their str)
+        write_json(self.path(".json"), json.loads(canonical_json(self.settings)))

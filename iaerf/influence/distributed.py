@@ -11,6 +11,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from iaerf._distributed import all_reduce_sum, collective_device, rank_and_world
+
+__all__ = ["resolve_group", "rank_and_world", "shard_range", "all_reduce_sum", "all_gather_shards", "agree"]
+
 
 def resolve_group(process_group):
     """None for single-process work, else the process group to use (``"auto"``: the default group if any)."""
@@ -27,24 +31,11 @@ def resolve_group(process_group):
     return process_group
 
 
-def rank_and_world(group) -> tuple[int, int]:
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 def shard_range(n: int, rank: int, world: int) -> range:
     """Contiguous shard of ``range(n)`` for ``rank``: the first ``n % world`` ranks get one extra element."""
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))
-
-
-def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
-    """Sum of ``t`` over the ranks (in place; returns ``t``). A no-op without a group."""
-    if group is not None:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
 
 
 def all_gather_shards(local: torch.Tensor, n: int, group, dim: int = -1) -> torch.Tensor:
@@ -66,18 +57,12 @@ def all_gather_shards(local: torch.Tensor, n: int, group, dim: int = -1) -> torc
     return torch.cat([g.narrow(dim, 0, size) for g, size in zip(gathered, sizes)], dim=dim)
 
 
-def agree(flag: bool, group) -> bool:
-    """True only when ``flag`` is true on every rank (keeps cache hits consistent across ranks)."""
+def agree(flag: bool, group, device=None) -> bool:
+    """True only when ``flag`` is true on every rank (keeps cache hits consistent across ranks); ``device`` is where
+    the work runs (see :func:`iaerf._distributed.collective_device`)."""
     if group is None:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_collective_device(group))
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=collective_device(group, device))
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(t.item())
-
-
-def _collective_device(group) -> torch.device:
-    # NCCL only moves CUDA tensors; gloo handles CPU ones.
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 

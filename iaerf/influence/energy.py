@@ -13,7 +13,6 @@ forward-mode directional derivative, -(d/de) E_{theta + e s}(x_i) (see :mod:`iae
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from torch import nn
 
 from iaerf._io import ensure_writable_dir
 from iaerf._progress import progress_bar
+from iaerf.heads import HeadNotFoundError, eval_mode, find_classifier_head, head_features
 from iaerf.influence import distributed as D
 from iaerf.influence.cache import ResultCache, model_fingerprint
 from iaerf.influence.data import IndexedData
@@ -120,18 +120,6 @@ def loss_influence(model, train, val, *, params=None, weight_decay=0.0, damping=
 # --------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put every submodule in eval mode (frozen batch norm, no dropout, as Algorithm 1), restore flags after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _options(args: dict) -> InfluenceOptions:
     weight_decay, damping, batch_size, seed = args["weight_decay"], args["damping"], args["batch_size"], args["seed"]
     for name, value in (("weight_decay", weight_decay), ("damping", damping)):
@@ -174,45 +162,33 @@ def _trainable_selection(model: nn.Module, params) -> dict[str, torch.Tensor]:
 
 
 def _find_head(model: nn.Module, chosen: dict[str, torch.Tensor], probe: torch.Tensor):
-    """The ``nn.Linear`` whose weight and bias are exactly ``chosen`` and whose output is the model's output.
-
-    Returns ``(layer_name, layer)`` or None. "Final" is checked on a probe batch: the layer must run once and its
-    output tensor must be the very tensor the model returns (so the logits are an affine map of its input).
+    """The classifier head (:func:`iaerf.heads.find_classifier_head`) when ``chosen`` is exactly its weight and bias
+    and it is a plain affine ``nn.Linear`` (so the logits are ``W x + b`` of its input and the analytic head
+    Hessian applies); ``(layer_name, layer)`` or None.
     """
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module.bias is None:
-            continue
-        prefix = f"{name}." if name else ""
-        if set(chosen) != {prefix + "weight", prefix + "bias"}:
-            continue
-        seen = []
-        handle = module.register_forward_hook(lambda m, inp, out: seen.append((inp[0], out)))
-        try:
-            with torch.no_grad():
-                logits = model(probe)
-        finally:
-            handle.remove()
-        if len(seen) == 1 and seen[0][1] is logits and seen[0][0].dim() == 2:
-            return name, module
+    if len(chosen) != 2:  # no probe forward when the selection cannot be a weight and a bias
         return None
-    return None
+    try:
+        name, layer = find_classifier_head(model, probe)
+    except HeadNotFoundError:
+        return None
+    prefix = f"{name}." if name else ""
+    # a subclass with its own forward (a cosine classifier, a low-rank adapter) is not W x + b
+    if layer.bias is None or type(layer).forward is not nn.Linear.forward:
+        return None
+    if set(chosen) != {prefix + "weight", prefix + "bias"}:
+        return None
+    return name, layer
 
 
 def _features(model: nn.Module, layer: nn.Linear, data: IndexedData, indices, batch_size, device, bar):
     """Inputs of ``layer`` (the frozen features [len(indices), D]) for ``indices``, by forward hooks."""
-    chunks = []
-    handle = layer.register_forward_hook(lambda m, inp, out: chunks.append(inp[0].detach()))
-    try:
-        with torch.no_grad():
-            for x, _ in data.batches(indices, batch_size, device):
-                model(x)
-                bar.update(len(x))
-    finally:
-        handle.remove()
-    dtype = layer.weight.dtype
-    if not chunks:
-        return torch.zeros((0, layer.in_features), dtype=dtype, device=device)
-    return torch.cat(chunks).to(dtype)
+    def inputs():
+        for x, _ in data.batches(indices, batch_size, device):
+            yield x
+            bar.update(len(x))
+
+    return head_features(model, layer, inputs())
 
 
 def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
@@ -264,7 +240,7 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
         else:
             expected_s, expected_influence = ((p_total,), s_dtype), ((n,), logits.dtype)
         hit = result_cache.load({"influence": expected_influence})
-        if D.agree(hit is not None, group):
+        if D.agree(hit is not None, group, device):
             return hit["influence"].to(device)
         solve_cache = ResultCache(args["cache_dir"], solve_stage, base)
 
@@ -291,7 +267,7 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
             local_train_idx, local_val_idx = train_idx, val_idx
 
         stored = solve_cache.load({"s": expected_s})
-        if D.agree(stored is not None, group):
+        if D.agree(stored is not None, group, device):
             s = stored["s"].to(device)
         else:
             s = _solve(kind, opts, model, chosen, head, func_model, func_params, train_d, train_idx, train_local,

@@ -1,0 +1,110 @@
+"""The classifier head of a model: the final ``nn.Linear``, whatever it is called, and the eval-mode context in which
+every analysis pass (head probes, Hessians, influence) runs.
+
+A head is found by what it does, not by its name: the ``nn.Linear`` whose output tensor is the very tensor the model
+returns, seen by forward hooks on one probe batch. That covers ``model.fc`` (ResNets here), torchvision's
+``model.classifier = nn.Sequential(nn.Dropout(), nn.Linear(...))`` (the Sequential returns its last module's output
+unchanged) and timm's ``model.head``. A model whose logits are post-processed after the last linear map (scaled,
+cast, summed) has no such head, and the error says so.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+__all__ = ["HeadNotFoundError", "eval_mode", "find_classifier_head", "head_features"]
+
+
+class HeadNotFoundError(ValueError):
+    """The model has no ``nn.Linear`` whose output is the model's output."""
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put every submodule in eval mode (frozen batch norm, no dropout, as Algorithm 1), restore every flag after.
+
+    Restores each module's own flag, not only the root's: ``model.train(flag)`` afterwards would also flip
+    submodules that were deliberately frozen in eval mode. Yields ``model``.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def find_classifier_head(model: nn.Module, probe: torch.Tensor) -> tuple[str, nn.Linear]:
+    """``(name, layer)``: the ``nn.Linear`` (or subclass) of ``model`` whose output is the model's output.
+
+    Args:
+        model: the classifier; ``model(probe)`` runs once, in eval mode and without gradients (batch-norm running
+            statistics are not updated), and its train/eval flags are restored.
+        probe: a batch of model inputs ``[b, ...]`` (one example is enough), on the model's device.
+
+    Returns:
+        the layer's qualified name in ``model.named_modules()`` (``""`` when the model itself is the layer) and the
+        layer. It ran exactly once on the probe, its input is the features ``[b, D]`` and its output the logits
+        ``[b, K]``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``probe`` is not a tensor.
+        HeadNotFoundError: the model has no ``nn.Linear``, none produces the returned tensor, or that layer runs
+            more than once per forward or does not map ``[b, D]`` features to ``[b, K]`` logits.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(probe, torch.Tensor):
+        raise TypeError(f"probe must be a tensor batch of model inputs, got {type(probe).__name__}")
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    what = type(model).__name__
+    if not linears:
+        raise HeadNotFoundError(f"{what} has no nn.Linear module, so it has no linear classifier head")
+    calls: dict[str, list] = {name: [] for name, _ in linears}
+    handles = [m.register_forward_hook(lambda mod, inp, out, seen=calls[name]: seen.append((inp[0], out)))
+               for name, m in linears]
+    try:
+        with eval_mode(model), torch.no_grad():
+            output = model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    final = [(name, m) for name, m in linears if any(out is output for _, out in calls[name])]
+    if not final:
+        raise HeadNotFoundError(
+            f"{what}: none of its nn.Linear modules ({', '.join(repr(n) for n, _ in linears)}) produces the tensor "
+            f"the model returns, so it has no linear classifier head (are the logits transformed after the last "
+            f"linear layer?)")
+    # an nn.Linear subclass may wrap another Linear that returns its output unchanged: the outermost is the head
+    name, layer = final[0]
+    if len(calls[name]) != 1:
+        raise HeadNotFoundError(f"{what}: its final nn.Linear {name!r} runs {len(calls[name])} times per forward; "
+                                f"a classifier head runs once")
+    features, logits = calls[name][0]
+    if features.dim() != 2 or logits.dim() != 2:
+        raise HeadNotFoundError(f"{what}: its final nn.Linear {name!r} maps {tuple(features.shape)} to "
+                                f"{tuple(logits.shape)}; a classifier head maps features [b, D] to logits [b, K]")
+    return name, layer
+
+
+def head_features(model: nn.Module, layer: nn.Linear, batches) -> torch.Tensor:
+    """The inputs of ``layer`` (the frozen features, ``[N, D]`` in ``layer.weight``'s dtype) over ``batches``.
+
+    ``batches`` yields model input batches ``[b, ...]``; each is run through ``model`` in eval mode without
+    gradients and ``layer``'s input is kept (detached, on the device it was computed on).
+    """
+    chunks = []
+    handle = layer.register_forward_hook(lambda m, inp, out: chunks.append(inp[0].detach()))
+    try:
+        with eval_mode(model), torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        handle.remove()
+    dtype = layer.weight.dtype
+    if not chunks:
+        return torch.zeros((0, layer.in_features), dtype=dtype, device=layer.weight.device)
+    return torch.cat(chunks).to(dtype)
