@@ -1,17 +1,27 @@
-"""``iaerf.backend_info()``: which implementation each op uses on which device, and why."""
+"""``iaerf.backend_info()``: which implementation each op uses on which device, and why.
+
+It reads the registry that the op files fill when they register their torch.library ops (see
+iaerf.ops._library.public_op), so a new op is reported without an entry here.
+"""
 from __future__ import annotations
+
+import importlib
 
 import torch
 
 from iaerf import _extension
 
-# op name -> (native op used on CPU / CUDA, whether Triton serves CUDA tensors)
-_OPS = {
-    "logsumexp": ("logsumexp", True),
-    "energy": ("logsumexp", True),
-    "energy_regularized_cross_entropy": ("energy_ce_forward", True),
-    "head_hvp": ("head_hvp", False),
-}
+# public op name -> (torch.ops.iaerf op carrying its kernels, whether that op's CUDA kernel is Triton)
+_OPS: dict[str, tuple[str, bool]] = {}
+
+
+def register_op(name: str, native_op: str, *, triton: bool) -> None:
+    """Record that the public function ``name`` runs ``torch.ops.iaerf.<native_op>`` (Triton on CUDA if triton)."""
+    _OPS[name] = (native_op, triton)
+
+
+# head_hvp is dispatched by iaerf/hessian/head.py through kernel_choice (C++ on CPU, the CUDA C++ kernel on CUDA).
+register_op("head_hvp", "head_hvp", triton=False)
 
 
 def backend_info() -> dict:
@@ -25,9 +35,10 @@ def backend_info() -> dict:
     >>> sorted(info["ops"]["logsumexp"])
     ['cpu', 'cuda']
     """
+    importlib.import_module("iaerf.ops")  # its op files register themselves on import
     triton_ok, triton_why = _extension.triton_status()
     ops = {}
-    for op, (native, triton_serves) in _OPS.items():
+    for op, (native, triton_serves) in sorted(_OPS.items()):
         ops[op] = {}
         for device in ("cpu", "cuda"):
             impl, reason = _extension.kernel_choice(device, triton_ok=triton_serves, native_op=native)

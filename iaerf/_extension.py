@@ -1,11 +1,13 @@
 """Loading of the native extension ``iaerf._C`` and the rules that pick an implementation per device.
 
 Every dispatch decision in iaerf goes through :func:`kernel_choice`, and :func:`iaerf.backend_info` reports the
-same decisions, so what is reported is what runs.
+same decisions, so what is reported is what runs. It is traceable by Dynamo once the ops are registered (the
+dispatcher and triton queries are answered from values cached at import), so a compiled default call has no
+graph break.
 """
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import importlib.util
 import os
 
@@ -44,20 +46,43 @@ def built_with_cuda() -> bool:
     return has_native_op("built_with_cuda") and bool(torch.ops.iaerf.built_with_cuda())
 
 
+# (op, device type) -> whether iaerf._C compiled a kernel in. Filled by the first query, which
+# iaerf.ops._library.define makes at import, before it adds the Triton CUDA kernels (the dispatcher cannot tell a
+# C++ kernel from a Python one later) and before any torch.compile trace (Dynamo cannot trace the dispatcher query;
+# it traces the dict lookup).
+_NATIVE_KERNELS: dict[tuple[str, str], bool] = {}
+
+
 def has_native_kernel(name: str, device_type: str) -> bool:
     """True when ``torch.ops.iaerf.<name>`` has a kernel for ``device_type`` ("cpu" / "cuda") compiled in."""
-    if not has_native_op(name):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"iaerf::{name}", device_type.upper())
+    key = (name, device_type)
+    if key not in _NATIVE_KERNELS:
+        _NATIVE_KERNELS[key] = has_native_op(name) and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"iaerf::{name}", device_type.upper())
+    return _NATIVE_KERNELS[key]
+
+
+def _triton_version() -> str | None:
+    """The installed triton's version, read without importing triton (TRITON_INTERPRET must be set first, and
+    Dynamo cannot trace an import); None when triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # importable but not installed as a distribution
+        return "(version unknown)"
+
+
+_TRITON_VERSION = _triton_version()
 
 
 def triton_status() -> tuple[bool, str]:
     """Whether Triton can run, and why (not installed / no CUDA and no interpreter / ok)."""
     if os.environ.get("IAERF_DISABLE_TRITON", "0") == "1":
         return False, "disabled by IAERF_DISABLE_TRITON=1"
-    if importlib.util.find_spec("triton") is None:
+    if _TRITON_VERSION is None:
         return False, "triton is not installed (pip install triton)"
-    return True, "triton " + importlib.import_module("triton").__version__
+    return True, "triton " + _TRITON_VERSION
 
 
 def triton_interpreting() -> bool:

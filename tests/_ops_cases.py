@@ -2,6 +2,7 @@
 ground truth."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import pytest
@@ -31,7 +32,13 @@ TRITON_DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not available")),
     pytest.param("cuda", marks=needs_cuda),
 ]
-TRITON_LAUNCHERS = ("energy_ce_forward", "energy_ce_backward", "logsumexp_forward", "logsumexp_backward")
+# label -> (op file, launcher name): the labels the spies record
+TRITON_LAUNCHERS = {
+    "energy_ce_forward": ("energy_cross_entropy", "triton_forward"),
+    "energy_ce_backward": ("energy_cross_entropy", "triton_backward"),
+    "logsumexp_forward": ("logsumexp", "triton_forward"),
+    "logsumexp_backward": ("logsumexp", "triton_backward"),
+}
 
 
 def triton_backend(device: str, logits: torch.Tensor, native_op: str) -> str:
@@ -46,18 +53,18 @@ def triton_backend(device: str, logits: torch.Tensor, native_op: str) -> str:
 
 
 def spy_triton_launchers(monkeypatch) -> list[str]:
-    """Record the name of every Triton launcher called from now on (proof that the Triton path ran)."""
-    from iaerf.ops import _triton_kernels
-
+    """Record the label of every Triton launcher called from now on (proof that the Triton path ran, directly on
+    CPU or through the op's registered CUDA kernel)."""
     calls: list[str] = []
-    for name in TRITON_LAUNCHERS:
-        real = getattr(_triton_kernels, name)
+    for label, (module_name, name) in TRITON_LAUNCHERS.items():
+        module = importlib.import_module(f"iaerf.ops.{module_name}")
+        real = getattr(module, name)
 
-        def spy(*args, _real=real, _name=name, **kwargs):
-            calls.append(_name)
+        def spy(*args, _real=real, _label=label, **kwargs):
+            calls.append(_label)
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(_triton_kernels, name, spy)
+        monkeypatch.setattr(module, name, spy)
     return calls
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import iaerf
 from iaerf import ops
 from iaerf.ops import _checks
 from _cuda import needs_cuda
@@ -284,6 +286,68 @@ def test_dispatch_rule():
         _checks.select_backend(z.double(), "triton", "energy_ce_forward")
 
 
+def test_default_call_compiles_with_fullgraph():
+    # Before, the backend choice queried the dispatcher (torch._C._dispatch_has_kernel_for_dispatch_key), which
+    # Dynamo cannot trace: only a call naming the backend compiled.
+    torch._dynamo.reset()
+    logits, target, coef = make_case(12, 5, seed=4)
+    coef = coef.float()
+    compiled = torch.compile(lambda z, y, c: iaerf.energy_regularized_cross_entropy(z, y, c), fullgraph=True)
+    z1, z2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    out, expected = compiled(z1, target, coef), ece(z2, target, coef)
+    out.backward()
+    expected.backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(z1.grad, z2.grad)
+    energy = torch.compile(lambda z: iaerf.energy(z, 2.0) + iaerf.logsumexp(z), fullgraph=True)(logits)
+    torch.testing.assert_close(energy, ops.energy(logits, 2.0) + ops.logsumexp(logits))
+
+
+@needs_cuda
+def test_cuda_triton_path_compiles_without_graph_break(monkeypatch):
+    # The Triton launchers are the CUDA kernels of torch.ops.iaerf.*: a compiled graph holds the ops and the
+    # dispatcher runs Triton inside it (before, Triton ran outside the dispatcher and the graph broke).
+    torch._dynamo.reset()
+    logits, target, coef = (t.cuda() for t in make_case(67, 77, seed=9))
+    coef = coef.float()
+    triton_backend("cuda", logits, "energy_ce_forward")
+    calls = spy_triton_launchers(monkeypatch)
+
+    def step(z, y, c):
+        return iaerf.energy_regularized_cross_entropy(z, y, c) + iaerf.energy(z).mean()
+
+    explanation = torch._dynamo.explain(step)(logits, target, coef)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    z1, z2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = torch.compile(step, fullgraph=True)(z1, target, coef)
+    out.backward()
+    assert {"energy_ce_forward", "energy_ce_backward", "logsumexp_forward", "logsumexp_backward"} <= set(calls)
+    expected = step(z2, target, coef)
+    expected.backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(z1.grad, z2.grad)
+
+
+def test_backend_info_reads_the_op_registry(monkeypatch):
+    from iaerf import _backend
+
+    info = iaerf.backend_info()["ops"]
+    assert set(info) == {"logsumexp", "energy", "energy_regularized_cross_entropy", "head_hvp"}
+    for op in ("logsumexp", "energy", "energy_regularized_cross_entropy"):
+        assert info[op]["cpu"]["impl"] == ("cpp" if HAS_CPP else "reference")
+        assert info[op]["cuda"]["impl"] == ("triton" if importlib.util.find_spec("triton") else "reference")
+    # a newly registered op is reported without an entry in iaerf._backend
+    monkeypatch.setitem(_backend._OPS, "new_op", ("energy_ce_forward", False))
+    assert iaerf.backend_info()["ops"]["new_op"]["cpu"] == info["energy_regularized_cross_entropy"]["cpu"]
+
+
+def test_public_ops_are_exported_from_iaerf():
+    assert set(ops.__all__) <= set(iaerf.__all__)
+    for name in ops.__all__:
+        assert getattr(iaerf, name) is getattr(ops, name)
+
+
 def test_module_matches_function():
     logits, target, coef = make_case(10, 4, seed=6)
     module = ops.EnergyRegularizedCrossEntropy(energy_coef=0.5, reduction="sum")
@@ -453,7 +517,7 @@ def test_triton_partly_filled_row_tiles(monkeypatch, device, n, k):
     # An odd N leaves the last [ROWS, BLOCK] tile partly filled; K = 1, 77, 1000 are not multiples of 16.
     from iaerf.ops import _triton_kernels
 
-    rows, _, _, _, grid = _triton_kernels._tiling(n, k)
+    rows, _, _, _, grid = _triton_kernels.tiling(n, k)
     assert rows * grid > n
     logits, target, coef = (t.to(device) for t in make_case(n, k, seed=n + k))
     backend = triton_backend(device, logits, "energy_ce_forward")
@@ -535,15 +599,15 @@ def test_triton_low_precision_no_worse_than_torch(monkeypatch, device, dtype, n,
 def test_triton_out_of_range_target_reads_only_its_row(device):
     # The callers reject such targets first (on CUDA with a device-side assert that does not stop the launch):
     # the kernel itself must still stay inside the row. Before, it read a neighbouring row's logit.
-    from iaerf.ops import _triton_kernels
+    from iaerf.ops.energy_cross_entropy import triton_backward, triton_forward
 
     logits, target, coef = (t.to(device) for t in make_case(9, 5, seed=3, ignore_frac=0.0))
     coef = coef.float()
     target[3], target[5] = 5, -1  # one past the end of the row, one before its start
     bad = torch.zeros(9, dtype=torch.bool, device=device)
     bad[[3, 5]] = True
-    loss, ce, lse = _triton_kernels.energy_ce_forward(logits, target, coef, -100)
-    grad = _triton_kernels.energy_ce_backward(torch.ones(9, device=device), logits, target, coef, lse, -100)
+    loss, ce, lse = triton_forward(logits, target, coef, -100)
+    grad = triton_backward(torch.ones(9, device=device), logits, target, coef, lse, -100)
     assert torch.isnan(loss[bad]).all() and torch.isnan(ce[bad]).all() and torch.isnan(grad[bad]).all()
     ref_loss, ref_ce, ref_lse, ref_grad = fp64_energy_ce(logits[~bad], target[~bad], coef[~bad])
     torch.testing.assert_close(loss[~bad].double(), ref_loss, rtol=1e-5, atol=1e-5)
@@ -582,7 +646,7 @@ def test_every_triton_launch_enters_the_logits_device(monkeypatch):
         finally:
             inside.pop()
 
-    monkeypatch.setattr(_triton_kernels, "_on_device", on_device)
+    monkeypatch.setattr(_triton_kernels, "on_device", on_device)
     for name in ("_forward_kernel", "_backward_kernel"):
         monkeypatch.setattr(_triton_kernels, name, _LaunchSpy(getattr(_triton_kernels, name), inside, launches))
     logits, target, coef = make_case(7, 5, seed=1)
@@ -721,3 +785,33 @@ def test_cuda_offsets_past_two_to_the_31(monkeypatch):
     torch.testing.assert_close(parts.energy[last].double(), -torch.logsumexp(z, 1), rtol=1e-5, atol=1e-4)
     expected = 0.5 * torch.softmax(z, 1) - F.one_hot(target[last], k).double()
     torch.testing.assert_close(grad[last].double(), expected, rtol=2e-2, atol=1e-3)
+
+
+_WITHOUT_EXTENSION = textwrap.dedent(
+    """
+    import sys
+    sys.modules["iaerf._C"] = None  # the import of the extension fails, as on a machine without a build
+    import torch
+    import iaerf
+    from iaerf import _extension
+    from iaerf.ops import _library
+
+    assert not _extension.extension_loaded()
+    # the op files defined the schemas themselves, so the Triton CUDA kernels have ops to live on
+    assert str(torch.ops.iaerf.energy_ce_forward.default._schema) == "iaerf::" + _library.SCHEMAS["energy_ce_forward"]
+    assert iaerf.backend_info()["ops"]["energy_regularized_cross_entropy"]["cpu"]["impl"] == "reference"
+    z, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, -100, 0])
+    compiled = torch.compile(lambda z, y, c: iaerf.energy_regularized_cross_entropy(z, y, c), fullgraph=True,
+                             backend="aot_eager")
+    torch.testing.assert_close(compiled(z, y, 0.5), iaerf.energy_regularized_cross_entropy(z, y, 0.5))
+    print("ok")
+    """
+)
+
+
+def test_ops_register_and_compile_without_the_extension():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -15,15 +15,11 @@ from typing import Callable
 import torch
 
 from iaerf import _extension
+from iaerf.ops._library import TRITON_KERNELS, acc_dtype
 
 LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 BACKENDS = (None, "auto", "triton", "cpp", "reference")
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def acc_dtype(logits: torch.Tensor) -> torch.dtype:
-    """Dtype of results and accumulation: float64 for float64 logits, else float32."""
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def check_logits(logits, name: str = "logits") -> None:
@@ -215,44 +211,35 @@ def keep_probs(logits: torch.Tensor, impl: str) -> bool:
     )
 
 
-def _native_kernels() -> dict:
-    # Fixed once the extension is imported; computed here so that torch.compile traces a dict lookup.
-    return {(op, device_type): _extension.has_native_kernel(op, device_type)
-            for op in ("logsumexp", "energy_ce_forward") for device_type in ("cpu", "cuda")}
-
-
-_NATIVE_KERNELS = _native_kernels()
-
-
-def _has_native_kernel(op: str, device_type: str) -> bool:
-    """Whether torch.ops.iaerf.<op> has a kernel for this device type (not only a schema)."""
-    return _NATIVE_KERNELS.get((op, device_type), False)
-
-
 def select_backend(logits: torch.Tensor, backend: str | None, native_op: str) -> str:
     """Return "triton", "cpp", "cuda" or "reference" for these logits.
 
-    backend=None/"auto" follows :func:`iaerf._extension.kernel_choice` (the rule backend_info reports), with two
-    refinements: under torch.func transforms or forward-mode AD the differentiable reference runs (documented
-    fallback), and a
+    "triton" (on CUDA), "cpp" and "cuda" all call torch.ops.iaerf.<native_op>, whose registered kernel for the
+    device runs; "triton" on CPU tensors (the interpreter) calls the Triton launcher directly. backend=None/"auto"
+    follows :func:`iaerf._extension.kernel_choice` (the rule backend_info reports), with two refinements: under
+    torch.func transforms or forward-mode AD the differentiable reference runs (documented fallback), and a
     choice whose kernel cannot take these logits (float64 in Triton, a native op without a kernel for the device)
-    falls back to the reference. A forced backend that cannot run raises ValueError.
+    falls back to the reference. A forced backend that cannot run raises ValueError. Traceable by Dynamo (kernel
+    lookups are cached at import), so the default call compiles with fullgraph=True.
     """
     check_choice(backend, BACKENDS, "backend")
     if needs_reference_for_ad():
         return "reference"
     device_type = logits.device.type
     if backend in (None, "auto"):
-        impl, _ = _extension.kernel_choice(logits.device, triton_ok=True, native_op=native_op)
+        impl, _ = _extension.kernel_choice(logits.device, triton_ok=native_op in TRITON_KERNELS, native_op=native_op)
         if impl == "triton" and logits.dtype == torch.float64:
-            return "cpp" if device_type == "cpu" and _has_native_kernel(native_op, "cpu") else "reference"
-        if impl in ("cpp", "cuda") and not _has_native_kernel(native_op, device_type):
+            return "reference"
+        if impl in ("cpp", "cuda") and not _extension.has_native_kernel(native_op, device_type):
             return "reference"
         return impl
     if backend == "triton":
         ok, why = _extension.triton_status()
         if not ok:
             raise ValueError(f"backend='triton' is unavailable: {why}")
+        if native_op not in TRITON_KERNELS:
+            raise ValueError(f"backend='triton' is unavailable: no Triton kernel was registered for "
+                             f"torch.ops.iaerf.{native_op} when iaerf.ops was imported")
         if device_type == "cpu" and not _extension.triton_interpreting():
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
         if logits.dtype == torch.float64:
@@ -261,7 +248,7 @@ def select_backend(logits: torch.Tensor, backend: str | None, native_op: str) ->
     if backend == "cpp":
         if device_type != "cpu":
             raise ValueError(f"backend='cpp' runs on CPU tensors only, logits are on {logits.device}")
-        if not _has_native_kernel(native_op, "cpu"):
+        if not _extension.has_native_kernel(native_op, "cpu"):
             raise ValueError(
                 f"backend='cpp' is unavailable: torch.ops.iaerf.{native_op} is not built"
                 + (f" ({_extension.extension_error()})" if _extension.extension_error() else "")

@@ -1,4 +1,5 @@
-"""Triton kernels for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1).
+"""Triton kernels shared by the logsumexp and energy-CE ops (their launchers live in the op files), for CUDA
+tensors (and CPU tensors under TRITON_INTERPRET=1).
 
 Each program takes a [ROWS, BLOCK] tile: one row per program for long rows, several rows at once for short ones
 (ROWS = TILE // BLOCK, so a K = 10 problem does not leave most lanes of a program idle). fp32 accumulation,
@@ -111,7 +112,7 @@ def _backward_kernel(
         tl.store(out_ptr + out_off[:, None] + c[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _tiling(N: int, K: int) -> tuple[int, int, bool, int, int]:
+def tiling(N: int, K: int) -> tuple[int, int, bool, int, int]:
     """(ROWS, BLOCK, CHUNKED, num_warps, grid) for an [N, K] problem."""
     block = min(triton.next_power_of_2(K), MAX_BLOCK)
     rows = max(1, min(TILE // block, triton.next_power_of_2(N)))
@@ -120,80 +121,15 @@ def _tiling(N: int, K: int) -> tuple[int, int, bool, int, int]:
     return rows, block, K > block, num_warps, triton.cdiv(N, rows)
 
 
-def _row_major(logits: torch.Tensor) -> torch.Tensor:
+def row_major(logits: torch.Tensor) -> torch.Tensor:
     # Unit column stride is needed for vector loads; any row stride (including 0 for expanded rows) is fine.
     return logits if logits.stride(1) == 1 or logits.shape[1] == 1 else logits.contiguous()
 
 
-def _on_device(t: torch.Tensor):
+def on_device(t: torch.Tensor):
     """Context for a launch on t's GPU: Triton launches on the current CUDA device, which need not be t's."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _coef_arg(coef: torch.Tensor) -> tuple[torch.Tensor, int]:
+def coef_arg(coef: torch.Tensor) -> tuple[torch.Tensor, int]:
     return (coef.reshape(1), 0) if coef.dim() == 0 else (coef, coef.stride(0))
-
-
-def energy_ce_forward(logits, target, coef, ignore_index: int):
-    """logits [N, K] (fp32/fp16/bf16), target [N] int, coef 0-dim or [N] fp32 -> (loss, ce, lse), each [N] fp32."""
-    logits = _row_major(logits)
-    N, K = logits.shape
-    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
-    ce = torch.empty_like(loss)
-    lse = torch.empty_like(loss)
-    if N == 0:
-        return loss, ce, lse
-    coef, coef_stride = _coef_arg(coef)
-    rows, block, chunked, num_warps, grid = _tiling(N, K)
-    with _on_device(logits):
-        _forward_kernel[(grid,)](
-            logits, logits.stride(0), target.contiguous(), coef, coef_stride, loss, ce, lse, N, K, ignore_index,
-            HAS_TARGET=True, ROWS=rows, BLOCK=block, CHUNKED=chunked, num_warps=num_warps,
-        )
-    return loss, ce, lse
-
-
-def logsumexp_forward(logits):
-    """logits [N, K] -> lse [N] fp32."""
-    logits = _row_major(logits)
-    N, K = logits.shape
-    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-    if N == 0:
-        return lse
-    rows, block, chunked, num_warps, grid = _tiling(N, K)
-    with _on_device(logits):
-        _forward_kernel[(grid,)](
-            logits, logits.stride(0), lse, lse, 0, lse, lse, lse, N, K, 0,
-            HAS_TARGET=False, ROWS=rows, BLOCK=block, CHUNKED=chunked, num_warps=num_warps,
-        )
-    return lse
-
-
-def _backward(grad, logits, target, coef, lse, ignore_index, has_target):
-    logits = _row_major(logits)
-    N, K = logits.shape
-    out = torch.empty((N, K), dtype=logits.dtype, device=logits.device)
-    if N == 0:
-        return out
-    rows, block, _, num_warps, grid = _tiling(N, K)
-    if has_target:
-        coef, coef_stride = _coef_arg(coef)
-        target = target.contiguous()
-    else:
-        target, coef, coef_stride = lse, lse, 0
-    with _on_device(logits):
-        _backward_kernel[(grid,)](
-            grad, grad.stride(0), logits, logits.stride(0), target, coef, coef_stride, lse, out, N, K, ignore_index,
-            HAS_TARGET=has_target, ROWS=rows, BLOCK=block, num_warps=num_warps,
-        )
-    return out
-
-
-def energy_ce_backward(grad, logits, target, coef, lse, ignore_index: int):
-    """grad [N] fp32 -> grad_logits [N, K] in the logits' dtype."""
-    return _backward(grad, logits, target, coef, lse, ignore_index, True)
-
-
-def logsumexp_backward(grad, logits, lse):
-    """grad [N] fp32 -> grad_logits = grad[:, None] * softmax(logits), in the logits' dtype."""
-    return _backward(grad, logits, None, None, lse, 0, False)

@@ -5,6 +5,9 @@ With c_i = -beta I_val(x_i) / I_max this is the fine-tuning loss of Algorithm 1;
 each row. The gradient then comes either from the saved fp32 lse [N] (Triton, fp16/bf16: the backward reads the
 logits once and writes the gradient once) or, on CPU for fp32/fp64, from the softmax the forward kept, turned into
 the gradient in place (the exp, not memory traffic, bounds a CPU; see csrc/cpu/energy_ce.cpp).
+
+This file holds the op's torch.library registration (torch.ops.iaerf.energy_ce_forward / energy_ce_backward: C++
+on CPU, the Triton launchers below on CUDA), its autograd and its public function and module.
 """
 from __future__ import annotations
 
@@ -12,14 +15,75 @@ from typing import NamedTuple
 
 import torch
 
-from iaerf.ops import _checks
+from iaerf.ops import _checks, _library
 from iaerf.ops.reference import _upcast, reference_energy_ce, reference_logsumexp
 
+__all__ = ["EnergyCEParts", "EnergyRegularizedCrossEntropy", "energy_regularized_cross_entropy"]
 
-def _triton():
+
+def _kernels():
     from iaerf.ops import _triton_kernels
 
     return _triton_kernels
+
+
+def triton_forward(logits, target, coef, ignore_index: int):
+    """Triton launcher: logits [N, K] (fp32/fp16/bf16), target [N] int, coef 0-dim or [N] fp32 ->
+    (loss, ce, lse), each [N] fp32."""
+    tk = _kernels()
+    logits = tk.row_major(logits)
+    N, K = logits.shape
+    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
+    ce = torch.empty_like(loss)
+    lse = torch.empty_like(loss)
+    if N == 0:
+        return loss, ce, lse
+    coef, coef_stride = tk.coef_arg(coef)
+    rows, block, chunked, num_warps, grid = tk.tiling(N, K)
+    with tk.on_device(logits):
+        tk._forward_kernel[(grid,)](
+            logits, logits.stride(0), target.contiguous(), coef, coef_stride, loss, ce, lse, N, K, ignore_index,
+            HAS_TARGET=True, ROWS=rows, BLOCK=block, CHUNKED=chunked, num_warps=num_warps,
+        )
+    return loss, ce, lse
+
+
+def triton_backward(grad, logits, target, coef, lse, ignore_index: int):
+    """Triton launcher: grad [N] fp32 (any stride) -> grad_logits [N, K] in the logits' dtype."""
+    tk = _kernels()
+    logits = tk.row_major(logits)
+    N, K = logits.shape
+    out = torch.empty((N, K), dtype=logits.dtype, device=logits.device)
+    if N == 0:
+        return out
+    rows, block, _, num_warps, grid = tk.tiling(N, K)
+    coef, coef_stride = tk.coef_arg(coef)
+    with tk.on_device(logits):
+        tk._backward_kernel[(grid,)](
+            grad, grad.stride(0), logits, logits.stride(0), target.contiguous(), coef, coef_stride, lse, out, N, K,
+            ignore_index, HAS_TARGET=True, ROWS=rows, BLOCK=block, num_warps=num_warps,
+        )
+    return out
+
+
+def _fake_forward(logits, target, energy_coef, ignore_index):
+    return tuple(_library.empty_rows(logits) for _ in range(3))
+
+
+# The CUDA kernels look the launchers up at call time, so that a test can spy on them.
+_library.define(
+    "energy_ce_forward(Tensor logits, Tensor target, Tensor energy_coef, int ignore_index) "
+    "-> (Tensor loss, Tensor cross_entropy, Tensor lse)",
+    fake=_fake_forward, triton=lambda *args: triton_forward(*args))
+_library.define(
+    "energy_ce_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor energy_coef, Tensor lse, "
+    "int ignore_index) -> Tensor",
+    fake=lambda grad_loss, logits, *_: _library.empty_like_logits(logits),
+    triton=lambda *args: triton_backward(*args))
+_library.define_native("energy_ce_forward_with_probs",
+                       fake=lambda logits, *args: (*_fake_forward(logits, *args), _library.empty_like_logits(logits)))
+_library.define_native("energy_ce_backward_from_probs_", fake=lambda *args: None)
+_library.public_op("energy_regularized_cross_entropy", "energy_ce_forward")
 
 
 class EnergyCEParts(NamedTuple):
@@ -64,10 +128,10 @@ class _EnergyCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, coef, ignore_index: int, impl: str, keep_probs: bool, reduction: str):
         ctx.probs = None
-        if impl == "triton":
-            loss, ce, lse = _triton().energy_ce_forward(logits, target, coef, ignore_index)
-        elif keep_probs:
+        if keep_probs:
             loss, ce, lse, ctx.probs = torch.ops.iaerf.energy_ce_forward_with_probs(logits, target, coef, ignore_index)
+        elif impl == "triton" and not logits.is_cuda:  # the interpreter: no CPU kernel of the op is Triton
+            loss, ce, lse = triton_forward(logits, target, coef, ignore_index)
         else:
             loss, ce, lse = torch.ops.iaerf.energy_ce_forward(logits, target, coef, ignore_index)
         ctx.impl, ctx.ignore_index, ctx.keep_probs, ctx.reduction = impl, ignore_index, keep_probs, reduction
@@ -104,8 +168,8 @@ class _EnergyCE(torch.autograd.Function):
                         grad_logits = torch.ops.iaerf.energy_ce_forward_with_probs(logits, target, coef,
                                                                                    ctx.ignore_index)[3]
                     torch.ops.iaerf.energy_ce_backward_from_probs_(grad, grad_logits, target, coef, ctx.ignore_index)
-                elif ctx.impl == "triton":
-                    grad_logits = _triton().energy_ce_backward(grad, logits, target, coef, lse, ctx.ignore_index)
+                elif ctx.impl == "triton" and not logits.is_cuda:
+                    grad_logits = triton_backward(grad, logits, target, coef, lse, ctx.ignore_index)
                 else:
                     grad_logits = torch.ops.iaerf.energy_ce_backward(grad, logits, target, coef, lse, ctx.ignore_index)
             energy = -lse

@@ -1,21 +1,84 @@
-"""Fused logsumexp and energy (paper Eq. 2): E_i = -T logsumexp_k(z_ik / T).
+"""Fused row-wise logsumexp: the ops ``torch.ops.iaerf.logsumexp`` / ``logsumexp_backward``, their kernels'
+launchers and registration, and the public :func:`logsumexp`.
 
-Backends: fused C++ (CPU), Triton (CUDA; CPU under TRITON_INTERPRET=1), plain-autograd reference; see
-iaerf.ops._checks.select_backend. The backward needs softmax(z): recomputed from the saved fp32 lse (Triton,
-fp16/bf16), or kept by the C++ forward and scaled in place (CPU, fp32/fp64, when a backward can follow).
+Kernels: fused C++ on CPU (csrc/cpu/energy_ce.cpp), Triton on CUDA (and on CPU under TRITON_INTERPRET=1, called
+directly), plain-autograd reference elsewhere; see iaerf.ops._checks.select_backend. The backward needs
+softmax(z): recomputed from the saved fp32 lse (Triton, fp16/bf16), or kept by the C++ forward and scaled in place
+(CPU, fp32/fp64, when a backward can follow).
 """
 from __future__ import annotations
 
 import torch
 
-from iaerf.ops import _checks
-from iaerf.ops.reference import _upcast, reference_logsumexp, shifted_scaled_logits
+from iaerf.ops import _checks, _library
+from iaerf.ops.reference import _upcast, reference_logsumexp
+
+__all__ = ["logsumexp"]
 
 
-def _triton():
+def _kernels():
     from iaerf.ops import _triton_kernels
 
     return _triton_kernels
+
+
+def triton_forward(logits: torch.Tensor) -> torch.Tensor:
+    """Triton launcher: logits [N, K] (fp32/fp16/bf16) -> lse [N] fp32."""
+    tk = _kernels()
+    logits = tk.row_major(logits)
+    N, K = logits.shape
+    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+    if N == 0:
+        return lse
+    rows, block, chunked, num_warps, grid = tk.tiling(N, K)
+    with tk.on_device(logits):
+        # HAS_TARGET=False: the target, coefficient, loss and ce pointers are never read or written
+        tk._forward_kernel[(grid,)](
+            logits, logits.stride(0), lse, lse, 0, lse, lse, lse, N, K, 0,
+            HAS_TARGET=False, ROWS=rows, BLOCK=block, CHUNKED=chunked, num_warps=num_warps,
+        )
+    return lse
+
+
+def triton_backward(grad: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Triton launcher: grad [N] fp32 -> grad[:, None] * softmax(logits) [N, K], in the logits' dtype."""
+    tk = _kernels()
+    logits = tk.row_major(logits)
+    N, K = logits.shape
+    out = torch.empty((N, K), dtype=logits.dtype, device=logits.device)
+    if N == 0:
+        return out
+    rows, block, _, num_warps, grid = tk.tiling(N, K)
+    with tk.on_device(logits):
+        tk._backward_kernel[(grid,)](
+            grad, grad.stride(0), logits, logits.stride(0), lse, lse, 0, lse, out, N, K, 0,
+            HAS_TARGET=False, ROWS=rows, BLOCK=block, num_warps=num_warps,
+        )
+    return out
+
+
+# The CUDA kernels look the launchers up at call time, so that a test can spy on them.
+_library.define("logsumexp(Tensor logits) -> Tensor",
+                fake=_library.empty_rows, triton=lambda logits: triton_forward(logits))
+_library.define("logsumexp_backward(Tensor grad, Tensor logits, Tensor lse) -> Tensor",
+                fake=lambda grad, logits, lse: _library.empty_like_logits(logits),
+                triton=lambda grad, logits, lse: triton_backward(grad, logits, lse))
+_library.define_native("logsumexp_with_probs",
+                       fake=lambda logits: (_library.empty_rows(logits), _library.empty_like_logits(logits)))
+_library.define_native("logsumexp_backward_from_probs_", fake=lambda grad, probs: None)
+_library.public_op("logsumexp", "logsumexp")
+
+
+def _forward(logits: torch.Tensor, impl: str) -> torch.Tensor:
+    if impl == "triton" and not logits.is_cuda:  # the interpreter: no CPU kernel of the op is Triton
+        return triton_forward(logits)
+    return torch.ops.iaerf.logsumexp(logits)
+
+
+def _backward(grad: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, impl: str) -> torch.Tensor:
+    if impl == "triton" and not logits.is_cuda:
+        return triton_backward(grad, logits, lse)
+    return torch.ops.iaerf.logsumexp_backward(grad, logits, lse)
 
 
 class _LogSumExp(torch.autograd.Function):
@@ -28,12 +91,10 @@ class _LogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, impl: str, keep_probs: bool) -> torch.Tensor:
         ctx.probs = None
-        if impl == "triton":
-            lse = _triton().logsumexp_forward(logits)
-        elif keep_probs:
+        if keep_probs:
             lse, ctx.probs = torch.ops.iaerf.logsumexp_with_probs(logits)
         else:
-            lse = torch.ops.iaerf.logsumexp(logits)
+            lse = _forward(logits, impl)
         ctx.impl, ctx.keep_probs = impl, keep_probs
         ctx.save_for_backward(logits, lse)
         return lse
@@ -52,9 +113,7 @@ class _LogSumExp(torch.autograd.Function):
                 grad_logits = torch.ops.iaerf.logsumexp_with_probs(logits)[1]
             torch.ops.iaerf.logsumexp_backward_from_probs_(grad, grad_logits)
             return grad_logits, None, None
-        if ctx.impl == "triton":
-            return _triton().logsumexp_backward(grad, logits, lse), None, None
-        return torch.ops.iaerf.logsumexp_backward(grad, logits, lse), None, None
+        return _backward(grad, logits, lse, ctx.impl), None, None
 
 
 def logsumexp(logits: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -72,39 +131,3 @@ def logsumexp(logits: torch.Tensor, *, backend: str | None = None) -> torch.Tens
     if impl == "reference":
         return reference_logsumexp(logits)
     return _LogSumExp.apply(logits, impl, _checks.keep_probs(logits, impl))
-
-
-def energy(logits: torch.Tensor, temperature: float = 1.0, *, backend: str | None = None) -> torch.Tensor:
-    """Energy E_i = -T logsumexp_k(z_ik / T) (paper Eq. 2; T = 1 there).
-
-    Args:
-        logits: [N, K] floating (see :func:`logsumexp`).
-        temperature: T, a positive real number that is a normal number of the accumulation dtype (float32, float64
-            for float64 logits); others raise ValueError. T != 1 makes one scaled copy of the logits, in the
-            accumulation dtype, computed as -(m_i + T logsumexp_k((z_ik - m_i) / T)) with m_i the row max, so
-            that neither a small T nor fp16 logits overflow the scaled copy.
-        backend: as in :func:`logsumexp`.
-    Returns:
-        [N] float32 (float64 for float64 logits). An all -inf row gives +inf.
-    """
-    _checks.check_logits(logits)
-    t = _checks.check_temperature(temperature, logits)
-    if t == 1.0:
-        return -logsumexp(logits, backend=backend)
-    m, scaled = shifted_scaled_logits(logits, t)
-    return -(m + t * logsumexp(scaled, backend=backend))
-
-
-class Energy(torch.nn.Module):
-    """Module form of :func:`energy`: [N, K] logits -> [N] energies."""
-
-    def __init__(self, temperature: float = 1.0, backend: str | None = None):
-        super().__init__()
-        self.temperature = temperature
-        self.backend = backend
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return energy(logits, self.temperature, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, backend={self.backend!r}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from iaerf.ops._checks import acc_dtype
+from iaerf.ops._library import acc_dtype
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:
