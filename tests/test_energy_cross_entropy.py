@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import iaerf
 from iaerf import ops
 from iaerf.ops import _checks
-from _cuda import needs_cuda
+from _cuda import cuda_path_missing, needs_cuda
 from _ops_cases import (CPU_BACKENDS, CPU_BACKENDS_ANY_DTYPE, HAS_CPP, HAS_TRITON, TRITON_DEVICES, fp64_energy_ce,
                         make_case, spy_triton_launchers, triton_backend)
 
@@ -327,6 +327,29 @@ def test_cuda_triton_path_compiles_without_graph_break(monkeypatch):
     expected.backward()
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(z1.grad, z2.grad)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_kernels_pass_opcheck(dtype):
+    # The Triton launchers are the ops' CUDA kernels: their outputs must match the registered fake (shapes,
+    # dtypes, strides), or a compiled graph would be built for tensors the kernel does not return.
+    from iaerf.ops import _library
+
+    logits, target, coef = (t.cuda() for t in make_case(9, 7, seed=3, dtype=dtype))
+    if "energy_ce_forward" not in _library.TRITON_KERNELS:
+        cuda_path_missing("no Triton CUDA kernel is registered for torch.ops.iaerf.energy_ce_forward")
+    coef = coef.float()
+    lse = torch.logsumexp(logits.float(), 1)
+    grad = torch.rand(9, device="cuda")
+    for op, args in [
+        (torch.ops.iaerf.logsumexp.default, (logits,)),
+        (torch.ops.iaerf.logsumexp_backward.default, (grad, logits, lse)),
+        (torch.ops.iaerf.energy_ce_forward.default, (logits, target, coef, -100)),
+        (torch.ops.iaerf.energy_ce_forward.default, (logits, target, coef[0], -100)),
+        (torch.ops.iaerf.energy_ce_backward.default, (grad, logits, target, coef, lse, -100)),
+    ]:
+        torch.library.opcheck(op, args)
 
 
 def test_backend_info_reads_the_op_registry(monkeypatch):
