@@ -5,6 +5,10 @@ content is written to a temporary file in the destination folder and moved into 
 is atomic on POSIX file systems, so an interrupted write leaves the previous version intact. The file gets the mode
 an ordinary ``open(path, "w")`` would give it (``0o666`` less the umask), so shared caches and run directories stay
 readable by whoever the umask admits.
+
+JSON goes through :func:`write_json` / :func:`read_json` (run directories, stage markers, cache settings), and
+every settings key -- a pipeline stage's and an influence cache entry's -- is :func:`settings_key` of the
+:func:`canonical_json` of its inputs, and tensor files are read with :func:`load_tensor_file`.
 """
 from __future__ import annotations
 

@@ -69,7 +69,9 @@ def energy_influence(model, train, val, *, params=None, weight_decay=0.0, dampin
         val: ``m >= 1`` validation points, same forms.
         params: parameter names or prefixes the influence is taken over (None: every parameter with
             requires_grad); frozen parameters in the selection are left out. When the selection is exactly the
-            weight and bias of the ``nn.Linear`` that produces the logits, the native head Hessian is used.
+            weight and bias of the classifier head (:func:`iaerf.heads.find_classifier_head`: the ``nn.Linear``
+            that produces the logits, whatever its name, e.g. ``"fc"``, ``"head"``, ``"classifier"``) and that
+            layer computes ``W x + b`` (not a subclass with its own forward), the native head Hessian is used.
         weight_decay: L2 term of the training objective, (weight_decay / 2) ||theta||^2 (as torch.optim.SGD).
         damping: added to H before the solve.
         solver: "lissa", "cg" or "exact" (:func:`iaerf.inverse_hvp`); ``solver_options`` are passed on to it.
