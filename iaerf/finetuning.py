@@ -148,7 +148,7 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
     """Algorithm 1: fine-tune ``model`` on ``train`` with c_i = -beta I_val(x_i) / I_max (beta = 0: plain CE control).
 
     Args:
-        model: pretrained classifier with a final ``nn.Linear`` ``fc``; copied unless ``inplace``.
+        model: pretrained classifier ending in an ``nn.Linear`` head (any name); copied unless ``inplace``.
         train: :class:`iaerf.data.TensorDataset` (n items); ``influence[i]`` belongs to ``train[i]``.
         influence: I_val [n] from :func:`iaerf.energy_influence`; None only with ``beta == 0``.
         beta: energy weight; the paper searches {0.1, 0.5, 1, 10} (:func:`select_beta`).
@@ -157,7 +157,7 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
     """
     config = replace(config or FinetuneConfig(), **overrides)
     _check_dataset(train, "train")
-    _check_model_classes(model, train.num_classes)
+    _check_model_classes(model, train)
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
     if beta > 0:

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from iaerf.data import ShotGroups, TensorDataset
+from iaerf.heads import HeadNotFoundError, find_classifier_head, head_features
 from iaerf.losses import LDAMLoss, class_balanced_weights
 from iaerf.training_loop import shuffled_batches, train_loop
 
@@ -130,19 +131,27 @@ def _check_dataset(ds, name: str) -> TensorDataset:
     return ds
 
 
-def _check_model_classes(model: nn.Module, num_classes: int, name: str = "model"):
-    fc = getattr(model, "fc", None)
-    if not isinstance(fc, nn.Linear):
-        raise TypeError(f"{name} must have a final nn.Linear named 'fc'")
-    if fc.out_features != num_classes:
-        raise ValueError(f"{name} has {fc.out_features} outputs but the data has {num_classes} classes")
+def _check_model_classes(model: nn.Module, data: TensorDataset, name: str = "model") -> tuple[str, nn.Linear]:
+    """The classifier head ``(layer_name, layer)`` of ``model`` (:func:`iaerf.heads.find_classifier_head` on one
+    example of ``data``, whatever the layer is called), checked to have one output per class of ``data``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
+    param = next(model.parameters(), None)
+    probe = data.tensors()[0][:1]
+    try:
+        head_name, layer = find_classifier_head(model, probe.to(param.device) if param is not None else probe)
+    except HeadNotFoundError as exc:
+        raise TypeError(f"{name} must end in a final nn.Linear classifier head: {exc}") from None
+    if layer.out_features != data.num_classes:
+        raise ValueError(f"{name} has {layer.out_features} outputs but the data has {data.num_classes} classes")
+    return head_name, layer
 
 
 def train_baseline(model: nn.Module, train: TensorDataset, config: TrainConfig = TrainConfig(), *, device=None,
                    progress: bool = True) -> tuple[nn.Module, list[dict]]:
     """Train ``model`` in place on ``train`` with ERM or LDAM-DRW. Returns ``(model, history)``, one dict per epoch."""
     _check_dataset(train, "train")
-    _check_model_classes(model, train.num_classes)
+    _check_model_classes(model, train)
     device = resolve_device(device)
     counts = train.class_counts()
     if config.method == "ldam_drw" and min(counts) == 0:
@@ -194,7 +203,7 @@ def evaluate(model: nn.Module, data: TensorDataset, train_counts, shot_groups: S
     Group error = 100 - mean of the per-class accuracies of the group's classes (groups from ``train_counts``).
     """
     _check_dataset(data, "data")
-    _check_model_classes(model, data.num_classes)
+    _check_model_classes(model, data)
     if len(train_counts) != data.num_classes:
         raise ValueError(f"train_counts has {len(train_counts)} classes, data has {data.num_classes}")
     logits = predict_logits(model, data, batch_size=batch_size, device=device)
@@ -240,23 +249,24 @@ class ClassifierConfig:
 
 def retrain_classifier(model: nn.Module, train: TensorDataset, config: ClassifierConfig = ClassifierConfig(), *,
                        device=None, progress: bool = True) -> nn.Module:
-    """cRT / LWS on the frozen backbone of ``model``; returns a copy whose ``fc`` is the re-trained classifier.
+    """cRT / LWS on the frozen backbone of ``model``; returns a copy whose classifier head (the
+    final ``nn.Linear``, whatever its name) is re-trained.
 
     Features [N, D] are computed once in eval mode (no augmentation). Class-aware sampling: each draw picks a class
     uniformly, then an example of it uniformly. LWS learns scales f [C] on logits f_j * (w_j x + b_j) and folds them
-    into ``fc`` afterwards, so the returned model is an ordinary one with an ``nn.Linear`` fc.
+    into the head afterwards, so the returned model is an ordinary one with an ``nn.Linear`` head.
     """
     _check_dataset(train, "train")
-    _check_model_classes(model, train.num_classes)
-    if type(model.fc) is not nn.Linear:
-        raise TypeError("retrain_classifier needs a plain nn.Linear fc (not a NormedLinear)")
+    head_name, head = _check_model_classes(model, train)
+    if type(head) is not nn.Linear:
+        raise TypeError(f"retrain_classifier needs a plain nn.Linear head, got {type(head).__name__} {head_name!r}")
     device = resolve_device(device)
     model = copy.deepcopy(model).to(device).eval()
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    with torch.no_grad():
-        x_all = train.tensors()[0]
-        feats = torch.cat([model.features(x_all[s:s + 512].to(device)) for s in range(0, len(train), 512)])
+    fc = model.get_submodule(head_name)  # the copy's head
+    x_all = train.tensors()[0]
+    feats = head_features(model, fc, (x_all[s:s + 512].to(device) for s in range(0, len(train), 512)))
     y = train.labels.to(device)
     counts = train.class_counts()
     if min(counts) == 0:
@@ -265,7 +275,6 @@ def retrain_classifier(model: nn.Module, train: TensorDataset, config: Classifie
     order = torch.argsort(train.labels, stable=True)
     n_c = torch.tensor(counts, dtype=torch.long)
     start_c = torch.cumsum(n_c, 0) - n_c
-    fc = model.fc
     if config.method == "crt":
         fc.reset_parameters()
         params = list(fc.parameters())

@@ -92,6 +92,35 @@ def test_crt_retrains_only_the_classifier():
         assert torch.equal(v, out.state_dict()[k]) == (not k.startswith("fc.")), k
 
 
+class _TorchvisionStyle(nn.Module):
+    """A classifier whose head is ``classifier[1]`` (torchvision style), with no ``fc`` and no ``features()``."""
+
+    def __init__(self, d: int, k: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d, 16), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Dropout(0.1), nn.Linear(16, k))
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+@pytest.mark.parametrize("method", ["crt", "lws"])
+def test_classifier_retraining_finds_a_head_not_named_fc(method):
+    train = _separable()
+    torch.manual_seed(0)
+    model = _TorchvisionStyle(train.tensors()[0].shape[1], 3)
+    out = retrain_classifier(model, train, ClassifierConfig(method, epochs=2, batch_size=32), progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, out.state_dict()[k]) == (not k.startswith("classifier.1.")), k
+    assert "error" in evaluate(out, train, train.class_counts())
+
+
+def test_model_without_a_linear_head_is_refused_by_name():
+    train = _separable()
+    with pytest.raises(TypeError, match="model must end in a final nn.Linear classifier head"):
+        retrain_classifier(nn.Sequential(nn.Flatten()), train, ClassifierConfig("crt", epochs=1), progress=False)
+
+
 def test_lws_scales_rows_and_crt_balances():
     train = _separable()
     torch.manual_seed(0)

@@ -16,7 +16,8 @@ from iaerf.hessian.inverse import (
     estimate_lambda_max,
     inverse_hvp,
 )
-from iaerf.hessian.operators import HessianOperator, ModuleHessian, eval_mode
+from iaerf.heads import eval_mode
+from iaerf.hessian.operators import HessianOperator, ModuleHessian
 from iaerf.hessian.params import flatten, select_parameters, unflatten
 
 __all__ = [

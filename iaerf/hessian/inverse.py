@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from iaerf._distributed import collective_device
 from iaerf._io import atomic_write
 from iaerf._progress import progress_bar
 from iaerf.hessian._checks import check_nonnegative, check_vectors
@@ -368,10 +369,8 @@ def _ranks_agree(op, step: int) -> bool:
     """Whether every rank of the operator's process group resumes from the same step (-1: no checkpoint)."""
     import torch.distributed as dist
 
-    from iaerf.hessian.operators import _collective_device
-
     t = torch.tensor([float(step), -float(step)], dtype=torch.float64,
-                     device=_collective_device(op.process_group, op.device))
+                     device=collective_device(op.process_group, op.device))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=op.process_group)
     return float(t[0]) == -float(t[1])
 
