@@ -7,7 +7,7 @@ int64 row offsets (N * K may exceed 2^31). A row of up to MAX_BLOCK classes is l
 in MAX_BLOCK chunks with the online-softmax recurrence (running max m, running sum s of exp(z - m), rescaled
 when m grows). The backward recomputes the softmax from the
 saved fp32 lse, so it reads the logits once and writes the gradient once. Edge conventions match the C++ kernels
-(see csrc/cpu/energy_ce.cpp): shift 0 when the row max is +-inf; ignored rows give 0. A target outside [0, K)
+(see csrc/cpu/softmax_rows.h): shift 0 when the row max is +-inf; ignored rows give 0. A target outside [0, K)
 that is not ignore_index (the callers reject it first) never makes a kernel read outside its row: its row gets
 NaN. Every launch enters the logits' CUDA device.
 """

@@ -4,7 +4,7 @@ With c_i = -beta I_val(x_i) / I_max this is the fine-tuning loss of Algorithm 1;
 (1 - c_i) softmax(z_i) - onehot(y_i) (paper Eq. 14, with beta_x = c_i). The fused forward makes one pass over
 each row. The gradient then comes either from the saved fp32 lse [N] (Triton, fp16/bf16: the backward reads the
 logits once and writes the gradient once) or, on CPU for fp32/fp64, from the softmax the forward kept, turned into
-the gradient in place (the exp, not memory traffic, bounds a CPU; see csrc/cpu/energy_ce.cpp).
+the gradient in place (the exp, not memory traffic, bounds a CPU; see csrc/cpu/softmax_rows.h).
 
 This file holds the op's torch.library registration (torch.ops.iaerf.energy_ce_forward / energy_ce_backward: C++
 on CPU, the Triton launchers below on CUDA), its autograd and its public function and module.

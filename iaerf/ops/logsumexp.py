@@ -1,7 +1,7 @@
 """Fused row-wise logsumexp: the ops ``torch.ops.iaerf.logsumexp`` / ``logsumexp_backward``, their kernels'
 launchers and registration, and the public :func:`logsumexp`.
 
-Kernels: fused C++ on CPU (csrc/cpu/energy_ce.cpp), Triton on CUDA (and on CPU under TRITON_INTERPRET=1, called
+Kernels: fused C++ on CPU (csrc/cpu/logsumexp.cpp), Triton on CUDA (and on CPU under TRITON_INTERPRET=1, called
 directly), plain-autograd reference elsewhere; see iaerf.ops._checks.select_backend. The backward needs
 softmax(z): recomputed from the saved fp32 lse (Triton, fp16/bf16), or kept by the C++ forward and scaled in place
 (CPU, fp32/fp64, when a backward can follow).
