@@ -217,9 +217,8 @@ def select_backend(logits: torch.Tensor, backend: str | None, native_op: str) ->
     "triton" (on CUDA), "cpp" and "cuda" all call torch.ops.iaerf.<native_op>, whose registered kernel for the
     device runs; "triton" on CPU tensors (the interpreter) calls the Triton launcher directly. backend=None/"auto"
     follows :func:`iaerf._extension.kernel_choice` (the rule backend_info reports), with two refinements: under
-    torch.func transforms or forward-mode AD the differentiable reference runs (documented fallback), and a
-    choice whose kernel cannot take these logits (float64 in Triton, a native op without a kernel for the device)
-    falls back to the reference. A forced backend that cannot run raises ValueError. Traceable by Dynamo (kernel
+    torch.func transforms or forward-mode AD the differentiable reference runs (documented fallback), and float64
+    logits, which the Triton kernels do not take, run the reference on CUDA. A forced backend that cannot run raises ValueError. Traceable by Dynamo (kernel
     lookups are cached at import), so the default call compiles with fullgraph=True.
     """
     check_choice(backend, BACKENDS, "backend")
@@ -229,8 +228,6 @@ def select_backend(logits: torch.Tensor, backend: str | None, native_op: str) ->
     if backend in (None, "auto"):
         impl, _ = _extension.kernel_choice(logits.device, triton_ok=native_op in TRITON_KERNELS, native_op=native_op)
         if impl == "triton" and logits.dtype == torch.float64:
-            return "reference"
-        if impl in ("cpp", "cuda") and not _extension.has_native_kernel(native_op, device_type):
             return "reference"
         return impl
     if backend == "triton":
