@@ -1,4 +1,4 @@
-// ctest for the fused CPU ops of csrc/cpu/energy_ce.cpp: calls them through the dispatcher (as torch.ops.iaerf.*)
+// ctest for the fused CPU ops of csrc/cpu/energy_ce.cpp and csrc/cpu/logsumexp.cpp: calls them through the dispatcher (as torch.ops.iaerf.*)
 // and compares with ATen compositions (at::logsumexp, at::cross_entropy_loss, autograd of the composition) at a few
 // shapes and dtypes. Returns non-zero on the first mismatch.
 #include <ATen/ATen.h>
