@@ -28,6 +28,7 @@ _EXPORTS = {
     "energy_influence": "iaerf.influence",
     "energy_influence_on_test": "iaerf.influence",
     "loss_influence": "iaerf.influence",
+    "InfluenceTask": "iaerf.influence",
     "finetune": "iaerf.finetuning",
 }
 

@@ -7,12 +7,25 @@ index ranges (shards, batches) rather than on a shuffled loader.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from iaerf._io import hash_tensor
+
+
+def tuple_item(item):
+    """``(x, y, ...) -> (x, y)``: the default :attr:`InfluenceTask.unpack` for tuple / list items."""
+    if isinstance(item, dict):
+        raise TypeError(
+            f"a dataset item is a dict with keys {sorted(item)}; pass task=InfluenceTask.from_dict_keys(input_key, "
+            f"label_key) to say which keys hold the input and the label"
+        )
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise TypeError(f"a dataset item must be a tuple or list (input, label, ...), got {type(item).__name__}; "
+                        f"pass task=InfluenceTask(unpack=...) to split other items")
+    return item[0], item[1]
 
 
 class IndexedData:
@@ -22,8 +35,9 @@ class IndexedData:
     by item and stacked. ``name`` is the user-facing argument name used in error messages.
     """
 
-    def __init__(self, data, name: str):
+    def __init__(self, data, name: str, unpack: Callable = tuple_item):
         self.name = name
+        self.unpack = unpack
         self.inputs: torch.Tensor | None = None
         self.targets: torch.Tensor | None = None
         self.dataset = None
@@ -47,6 +61,24 @@ class IndexedData:
                 f"got {type(data).__name__}"
             )
 
+    def _item(self, i: int):
+        """Item ``i`` of the dataset as ``(input, label)``, by ``unpack``."""
+        try:
+            pair = self.unpack(self.dataset[i])
+        except (TypeError, KeyError) as exc:
+            raise type(exc)(f"{self.name}: {exc.args[0] if exc.args else exc}") from exc
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"{self.name}: task.unpack must return (input, label), got {type(pair).__name__} for "
+                            f"item {i}")
+        return pair
+
+    def pairs(self, indices: Sequence[int]) -> "Dataset":
+        """A map-style dataset of the ``(input, label)`` pairs of ``indices`` (for consumers that index items
+        themselves, such as :class:`iaerf.ModuleHessian`)."""
+        if self.inputs is not None:
+            return TensorDataset(*self.as_tensors(indices))
+        return _Pairs(self, list(indices))
+
     def __len__(self) -> int:
         return self.inputs.shape[0] if self.inputs is not None else len(self.dataset)
 
@@ -56,7 +88,7 @@ class IndexedData:
             idx = torch.as_tensor(indices, dtype=torch.long)
             x, y = self.inputs[idx], self.targets[idx]
         else:
-            items = [self.dataset[int(i)] for i in indices]
+            items = [self._item(int(i)) for i in indices]
             x = torch.stack([torch.as_tensor(item[0]) for item in items])
             y = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long)
         return x.to(device), y.to(device)
@@ -68,7 +100,7 @@ class IndexedData:
         targets = getattr(self.dataset, "targets", None)
         if targets is not None and len(targets) == len(self.dataset):
             return torch.as_tensor(targets)
-        return torch.as_tensor([int(self.dataset[i][1]) for i in range(len(self.dataset))], dtype=torch.long)
+        return torch.as_tensor([int(self._item(i)[1]) for i in range(len(self.dataset))], dtype=torch.long)
 
     def check_labels(self, num_classes: int) -> None:
         """Raise a ValueError naming this argument when a label is not an integer class in [0, num_classes)."""
@@ -102,8 +134,19 @@ class IndexedData:
                 hash_tensor(h, t)
         else:
             for i in range(len(self.dataset)):
-                x, y = self.dataset[i][:2]
+                x, y = self._item(i)
                 hash_tensor(h, torch.as_tensor(x))
                 hash_tensor(h, torch.as_tensor(y))
         return h.hexdigest()
 
+
+
+class _Pairs(Dataset):
+    def __init__(self, data: IndexedData, indices: list[int]):
+        self.data, self.indices = data, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.data._item(self.indices[i])

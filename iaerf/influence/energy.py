@@ -26,7 +26,8 @@ from iaerf.heads import HeadNotFoundError, eval_mode, find_classifier_head, head
 from iaerf.influence import distributed as D
 from iaerf.influence.cache import ResultCache, model_fingerprint
 from iaerf.influence.data import IndexedData
-from iaerf.influence.gradients import directional_derivatives, energy_from_logits, loss_from_logits, loss_gradients
+from iaerf.influence.gradients import directional_derivatives, loss_gradients
+from iaerf.influence.task import InfluenceTask
 
 _SOLVERS = ("lissa", "cg", "exact")
 
@@ -59,7 +60,7 @@ class InfluenceOptions:
 
 def energy_influence(model, train, val, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
                      solver_options=None, batch_size=256, device=None, cache_dir=None, process_group=None,
-                     progress=True, seed=0, gauss_newton=False) -> torch.Tensor:
+                     progress=True, seed=0, gauss_newton=False, task=None) -> torch.Tensor:
     """Influence of energy regularization of each training point on the mean validation loss (paper Eq. 9).
 
     Args:
@@ -85,7 +86,15 @@ def energy_influence(model, train, val, *, params=None, weight_decay=0.0, dampin
         seed: seed of the stochastic solver.
         gauss_newton: use the Gauss-Newton matrix (positive semi-definite) instead of the exact Hessian, for
             non-convex models where LiSSA or CG meet negative curvature (for a linear head over frozen features
-            the two are the same matrix).
+            the two are the same matrix). Works with any ``task.train_loss`` torch.func can differentiate twice
+            w.r.t. the logits (H_out is taken by forward-over-reverse on it).
+        task: an :class:`iaerf.InfluenceTask` (None: ``InfluenceTask()``, cross-entropy training loss and
+            measurement, the energy, tuple items): the per-example training loss whose Hessian is H, the
+            measurement whose mean over ``val`` gives g_val, the regularized quantity E, and how items are
+            unpacked (e.g. ``InfluenceTask.from_dict_keys("image", "label")``). Each callable is checked on a probe
+            batch to return ``[b]`` before any pass. The native head Hessian computes only the softmax
+            cross-entropy Hessian: with another training loss a head-only selection still runs on the frozen
+            features, with :class:`iaerf.ModuleHessian` over the head's weight and bias.
 
     Returns:
         ``[n]`` tensor (the parameters' dtype, on ``device``) in training-set order: I_val(x_i) = -s . grad E(x_i).
@@ -95,7 +104,7 @@ def energy_influence(model, train, val, *, params=None, weight_decay=0.0, dampin
 
 def energy_influence_on_test(model, train, test, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
                              solver_options=None, batch_size=256, device=None, cache_dir=None, process_group=None,
-                             progress=True, seed=0, gauss_newton=False) -> torch.Tensor:
+                             progress=True, seed=0, gauss_newton=False, task=None) -> torch.Tensor:
     """Influence of energy regularization of each training point on each test point's loss (paper Eq. 8).
 
     Same arguments as :func:`energy_influence` with ``test`` (k points) in place of ``val``. The k right-hand
@@ -110,11 +119,12 @@ def energy_influence_on_test(model, train, test, *, params=None, weight_decay=0.
 
 def loss_influence(model, train, val, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
                    solver_options=None, batch_size=256, device=None, cache_dir=None, process_group=None,
-                   progress=True, seed=0, gauss_newton=False) -> torch.Tensor:
+                   progress=True, seed=0, gauss_newton=False, task=None) -> torch.Tensor:
     """Classic influence of upweighting each training point on the mean validation loss (Koh & Liang, Eq. 4).
 
     I_loss(x_i) = -g_val^T (H + damping I)^{-1} grad L(x_i, y_i) = -(d/de) CE(f_{theta + e s}(x_i), y_i): the same
     solve and forward-mode pass as :func:`energy_influence`, with the loss in place of the energy. Returns ``[n]``.
+    With a ``task``, the upweighted loss is ``task.train_loss`` (``task.regularized`` is not used).
     """
     return _run("loss", model, train, val, locals())
 
@@ -183,6 +193,28 @@ def _find_head(model: nn.Module, chosen: dict[str, torch.Tensor], probe: torch.T
     return name, layer
 
 
+def _task(task) -> InfluenceTask:
+    if task is None:
+        return InfluenceTask()
+    if not isinstance(task, InfluenceTask):
+        raise TypeError(f"task must be an iaerf.InfluenceTask or None, got {type(task).__name__}")
+    return task
+
+
+class _MeanLoss:
+    """``ModuleHessian``'s batch-mean loss from a per-example one; ``of`` carries the per-example loss's identity
+    into the operator's fingerprint (which LiSSA checkpoints are checked against)."""
+
+    def __init__(self, per_example):
+        from iaerf.influence.task import callable_identity
+
+        self.per_example = per_example
+        self.of = callable_identity(per_example)
+
+    def __call__(self, logits, labels):
+        return self.per_example(logits, labels).mean()
+
+
 def _features(model: nn.Module, layer: nn.Linear, data: IndexedData, indices, batch_size, device, bar):
     """Inputs of ``layer`` (the frozen features [len(indices), D]) for ``indices``, by forward hooks."""
     def inputs():
@@ -195,11 +227,12 @@ def _features(model: nn.Module, layer: nn.Linear, data: IndexedData, indices, ba
 
 def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
     opts = _options(args)
+    task = _task(args["task"])
     if args["cache_dir"] is not None:
         # before any pass over the data: an unwritable cache would otherwise fail only when the result is stored
         ensure_writable_dir(args["cache_dir"], "cache_dir")
     val_name = "test" if kind == "energy_on_test" else "val"
-    train_d, val_d = IndexedData(train, "train"), IndexedData(val, val_name)
+    train_d, val_d = IndexedData(train, "train", task.unpack), IndexedData(val, val_name, task.unpack)
     if len(val_d) == 0:
         raise ValueError(f"{val_name} is empty: the influence needs at least one {val_name} point")
     if len(train_d) == 0:
@@ -216,7 +249,7 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
     n, m = len(train_d), len(val_d)
 
     with eval_mode(model):
-        probe, _ = val_d.batch([0], device)
+        probe, probe_label = val_d.batch([0], device)
         with torch.no_grad():
             logits = model(probe)
         if logits.dim() != 2:
@@ -224,6 +257,8 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
         num_classes = logits.shape[1]
         train_d.check_labels(num_classes)
         val_d.check_labels(num_classes)
+        with torch.no_grad():
+            task.check_outputs(logits, probe_label, kind)
 
         base = {
             **opts.describe(),
@@ -233,8 +268,14 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
         }
         if args["cache_dir"] is not None:
             base["train"], base[val_name] = train_d.fingerprint(), val_d.fingerprint()
+        result_settings = {**base, "kind": kind}
+        # only a non-default task enters the keys, so entries cached before tasks existed are still found
+        if task.describe("solve") is not None:
+            base["task"] = task.describe("solve")
+        if task.describe(kind) is not None:
+            result_settings["task"] = task.describe(kind)
         solve_stage = "solve_test" if kind == "energy_on_test" else "solve"
-        result_cache = ResultCache(args["cache_dir"], kind, {**base, "kind": kind})
+        result_cache = ResultCache(args["cache_dir"], kind, result_settings)
         p_total = sum(p.numel() for p in chosen.values())
         s_dtype = functools.reduce(torch.promote_types, [p.dtype for p in chosen.values()])
         if kind == "energy_on_test":
@@ -272,15 +313,19 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
         if D.agree(stored is not None, group, device):
             s = stored["s"].to(device)
         else:
-            s = _solve(kind, opts, model, chosen, head, func_model, func_params, train_d, train_idx, train_local,
-                       val_local, local_val_idx, m, device, group, show, solve_cache)
+            s = _solve(kind, opts, task, model, chosen, head, func_model, func_params, train_d, train_idx,
+                       train_local, val_local, local_val_idx, m, device, group, show, solve_cache)
             if rank == 0:
                 solve_cache.store({"s": s})
 
         from iaerf.hessian.params import unflatten
 
         directions = unflatten(s, func_params)
-        fn = energy_from_logits if kind != "loss" else loss_from_logits
+        if kind == "loss":
+            fn = task.train_loss
+        else:
+            def fn(logits, labels):
+                return task.regularized(logits)
         bar = progress_bar(total=len(local_train_idx), desc=f"{kind} influence (JVP)", enabled=show)
         local = directional_derivatives(func_model, func_params, directions, train_local, local_train_idx, fn=fn,
                                         batch_size=opts.batch_size, device=device,
@@ -292,8 +337,8 @@ def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
         return influence
 
 
-def _solve(kind, opts, model, chosen, head, func_model, func_params, train_d, train_idx, train_local, val_local,
-           local_val_idx, m, device, group, show, solve_cache) -> torch.Tensor:
+def _solve(kind, opts, task, model, chosen, head, func_model, func_params, train_d, train_idx, train_local,
+           val_local, local_val_idx, m, device, group, show, solve_cache) -> torch.Tensor:
     """s = (H + damping I)^{-1} g: one vector [P] for Eq. 9 / Eq. 4, k vectors [k, P] for Eq. 8."""
     from iaerf.hessian import HeadHessian, ModuleHessian, inverse_hvp
     from iaerf.hessian.params import flatten
@@ -301,25 +346,32 @@ def _solve(kind, opts, model, chosen, head, func_model, func_params, train_d, tr
     bar = progress_bar(total=len(local_val_idx), desc="validation gradient", enabled=show)
     if kind == "energy_on_test":
         grads = loss_gradients(func_model, func_params, val_local, local_val_idx, total=m,
-                               batch_size=opts.batch_size, device=device, per_index=True, progress=bar)
+                               batch_size=opts.batch_size, device=device, per_index=True, progress=bar,
+                               loss_fn=task.measure)
         local = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
         g = D.all_gather_shards(local, m, group, dim=0)
     else:
         g = flatten(loss_gradients(func_model, func_params, val_local, local_val_idx, total=m,
-                                   batch_size=opts.batch_size, device=device, group=group, progress=bar))
+                                   batch_size=opts.batch_size, device=device, group=group, progress=bar,
+                                   loss_fn=task.measure))
     bar.close()
 
-    if head is not None:
+    # None keeps ModuleHessian's own F.cross_entropy, so the default task's H is computed exactly as before
+    loss_fn = None if task.default_train_loss else _MeanLoss(task.train_loss)
+    if head is not None and task.default_train_loss:
         feats, labels = train_local.as_tensors()
         layer = head[1]
         operator = HeadHessian(feats, labels, layer.weight.detach(), layer.bias.detach(),
                                weight_decay=opts.weight_decay, process_group=group)
+    elif head is not None:
+        # HeadHessian is the softmax cross-entropy Hessian only: any other loss goes through torch.func on the head
+        operator = ModuleHessian(head[1], train_local.as_tensors(), loss_fn=loss_fn, params=["weight", "bias"],
+                                 weight_decay=opts.weight_decay, gauss_newton=opts.gauss_newton,
+                                 batch_size=opts.batch_size, device=device, process_group=group)
     else:
-        shard = torch.utils.data.Subset(train_d.dataset, list(train_idx)) if train_d.dataset is not None else (
-            train_d.as_tensors(train_idx))
-        operator = ModuleHessian(model, shard, params=list(chosen), weight_decay=opts.weight_decay,
-                                 gauss_newton=opts.gauss_newton, batch_size=opts.batch_size, device=device,
-                                 process_group=group)
+        operator = ModuleHessian(model, train_d.pairs(train_idx), loss_fn=loss_fn, params=list(chosen),
+                                 weight_decay=opts.weight_decay, gauss_newton=opts.gauss_newton,
+                                 batch_size=opts.batch_size, device=device, process_group=group)
     solver_options = dict(opts.solver_options)
     if opts.solver == "lissa" and solve_cache.enabled and "checkpoint_path" not in solver_options:
         # inverse_hvp appends ".rank<r>" under a process group: each rank keeps its own generator states

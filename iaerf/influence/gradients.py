@@ -48,8 +48,10 @@ def loss_gradients(
     group=None,
     per_index: bool = False,
     progress=None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loss_from_logits,
 ) -> dict[str, torch.Tensor]:
-    """Gradient of the mean cross-entropy over ``total`` points, of which this rank holds ``indices``.
+    """Gradient of the mean of ``loss_fn`` (per-example, ``[b, K], [b] -> [b]``; cross-entropy by default) over
+    ``total`` points, of which this rank holds ``indices``.
 
     Returns a dict shaped like ``params``: (1/total) sum_{i in indices} grad CE(x_i), summed over the ranks of
     ``group`` (so every rank gets the global mean, Eq. 9's g_val). With ``per_index=True`` returns instead one
@@ -58,7 +60,7 @@ def loss_gradients(
     primals = {k: v.detach() for k, v in params.items()}
 
     def batch_loss(p, x, y):
-        return F.cross_entropy(functional_call(model, p, (x,)), y, reduction="sum")
+        return loss_fn(functional_call(model, p, (x,)), y).sum()
 
     if per_index:
         per_example = vmap(torch.func.grad(lambda p, x, y: batch_loss(p, x[None], y[None])), in_dims=(None, 0, 0))
