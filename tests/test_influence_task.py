@@ -172,6 +172,16 @@ def test_dict_items_match_tuple_items(fn, params):
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
 
 
+def test_dataloader_is_read_in_dataset_order():
+    (x, y), (xv, yv) = _data()
+    model = _model()
+    kw = dict(weight_decay=1e-2, damping=1e-3, solver="exact", progress=False,
+              task=InfluenceTask.from_dict_keys("image", "label"))
+    loader = torch.utils.data.DataLoader(DictDataset(x, y), batch_size=5, shuffle=True)
+    ref = iaerf.energy_influence(model, DictDataset(x, y), DictDataset(xv, yv), **kw)
+    torch.testing.assert_close(iaerf.energy_influence(model, loader, DictDataset(xv, yv), **kw), ref, rtol=0, atol=0)
+
+
 def test_dict_items_without_keys_name_the_remedy():
     (x, y), (xv, yv) = _data()
     with pytest.raises(TypeError, match=r"val: .*InfluenceTask.from_dict_keys"):

@@ -1,6 +1,7 @@
 """Uniform, index-based access to the training / validation data of the influence passes.
 
-``train`` and ``val`` arguments are either map-style datasets yielding ``(input, label)`` or a pair of tensors
+``train`` and ``val`` arguments are map-style datasets (items split by the task's ``unpack``: ``(input, label)``
+tuples by default), DataLoaders over one (their dataset is read in index order), or a pair of tensors
 ``(inputs [n, ...], labels [n])``. Influences are returned in dataset order, so every pass here works on explicit
 index ranges (shards, batches) rather than on a shuffled loader.
 """
@@ -10,7 +11,7 @@ import hashlib
 from typing import Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from iaerf._io import hash_tensor
 
@@ -41,6 +42,9 @@ class IndexedData:
         self.inputs: torch.Tensor | None = None
         self.targets: torch.Tensor | None = None
         self.dataset = None
+        if isinstance(data, DataLoader):
+            # influences are in dataset order: the loader's sampler and batching are not used
+            data = data.dataset
         tensors = getattr(data, "tensors", None)  # torch TensorDataset: attribute; iaerf.data.TensorDataset: method
         if callable(tensors):
             tensors = tensors()
@@ -57,7 +61,8 @@ class IndexedData:
             self.dataset = data
         else:
             raise TypeError(
-                f"{name} must be a map-style dataset yielding (input, label) or a pair of tensors (inputs, labels), "
+                f"{name} must be a map-style dataset yielding (input, label), a DataLoader over one, or a pair of "
+                f"tensors (inputs, labels), "
                 f"got {type(data).__name__}"
             )
 
