@@ -50,9 +50,10 @@ class PerExampleLDAM(nn.Module):
     """Per-example LDAM loss ``[b, K], [b] -> [b]``: :class:`iaerf.losses.LDAMLoss` on each example, times the
     DRW class weight of its label.
 
-    LDAMLoss with DRW weights averages as sum_i w_{y_i} l_i / sum_i w_{y_i}; the per-example form w_{y_i} l_i
-    differs from it on the full training set only by the constant factor n / sum_i w_{y_i}, which scales H and
-    every influence alike.
+    LDAMLoss with DRW weights averages as sum_i w_{y_i} l_i / sum_i w_{y_i}; the mean of the per-example form
+    w_{y_i} l_i differs from it on the full training set by the constant factor n / sum_i w_{y_i}. Without
+    weight_decay and damping that factor only rescales every influence; with them, multiply them by
+    sum_i w_{y_i} / n to take H of the exact DRW objective.
     """
 
     def __init__(self, class_counts, max_m: float = 0.5, s: float = 30.0, drw_weights=None):
