@@ -122,7 +122,7 @@ def train_loop(params: Sequence, loss_fn: Callable, batches: Callable[[int], Ite
                     raise FloatingPointError(f"{desc or 'training'} diverged at epoch {epoch} "
                                              f"(mean loss {total / seen}); {hint}")
                 history.append({**entry, "loss": total / seen, **{k: v / seen for k, v in sums.items()}})
-                bar.set_postfix(loss=f"{total / seen:.4f}")
+                bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
             if on_epoch is not None:
                 on_epoch(epoch)
     finally:

@@ -2,6 +2,8 @@
 import io
 import time
 
+import torch
+
 from iaerf import _progress
 
 
@@ -31,3 +33,17 @@ def test_disabled_bar_writes_nothing(monkeypatch, capsys):
     with _progress.progress_bar(range(5), desc="x", enabled=False) as bar:
         assert list(bar) == [0, 1, 2, 3, 4]
     assert capsys.readouterr().err == ""
+
+
+def test_solver_bars_stay_quiet_in_a_log(capsys):
+    # the solvers update their postfix every step; off a terminal that must not force a redraw per step
+    import iaerf
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    H = iaerf.ModuleHessian(model, (torch.randn(50, 5), torch.randint(0, 3, (50,))), gauss_newton=True)
+    V = torch.randn(2, H.num_params)
+    iaerf.inverse_hvp(H, V, method="cg", damping=1e-2, progress=True)
+    iaerf.inverse_hvp(H, V, method="lissa", damping=1e-2, depth=50, tol=0.0, progress=True)
+    assert capsys.readouterr().err.count("\r") <= 8  # open and close of each bar; was one redraw per step

@@ -262,7 +262,7 @@ def _cg(op, V, damping, opts: CGOptions, progress):
             rs = rs_new
             it += 1
             bar.update(1)
-            bar.set_postfix(rel_residual=f"{float(relres.max()):.2e}")
+            bar.set_postfix(rel_residual=f"{float(relres.max()):.2e}", refresh=False)
     converged = not bool(active.any())
     if not converged:
         warnings.warn(f"CG stopped after max_iter={opts.max_iter} iterations with relative residual "
@@ -551,7 +551,7 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
                 change = delta / hn.clamp_min(torch.finfo(torch.float64).tiny)
                 if opts.tol > 0:
                     converged = bool((change <= opts.tol).all())
-                bar.set_postfix(norm_x=f"{float(hn.mean()) / scale:.4g}")
+                bar.set_postfix(norm_x=f"{float(hn.mean()) / scale:.4g}", refresh=False)
             h = h_new
             bar.update(1)
             if step % opts.checkpoint_every == 0:
