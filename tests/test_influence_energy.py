@@ -338,3 +338,22 @@ def test_linear_subclass_with_its_own_forward_is_not_taken_for_an_affine_head(mo
     want = iaerf.energy_influence(_DoubledAffine(linear.weight.detach(), linear.bias.detach()), train, val, **kw)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
 
+
+
+def test_settings_are_validated_in_one_place_and_describe_the_cache_key():
+    """SolveSettings.parse normalises the arguments and describe() is their (pinned) part of every cache key:
+    changing its content would orphan every existing cache."""
+    import iaerf.influence
+    from iaerf.influence.energy import SolveSettings
+
+    settings = SolveSettings.parse(params="fc", weight_decay=1, damping=0.5, solver="cg",
+                                   solver_options={"tol": 1e-8, "max_iter": 5}, batch_size=8, seed=2,
+                                   gauss_newton=False)
+    assert settings.describe() == {"params": ["fc"], "weight_decay": 1.0, "damping": 0.5, "solver": "cg",
+                                   "solver_options": {"max_iter": 5, "tol": 1e-8}, "batch_size": 8, "seed": 2,
+                                   "gauss_newton": False}
+    assert list(settings.describe()["solver_options"]) == ["max_iter", "tol"]
+    with pytest.raises(ValueError, match="solver_options must not contain 'seed'"):
+        SolveSettings.parse(params=None, weight_decay=0, damping=0, solver="cg", solver_options={"seed": 1},
+                            batch_size=8, seed=0, gauss_newton=False)
+    assert "InfluenceOptions" not in iaerf.influence.__all__

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,32 +30,6 @@ from iaerf.influence.gradients import directional_derivatives, loss_gradients
 from iaerf.influence.task import InfluenceTask
 
 _SOLVERS = ("lissa", "cg", "exact")
-
-
-@dataclass(frozen=True)
-class InfluenceOptions:
-    """Settings shared by every influence function (see :func:`energy_influence` for their meaning)."""
-
-    params: tuple[str, ...] | None = None
-    weight_decay: float = 0.0
-    damping: float = 0.0
-    solver: str = "lissa"
-    solver_options: tuple[tuple[str, object], ...] = ()
-    batch_size: int = 256
-    seed: int = 0
-    gauss_newton: bool = False
-
-    def describe(self) -> dict:
-        return {
-            "params": list(self.params) if self.params is not None else None,
-            "weight_decay": self.weight_decay,
-            "damping": self.damping,
-            "solver": self.solver,
-            "solver_options": dict(self.solver_options),
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "gauss_newton": self.gauss_newton,
-        }
 
 
 def energy_influence(model, train, val, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
@@ -99,7 +73,11 @@ def energy_influence(model, train, val, *, params=None, weight_decay=0.0, dampin
     Returns:
         ``[n]`` tensor (the parameters' dtype, on ``device``) in training-set order: I_val(x_i) = -s . grad E(x_i).
     """
-    return _run("energy", model, train, val, locals())
+    return _influence("energy", model, train, val,
+                      params=params, weight_decay=weight_decay, damping=damping, solver=solver,
+                      solver_options=solver_options, batch_size=batch_size, device=device, cache_dir=cache_dir,
+                      process_group=process_group, progress=progress, seed=seed, gauss_newton=gauss_newton,
+                      task=task)
 
 
 def energy_influence_on_test(model, train, test, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
@@ -114,7 +92,11 @@ def energy_influence_on_test(model, train, test, *, params=None, weight_decay=0.
     Returns:
         ``[k, n]``: entry (j, i) is I_{x_test_j}(x_i). Its row mean equals :func:`energy_influence` with val=test.
     """
-    return _run("energy_on_test", model, train, test, locals())
+    return _influence("energy_on_test", model, train, test,
+                      params=params, weight_decay=weight_decay, damping=damping, solver=solver,
+                      solver_options=solver_options, batch_size=batch_size, device=device, cache_dir=cache_dir,
+                      process_group=process_group, progress=progress, seed=seed, gauss_newton=gauss_newton,
+                      task=task)
 
 
 def loss_influence(model, train, val, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
@@ -126,38 +108,14 @@ def loss_influence(model, train, val, *, params=None, weight_decay=0.0, damping=
     solve and forward-mode pass as :func:`energy_influence`, with the loss in place of the energy. Returns ``[n]``.
     With a ``task``, the upweighted loss is ``task.train_loss`` (``task.regularized`` is not used).
     """
-    return _run("loss", model, train, val, locals())
+    return _influence("loss", model, train, val,
+                      params=params, weight_decay=weight_decay, damping=damping, solver=solver,
+                      solver_options=solver_options, batch_size=batch_size, device=device, cache_dir=cache_dir,
+                      process_group=process_group, progress=progress, seed=seed, gauss_newton=gauss_newton,
+                      task=task)
 
 
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _options(args: dict) -> InfluenceOptions:
-    weight_decay, damping, batch_size, seed = args["weight_decay"], args["damping"], args["batch_size"], args["seed"]
-    for name, value in (("weight_decay", weight_decay), ("damping", damping)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if args["solver"] not in _SOLVERS:
-        raise ValueError(f"solver must be one of {_SOLVERS}, got {args['solver']!r}")
-    solver_options = args["solver_options"] or {}
-    if not isinstance(solver_options, dict):
-        raise TypeError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
-    for key in ("damping", "seed", "progress", "method"):
-        if key in solver_options:
-            raise ValueError(f"solver_options must not contain {key!r}: pass it as the keyword argument instead")
-    params = args["params"]
-    if isinstance(params, str):
-        params = (params,)
-    elif params is not None:
-        params = tuple(params)
-    if not isinstance(args["gauss_newton"], bool):
-        raise TypeError(f"gauss_newton must be a bool, got {type(args['gauss_newton']).__name__}")
-    return InfluenceOptions(params, float(weight_decay), float(damping), args["solver"],
-                            tuple(sorted(solver_options.items())), batch_size, seed, args["gauss_newton"])
 
 
 def _trainable_selection(model: nn.Module, params) -> dict[str, torch.Tensor]:
@@ -225,162 +183,320 @@ def _features(model: nn.Module, layer: nn.Linear, data: IndexedData, indices, ba
     return head_features(model, layer, inputs())
 
 
-def _run(kind: str, model, train, val, args: dict) -> torch.Tensor:
-    opts = _options(args)
-    task = _task(args["task"])
-    if args["cache_dir"] is not None:
-        # before any pass over the data: an unwritable cache would otherwise fail only when the result is stored
-        ensure_writable_dir(args["cache_dir"], "cache_dir")
+@dataclass(frozen=True)
+class SolveSettings:
+    """The settings that decide s and the influence (see :func:`energy_influence` for their meaning), validated
+    once by :meth:`parse`; :meth:`describe` is their part of every cache key."""
+
+    params: tuple[str, ...] | None = None
+    weight_decay: float = 0.0
+    damping: float = 0.0
+    solver: str = "lissa"
+    solver_options: tuple[tuple[str, object], ...] = ()
+    batch_size: int = 256
+    seed: int = 0
+    gauss_newton: bool = False
+
+    @classmethod
+    def parse(cls, *, params, weight_decay, damping, solver, solver_options, batch_size, seed,
+              gauss_newton) -> SolveSettings:
+        for name, value in (("weight_decay", weight_decay), ("damping", damping)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if solver not in _SOLVERS:
+            raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+        solver_options = solver_options or {}
+        if not isinstance(solver_options, dict):
+            raise TypeError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
+        for key in ("damping", "seed", "progress", "method"):
+            if key in solver_options:
+                raise ValueError(f"solver_options must not contain {key!r}: pass it as the keyword argument instead")
+        if isinstance(params, str):
+            params = (params,)
+        elif params is not None:
+            params = tuple(params)
+        if not isinstance(gauss_newton, bool):
+            raise TypeError(f"gauss_newton must be a bool, got {type(gauss_newton).__name__}")
+        return cls(params, float(weight_decay), float(damping), solver, tuple(sorted(solver_options.items())),
+                   batch_size, seed, gauss_newton)
+
+    def describe(self) -> dict:
+        return {
+            "params": list(self.params) if self.params is not None else None,
+            "weight_decay": self.weight_decay,
+            "damping": self.damping,
+            "solver": self.solver,
+            "solver_options": dict(self.solver_options),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "gauss_newton": self.gauss_newton,
+        }
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where and how a run happens; none of it changes the result, so none of it enters a cache key."""
+
+    device: torch.device | None = None
+    cache_dir: object = None
+    process_group: object = None
+    progress: bool = True
+
+    @classmethod
+    def parse(cls, *, device, cache_dir, process_group, progress) -> RunSettings:
+        if cache_dir is not None:
+            # before any pass over the data: an unwritable cache would otherwise fail only when the result is stored
+            ensure_writable_dir(cache_dir, "cache_dir")
+        return cls(torch.device(device) if device is not None else None, cache_dir, process_group, bool(progress))
+
+
+def _influence(kind: str, model, train, val, *, params, weight_decay, damping, solver, solver_options, batch_size,
+               device, cache_dir, process_group, progress, seed, gauss_newton, task) -> torch.Tensor:
+    """The three public functions' common body: validate, then prepare -> (cached) solve -> (cached) score."""
+    settings = SolveSettings.parse(params=params, weight_decay=weight_decay, damping=damping, solver=solver,
+                                   solver_options=solver_options, batch_size=batch_size, seed=seed,
+                                   gauss_newton=gauss_newton)
+    task = _task(task)
+    run = RunSettings.parse(device=device, cache_dir=cache_dir, process_group=process_group, progress=progress)
+    problem = prepare(kind, model, train, val, settings, task, run)
+    with eval_mode(model):
+        problem.probe_model()
+        hit = problem.result_cache.load({"influence": problem.expected_influence})
+        if D.agree(hit is not None, problem.group, problem.device):
+            return hit["influence"].to(problem.device)
+        s = solve(problem)
+        return score(problem, s)
+
+
+@dataclass
+class _Problem:
+    """Everything :func:`solve` and :func:`score` read: the validated inputs, this rank's shards and the cache
+    keys. ``kind`` is "energy" (Eq. 9), "energy_on_test" (Eq. 8) or "loss" (Eq. 4)."""
+
+    kind: str
+    model: nn.Module
+    settings: SolveSettings
+    task: InfluenceTask
+    run: RunSettings
+    train: IndexedData
+    val: IndexedData
+    chosen: dict[str, torch.Tensor]
+    device: torch.device
+    group: object
+    rank: int
+    world: int
+    # set by probe_model (it needs the model in eval mode, which prepare does not enter)
+    probe: torch.Tensor = field(init=False, repr=False)
+    result_cache: ResultCache = field(init=False, repr=False)
+    solve_cache: ResultCache = field(init=False, repr=False)
+    expected_s: tuple = field(init=False, repr=False)
+    expected_influence: tuple = field(init=False, repr=False)
+
+    @property
+    def val_name(self) -> str:
+        return self.val.name
+
+    @property
+    def show(self) -> bool:
+        return self.run.progress and self.rank == 0
+
+    @property
+    def train_idx(self) -> range:
+        return D.shard_range(len(self.train), self.rank, self.world)
+
+    @property
+    def val_idx(self) -> range:
+        return D.shard_range(len(self.val), self.rank, self.world)
+
+    def probe_model(self) -> None:
+        """One forward on the first validation point (in eval mode): checks the logits [b, K], the labels and the
+        task's outputs, and sets the cache keys and expected shapes."""
+        probe, probe_label = self.val.batch([0], self.device)
+        with torch.no_grad():
+            logits = self.model(probe)
+        if logits.dim() != 2:
+            raise ValueError(f"model must return logits of shape [b, K], got {tuple(logits.shape)}")
+        num_classes = logits.shape[1]
+        self.train.check_labels(num_classes)
+        self.val.check_labels(num_classes)
+        with torch.no_grad():
+            self.task.check_outputs(logits, probe_label, self.kind)
+        self.probe = probe
+
+        cache_dir = self.run.cache_dir
+        base = {
+            **self.settings.describe(),
+            "chosen_params": list(self.chosen),
+            "model": model_fingerprint(self.model) if cache_dir is not None else None,
+            "dtype": str(next(iter(self.chosen.values())).dtype),
+        }
+        if cache_dir is not None:
+            base["train"], base[self.val_name] = self.train.fingerprint(), self.val.fingerprint()
+        result_settings = {**base, "kind": self.kind}
+        # only a non-default task enters the keys, so entries cached before tasks existed are still found
+        if self.task.describe("solve") is not None:
+            base["task"] = self.task.describe("solve")
+        if self.task.describe(self.kind) is not None:
+            result_settings["task"] = self.task.describe(self.kind)
+        self.result_cache = ResultCache(cache_dir, self.kind, result_settings)
+        self.solve_cache = ResultCache(cache_dir, "solve_test" if self.kind == "energy_on_test" else "solve", base)
+        n, m = len(self.train), len(self.val)
+        p_total = sum(p.numel() for p in self.chosen.values())
+        s_dtype = functools.reduce(torch.promote_types, [p.dtype for p in self.chosen.values()])
+        if self.kind == "energy_on_test":
+            self.expected_s, self.expected_influence = ((m, p_total), s_dtype), ((m, n), logits.dtype)
+        else:
+            self.expected_s, self.expected_influence = ((p_total,), s_dtype), ((n,), logits.dtype)
+
+    @functools.cached_property
+    def head(self):
+        """``(layer_name, layer)`` when the influence is over the classifier head alone (see :func:`_find_head`)."""
+        return _find_head(self.model, self.chosen, self.probe)
+
+    @functools.cached_property
+    def local(self) -> _Local:
+        """What the passes run on: the frozen head features when :attr:`head` is set (one features pass, only on a
+        result-cache miss), else the model and data themselves."""
+        train_idx, val_idx = self.train_idx, self.val_idx
+        if self.head is None:
+            return _Local(self.model, self.chosen, self.train, self.val, train_idx, val_idx)
+        layer = self.head[1]
+        bar = progress_bar(total=len(train_idx) + len(val_idx), desc="features", enabled=self.show)
+        batch_size = self.settings.batch_size
+        train_feats = _features(self.model, layer, self.train, train_idx, batch_size, self.device, bar)
+        val_feats = _features(self.model, layer, self.val, val_idx, batch_size, self.device, bar)
+        bar.close()
+        train_labels = self.train.labels()[torch.as_tensor(list(train_idx), dtype=torch.long)].to(self.device)
+        val_labels = self.val.labels()[torch.as_tensor(list(val_idx), dtype=torch.long)].to(self.device)
+        return _Local(layer, {"weight": layer.weight, "bias": layer.bias},
+                      IndexedData((train_feats, train_labels), "train"),
+                      IndexedData((val_feats, val_labels), self.val_name),
+                      range(len(train_idx)), range(len(val_idx)))
+
+
+@dataclass(frozen=True)
+class _Local:
+    """The function (``func_model`` with ``func_params``) and this rank's data the passes differentiate."""
+
+    func_model: nn.Module
+    func_params: dict[str, torch.Tensor]
+    train: IndexedData
+    val: IndexedData
+    train_idx: range
+    val_idx: range
+
+
+def prepare(kind: str, model, train, val, settings: SolveSettings, task: InfluenceTask,
+            run: RunSettings) -> _Problem:
+    """Checks the data, the parameter selection and the device, and resolves the process group (no model pass:
+    :meth:`_Problem.probe_model` runs in eval mode, head detection and the features pass when first needed)."""
     val_name = "test" if kind == "energy_on_test" else "val"
     train_d, val_d = IndexedData(train, "train", task.unpack), IndexedData(val, val_name, task.unpack)
     if len(val_d) == 0:
         raise ValueError(f"{val_name} is empty: the influence needs at least one {val_name} point")
     if len(train_d) == 0:
         raise ValueError("train is empty")
-    chosen = _trainable_selection(model, opts.params)
+    chosen = _trainable_selection(model, settings.params)
     device = next(iter(chosen.values())).device
-    if args["device"] is not None:
-        wanted = torch.device(args["device"])
+    if run.device is not None:
+        wanted = run.device
         if wanted.type != device.type or (wanted.index is not None and wanted.index != device.index):
             raise ValueError(f"device={wanted} but the model's parameters are on {device}; move the model first")
-    group = D.resolve_group(args["process_group"])
+    group = D.resolve_group(run.process_group)
     rank, world = D.rank_and_world(group)
-    show = bool(args["progress"]) and rank == 0
-    n, m = len(train_d), len(val_d)
-
-    with eval_mode(model):
-        probe, probe_label = val_d.batch([0], device)
-        with torch.no_grad():
-            logits = model(probe)
-        if logits.dim() != 2:
-            raise ValueError(f"model must return logits of shape [b, K], got {tuple(logits.shape)}")
-        num_classes = logits.shape[1]
-        train_d.check_labels(num_classes)
-        val_d.check_labels(num_classes)
-        with torch.no_grad():
-            task.check_outputs(logits, probe_label, kind)
-
-        base = {
-            **opts.describe(),
-            "chosen_params": list(chosen),
-            "model": model_fingerprint(model) if args["cache_dir"] is not None else None,
-            "dtype": str(next(iter(chosen.values())).dtype),
-        }
-        if args["cache_dir"] is not None:
-            base["train"], base[val_name] = train_d.fingerprint(), val_d.fingerprint()
-        result_settings = {**base, "kind": kind}
-        # only a non-default task enters the keys, so entries cached before tasks existed are still found
-        if task.describe("solve") is not None:
-            base["task"] = task.describe("solve")
-        if task.describe(kind) is not None:
-            result_settings["task"] = task.describe(kind)
-        solve_stage = "solve_test" if kind == "energy_on_test" else "solve"
-        result_cache = ResultCache(args["cache_dir"], kind, result_settings)
-        p_total = sum(p.numel() for p in chosen.values())
-        s_dtype = functools.reduce(torch.promote_types, [p.dtype for p in chosen.values()])
-        if kind == "energy_on_test":
-            expected_s, expected_influence = ((m, p_total), s_dtype), ((m, n), logits.dtype)
-        else:
-            expected_s, expected_influence = ((p_total,), s_dtype), ((n,), logits.dtype)
-        hit = result_cache.load({"influence": expected_influence})
-        if D.agree(hit is not None, group, device):
-            return hit["influence"].to(device)
-        solve_cache = ResultCache(args["cache_dir"], solve_stage, base)
-
-        train_idx = D.shard_range(n, rank, world)
-        val_idx = D.shard_range(m, rank, world)
-        head = _find_head(model, chosen, probe)
-        if head is not None:
-            # Classifier-only influence: every pass runs on the frozen features through the head alone.
-            layer = head[1]
-            bar = progress_bar(total=len(train_idx) + len(val_idx), desc="features", enabled=show)
-            train_feats = _features(model, layer, train_d, train_idx, opts.batch_size, device, bar)
-            val_feats = _features(model, layer, val_d, val_idx, opts.batch_size, device, bar)
-            bar.close()
-            train_labels = train_d.labels()[torch.as_tensor(list(train_idx), dtype=torch.long)].to(device)
-            val_labels = val_d.labels()[torch.as_tensor(list(val_idx), dtype=torch.long)].to(device)
-            func_model = layer
-            func_params = {"weight": layer.weight, "bias": layer.bias}
-            train_local = IndexedData((train_feats, train_labels), "train")
-            val_local = IndexedData((val_feats, val_labels), val_name)
-            local_train_idx, local_val_idx = range(len(train_idx)), range(len(val_idx))
-        else:
-            func_model, func_params = model, chosen
-            train_local, val_local = train_d, val_d
-            local_train_idx, local_val_idx = train_idx, val_idx
-
-        stored = solve_cache.load({"s": expected_s})
-        if D.agree(stored is not None, group, device):
-            s = stored["s"].to(device)
-        else:
-            s = _solve(kind, opts, task, model, chosen, head, func_model, func_params, train_d, train_idx,
-                       train_local, val_local, local_val_idx, m, device, group, show, solve_cache)
-            if rank == 0:
-                solve_cache.store({"s": s})
-
-        from iaerf.hessian.params import unflatten
-
-        directions = unflatten(s, func_params)
-        if kind == "loss":
-            fn = task.train_loss
-        else:
-            def fn(logits, labels):
-                return task.regularized(logits)
-        bar = progress_bar(total=len(local_train_idx), desc=f"{kind} influence (JVP)", enabled=show)
-        local = directional_derivatives(func_model, func_params, directions, train_local, local_train_idx, fn=fn,
-                                        batch_size=opts.batch_size, device=device,
-                                        batched=kind == "energy_on_test", progress=bar)
-        bar.close()
-        influence = D.all_gather_shards(-local, n, group, dim=-1)
-        if rank == 0:
-            result_cache.store({"influence": influence})
-        return influence
+    return _Problem(kind, model, settings, task, run, train_d, val_d, chosen, device, group, rank, world)
 
 
-def _solve(kind, opts, task, model, chosen, head, func_model, func_params, train_d, train_idx, train_local,
-           val_local, local_val_idx, m, device, group, show, solve_cache) -> torch.Tensor:
-    """s = (H + damping I)^{-1} g: one vector [P] for Eq. 9 / Eq. 4, k vectors [k, P] for Eq. 8."""
-    from iaerf.hessian import HeadHessian, ModuleHessian, inverse_hvp
+def solve(problem: _Problem) -> torch.Tensor:
+    """s = (H + damping I)^{-1} g: one vector [P] for Eq. 9 / Eq. 4, k vectors [k, P] for Eq. 8; read from the
+    solve cache when stored there, else computed (and stored by rank 0)."""
+    stored = problem.solve_cache.load({"s": problem.expected_s})
+    if D.agree(stored is not None, problem.group, problem.device):
+        return stored["s"].to(problem.device)
+    s = _solve(problem)
+    if problem.rank == 0:
+        problem.solve_cache.store({"s": s})
+    return s
+
+
+def _solve(problem: _Problem) -> torch.Tensor:
+    from iaerf.hessian import inverse_hvp
     from iaerf.hessian.params import flatten
 
-    bar = progress_bar(total=len(local_val_idx), desc="validation gradient", enabled=show)
-    if kind == "energy_on_test":
-        grads = loss_gradients(func_model, func_params, val_local, local_val_idx, total=m,
-                               batch_size=opts.batch_size, device=device, per_index=True, progress=bar,
+    settings, task, local, group, m = problem.settings, problem.task, problem.local, problem.group, len(problem.val)
+    bar = progress_bar(total=len(local.val_idx), desc="validation gradient", enabled=problem.show)
+    if problem.kind == "energy_on_test":
+        grads = loss_gradients(local.func_model, local.func_params, local.val, local.val_idx, total=m,
+                               batch_size=settings.batch_size, device=problem.device, per_index=True, progress=bar,
                                loss_fn=task.measure)
-        local = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
-        g = D.all_gather_shards(local, m, group, dim=0)
+        g = D.all_gather_shards(torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1), m, group,
+                                dim=0)
     else:
-        g = flatten(loss_gradients(func_model, func_params, val_local, local_val_idx, total=m,
-                                   batch_size=opts.batch_size, device=device, group=group, progress=bar,
+        g = flatten(loss_gradients(local.func_model, local.func_params, local.val, local.val_idx, total=m,
+                                   batch_size=settings.batch_size, device=problem.device, group=group, progress=bar,
                                    loss_fn=task.measure))
     bar.close()
 
+    solver_options = dict(settings.solver_options)
+    if settings.solver == "lissa" and problem.solve_cache.enabled and "checkpoint_path" not in solver_options:
+        # inverse_hvp appends ".rank<r>" under a process group: each rank keeps its own generator states
+        solver_options["checkpoint_path"] = problem.solve_cache.path(".lissa.pt")
+    s = inverse_hvp(_operator(problem), g, method=settings.solver, damping=settings.damping, seed=settings.seed,
+                    progress=problem.show, **solver_options)
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(
+            f"the inverse-HVP solution s from solver={settings.solver!r} is not finite; increase damping "
+            f"(now {settings.damping}) or adjust solver_options {dict(settings.solver_options)} (e.g. a larger "
+            f"LiSSA scale)"
+        )
+    return s.to(g.dtype)
+
+
+def _operator(problem: _Problem):
+    """H over the selection: the native head Hessian on the features, else :class:`iaerf.ModuleHessian`."""
+    from iaerf.hessian import HeadHessian, ModuleHessian
+
+    settings, task, head, group = problem.settings, problem.task, problem.head, problem.group
     # None keeps ModuleHessian's own F.cross_entropy, so the default task's H is computed exactly as before
     loss_fn = None if task.default_train_loss else _MeanLoss(task.train_loss)
     if head is not None and task.default_train_loss:
-        feats, labels = train_local.as_tensors()
+        feats, labels = problem.local.train.as_tensors()
         layer = head[1]
-        operator = HeadHessian(feats, labels, layer.weight.detach(), layer.bias.detach(),
-                               weight_decay=opts.weight_decay, process_group=group)
-    elif head is not None:
+        return HeadHessian(feats, labels, layer.weight.detach(), layer.bias.detach(),
+                           weight_decay=settings.weight_decay, process_group=group)
+    if head is not None:
         # HeadHessian is the softmax cross-entropy Hessian only: any other loss goes through torch.func on the head
-        operator = ModuleHessian(head[1], train_local.as_tensors(), loss_fn=loss_fn, params=["weight", "bias"],
-                                 weight_decay=opts.weight_decay, gauss_newton=opts.gauss_newton,
-                                 batch_size=opts.batch_size, device=device, process_group=group)
+        return ModuleHessian(head[1], problem.local.train.as_tensors(), loss_fn=loss_fn, params=["weight", "bias"],
+                             weight_decay=settings.weight_decay, gauss_newton=settings.gauss_newton,
+                             batch_size=settings.batch_size, device=problem.device, process_group=group)
+    return ModuleHessian(problem.model, problem.train.pairs(problem.train_idx), loss_fn=loss_fn,
+                         params=list(problem.chosen), weight_decay=settings.weight_decay,
+                         gauss_newton=settings.gauss_newton, batch_size=settings.batch_size, device=problem.device,
+                         process_group=group)
+
+
+def score(problem: _Problem, s: torch.Tensor) -> torch.Tensor:
+    """The influence -(d/de) q_{theta + e s}(x_i) of every training point ([n], or [k, n] for Eq. 8), q the loss
+    (Eq. 4) or the regularized quantity; gathered over ranks and stored in the result cache by rank 0."""
+    from iaerf.hessian.params import unflatten
+
+    kind, task, local = problem.kind, problem.task, problem.local
+    directions = unflatten(s, local.func_params)
+    if kind == "loss":
+        fn = task.train_loss
     else:
-        operator = ModuleHessian(model, train_d.pairs(train_idx), loss_fn=loss_fn, params=list(chosen),
-                                 weight_decay=opts.weight_decay, gauss_newton=opts.gauss_newton,
-                                 batch_size=opts.batch_size, device=device, process_group=group)
-    solver_options = dict(opts.solver_options)
-    if opts.solver == "lissa" and solve_cache.enabled and "checkpoint_path" not in solver_options:
-        # inverse_hvp appends ".rank<r>" under a process group: each rank keeps its own generator states
-        solver_options["checkpoint_path"] = solve_cache.path(".lissa.pt")
-    s = inverse_hvp(operator, g, method=opts.solver, damping=opts.damping, seed=opts.seed, progress=show,
-                    **solver_options)
-    if not bool(torch.isfinite(s).all()):
-        raise ValueError(
-            f"the inverse-HVP solution s from solver={opts.solver!r} is not finite; increase damping "
-            f"(now {opts.damping}) or adjust solver_options {dict(opts.solver_options)} (e.g. a larger LiSSA scale)"
-        )
-    return s.to(g.dtype)
+        def fn(logits, labels):
+            return task.regularized(logits)
+    bar = progress_bar(total=len(local.train_idx), desc=f"{kind} influence (JVP)", enabled=problem.show)
+    out = directional_derivatives(local.func_model, local.func_params, directions, local.train, local.train_idx,
+                                  fn=fn, batch_size=problem.settings.batch_size, device=problem.device,
+                                  batched=kind == "energy_on_test", progress=bar)
+    bar.close()
+    influence = D.all_gather_shards(-out, len(problem.train), problem.group, dim=-1)
+    if problem.rank == 0:
+        problem.result_cache.store({"influence": influence})
+    return influence
