@@ -24,46 +24,23 @@ __all__ = ["main", "build_parser"]
 # torch accepts any count but crashes (segfault) on very large ones; far above any machine's core count
 _MAX_THREADS = 1024
 
-_SETTINGS = {  # option -> (PipelineConfig field, type, help)
-    "--dataset": ("dataset", str, "digits | cifar10 | cifar100 | features"),
-    "--data-root": ("data_root", str, "folder holding cifar-10-batches-py / cifar-100-python"),
-    "--train-features": ("train_features", str, "features+labels file (.pt/.npz/.safetensors) for dataset=features"),
-    "--test-features": ("test_features", str, "test features+labels file for dataset=features"),
-    "--imbalance": ("imbalance", str, "exp (long-tailed) | step"),
-    "--ratio": ("ratio", float, "imbalance ratio n_max / n_min (>= 1)"),
-    "--train-epochs": ("train_epochs", int, "baseline epochs (milestones scale with it)"),
-    "--solver": ("solver", str, "inverse-HVP solver: exact | cg | lissa"),
-    "--damping": ("damping", float, "Hessian damping"),
-    "--weight-decay": ("weight_decay", float, "L2 term of the Hessian"),
-    "--finetune-epochs": ("finetune_epochs", int, "fine-tuning epochs (paper: 5; feature files: 10)"),
-    "--finetune-batch-size": ("finetune_batch_size", int, "fine-tuning batch size (paper: 128; feature files: 512)"),
-    "--finetune-lr": ("finetune_lr", float, "fine-tuning SGD lr (paper: 1e-4; feature files: 0.2)"),
-    "--energy-cap": ("energy_cap", str, "App. B rule: none | per_sample | global"),
-    "--select-metric": ("select_metric", str, "validation metric that picks beta: loss | error"),
-    "--heldout-val": ("heldout_val", int, "digits: hold out K images per class as the validation set (default 0: "
-                      "the paper's class-balanced subset of the training set)"),
-    "--seed": ("seed", int, "seed of data split, initialisation, batches"),
-    "--device": ("device", str, "cpu | cuda (default: cuda when available)"),
-}
-_LISTS = {
-    "--methods": ("methods", str, "baselines: erm ldam_drw crt lws"),
-    "--betas": ("betas", float, "beta grid (paper: 0.1 0.5 1 10)"),
-    "--influence-params": ("influence_params", str, "parameter prefixes of the influence (default: fc); 'all' = every one"),
-    "--finetune-params": ("finetune_params", str, "parameter prefixes to fine-tune; 'all' = all but batch norm; "
-                          "default 'auto' = all for images, fc for feature files"),
-}
-
-
 def _add_settings(p: argparse.ArgumentParser) -> None:
+    """One option per run setting, from the settings' own metadata (:mod:`iaerf.pipeline.settings`)."""
+    from iaerf.pipeline.settings import setting_fields
+
     p.add_argument("--out", default=None, help="run directory (default: runs/demo-<seed> for demo)")
-    for opt, (dest, typ, help_) in _SETTINGS.items():
-        p.add_argument(opt, dest=dest, type=typ, default=None, help=help_)
-    for opt, (dest, typ, help_) in _LISTS.items():
-        p.add_argument(opt, dest=dest, type=typ, nargs="+", default=None, help=help_)
-    p.add_argument("--gauss-newton", dest="gauss_newton", action="store_const", const=True, default=None,
-                   help="use the Gauss-Newton matrix (PSD) instead of the exact Hessian in the influence")
-    p.add_argument("--solver-option", dest="solver_option", action="append", default=None, metavar="KEY=VALUE",
-                   help="inverse-HVP solver option, repeatable (LiSSA: depth=5000 repeats=10 batch_size=128 ...)")
+    for name, f in setting_fields().items():
+        meta = f.metadata
+        if meta["cli"] == "value":
+            p.add_argument(meta["option"], dest=name, type=meta["type"], default=None, help=meta["help"])
+        elif meta["cli"] == "list":
+            p.add_argument(meta["option"], dest=name, type=meta["type"], nargs="+", default=None, help=meta["help"])
+        elif meta["cli"] == "flag":
+            p.add_argument(meta["option"], dest=name, action="store_const", const=True, default=None,
+                           help=meta["help"])
+        elif meta["cli"] == "key_value":
+            p.add_argument(meta["option"], dest=name, action="append", default=None, metavar="KEY=VALUE",
+                           help=meta["help"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=_threads, default=None,
                    help=f"torch CPU threads, 1..{_MAX_THREADS} (default: torch's choice; demo: 1, fastest for its "
@@ -88,11 +65,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _option_of(field: str) -> str:
-    """The command-line option that sets PipelineConfig ``field``."""
-    for opt, (dest, _, _) in list(_SETTINGS.items()) + list(_LISTS.items()):
-        if dest == field:
-            return opt
-    return {"solver_options": "--solver-option", "gauss_newton": "--gauss-newton", "fig1": "--fig1"}.get(field, field)
+    """The command-line option that sets run setting ``field``."""
+    from iaerf.pipeline.settings import setting_fields
+
+    f = setting_fields().get(field)
+    return f.metadata["option"] if f is not None and f.metadata["option"] else field
 
 
 def _cores() -> int:
@@ -121,34 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p)
     p = sub.add_parser("plot", help="figures 2, 3, 5 (and 1 with --fig1)")
     _add_settings(p)
-    p.add_argument("--fig1", action="store_true", help="also Fig. 1 (fine-tunes once per plotted point)")
     p = sub.add_parser("demo", help="the whole pipeline on long-tailed digits (ratio 10); prints the table")
     _add_settings(p)
     p.add_argument("--quick", action="store_true", help="tiny schedules (a smoke test, not a result)")
-    p.add_argument("--fig1", action="store_true", help="also Fig. 1")
     return parser
 
 
 def _config(args, defaults=None):
     """The run's PipelineConfig: stored settings (if any) < command-line options."""
     from iaerf.pipeline import PipelineConfig, SettingError, read_settings
+    from iaerf.pipeline.settings import setting_fields
 
     stored = os.path.join(args.out, "settings.json")
     base = read_settings(stored) if os.path.isfile(stored) else dict(defaults or {})
-    given = {dest: getattr(args, dest) for dest, _, _ in list(_SETTINGS.values()) + list(_LISTS.values())
-             if getattr(args, dest) is not None}
-    for name in ("influence_params", "finetune_params"):
-        if given.get(name) == ["all"]:
-            given[name] = None
-    if given.get("finetune_params") == ["auto"]:
-        given["finetune_params"] = "auto"
-    if getattr(args, "fig1", False):
-        given["fig1"] = True
-    if args.gauss_newton:
-        given["gauss_newton"] = True
-    if args.solver_option:
-        given["solver_options"] = {**(base.get("solver_options") or {}), **dict(_parse_option(o) for o in args.solver_option)}
-    elif "solver" in given and given["solver"] != base.get("solver"):
+    given = {}
+    for name, f in setting_fields().items():
+        value = getattr(args, name, None)
+        if value is None or f.metadata["cli"] == "none":
+            continue
+        if f.metadata["cli"] == "list" and len(value) == 1 and value[0] in f.metadata["words"]:
+            value = f.metadata["words"][value[0]]
+        elif f.metadata["cli"] == "key_value":  # options add to the stored ones
+            value = {**(base.get(name) or {}), **dict(_parse_option(o) for o in value)}
+        given[name] = value
+    if "solver" in given and given["solver"] != base.get("solver") and "solver_options" not in given:
         given["solver_options"] = None  # options belong to the solver they were given for
     try:
         return PipelineConfig.from_json({**base, **given})
@@ -253,7 +226,7 @@ def _run(args) -> int:
         pipe.data()
         metrics = pipe.evaluate()
         if args.command == "demo":
-            pipe.plots(fig1=config.fig1)
+            pipe.plots()
         from iaerf.pipeline import format_table
 
         print(f"\n{metrics['dataset']['name']}, seed {config.seed}: test error (%), shot groups "
@@ -261,7 +234,7 @@ def _run(args) -> int:
         print(format_table(metrics["results"]))
         print(f"\nrun directory: {pipe.out}  ({time.perf_counter() - t0:.1f}s)")
     elif args.command == "plot":
-        for path in pipe.plots(fig1=args.fig1 or None):
+        for path in pipe.plots():
             print(path)
     return 0
 

@@ -10,11 +10,12 @@ cast, summed) has no such head, and the error says so.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
 
-__all__ = ["HeadNotFoundError", "eval_mode", "find_classifier_head", "head_features"]
+__all__ = ["HeadNotFoundError", "classifier_head", "eval_mode", "find_classifier_head", "head_features"]
 
 
 class HeadNotFoundError(ValueError):
@@ -108,3 +109,32 @@ def head_features(model: nn.Module, layer: nn.Linear, batches) -> torch.Tensor:
     if not chunks:
         return torch.zeros((0, layer.in_features), dtype=dtype, device=layer.weight.device)
     return torch.cat(chunks).to(dtype)
+
+
+@torch.no_grad()
+def classifier_head(model: nn.Module, *datasets, device=None):
+    """``(head, *feature_datasets)``: the model's classifier head (:func:`find_classifier_head`, whatever its name:
+    ``fc``, ``head``, ``classifier``) as the ``fc`` of a :class:`~iaerf.models.LinearClassifier`, and every
+    :class:`iaerf.data.TensorDataset` mapped to its eval-mode features [n, D] (the head's inputs).
+
+    Classifier-only influence (``params=["fc"]``) depends on the rest of the network only through these frozen
+    features, so computing it on the head gives the same numbers while every Hessian-vector product skips the
+    backbone -- which matters for a cosine (NormedLinear) fc, where no closed-form linear-head path applies.
+    """
+    from iaerf.data import TensorDataset
+    from iaerf.models import LinearClassifier
+
+    if not datasets:
+        raise ValueError("classifier_head needs at least one dataset: the head is found on a probe batch of it")
+    dev = next(model.parameters()).device
+    _, layer = find_classifier_head(model, datasets[0].tensors()[0][:1].to(dev))
+    head = LinearClassifier(layer.in_features, layer.out_features)
+    # the layer itself, not a rebuilt one: any nn.Linear subclass (NormedLinear's cosine logits) keeps its forward
+    head.fc = copy.deepcopy(layer)
+    head = head.to(device if device is not None else layer.weight.device).eval()
+    out = []
+    for ds in datasets:
+        x = ds.tensors()[0]
+        feats = head_features(model, layer, (x[s:s + 512].to(dev) for s in range(0, len(ds), 512))).cpu()
+        out.append(TensorDataset(feats, ds.labels, ds.num_classes))
+    return (head, *out)

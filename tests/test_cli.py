@@ -132,11 +132,11 @@ def test_damaged_settings_json(tmp_path, capsys):
 def test_interrupted_demo_resumes_to_identical_outputs(tmp_path, capsys, monkeypatch):
     """Ctrl-C in the middle of a stage: one line, exit 130; the same command then finishes, and every output file
     has the bytes of an uninterrupted run (stage markers aside: they hold run times)."""
-    import iaerf.pipeline
+    import iaerf.pipeline.stages
 
     ref, out = str(tmp_path / "ref"), str(tmp_path / "cut")
     assert main(["demo", "--quick", "--quiet", "--out", ref]) == 0
-    real = iaerf.pipeline.select_beta
+    real = iaerf.pipeline.stages.select_beta
     calls = []
 
     def interrupted(*a, **k):
@@ -145,13 +145,13 @@ def test_interrupted_demo_resumes_to_identical_outputs(tmp_path, capsys, monkeyp
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(iaerf.pipeline, "select_beta", interrupted)
+    monkeypatch.setattr(iaerf.pipeline.stages, "select_beta", interrupted)
     capsys.readouterr()
     assert main(["demo", "--quick", "--quiet", "--out", out]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "resume" in err and "Traceback" not in err
     assert not os.path.exists(os.path.join(out, "metrics.json"))
-    monkeypatch.setattr(iaerf.pipeline, "select_beta", real)
+    monkeypatch.setattr(iaerf.pipeline.stages, "select_beta", real)
     assert main(["demo", "--quick", "--quiet", "--out", out]) == 0
     files = sorted(os.path.relpath(os.path.join(d, f), ref) for d, _, fs in os.walk(ref) for f in fs)
     assert files == sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)

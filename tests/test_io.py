@@ -173,7 +173,7 @@ def test_one_json_writer_and_one_settings_key_for_stages_and_the_cache(tmp_path,
     import pathlib
 
     import iaerf.influence.cache as cache_mod
-    import iaerf.pipeline as pipeline_mod
+    import iaerf.pipeline.stages as pipeline_mod
     from iaerf._io import canonical_json, settings_key, write_json
 
     assert pipeline_mod.write_json is write_json and pipeline_mod.read_json is io_mod.read_json

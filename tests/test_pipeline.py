@@ -23,7 +23,7 @@ def _one_thread():
 
 def _quick(**kw):
     base = dict(train_epochs=5, finetune_epochs=1, finetune_batch_size=64, betas=(0.1, 1.0))
-    return PipelineConfig(**{**base, **kw})
+    return PipelineConfig.from_options(**{**base, **kw})
 
 
 def _stage_keys(out):
@@ -157,13 +157,13 @@ def test_corrupt_checkpoint_in_run_is_reported(finished_run, tmp_path):
 ])
 def test_config_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        PipelineConfig(**kwargs)
+        PipelineConfig.from_options(**kwargs)
 
 
 def test_missing_cifar_dir(tmp_path):
     # the data are loaded while the settings are checked, so the run stops before storing anything
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
-        Pipeline(str(tmp_path / "r"), PipelineConfig(dataset="cifar10", data_root=str(tmp_path / "none")),
+        Pipeline(str(tmp_path / "r"), PipelineConfig.from_options(dataset="cifar10", data_root=str(tmp_path / "none")),
                  progress=False, log=lambda s: None)
     assert not os.path.exists(tmp_path / "r")
 
@@ -183,7 +183,7 @@ def test_config_rejects_bad_types_and_ranges(kwargs, field):
     from iaerf.pipeline import SettingError
 
     with pytest.raises(SettingError, match=field) as err:
-        PipelineConfig(**kwargs)
+        PipelineConfig.from_options(**kwargs)
     assert err.value.field == field
 
 
@@ -196,7 +196,7 @@ def test_config_rejects_bad_types_and_ranges(kwargs, field):
     (dict(device="cuda:999"), "device", "cuda"),
 ])
 def test_settings_fail_before_any_stage_and_are_not_stored(tmp_path, monkeypatch, kwargs, field, match):
-    from iaerf import pipeline
+    from iaerf.pipeline import stages as pipeline
     from iaerf.pipeline import SettingError
 
     def no_stage(*a, **k):
@@ -291,7 +291,7 @@ def test_feature_files_with_crt_and_lws(tmp_path):
     yt = torch.arange(80) % 4
     torch.save({"features": centers[y] + torch.randn(len(y), 8, generator=g), "labels": y}, tmp_path / "train.pt")
     torch.save({"features": centers[yt] + torch.randn(80, 8, generator=g), "labels": yt}, tmp_path / "test.pt")
-    cfg = PipelineConfig(dataset="features", train_features=str(tmp_path / "train.pt"),
+    cfg = PipelineConfig.from_options(dataset="features", train_features=str(tmp_path / "train.pt"),
                          test_features=str(tmp_path / "test.pt"), methods=("erm", "crt", "lws"), train_epochs=5,
                          finetune_epochs=2, betas=(0.5,))
     ft = cfg.finetune_config()
@@ -316,7 +316,7 @@ def test_cifar_path_end_to_end_on_synthetic_pickles(tmp_path):
         labels = rng.permutation(np.repeat(np.arange(10), 2)).tolist()
         with open(folder / name, "wb") as f:
             pickle.dump({"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), "labels": labels}, f)
-    cfg = PipelineConfig(dataset="cifar10", data_root=str(tmp_path), ratio=5, train_epochs=1, finetune_epochs=1,
+    cfg = PipelineConfig.from_options(dataset="cifar10", data_root=str(tmp_path), ratio=5, train_epochs=1, finetune_epochs=1,
                          betas=(1.0,))
     pipe = Pipeline(str(tmp_path / "run"), cfg, progress=False, log=lambda s: None)
     from iaerf.data import imbalance_counts
@@ -397,4 +397,18 @@ def test_heldout_validation_option(tmp_path):
     assert sum(bytes(r.numpy().tobytes()) in train_rows for r in pipe.val().inputs) <= 2  # not training images
     assert len(pipe.evaluate()["results"]) == 3
     with pytest.raises(ValueError, match="heldout_val"):
-        PipelineConfig(dataset="cifar10", data_root="/x", heldout_val=5)
+        PipelineConfig.from_options(dataset="cifar10", data_root="/x", heldout_val=5)
+
+
+def test_stage_keys_are_those_of_iaerf_0_1(tmp_path):
+    """Run folders started before the stages were functions stay valid: these keys were computed by the 0.1
+    ``Pipeline`` class for the same settings. Only LDAM-DRW's influence changed key (its Hessian is now that of its
+    own LDAM-DRW loss), and with it its IAERF fine-tuning."""
+    from iaerf.pipeline import stages as S
+
+    cfg = PipelineConfig.from_options(train_epochs=3, finetune_epochs=1, betas=(0.1, 1.0),
+                                      methods=("erm", "ldam_drw", "crt"))
+    pipe = Pipeline(str(tmp_path / "r"), cfg, progress=False, log=lambda s: None)
+    assert S.data_stage(pipe).key == "bc6ea0ee682ac337"
+    assert S.influence_stage(pipe, "erm").key == "46731e782d3a248b"
+    assert S.influence_task(pipe, "erm") is None and S.influence_task(pipe, "ldam_drw") is not None

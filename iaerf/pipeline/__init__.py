@@ -1,0 +1,36 @@
+"""The IAERF pipeline in one run directory: data -> baselines -> influence -> fine-tuning -> evaluation -> plots.
+
+- :mod:`~iaerf.pipeline.settings`: :class:`PipelineConfig` and its groups (each field's check and option).
+- :mod:`~iaerf.pipeline.stages`: the stages as functions declaring needs, settings key and outputs.
+- :mod:`~iaerf.pipeline.run`: :class:`Pipeline`, the run directory and the stage runner with resume.
+- :mod:`~iaerf.pipeline.files`: checkpoints and the readers that check every output.
+- :mod:`~iaerf.pipeline.report`: the results table.
+
+Layout of ``<run>/``::
+
+    settings.json                 the PipelineConfig (every stage's inputs), flat
+    data.json                     class counts, shot groups, split sizes
+    models/<method>.pt            baseline checkpoints (erm, ldam_drw, crt, lws)
+    influence/<method>.pt         I_val [n_train] (Eq. 9) in training-set order
+    finetune/<method>-<variant>.pt    fine-tuned checkpoints, variant "ce" (control) or "iaerf"
+    finetune/<method>-<variant>.json  beta search table (validation only), history, fine-tuning config
+    finetune/<method>-<variant>-energy.pt  training-set energies before and after each fine-tuning epoch
+    metrics.json, table.md        test error overall and per shot group for every model
+    plots/fig{1,2,3,5}_<method>.png
+    stages/<stage>.json           completion marker: the stage's settings key (written last)
+
+A key hashes the stage's own settings and its inputs' keys, so changing e.g. the damping re-runs influence,
+fine-tuning and evaluation but not training.
+"""
+from iaerf._io import read_json, write_json
+from iaerf.heads import classifier_head
+from iaerf.pipeline.files import load_checkpoint, read_settings, save_checkpoint, save_tensors
+from iaerf.pipeline.report import format_table
+from iaerf.pipeline.run import DamagedOutputWarning, Pipeline, fork_run
+from iaerf.pipeline.settings import (BaselineSettings, DataSettings, FigureSettings, FineTuningSettings,
+                                     InfluenceSettings, PipelineConfig, SettingError)
+
+__all__ = ["PipelineConfig", "DataSettings", "BaselineSettings", "InfluenceSettings", "FineTuningSettings",
+           "FigureSettings", "Pipeline", "SettingError", "DamagedOutputWarning", "fork_run", "save_checkpoint",
+           "load_checkpoint", "save_tensors", "read_json", "write_json", "read_settings", "classifier_head",
+           "format_table"]

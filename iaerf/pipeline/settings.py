@@ -1,0 +1,355 @@
+"""A run's settings: five small groups (data, baselines, influence, fine-tuning, figures) plus the seed and device.
+
+Each field carries its own check and its command-line option in its metadata, so the ``iaerf`` command's options,
+the checks and the stored ``settings.json`` all come from this one place. Field names are unique across the
+groups: ``settings.json`` is one flat JSON object of them (the names the options set), and
+:meth:`PipelineConfig.from_options` builds a config from the same flat names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from iaerf.finetuning import BETAS, CAPS, FinetuneConfig, cifar_finetune_config, classifier_retrain_config
+
+__all__ = ["BASE_METHODS", "DERIVED_METHODS", "DataSettings", "BaselineSettings", "InfluenceSettings",
+           "FineTuningSettings", "FigureSettings", "PipelineConfig", "SettingError", "setting_fields"]
+
+BASE_METHODS = ("erm", "ldam_drw")
+DERIVED_METHODS = ("crt", "lws")  # classifier re-training on the frozen ERM backbone
+DATASETS = ("digits", "cifar10", "cifar100", "features")
+SOLVERS = ("exact", "cg", "lissa")
+VALIDATIONS = ("train_subset", "heldout")
+
+
+class SettingError(ValueError):
+    """A run setting with a bad type, range or choice. ``field`` is the setting it concerns (the command line names
+    the option that sets it)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+# -- checks: each takes (name, value) and returns the value in its stored form, or raises SettingError -----------
+
+def _choice(*allowed):
+    def check(name, value):
+        if not isinstance(value, str) or value not in allowed:
+            raise SettingError(name, f"{name} must be one of {tuple(allowed)}, got {value!r}")
+        return value
+    return check
+
+
+def _real(low: float, expected: str, *, strict: bool = False, optional: bool = False):
+    """A finite int or float >= low (> low when strict); bools are not numbers here."""
+    def check(name, value):
+        if optional and value is None:
+            return value
+        ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+              and (value > low if strict else value >= low))
+        if not ok:
+            raise SettingError(name, f"{name} must be {expected}, got {value!r}")
+        return value
+    return check
+
+
+def _int(low: int, high: int | None = None, *, optional: bool = False):
+    def check(name, value):
+        if optional and value is None:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise SettingError(name, f"{name} must be a whole number {bound}{' or None' if optional else ''}, "
+                                     f"got {value!r}")
+        return value
+    return check
+
+
+def _bool(name, value):
+    if not isinstance(value, bool):
+        raise SettingError(name, f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _path(name, value):
+    if value is not None and not (isinstance(value, str) and value):
+        raise SettingError(name, f"{name} must be a non-empty path string or None, got {value!r}")
+    return value
+
+
+def _names(kind=str, what: str = "names", *, optional: bool = False, keep: tuple = ()):
+    """A non-empty list / tuple of ``kind`` values, stored as a tuple (a lone string is not a list of names);
+    None when ``optional``; any value in ``keep`` as it is."""
+    def check(name, value):
+        if (optional and value is None) or value in keep:
+            return value
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value \
+                or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+            raise SettingError(name, f"{name} must be a non-empty list of {what}, got {value!r}")
+        return tuple(value)
+    return check
+
+
+def _methods(name, value):
+    value = _names()(name, value)
+    if any(m not in BASE_METHODS + DERIVED_METHODS for m in value):
+        raise SettingError(name, f"methods must be a non-empty subset of {BASE_METHODS + DERIVED_METHODS}, "
+                                 f"got {list(value)}")
+    return value
+
+
+def _betas(name, value):
+    value = _names(kind=(int, float), what="positive finite numbers")(name, value)
+    for b in value:
+        _real(0.0, "positive finite numbers", strict=True)(name, b)
+    return tuple(float(b) for b in value)
+
+
+def _options(name, value):
+    if value is not None and not (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
+        raise SettingError(name, f"solver_options must be a dict of option names, got {value!r}")
+    return value
+
+
+def _device(name, value):
+    if value is not None and not isinstance(value, str):
+        raise SettingError(name, f"device must be 'cpu', 'cuda', 'cuda:N' or None, got {value!r}")
+    return value
+
+
+def setting(default, check, option: str | None = None, help: str = "", *, cli: str = "value", type=str,
+            words: dict | None = None):
+    """A settings field. ``cli``: "value" (``--opt V``), "list" (``--opt V [V ...]``), "flag" (``--opt`` sets True),
+    "key_value" (repeatable ``--opt KEY=VALUE``) or "none" (not an option); ``type`` converts each command-line
+    value; ``words``: a list option given as this one word means the mapped value (``--influence-params all``)."""
+    # defaults are immutable (None, numbers, strings, tuples), so one default object can serve every instance
+    meta = {"check": check, "option": option, "help": help, "cli": cli if option else "none", "type": type,
+            "words": words or {}}
+    return field(default=default, metadata=meta)
+
+
+def _check_fields(obj) -> None:
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, f.metadata["check"](f.name, getattr(obj, f.name)))
+
+
+@dataclass
+class DataSettings:
+    """The imbalanced split. ``heldout_val = k > 0`` (digits only) holds k images per class out of training (n_max
+    shrinks by k); ``validation`` says which set drives the influence and the beta choice: "train_subset" (the
+    paper's class-balanced subset of the training set), "heldout" (the held-out images), None = "heldout" when
+    ``heldout_val`` holds images out, else "train_subset"."""
+
+    dataset: str = setting("digits", _choice(*DATASETS), "--dataset", "digits | cifar10 | cifar100 | features")
+    data_root: str | None = setting(None, _path, "--data-root", "folder holding cifar-10-batches-py / cifar-100-python")
+    train_features: str | None = setting(None, _path, "--train-features",
+                                         "features+labels file (.pt/.npz/.safetensors) for dataset=features")
+    test_features: str | None = setting(None, _path, "--test-features", "test features+labels file for dataset=features")
+    imbalance: str = setting("exp", _choice("exp", "step"), "--imbalance", "exp (long-tailed) | step")
+    ratio: float = setting(10.0, _real(1.0, "a finite number >= 1"), "--ratio", "imbalance ratio n_max / n_min (>= 1)",
+                           type=float)
+    heldout_val: int = setting(0, _int(0), "--heldout-val", "digits: hold out K images per class (default 0: none)",
+                               type=int)
+    validation: str | None = setting(None, lambda n, v: v if v is None else _choice(*VALIDATIONS)(n, v),
+                                     "--validation", "set behind influence and beta choice: train_subset | heldout "
+                                     "(default: heldout when --heldout-val > 0, else train_subset)")
+
+    def __post_init__(self):
+        _check_fields(self)
+
+    @property
+    def validation_set(self) -> str:
+        """The resolved ``validation``: "heldout" or "train_subset"."""
+        return self.validation or ("heldout" if self.heldout_val else "train_subset")
+
+
+@dataclass
+class BaselineSettings:
+    """Which baselines to train and for how long (None: the dataset preset, :func:`iaerf.training.digits_config` /
+    :func:`iaerf.training.cifar_config`)."""
+
+    methods: tuple[str, ...] = setting(BASE_METHODS, _methods, "--methods", "baselines: erm ldam_drw crt lws",
+                                       cli="list")
+    train_epochs: int | None = setting(None, _int(1, optional=True), "--train-epochs",
+                                       "baseline epochs (milestones scale with it)", type=int)
+
+    def __post_init__(self):
+        _check_fields(self)
+
+
+@dataclass
+class InfluenceSettings:
+    """The energy influence I_val (Eq. 9): over which parameters (None: all; ("fc",): the classifier, on frozen
+    features), which inverse-HVP solver with which options, damping, L2 term, Gauss-Newton or exact Hessian."""
+
+    influence_params: tuple[str, ...] | None = setting(
+        ("fc",), _names(optional=True), "--influence-params",
+        "parameter prefixes of the influence (default: fc); 'all' = every one", cli="list", words={"all": None})
+    solver: str = setting("exact", _choice(*SOLVERS), "--solver", "inverse-HVP solver: exact | cg | lissa")
+    solver_options: dict | None = setting(None, _options, "--solver-option",
+                                          "inverse-HVP solver option, repeatable (LiSSA: depth=5000 repeats=10 "
+                                          "batch_size=128 ...)", cli="key_value")
+    damping: float = setting(1e-3, _real(0.0, "a finite number >= 0"), "--damping", "Hessian damping", type=float)
+    gauss_newton: bool = setting(False, _bool, "--gauss-newton", "use the Gauss-Newton matrix (PSD) instead of the "
+                                 "exact Hessian in the influence", cli="flag")
+    weight_decay: float = setting(0.0, _real(0.0, "a finite number >= 0"), "--weight-decay", "L2 term of the Hessian",
+                                  type=float)
+
+    def __post_init__(self):
+        _check_fields(self)
+        self._check_solver_options()
+
+    def _check_solver_options(self) -> None:
+        """The options must be ones the chosen solver accepts, with valid values (the solver's own check)."""
+        from iaerf.hessian.inverse import make_solver_options
+
+        if self.solver_options is None:
+            return
+        try:
+            make_solver_options(self.solver, self.solver_options, {})
+        except (TypeError, ValueError) as exc:
+            raise SettingError("solver_options", f"solver_options {self.solver_options} for solver {self.solver!r}: "
+                                                 f"{exc}") from None
+        checkpoint = self.solver_options.get("checkpoint_path")
+        if checkpoint is not None and not (isinstance(checkpoint, str) and checkpoint):
+            raise SettingError("solver_options", f"solver option checkpoint_path must be a file path, got {checkpoint!r}")
+
+
+@dataclass
+class FineTuningSettings:
+    """Algorithm 1's fine-tuning and its beta search. None / "auto" take the preset (images: 5 epochs, batch 128,
+    lr 1e-4, whole network; feature files: classifier re-training, 10 epochs, batch 512, lr 0.2, fc only);
+    ``finetune_params``: None = every non-batch-norm parameter, or a tuple of parameter-name prefixes."""
+
+    finetune_epochs: int | None = setting(None, _int(1, optional=True), "--finetune-epochs",
+                                          "fine-tuning epochs (paper: 5; feature files: 10)", type=int)
+    finetune_batch_size: int | None = setting(None, _int(1, optional=True), "--finetune-batch-size",
+                                              "fine-tuning batch size (paper: 128; feature files: 512)", type=int)
+    finetune_lr: float | None = setting(None, _real(0.0, "a finite number > 0", strict=True, optional=True),
+                                        "--finetune-lr", "fine-tuning SGD lr (paper: 1e-4; feature files: 0.2)",
+                                        type=float)
+    finetune_params: tuple[str, ...] | str | None = setting(
+        "auto", _names(optional=True, keep=("auto",)), "--finetune-params",
+        "parameter prefixes to fine-tune; 'all' = all but batch norm; default 'auto' = all for images, fc for "
+        "feature files", cli="list", words={"all": None, "auto": "auto"})
+    energy_cap: str = setting("none", _choice(*CAPS), "--energy-cap", "App. B rule: none | per_sample | global")
+    betas: tuple[float, ...] = setting(BETAS, _betas, "--betas", "beta grid (paper: 0.1 0.5 1 10)", cli="list",
+                                       type=float)
+    select_metric: str = setting("loss", _choice("loss", "error"), "--select-metric",
+                                 "validation metric that picks beta: loss | error")
+
+    def __post_init__(self):
+        _check_fields(self)
+
+
+@dataclass
+class FigureSettings:
+    """Fig. 1 (predicted vs actual, one fine-tuning per plotted point) is off by default."""
+
+    fig1: bool = setting(False, _bool, "--fig1", "also Fig. 1 (fine-tunes once per plotted point)", cli="flag")
+    fig1_points: int = setting(20, _int(1), "--fig1-points", "training points in Fig. 1", type=int)
+
+    def __post_init__(self):
+        _check_fields(self)
+
+
+_GROUPS = {"data": DataSettings, "baselines": BaselineSettings, "influence": InfluenceSettings,
+           "fine_tuning": FineTuningSettings, "figures": FigureSettings}
+
+
+@dataclass
+class PipelineConfig:
+    """Everything a run depends on: the five groups, the seed (data split, initialisation, batch order) and the
+    device ("cpu", "cuda", "cuda:N"; None: CUDA when available). Build one from flat setting names with
+    :meth:`from_options` (``PipelineConfig.from_options(dataset="digits", damping=1e-2)``)."""
+
+    data: DataSettings = field(default_factory=DataSettings)
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
+    influence: InfluenceSettings = field(default_factory=InfluenceSettings)
+    fine_tuning: FineTuningSettings = field(default_factory=FineTuningSettings)
+    figures: FigureSettings = field(default_factory=FigureSettings)
+    seed: int = setting(0, _int(0, 2**32 - 1), "--seed", "seed of data split, initialisation, batches", type=int)
+    device: str | None = setting(None, _device, "--device", "cpu | cuda (default: cuda when available)")
+
+    def __post_init__(self):
+        for name, cls in _GROUPS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise SettingError(name, f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        # numpy's seed range: the data split seeds numpy
+        self.seed = _int(0, 2**32 - 1)("seed", self.seed)
+        self.device = _device("device", self.device)
+        d = self.data
+        if d.heldout_val and d.dataset != "digits":
+            raise SettingError("heldout_val", "heldout_val (a validation set disjoint from the training set) is only "
+                                              "built for digits")
+        if d.validation == "heldout" and not d.heldout_val:
+            raise SettingError("validation", "validation='heldout' needs heldout_val > 0 images per class held out")
+        if d.dataset == "features" and not (d.train_features and d.test_features):
+            raise SettingError("train_features", "dataset='features' needs train_features and test_features file paths")
+        if d.dataset.startswith("cifar") and not d.data_root:
+            raise SettingError("data_root", f"dataset={d.dataset!r} needs data_root (the folder holding the CIFAR "
+                                            "pickles)")
+        FinetuneConfig(**self._finetune_kwargs())
+
+    def _finetune_kwargs(self) -> dict:
+        """The dataset's fine-tuning preset, then the explicit fields."""
+        f = self.fine_tuning
+        preset = classifier_retrain_config() if self.data.dataset == "features" else cifar_finetune_config()
+        kw = dict(epochs=preset.epochs, batch_size=preset.batch_size, lr=preset.lr, train_params=preset.train_params)
+        for key, value in (("epochs", f.finetune_epochs), ("batch_size", f.finetune_batch_size), ("lr", f.finetune_lr)):
+            if value is not None:
+                kw[key] = value
+        if f.finetune_params != "auto":
+            kw["train_params"] = f.finetune_params
+        return dict(kw, energy_cap=f.energy_cap, seed=self.seed)
+
+    def finetune_config(self, record_energy: bool = False) -> FinetuneConfig:
+        return FinetuneConfig(record_energy=record_energy, **self._finetune_kwargs())
+
+    @classmethod
+    def from_options(cls, **options) -> "PipelineConfig":
+        """A config from flat setting names (those of ``settings.json`` and, with dashes, of the command line);
+        every name not given keeps its default. An unknown name is a ValueError listing the known ones."""
+        unknown = sorted(set(options) - set(setting_fields()))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(setting_fields())}")
+        groups = {name: group(**{k: v for k, v in options.items() if k in _field_names(group)})
+                  for name, group in _GROUPS.items()}
+        top = {k: options[k] for k in ("seed", "device") if k in options}
+        return cls(**groups, **top)
+
+    def to_json(self) -> dict:
+        """The flat settings (``settings.json``): tuples as lists."""
+        out = {}
+        for holder in [getattr(self, g) for g in _GROUPS] + [self]:
+            for f in dataclasses.fields(holder):
+                if f.name in _GROUPS:
+                    continue
+                value = getattr(holder, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PipelineConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"settings must be a JSON object of PipelineConfig fields, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(setting_fields()))
+        if unknown:
+            raise ValueError(f"settings.json has unknown keys {unknown}")
+        return cls.from_options(**d)
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def setting_fields() -> dict[str, dataclasses.Field]:
+    """Every flat setting name -> its dataclass field (metadata: check, option, help, cli, type), in option order."""
+    out = {}
+    for cls in list(_GROUPS.values()) + [PipelineConfig]:
+        for f in dataclasses.fields(cls):
+            if f.name not in _GROUPS:
+                out[f.name] = f
+    return out

@@ -1,0 +1,311 @@
+"""The stages of a run, as plain functions: each takes the :class:`~iaerf.pipeline.Pipeline` (the run directory) and returns a
+:class:`Stage` that declares the stages it needs, its settings key and its outputs (path -> reader that raises
+ValueError when the file is damaged), and the function that writes them.
+
+A key hashes the stage's own settings and the keys of its inputs, so a changed setting re-runs exactly the stages
+downstream of it. The key parts are those of iaerf 0.1, so run folders started by it stay valid.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from iaerf._io import read_json, settings_key, write_json, write_text
+from iaerf.finetuning import config_dict, finetune, select_beta
+from iaerf.heads import classifier_head
+from iaerf.pipeline.files import (build_from_arch, check_png, load_checkpoint, read_table, read_vector,
+                                  save_checkpoint, save_tensors)
+from iaerf.pipeline.report import format_table, read_metrics, table_rows
+from iaerf.pipeline.settings import DERIVED_METHODS
+from iaerf.training import ClassifierConfig, TrainConfig, cifar_config, digits_config, evaluate, retrain_classifier, \
+    train_baseline
+
+if TYPE_CHECKING:
+    from iaerf.pipeline.run import Pipeline
+
+__all__ = ["Stage", "data_stage", "train_stage", "influence_stage", "finetune_stage", "evaluate_stage",
+           "plots_stage", "fig1_stage", "model_arch", "train_config", "influence_task", "checkpoint_path",
+           "influence_path", "finetune_info_path", "read_influence", "read_finetune_info"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a run. ``needs``: stages that must be done first; ``key``: hash of the settings the outputs
+    depend on (its own and its inputs' keys); ``outputs``: path -> reader raising ValueError on a damaged file;
+    ``run``: writes the outputs (each atomically)."""
+
+    name: str
+    key: str
+    outputs: dict[str, Callable[[str], object]]
+    run: Callable[[], None]
+    needs: tuple["Stage", ...] = ()
+
+
+def _key(*parts) -> str:
+    return settings_key(list(parts), 16)
+
+
+# -- what the stages share: architecture, schedules, paths ---------------------------------------------------------
+
+def model_arch(run: Pipeline, method: str) -> dict:
+    """The checkpoint architecture of ``method``'s model: {"name", "num_classes", **kwargs}."""
+    split = run.split()
+    name = {"digits": "small_cnn", "cifar10": "resnet32", "cifar100": "resnet32",
+            "features": "linear"}[run.config.data.dataset]
+    arch = {"name": name, "num_classes": split.num_classes}
+    if name == "linear":
+        arch["in_features"] = int(split.train.inputs.shape[1])
+    if method == "ldam_drw":
+        arch["normed_fc"] = True
+    return arch
+
+
+def train_config(run: Pipeline, method: str) -> TrainConfig:
+    """The baseline schedule: the dataset preset, its milestones scaled to ``train_epochs`` when that is set."""
+    c = run.config
+    preset = digits_config if c.data.dataset == "digits" else cifar_config
+    over = {"seed": c.seed}
+    if c.data.dataset == "features":
+        over["augment"] = "none"
+    if c.baselines.train_epochs is not None:
+        e = int(c.baselines.train_epochs)
+        base = preset(method)
+        scale = e / base.epochs  # shrink the milestones with the schedule so a short run still decays
+        over.update(epochs=e, warmup_epochs=min(base.warmup_epochs, max(e // 10, 0)),
+                    milestones=tuple(int(m * scale) for m in base.milestones), drw_epoch=int(base.drw_epoch * scale))
+    return preset(method, **over)
+
+
+def influence_task(run: Pipeline, method: str):
+    """The :class:`iaerf.InfluenceTask` of ``method``'s model: an LDAM-DRW model's Hessian is that of its own
+    training loss (LDAM margins, the DRW weights it ended training with); every other model's is cross-entropy's.
+    The measurement is the validation cross-entropy either way."""
+    from iaerf.influence import InfluenceTask
+    from iaerf.losses import class_balanced_weights
+
+    if method != "ldam_drw":
+        return None
+    cfg, counts = train_config(run, method), run.split().counts()
+    return InfluenceTask.ldam(counts, max_m=cfg.max_m, s=cfg.s, drw_weights=class_balanced_weights(counts, cfg.cb_beta))
+
+
+def checkpoint_path(run: Pipeline, method: str, variant: str | None = None) -> str:
+    """``models/<method>.pt`` (baseline) or ``finetune/<method>-<variant>.pt`` (variant "ce" or "iaerf")."""
+    return run.path("models", f"{method}.pt") if variant is None else run.path("finetune", f"{method}-{variant}.pt")
+
+
+def influence_path(run: Pipeline, method: str) -> str:
+    return run.path("influence", f"{method}.pt")
+
+
+def finetune_info_path(run: Pipeline, method: str, variant: str = "iaerf") -> str:
+    return run.path("finetune", f"{method}-{variant}.json")
+
+
+def _energy_path(run: Pipeline, method: str, variant: str) -> str:
+    return run.path("finetune", f"{method}-{variant}-energy.pt")
+
+
+def load_model(run: Pipeline, method: str, variant: str | None = None) -> torch.nn.Module:
+    model, _ = load_checkpoint(checkpoint_path(run, method, variant), model_arch(run, method))
+    return model.to(run.device)
+
+
+def _checkpoint_reader(run: Pipeline, method: str) -> Callable[[str], object]:
+    return lambda path: load_checkpoint(path, model_arch(run, method))
+
+
+def read_influence(run: Pipeline, path: str) -> torch.Tensor:
+    """I_val [n_train] float32, finite (the stage refuses to write anything else)."""
+    return read_vector(path, "influence file", None, len(run.split().train), finite=True)
+
+
+def _read_energies(run: Pipeline, path: str) -> torch.Tensor:
+    """Training-set energies [1 + epochs run, n_train]: before fine-tuning and after each epoch."""
+    return read_vector(path, "energy file", (1, run.config.finetune_config().epochs + 1), len(run.split().train))
+
+
+def read_finetune_info(path: str) -> dict:
+    info = read_json(path, ("beta", "beta_effective", "beta_search", "history", "config"))
+    if not (isinstance(info["beta"], (int, float)) and isinstance(info["beta_search"], list)):
+        raise ValueError(f"{path} is damaged: beta must be a number and beta_search a list")
+    return info
+
+
+def _read_data_info(path: str) -> dict:
+    return read_json(path, ("name", "num_classes", "train_counts", "n_train", "n_val", "n_test", "groups"))
+
+
+# -- the stages ----------------------------------------------------------------------------------------------------
+
+def data_stage(run: Pipeline) -> Stage:
+    """``data.json``: class counts, shot groups, split sizes."""
+    d = run.config.data
+    key = _key("data", d.dataset, d.data_root, d.train_features, d.test_features, d.imbalance, d.ratio,
+               run.config.seed, d.heldout_val)
+    return Stage("data", key, {run.path("data.json"): _read_data_info},
+                 lambda: write_json(run.path("data.json"), run.split().describe()))
+
+
+def train_stage(run: Pipeline, method: str) -> Stage:
+    """``models/<method>.pt``: a baseline trained on the split (erm, ldam_drw), or the ERM backbone with its
+    classifier re-trained (crt, lws)."""
+    seed = run.config.seed
+    if method in DERIVED_METHODS:
+        erm = train_stage(run, "erm")
+        needs, key = (erm,), _key("train", method, erm.key, asdict(ClassifierConfig(method, seed=seed)))
+    else:
+        needs, key = (), _key("train", method, data_stage(run).key, asdict(train_config(run, method)),
+                              model_arch(run, method))
+
+    def write():
+        split = run.split()
+        if method in DERIVED_METHODS:
+            base, _ = load_checkpoint(checkpoint_path(run, "erm"), model_arch(run, "erm"))
+            model = retrain_classifier(base, split.train, ClassifierConfig(method, seed=seed), device=run.device,
+                                       progress=run.progress)
+            history = []
+        else:
+            torch.manual_seed(seed)  # model initialisation is part of the seeded run
+            model, history = train_baseline(build_from_arch(model_arch(run, method)), split.train,
+                                            train_config(run, method), device=run.device, progress=run.progress)
+        save_checkpoint(checkpoint_path(run, method), model, model_arch(run, method),
+                        {"method": method, "history": history})
+
+    return Stage(f"train-{method}", key, {checkpoint_path(run, method): _checkpoint_reader(run, method)}, write,
+                 needs)
+
+
+def influence_stage(run: Pipeline, method: str) -> Stage:
+    """``influence/<method>.pt``: I_val [n_train] (Eq. 9) in training-set order, on the run's validation set."""
+    c = run.config.influence
+    train = train_stage(run, method)
+    parts = [train.key, c.influence_params, c.solver, c.solver_options, c.damping, c.weight_decay, c.gauss_newton]
+    if run.config.data.validation is not None:  # an explicit choice; None keeps the 0.1 key
+        parts.append({"validation": run.config.data.validation_set})
+    task = influence_task(run, method)
+    if task is not None:
+        parts.append({"task": task.describe("energy")})
+
+    def write():
+        import iaerf.influence as infl
+
+        split = run.split()
+        model, train_set, val = load_model(run, method), split.train, run.val()
+        if c.influence_params == ("fc",):
+            model, train_set, val = classifier_head(model, train_set, val, device=run.device)
+        values = infl.energy_influence(
+            model, train_set, val, params=list(c.influence_params) if c.influence_params is not None else None,
+            weight_decay=c.weight_decay, damping=c.damping, gauss_newton=c.gauss_newton, solver=c.solver,
+            solver_options=dict(c.solver_options) if c.solver_options else None, device=run.device,
+            progress=run.progress, seed=run.config.seed, task=task)
+        if values.shape != (len(split.train),) or not bool(torch.isfinite(values).all()):
+            raise FloatingPointError(f"influence for {method} is not a finite [n_train] vector; raise the damping")
+        save_tensors(influence_path(run, method), values.detach().cpu().float())
+
+    return Stage(f"influence-{method}", _key("influence", *parts),
+                 {influence_path(run, method): lambda p: read_influence(run, p)}, write, (train,))
+
+
+def finetune_stage(run: Pipeline, method: str, variant: str) -> Stage:
+    """``finetune/<method>-<variant>.{pt,json}`` and ``-energy.pt``: Algorithm 1 (variant "iaerf", beta chosen on
+    validation) or the same fine-tuning with plain cross-entropy (variant "ce", the control)."""
+    if variant not in ("ce", "iaerf"):
+        raise ValueError(f"variant must be 'ce' (control) or 'iaerf', got {variant!r}")
+    c = run.config
+    ft = config_dict(c.finetune_config())
+    train = train_stage(run, method)
+    if variant == "ce":
+        ft.pop("energy_cap")
+        needs, key = (train,), _key("finetune-ce", train.key, ft)
+    else:
+        infl = influence_stage(run, method)
+        needs = (train, infl)
+        key = _key("finetune-iaerf", infl.key, ft, c.fine_tuning.betas, c.fine_tuning.select_metric)
+    info_path, energy_path = finetune_info_path(run, method, variant), _energy_path(run, method, variant)
+
+    def write():
+        split, base = run.split(), load_model(run, method)
+        cfg = c.finetune_config(record_energy=True)
+        if variant == "ce":
+            result, table = finetune(base, split.train, None, beta=0.0, config=cfg, device=run.device,
+                                     progress=run.progress), []
+        else:
+            influence = read_influence(run, influence_path(run, method))
+            _, result, table = select_beta(base, split.train, run.val(), influence, betas=c.fine_tuning.betas,
+                                           config=cfg, metric=c.fine_tuning.select_metric, device=run.device,
+                                           progress=run.progress)
+        save_tensors(energy_path, torch.stack(result.energies) if result.energies else torch.empty(0))
+        save_checkpoint(checkpoint_path(run, method, variant), result.model, model_arch(run, method),
+                        {"method": method, "variant": variant, "beta": result.beta})
+        write_json(info_path, {"beta": result.beta, "beta_effective": result.beta_effective, "beta_search": table,
+                               "history": result.history, "config": config_dict(cfg)})
+
+    outputs = {checkpoint_path(run, method, variant): _checkpoint_reader(run, method), info_path: read_finetune_info,
+               energy_path: lambda p: _read_energies(run, p)}
+    return Stage(f"finetune-{method}-{variant}", key, outputs, write, needs)
+
+
+def _row_stage(run: Pipeline, method: str, variant: str | None) -> Stage:
+    return train_stage(run, method) if variant is None else finetune_stage(run, method, variant)
+
+
+def evaluate_stage(run: Pipeline) -> Stage:
+    """``metrics.json`` and ``table.md``: test error overall and per shot group of every model of the run."""
+    rows = table_rows(run.config.baselines.methods)
+    needs = tuple(_row_stage(run, m, v) for _, m, v in rows)
+
+    def write():
+        split = run.split()
+        results = []
+        for label, m, v in rows:
+            ev = evaluate(load_model(run, m, v), split.test, split.counts(), split.shot_groups, device=run.device)
+            row = {"model": label, "method": m, "variant": v or "baseline", **ev}
+            if v == "iaerf":
+                row["beta"] = read_finetune_info(finetune_info_path(run, m))["beta"]
+            results.append(row)
+        write_json(run.path("metrics.json"),
+                   {"dataset": split.describe(), "settings": run.config.to_json(), "results": results})
+        write_text(run.path("table.md"), format_table(results) + "\n")
+
+    outputs = {run.path("metrics.json"): lambda p: read_metrics(p, len(rows)), run.path("table.md"): read_table}
+    return Stage("evaluate", _key("evaluate", [s.key for s in needs]), outputs, write, needs)
+
+
+def plots_stage(run: Pipeline, method: str) -> Stage:
+    """``plots/fig{2,3,5}_<method>.png``: influence vs energy and loss, per-class influence, energies during
+    fine-tuning."""
+    from iaerf import plots as P
+
+    infl, ft = influence_stage(run, method), finetune_stage(run, method, "iaerf")
+    outputs = [run.path("plots", f"fig{i}_{method}.png") for i in (2, 3, 5)]
+
+    def write():
+        split = run.split()
+        influence = read_influence(run, influence_path(run, method))
+        P.fig2_influence_vs_energy_loss(load_model(run, method), split.train, influence, outputs[0], device=run.device)
+        P.fig3_class_influence(influence, split.train.labels, split.num_classes, outputs[1])
+        P.fig5_energy_distribution(_read_energies(run, _energy_path(run, method, "iaerf")), outputs[2])
+
+    return Stage(f"plots-{method}", _key("plots", ft.key), dict.fromkeys(outputs, check_png), write, (infl, ft))
+
+
+def fig1_stage(run: Pipeline, method: str) -> Stage:
+    """``plots/fig1_<method>.png``: predicted vs actual effect of regularizing single training points (fine-tunes
+    once per plotted point)."""
+    from iaerf import plots as P
+
+    infl = influence_stage(run, method)
+    out = run.path("plots", f"fig1_{method}.png")
+    points = run.config.figures.fig1_points
+
+    def write():
+        split = run.split()
+        P.fig1_predicted_vs_actual(load_model(run, method), split.train, run.val(),
+                                   read_influence(run, influence_path(run, method)), out,
+                                   params=run.config.influence.influence_params, points=points,
+                                   seed=run.config.seed, progress=run.progress)
+
+    return Stage(f"fig1-{method}", _key("fig1", infl.key, points), {out: check_png}, write, (infl,))
