@@ -8,7 +8,13 @@ loss): beta from {0.1, 0.5, 1, 10} inside each (cap, damping) cell, and for the 
 (5 epochs, batch 128, SGD lr 1e-4, batch norm frozen, whole network); influence is classifier-only
 (params=["fc"], exact inverse Hessian), the setting a calibration prototype found stable. A second block ablates the validation
 protocol: 12 images per class are held out first (n_max 112), and IAERF driven by a validation subset of the
-training set (paper) is compared with IAERF driven by the held-out images.
+training set (paper) is compared with IAERF driven by the held-out images. LDAM-DRW's influence uses the Hessian of
+its own LDAM-DRW loss (the pipeline's ``influence_task``).
+
+Every model comes from the pipeline's stages (:mod:`iaerf.pipeline.stages`): one run directory per (seed, block)
+trains the baselines and the control, and each (validation, App. B reading, damping) cell is a fork of it
+(:func:`iaerf.pipeline.fork_run`) in which only the influence and IAERF stages run. Interrupted, the same command
+resumes from the finished stages.
 
     python experiments/digits_5seeds.py            # ~10 min on 1 CPU thread; writes the JSON and markdown next to it
 """
@@ -24,13 +30,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import iaerf.influence as influence_mod  # noqa: E402
-from iaerf.data import load_digits_lt  # noqa: E402
-from iaerf.finetuning import BETAS, FinetuneConfig, finetune, select_beta  # noqa: E402
-from iaerf.models import SmallCNN  # noqa: E402
-from iaerf._io import write_text  # noqa: E402
-from iaerf.pipeline import write_json  # noqa: E402
-from iaerf.training import digits_config, evaluate, train_baseline  # noqa: E402
+from iaerf._io import write_json, write_text  # noqa: E402
+from iaerf.finetuning import BETAS  # noqa: E402
+from iaerf.pipeline import Pipeline, PipelineConfig, fork_run  # noqa: E402
+from iaerf.training import evaluate  # noqa: E402
 
 METHODS = {"erm": "ERM", "ldam_drw": "LDAM-DRW"}
 CAPS = ("none", "per_sample", "global")
@@ -38,58 +41,73 @@ DAMPINGS = (1e-3, 1e-2)
 LR = 1e-4  # the paper's fine-tuning lr
 HELDOUT_PER_CLASS = 12
 KEYS = ("error", "many_error", "medium_error", "few_error")
+VALIDATION = {"val_in_train": "train_subset", "val_heldout": "heldout"}  # this script's names -> the pipeline's
 
 
 def _metrics(ev: dict) -> dict:
     return {k: ev[k] for k in KEYS + ("loss",)}
 
 
-def run_block(split, vals: dict, seed: int, log, tag: str) -> dict:
-    """Baselines, the CE control and IAERF for every validation protocol in ``vals`` (name -> val dataset)."""
+def run_block(seed: int, heldout: bool, vals: tuple[str, ...], root: str, log, tag: str) -> dict:
+    """Baselines, the CE control and IAERF in every (validation set, App. B reading, damping) cell, as pipeline run
+    directories: the block's base run trains the baselines and the control once; each cell is a fork of it whose
+    settings change only the influence and IAERF stages (so only those run)."""
+    common = dict(seed=seed, heldout_val=HELDOUT_PER_CLASS if heldout else 0, methods=tuple(METHODS),
+                  finetune_lr=LR, betas=BETAS)
+    base_dir = os.path.join(root, f"seed{seed}-{tag}")
+    quiet = dict(progress=False, log=lambda s: None)
+    base = Pipeline(base_dir, PipelineConfig.from_options(**common), **quiet)
+    for method in METHODS:
+        base.finetune(method, "ce")  # trains the baseline first
+    split = base.split()
     counts, groups = split.counts(), split.shot_groups
+    cells = {}
+    for vname in vals:
+        for d in DAMPINGS:
+            for cap in CAPS:
+                cell_dir = os.path.join(root, f"seed{seed}-{tag}-cells", f"{vname}-{cap}-{d:g}")
+                if not os.path.isdir(cell_dir):
+                    fork_run(base_dir, cell_dir)
+                config = PipelineConfig.from_options(**common, validation=VALIDATION[vname], damping=d, energy_cap=cap)
+                pipe = Pipeline(cell_dir, config, **quiet)
+                cells[vname, cap, d] = (pipe, {r["variant"] + "-" + r["method"]: r for r in pipe.evaluate()["results"]})
     out = {"train_counts": counts}
     for method in METHODS:
-        t0 = time.perf_counter()
-        torch.manual_seed(seed)
-        model = SmallCNN(10, normed_fc=method == "ldam_drw")
-        model, _ = train_baseline(model, split.train, digits_config(method, seed=seed), progress=False)
-        cfg = FinetuneConfig(lr=LR, seed=seed)
-        ctrl = finetune(model, split.train, None, beta=0.0, config=cfg, progress=False)
-        res = {"baseline": {"test": _metrics(evaluate(model, split.test, counts, groups))},
-               "control": {"test": _metrics(evaluate(ctrl.model, split.test, counts, groups)),
-                           "val": {v: _metrics(evaluate(ctrl.model, val, counts, groups)) for v, val in vals.items()}}}
-        for vname, val in vals.items():
-            cells = {}
-            for d in DAMPINGS:
-                infl = influence_mod.energy_influence(model, split.train, val, params=["fc"], solver="exact",
-                                                      damping=d, progress=False, seed=seed)
-                for cap in CAPS:
-                    beta, best, table = select_beta(model, split.train, val, infl, betas=BETAS,
-                                                    config=FinetuneConfig(lr=LR, seed=seed, energy_cap=cap),
-                                                    progress=False)
-                    cells[f"{cap}|{d:g}"] = {
-                        "cap": cap, "damping": d, "beta": beta, "beta_effective": best.beta_effective,
-                        "beta_search": table,
-                        "val": _metrics(evaluate(best.model, val, counts, groups)),
-                        "test": _metrics(evaluate(best.model, split.test, counts, groups))}
+        rows = next(iter(cells.values()))[1]
+        res = {"baseline": {"test": _metrics(rows[f"baseline-{method}"])},
+               "control": {"test": _metrics(rows[f"ce-{method}"]),
+                           "val": {v: _metrics(evaluate(base.model(method, "ce"), _val(split, v), counts, groups))
+                                   for v in vals}}}
+        for vname in vals:
+            table = {}
+            for (v, cap, d), (pipe, rows) in cells.items():
+                if v != vname:
+                    continue
+                info = pipe.finetune_info(method)
+                table[f"{cap}|{d:g}"] = {
+                    "cap": cap, "damping": d, "beta": info["beta"], "beta_effective": info["beta_effective"],
+                    "beta_search": info["beta_search"],
+                    "val": _metrics(evaluate(pipe.model(method, "iaerf"), pipe.val(), counts, groups)),
+                    "test": _metrics(rows[f"iaerf-{method}"])}
             # headline IAERF: the cell with the lowest validation loss (ties: first in DAMPINGS x CAPS order)
-            chosen = min(cells, key=lambda k: cells[k]["val"]["loss"])
-            res[vname] = {"cells": cells, "iaerf": {"cell": chosen, **cells[chosen]}}
+            chosen = min(table, key=lambda k: table[k]["val"]["loss"])
+            res[vname] = {"cells": table, "iaerf": {"cell": chosen, **table[chosen]}}
         out[method] = res
-        log(f"seed {seed} {tag} {method}: {time.perf_counter() - t0:.1f}s  base {res['baseline']['test']['error']:.2f}"
+        log(f"seed {seed} {tag} {method}: base {res['baseline']['test']['error']:.2f}"
             f"  ctrl {res['control']['test']['error']:.2f}  " + "  ".join(
                 f"iaerf[{v}] {res[v]['iaerf']['test']['error']:.2f} ({res[v]['iaerf']['cell']} "
                 f"beta {res[v]['iaerf']['beta']:g})" for v in vals))
     return out
 
 
-def run_seed(seed: int, log) -> dict:
-    paper = load_digits_lt(10.0, seed=seed)
-    held = load_digits_lt(10.0, seed=seed, heldout_val_per_class=HELDOUT_PER_CLASS)
+def _val(split, vname: str):
+    return split.heldout_val if VALIDATION[vname] == "heldout" else split.val
+
+
+def run_seed(seed: int, root: str, log) -> dict:
     return {"seed": seed,
-            "paper": run_block(paper, {"val_in_train": paper.val}, seed, log, "paper"),
-            "heldout": run_block(held, {"val_in_train": held.val, "val_heldout": held.heldout_val}, seed, log,
-                                 "heldout")}
+            "paper": run_block(seed, False, ("val_in_train",), root, log, "paper"),
+            "heldout": run_block(seed, True, ("val_in_train", "val_heldout"), root, log, "heldout")}
 
 
 def _ms(values) -> str:
@@ -145,7 +163,7 @@ def summarize(runs: list[dict]) -> str:
              "Small CNN with batch norm; baselines 30 epochs (ERM: CE; LDAM-DRW: cosine classifier s = 30, DRW "
              f"b = 0.996 from epoch 24). Fine-tuning: 5 epochs, batch 128, SGD lr {LR:g} momentum 0.9, batch norm "
              "frozen, whole network; the control is the same fine-tuning with plain CE. Influence: classifier-only "
-             "(`params=[\"fc\"]`), exact inverse Hessian. beta ∈ {0.1, 0.5, 1, 10}, the App. B reading and the "
+             "(`params=[\"fc\"]`), exact inverse Hessian (of the LDAM-DRW loss for LDAM-DRW). beta ∈ {0.1, 0.5, 1, 10}, the App. B reading and the "
              "damping are chosen on the validation set (lowest validation CE loss); the test set is never used "
              "for a choice.", ""]
     lines += ["## Verdict (computed from the numbers below)", ""]
@@ -187,12 +205,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument("--runs", default=os.path.join("runs", "digits-5seeds"),
+                   help="folder of the pipeline run directories (resumable: a re-run skips finished stages)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     runs = []
     for s in args.seeds:
-        runs.append(run_seed(s, lambda msg: print(msg, flush=True)))
+        runs.append(run_seed(s, args.runs, lambda msg: print(msg, flush=True)))
         write_json(os.path.join(args.out, "results_digits.json"),
                    {"runs": runs, "settings": {"caps": CAPS, "dampings": DAMPINGS, "lr": LR, "betas": BETAS,
                                                "heldout_per_class": HELDOUT_PER_CLASS},

@@ -412,3 +412,88 @@ def test_stage_keys_are_those_of_iaerf_0_1(tmp_path):
     assert S.data_stage(pipe).key == "bc6ea0ee682ac337"
     assert S.influence_stage(pipe, "erm").key == "46731e782d3a248b"
     assert S.influence_task(pipe, "erm") is None and S.influence_task(pipe, "ldam_drw") is not None
+
+
+def test_deleting_any_declared_output_reruns_its_stage(finished_run, tmp_path):
+    """The fine-tuning stage declares its energy file (the plots read it): deleting it re-runs that stage only."""
+    import shutil
+
+    out = str(tmp_path / "del")
+    shutil.copytree(finished_run[0], out)
+    before = open(os.path.join(out, "finetune", "erm-iaerf-energy.pt"), "rb").read()
+    os.remove(os.path.join(out, "finetune", "erm-iaerf-energy.pt"))
+    logs = []
+    pipe = Pipeline(out, None, progress=False, log=logs.append)
+    pipe.plots()
+    ran = {line.split(":")[0].replace("[iaerf] ", "") for line in logs if "skipped" not in line}
+    assert ran == {"finetune-erm-iaerf"}
+    assert open(os.path.join(out, "finetune", "erm-iaerf-energy.pt"), "rb").read() == before
+
+
+def test_fork_run_shares_finished_stages(finished_run, tmp_path):
+    """A fork with another damping runs only the stages downstream of the influence; the source is untouched."""
+    from iaerf.pipeline import fork_run
+
+    src = finished_run[0]
+    before = _stage_keys(src)
+    fork = str(tmp_path / "fork")
+    fork_run(src, fork)
+    assert not os.path.exists(os.path.join(fork, "settings.json"))
+    logs = []
+    Pipeline(fork, _quick(damping=1e-2, methods=("erm",)), progress=False, log=logs.append).evaluate()
+    ran = {line.split(":")[0].replace("[iaerf] ", "") for line in logs if "skipped" not in line}
+    assert ran == {"influence-erm", "finetune-erm-iaerf", "evaluate"}
+    assert _stage_keys(src) == before
+    assert torch.load(os.path.join(src, "influence", "erm.pt")).shape == (503,)
+    with pytest.raises(FileExistsError, match="not empty"):
+        fork_run(src, fork)
+    with pytest.raises(ValueError, match="inside"):
+        fork_run(src, os.path.join(src, "cells", "a"))
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        fork_run(str(tmp_path / "nothing"), str(tmp_path / "x"))
+
+
+def test_validation_setting(tmp_path):
+    """``validation`` picks the set behind influence and beta: the training subset even when images are held out;
+    "heldout" without held-out images is refused by name."""
+    from iaerf.pipeline import SettingError
+
+    cfg = PipelineConfig.from_options(heldout_val=12, validation="train_subset", methods=("erm",))
+    pipe = Pipeline(str(tmp_path / "r"), cfg, progress=False, log=lambda s: None)
+    assert torch.equal(pipe.val().inputs, pipe.split().val.inputs) and pipe.split().heldout_val is not None
+    assert PipelineConfig.from_options(heldout_val=12).data.validation_set == "heldout"
+    with pytest.raises(SettingError, match="heldout_val") as err:
+        PipelineConfig.from_options(validation="heldout")
+    assert err.value.field == "validation"
+    with pytest.raises(SettingError) as err:
+        PipelineConfig.from_options(validation="test")
+    assert err.value.field == "validation"
+    with pytest.raises(ValueError, match="unknown setting"):
+        PipelineConfig.from_options(dampng=1.0)
+
+
+def test_every_setting_has_one_option_and_round_trips():
+    """The settings' metadata is the single source of the command line: every stored field but none has an
+    option, options are unique, and the flat JSON form rebuilds the same config."""
+    from iaerf.cli import build_parser
+    from iaerf.pipeline.settings import setting_fields
+
+    options = [f.metadata["option"] for f in setting_fields().values()]
+    assert all(options) and len(set(options)) == len(options)
+    help_text = build_parser()._subparsers._group_actions[0].choices["influence"].format_help()
+    assert all(opt in help_text for opt in options)
+    cfg = _quick(damping=0.5, validation="train_subset", finetune_params=("fc",), solver="cg",
+                 solver_options={"tol": 1e-9})
+    assert PipelineConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.influence.damping == 0.5 and cfg.fine_tuning.finetune_params == ("fc",)
+
+
+def test_docs_pipeline_python_examples_run(tmp_path, monkeypatch):
+    """Every python block of docs/pipeline.md runs as written (the stages example asserts what it shows)."""
+    doc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "pipeline.md")
+    with open(doc) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    assert any("fork_run" in b for b in blocks)
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, doc, "exec"), {"__name__": "__docs__"})  # noqa: S102 - our own documentation

@@ -230,6 +230,8 @@ def fork_run(source: str, target: str) -> None:
     source, target = os.path.abspath(source), os.path.abspath(target)
     if not os.path.isfile(os.path.join(source, "settings.json")):
         raise FileNotFoundError(f"{source} is not a run directory (no settings.json)")
+    if os.path.commonpath([source, target]) == source:
+        raise ValueError(f"fork target {target} is inside the run directory {source} it would copy")
     if os.path.exists(target) and os.listdir(target):
         raise FileExistsError(f"fork target {target} exists and is not empty")
 
