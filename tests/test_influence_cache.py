@@ -83,7 +83,8 @@ def test_lissa_checkpoint_lives_in_cache_dir(tmp_path, monkeypatch):
 
     monkeypatch.setattr(iaerf.hessian, "inverse_hvp", fake_inverse)
     energy_influence(model, train, val, damping=0.1, solver="lissa", cache_dir=tmp_path, progress=False)
-    assert os.path.dirname(seen["checkpoint_path"]) == str(tmp_path)
+    assert isinstance(seen["options"], iaerf.hessian.LissaOptions)
+    assert os.path.dirname(seen["options"].checkpoint_path) == str(tmp_path)
 
 
 def test_interrupted_write_leaves_no_entry(tmp_path, monkeypatch):

@@ -357,3 +357,45 @@ def test_settings_are_validated_in_one_place_and_describe_the_cache_key():
         SolveSettings.parse(params=None, weight_decay=0, damping=0, solver="cg", solver_options={"seed": 1},
                             batch_size=8, seed=0, gauss_newton=False)
     assert "InfluenceOptions" not in iaerf.influence.__all__
+
+
+@pytest.mark.parametrize("fn", [energy_influence, energy_influence_on_test, loss_influence])
+def test_typed_solver_options(fn):
+    """solver_options takes the chosen solver's dataclass: same result as the dict of its fields, another solver's
+    class (or a bad value) is refused before the model runs."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    x, y = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 3, (40,))
+    train, val = (x, y), (x[:8], y[:8])
+    typed = fn(model, train, val, weight_decay=0.01, solver="cg", solver_options=iaerf.CGOptions(tol=1e-11),
+               progress=False)
+    plain = fn(model, train, val, weight_decay=0.01, solver="cg", solver_options={"tol": 1e-11}, progress=False)
+    assert torch.equal(typed, plain)
+
+    class Refuses(nn.Module):
+        def forward(self, z):
+            raise AssertionError("the model ran before solver_options was checked")
+
+    bad = Refuses()
+    bad.fc = nn.Linear(5, 3)
+    for solver, wrong, right in (("lissa", iaerf.CGOptions(), "LissaOptions"), ("cg", iaerf.ExactOptions(), "CGOptions"),
+                                 ("exact", iaerf.LissaOptions(), "ExactOptions")):
+        with pytest.raises(TypeError, match=rf"solver_options for '{solver}' must be a {right} .*got "
+                                            rf"{type(wrong).__name__}"):
+            fn(bad, train, val, solver=solver, solver_options=wrong, progress=False)
+    with pytest.raises(ValueError, match="CG option tol must be > 0"):
+        fn(bad, train, val, solver="cg", solver_options=iaerf.CGOptions(tol=0.0), progress=False)
+    with pytest.raises(TypeError, match="solver_options: unknown option"):
+        fn(bad, train, val, solver="cg", solver_options={"depth": 5}, progress=False)
+
+
+def test_typed_solver_options_share_the_cache_key_of_their_dict():
+    from iaerf.influence.energy import SolveSettings
+
+    common = dict(params=None, weight_decay=0, damping=0, batch_size=8, seed=0, gauss_newton=False)
+    typed = SolveSettings.parse(solver="lissa", solver_options=iaerf.LissaOptions(depth=50, repeats=2), **common)
+    plain = SolveSettings.parse(solver="lissa", solver_options={"repeats": 2, "depth": 50}, **common)
+    assert typed.describe() == plain.describe() and typed.describe()["solver_options"] == {"depth": 50, "repeats": 2}
+    assert typed.options == plain.options == iaerf.LissaOptions(depth=50, repeats=2)
+    # the defaults: no options in the key, exactly as before typed options existed
+    assert SolveSettings.parse(solver="cg", solver_options=iaerf.CGOptions(), **common).describe()["solver_options"] == {}

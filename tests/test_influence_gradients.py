@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from _influence_models import MLP, SmallCNN, randomize_batchnorm
-from iaerf.influence.data import IndexedData
+from iaerf.indexed_data import IndexedData
 from iaerf.influence.energy import eval_mode
 from iaerf.influence.gradients import (directional_derivatives, energy_from_logits, loss_from_logits,
                                        loss_gradients)
@@ -108,25 +108,3 @@ def test_generic_dataset_equals_tensor_pair():
         b = directional_derivatives(model, params, s, IndexedData((x, y), "train"), range(9), batch_size=9,
                                     device=torch.device("cpu"))
     assert torch.allclose(a, b, rtol=1e-13, atol=0)
-
-
-def test_fingerprint_changes_with_data():
-    x, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
-    a = IndexedData((x, y), "train").fingerprint()
-    x2 = x.clone()
-    x2[2, 1] += 1e-6
-    assert IndexedData((x2, y), "train").fingerprint() != a
-    assert IndexedData((x, y.flip(0)), "train").fingerprint() != a
-    assert IndexedData((x.clone(), y.clone()), "train").fingerprint() == a
-
-
-def test_indexed_data_rejects_bad_input():
-    with pytest.raises(TypeError, match="train"):
-        IndexedData(42, "train")
-    with pytest.raises(ValueError, match="val.*3 inputs but 2 labels"):
-        IndexedData((torch.randn(3, 2), torch.tensor([0, 1])), "val")
-    d = IndexedData((torch.randn(3, 2), torch.tensor([0, 1, 5])), "val")
-    with pytest.raises(ValueError, match=r"val: labels must lie in \[0, 4\)"):
-        d.check_labels(4)
-    with pytest.raises(TypeError, match="integer"):
-        IndexedData((torch.randn(3, 2), torch.tensor([0.0, 1.0, 2.0])), "train").check_labels(4)

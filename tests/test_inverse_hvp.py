@@ -194,6 +194,37 @@ def test_options_as_dict_dataclass_and_kwargs():
         inverse_hvp(op, V, "cg", depth=5)
 
 
+
+def test_typed_options_are_public_and_belong_to_their_solver():
+    import iaerf
+    import iaerf.hessian
+
+    for name in ("LissaOptions", "CGOptions", "ExactOptions"):
+        assert getattr(iaerf, name) is getattr(iaerf.hessian, name) and name in iaerf.__all__
+    op, H = _logistic()
+    V = torch.randn(2, op.num_params, dtype=torch.float64)
+    x = inverse_hvp(op, V, "cg", options=iaerf.CGOptions(tol=1e-12), progress=False)
+    assert torch.allclose(x, torch.linalg.solve(H, V.T).T, rtol=1e-8, atol=1e-10)
+    with pytest.raises(TypeError, match=r"options for 'cg' must be a CGOptions .*got LissaOptions \(the options of "
+                                        r"'lissa'\)"):
+        inverse_hvp(op, V, "cg", options=LissaOptions(), progress=False)
+    with pytest.raises(TypeError, match="options for 'exact' must be a ExactOptions .*got list"):
+        inverse_hvp(op, V, "exact", options=[("max_exact_params", 5)])
+
+
+def test_hessian_docs_solver_options_example_runs(capsys):
+    """The typed solver-options example of docs/hessian.md runs as written (its asserts compare against exact)."""
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "hessian.md")
+    with open(path) as f:
+        blocks = [b for b in re.findall(r"```python\n(.*?)```", f.read(), flags=re.S) if "iaerf.CGOptions" in b]
+    assert len(blocks) == 1
+    exec(compile(blocks[0], path, "exec"), {})  # noqa: S102 - our own documentation
+    assert "solver_options for 'lissa' must be a LissaOptions" in capsys.readouterr().out
+
+
 def test_bad_inputs():
     op, _ = _logistic()
     P = op.num_params

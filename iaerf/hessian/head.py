@@ -17,7 +17,8 @@ from torch import nn
 
 from iaerf import _extension
 from iaerf.hessian._checks import check_nonnegative
-from iaerf.hessian.operators import HessianOperator, _Data, _digest
+from iaerf.hessian.operators import HessianOperator
+from iaerf.indexed_data import IndexedData, named_digest
 from iaerf.heads import eval_mode
 
 _NATIVE = "head_hvp"
@@ -144,8 +145,8 @@ class HeadHessian(HessianOperator):
                     "has_bias": self.has_bias, "weight_decay": self.weight_decay, "dtype": str(self.dtype),
                     "num_samples": self.num_samples, "world_size": self._world_size()}
         params = [("weight", self.weight)] + ([("bias", self.bias)] if self.has_bias else [])
-        return {"operator": settings, "parameters": _digest(params),
-                "data": _digest([("features", self.features), ("labels", self.labels)])}
+        return {"operator": settings, "parameters": named_digest(params),
+                "data": named_digest([("features", self.features), ("labels", self.labels)])}
 
     @property
     def backend(self) -> tuple[str, str]:
@@ -165,12 +166,14 @@ class HeadHessian(HessianOperator):
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"layer_name={layer_name!r} must name an nn.Linear of the model, got {type(layer).__name__}")
         dev = torch.device(device) if device is not None else layer.weight.device
-        src = _Data(data, dev)
+        src = IndexedData(data, "data")
+        if len(src) == 0:
+            raise ValueError("data is empty: the Hessian averages over the training examples, and there are none")
         feats, labels = [], []
         hook = layer.register_forward_hook(lambda mod, inp, out: feats.append(inp[0].detach().reshape(-1, inp[0].shape[-1])))
         try:
             with eval_mode(model), torch.no_grad():
-                for x, y in src.slices(batch_size):
+                for x, y in src.batches(range(len(src)), batch_size, dev):
                     model(x)
                     labels.append(y)
         finally:

@@ -33,6 +33,7 @@ from iaerf._io import atomic_write
 from iaerf._progress import progress_bar
 from iaerf.hessian._checks import check_nonnegative, check_vectors
 from iaerf.hessian.operators import HessianOperator
+from iaerf.indexed_data import named_digest
 
 
 class LissaDivergenceError(FloatingPointError):
@@ -143,9 +144,10 @@ class ExactOptions:
 _OPTIONS = {"lissa": LissaOptions, "cg": CGOptions, "exact": ExactOptions}
 
 
-def make_solver_options(method: str, options=None, kwargs=None):
+def make_solver_options(method: str, options=None, kwargs=None, *, name: str = "options"):
     """The validated options dataclass of ``method`` ("lissa", "cg", "exact") from an options object or dict plus
-    keyword overrides; raises TypeError / ValueError naming a bad option before any solve runs."""
+    keyword overrides; raises TypeError / ValueError naming a bad option before any solve runs. ``name`` is the
+    argument the options came in (``options`` here, ``solver_options`` in the influence functions)."""
     cls = _OPTIONS[method]
     kwargs = kwargs or {}
     if options is None:
@@ -155,12 +157,14 @@ def make_solver_options(method: str, options=None, kwargs=None):
     elif isinstance(options, dict):
         fields = dict(options)
     else:
-        raise TypeError(f"options for method={method!r} must be a {cls.__name__} or a dict, got {type(options).__name__}")
+        given = next((f" (the options of {m!r})" for m, c in _OPTIONS.items() if isinstance(options, c)), "")
+        raise TypeError(f"{name} for {method!r} must be a {cls.__name__} or a dict of its fields, got "
+                        f"{type(options).__name__}{given}")
     fields.update(kwargs)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for method={method!r}; known: {sorted(known)}")
+        raise TypeError(f"{name}: unknown option(s) {unknown} for {method!r}; known: {sorted(known)}")
     opts = cls(**fields)
     opts.validate()
     return opts
@@ -383,8 +387,6 @@ _RESUMABLE_OPTIONS = ("depth", "checkpoint_path", "checkpoint_every")
 def _checkpoint_key(op, V, damping, seed, opts: LissaOptions) -> dict:
     """Everything a LiSSA solution depends on: the operator (settings, parameter and data digests), the solver
     settings, and a digest of the right-hand sides."""
-    from iaerf.hessian.operators import _digest
-
     fingerprint = getattr(op, "fingerprint", None)
     try:
         if fingerprint is None:
@@ -397,7 +399,7 @@ def _checkpoint_key(op, V, damping, seed, opts: LissaOptions) -> dict:
     solver = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name not in _RESUMABLE_OPTIONS}
     solver.update(damping=damping, seed=seed, rank=_rank(op), num_vectors=V.shape[0], dtype=str(V.dtype))
     return {"operator": op_fp["operator"], "parameters": op_fp["parameters"], "data": op_fp["data"],
-            "solver": solver, "vectors": _digest([("v", V)])}
+            "solver": solver, "vectors": named_digest([("v", V)])}
 
 
 _KEY_PARTS = {"operator": "operator settings", "parameters": "parameter values", "data": "training data",

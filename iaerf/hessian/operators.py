@@ -22,10 +22,10 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from iaerf._distributed import all_reduce_sum, rank_and_world
 from iaerf._distributed import collective_device as _collective_device
-from iaerf._io import hash_tensor
 from iaerf.hessian._checks import check_indices, check_nonnegative, check_vectors
 from iaerf.hessian.params import select_parameters, unflatten
 from iaerf.heads import eval_mode
+from iaerf.indexed_data import IndexedData, named_digest
 
 
 class HessianOperator(abc.ABC):
@@ -97,15 +97,6 @@ class HessianOperator(abc.ABC):
         return int(t.item())
 
 
-def _digest(named_tensors) -> str:
-    """SHA-256 over ``(name, tensor)`` pairs: names, dtypes, shapes and exact bytes."""
-    h = hashlib.sha256()
-    for name, t in named_tensors:
-        h.update(name.encode())
-        hash_tensor(h, torch.as_tensor(t))
-    return h.hexdigest()
-
-
 def _callable_id(fn) -> str:
     """A readable identity of a loss function: its qualified name, plus its code and constants for plain functions
     (two lambdas share a name) and its plain attributes for objects (``nn.CrossEntropyLoss(label_smoothing=0.1)``
@@ -118,55 +109,6 @@ def _callable_id(fn) -> str:
     attrs = {k: v for k, v in sorted(vars(fn).items()) if isinstance(v, (bool, int, float, str, type(None)))} \
         if hasattr(fn, "__dict__") else {}
     return f"{name}{attrs}" if attrs else name
-
-
-class _Data:
-    """Uniform access to the training examples: a tuple ``(inputs, labels)`` of tensors, a TensorDataset, a
-    map-style dataset yielding ``(input, label)``, or a DataLoader (its dataset is used; the solver does its own
-    sampling)."""
-
-    def __init__(self, data, device: torch.device):
-        if isinstance(data, torch.utils.data.DataLoader):
-            data = data.dataset
-        self.device = device
-        self.tensors = None
-        if isinstance(data, torch.utils.data.TensorDataset):
-            data = tuple(data.tensors)
-        if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-            x, y = data
-            if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
-                raise ValueError(f"data=(inputs, labels) must share the first dim, got {tuple(x.shape)} and {tuple(y.shape)}")
-            self.tensors = (x, y)
-            self.n = x.shape[0]
-        elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-            self.dataset = data
-            self.n = len(data)
-        else:
-            raise TypeError("data must be (inputs, labels) tensors, a map-style Dataset yielding (input, label), "
-                            f"or a DataLoader over one; got {type(data).__name__}")
-        if self.n == 0:
-            raise ValueError("data is empty: the Hessian averages over the training examples, and there are none")
-
-    def fingerprint(self) -> str:
-        """SHA-256 of every input and label held (for a dataset: one pass over its items)."""
-        if self.tensors is not None:
-            return _digest(zip(("inputs", "labels"), self.tensors))
-        pairs = ((f"{i}", t) for i in range(self.n) for t in self.dataset[i][:2])
-        return _digest(pairs)
-
-    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs ``[m, ...]`` and labels ``[m, ...]`` of the examples ``indices [m]``, on the operator's device."""
-        if self.tensors is not None:
-            x, y = self.tensors
-            return x[indices.to(x.device)].to(self.device), y[indices.to(y.device)].to(self.device)
-        items = [self.dataset[i] for i in indices.tolist()]
-        x, y = torch.utils.data.default_collate(items)
-        return x.to(self.device), torch.as_tensor(y).to(self.device)
-
-    def slices(self, batch_size: int):
-        for start in range(0, self.n, batch_size):
-            idx = torch.arange(start, min(start + batch_size, self.n))
-            yield self.get(idx)
 
 
 def _floating_to(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -187,7 +129,8 @@ class ModuleHessian(HessianOperator):
 
     Args:
         model: the network; its current parameter values are used (no copy).
-        data: ``(inputs [n, ...], labels [n, ...])``, a map-style Dataset of ``(input, label)`` or a DataLoader.
+        data: ``(inputs [n, ...], labels [n, ...])``, a map-style Dataset of ``(input, label, ...)``, a DataLoader
+            over one (read in dataset order), or an :class:`iaerf.indexed_data.IndexedData`.
         loss_fn: ``loss_fn(outputs [m, ...], labels [m, ...]) -> scalar``, the MEAN loss over the batch
             (default ``F.cross_entropy``).
         params: parameter names/prefixes (see :func:`select_parameters`); None = all with requires_grad.
@@ -229,9 +172,12 @@ class ModuleHessian(HessianOperator):
         self._frozen.update({k: v.detach().to(self.device) for k, v in model.named_buffers()})
         self.num_params = sum(v.numel() for v in self._params.values())
         self.process_group = process_group
-        self._data = _Data(data, self.device)
-        self.num_local_samples = self._data.n
-        self.num_samples = self._global_count(self._data.n)
+        self._data = data if isinstance(data, IndexedData) else IndexedData(data, "data")
+        if len(self._data) == 0:
+            raise ValueError(f"{self._data.name} is empty: the Hessian averages over the training examples, and "
+                             f"there are none")
+        self.num_local_samples = len(self._data)
+        self.num_samples = self._global_count(len(self._data))
 
     @property
     def param_names(self) -> list[str]:
@@ -245,8 +191,8 @@ class ModuleHessian(HessianOperator):
                     "gauss_newton": self.gauss_newton, "mode": self.mode, "dtype": str(self.dtype),
                     "num_params": self.num_params, "num_samples": self.num_samples,
                     "world_size": self._world_size()}
-        return {"operator": settings, "parameters": _digest(sorted({**self._params, **self._frozen}.items())),
-                "data": self._data.fingerprint()}
+        return {"operator": settings, "parameters": named_digest(sorted({**self._params, **self._frozen}.items())),
+                "data": self._data.operator_fingerprint()}
 
     # -- the per-batch kernel --------------------------------------------------------------------------------------
     def _batch_hvp_fn(self, dtype: torch.dtype | None):
@@ -305,7 +251,7 @@ class ModuleHessian(HessianOperator):
         fn = self._batch_hvp_fn(dtype)
         total = torch.zeros_like(V)
         with eval_mode(self.model):
-            for x, y in self._data.slices(self._chunk(V.shape[0])):
+            for x, y in self._data.batches(range(len(self._data)), self._chunk(V.shape[0]), self.device):
                 total += fn(x, y, V) * x.shape[0]
         return total
 
@@ -320,7 +266,7 @@ class ModuleHessian(HessianOperator):
     def minibatch_matvec(self, vectors: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         V, indices = self._check_minibatch(vectors, indices)
         r, m = indices.shape
-        x, y = self._data.get(indices.reshape(-1).cpu() if self._data.tensors is None else indices.reshape(-1))
+        x, y = self._data.batch(indices.reshape(-1), self.device)
         x = x.reshape((r, m) + tuple(x.shape[1:]))
         y = y.reshape((r, m) + tuple(y.shape[1:]))
         fn = self._batch_hvp_fn(None)

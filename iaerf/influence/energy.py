@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -23,9 +23,10 @@ from torch import nn
 from iaerf._io import ensure_writable_dir
 from iaerf._progress import progress_bar
 from iaerf.heads import HeadNotFoundError, eval_mode, find_classifier_head, head_features
+from iaerf.hessian.inverse import CGOptions, ExactOptions, LissaOptions, make_solver_options
+from iaerf.indexed_data import IndexedData
 from iaerf.influence import distributed as D
 from iaerf.influence.cache import ResultCache, model_fingerprint
-from iaerf.influence.data import IndexedData
 from iaerf.influence.gradients import directional_derivatives, loss_gradients
 from iaerf.influence.task import InfluenceTask
 
@@ -49,7 +50,11 @@ def energy_influence(model, train, val, *, params=None, weight_decay=0.0, dampin
             layer computes ``W x + b`` (not a subclass with its own forward), the native head Hessian is used.
         weight_decay: L2 term of the training objective, (weight_decay / 2) ||theta||^2 (as torch.optim.SGD).
         damping: added to H before the solve.
-        solver: "lissa", "cg" or "exact" (:func:`iaerf.inverse_hvp`); ``solver_options`` are passed on to it.
+        solver: "lissa", "cg" or "exact" (:func:`iaerf.inverse_hvp`).
+        solver_options: that solver's options, typed -- :class:`iaerf.LissaOptions` for "lissa",
+            :class:`iaerf.CGOptions` for "cg", :class:`iaerf.ExactOptions` for "exact" (another solver's class is
+            a TypeError) -- or a dict of their fields (None: the defaults); validated before any pass and handed
+            to the solver. ``damping`` and ``seed`` are this function's own arguments, never options.
         batch_size: batch size of the data passes.
         device: where to compute (default: the model's device; the model must already live there).
         cache_dir: when given, results (and the inverse-HVP solution s) are stored there with their settings and
@@ -85,9 +90,10 @@ def energy_influence_on_test(model, train, test, *, params=None, weight_decay=0.
                              progress=True, seed=0, gauss_newton=False, task=None) -> torch.Tensor:
     """Influence of energy regularization of each training point on each test point's loss (paper Eq. 8).
 
-    Same arguments as :func:`energy_influence` with ``test`` (k points) in place of ``val``. The k right-hand
-    sides grad L(x_test_j) are solved together (one batched inverse-HVP) and the k directional derivatives of every
-    training point's energy come from one vmapped JVP pass.
+    Same arguments as :func:`energy_influence` with ``test`` (k points) in place of ``val`` (``solver_options``:
+    the typed options of ``solver``, e.g. ``solver="cg", solver_options=iaerf.CGOptions(tol=1e-10)``, or a dict of
+    their fields). The k right-hand sides grad L(x_test_j) are solved together (one batched inverse-HVP) and the k
+    directional derivatives of every training point's energy come from one vmapped JVP pass.
 
     Returns:
         ``[k, n]``: entry (j, i) is I_{x_test_j}(x_i). Its row mean equals :func:`energy_influence` with val=test.
@@ -106,7 +112,9 @@ def loss_influence(model, train, val, *, params=None, weight_decay=0.0, damping=
 
     I_loss(x_i) = -g_val^T (H + damping I)^{-1} grad L(x_i, y_i) = -(d/de) CE(f_{theta + e s}(x_i), y_i): the same
     solve and forward-mode pass as :func:`energy_influence`, with the loss in place of the energy. Returns ``[n]``.
-    With a ``task``, the upweighted loss is ``task.train_loss`` (``task.regularized`` is not used).
+    With a ``task``, the upweighted loss is ``task.train_loss`` (``task.regularized`` is not used). Same
+    arguments as :func:`energy_influence`; ``solver_options`` is the typed options of ``solver``
+    (:class:`iaerf.LissaOptions` / :class:`iaerf.CGOptions` / :class:`iaerf.ExactOptions`) or a dict of their fields.
     """
     return _influence("loss", model, train, val,
                       params=params, weight_decay=weight_decay, damping=damping, solver=solver,
@@ -192,10 +200,14 @@ class SolveSettings:
     weight_decay: float = 0.0
     damping: float = 0.0
     solver: str = "lissa"
+    # the options as given (a typed one: its fields that differ from the defaults), the cache-key part, so that
+    # LissaOptions(depth=50) and {"depth": 50} share a key and keys stored before typed options existed still match
     solver_options: tuple[tuple[str, object], ...] = ()
     batch_size: int = 256
     seed: int = 0
     gauss_newton: bool = False
+    # the validated options the solver runs with (make_solver_options of solver and solver_options)
+    options: LissaOptions | CGOptions | ExactOptions | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def parse(cls, *, params, weight_decay, damping, solver, solver_options, batch_size, seed,
@@ -209,20 +221,25 @@ class SolveSettings:
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if solver not in _SOLVERS:
             raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
-        solver_options = solver_options or {}
-        if not isinstance(solver_options, dict):
-            raise TypeError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
-        for key in ("damping", "seed", "progress", "method"):
-            if key in solver_options:
-                raise ValueError(f"solver_options must not contain {key!r}: pass it as the keyword argument instead")
+        if isinstance(solver_options, dict):
+            for key in ("damping", "seed", "progress", "method"):
+                if key in solver_options:
+                    raise ValueError(f"solver_options must not contain {key!r}: pass it as the keyword argument "
+                                     f"instead")
+        options = make_solver_options(solver, solver_options, name="solver_options")
+        if solver_options is None or isinstance(solver_options, dict):
+            given = dict(solver_options or {})
+        else:
+            given = {f.name: getattr(options, f.name) for f in fields(options)
+                     if getattr(options, f.name) != f.default}
         if isinstance(params, str):
             params = (params,)
         elif params is not None:
             params = tuple(params)
         if not isinstance(gauss_newton, bool):
             raise TypeError(f"gauss_newton must be a bool, got {type(gauss_newton).__name__}")
-        return cls(params, float(weight_decay), float(damping), solver, tuple(sorted(solver_options.items())),
-                   batch_size, seed, gauss_newton)
+        return cls(params, float(weight_decay), float(damping), solver, tuple(sorted(given.items())),
+                   batch_size, seed, gauss_newton, options)
 
     def describe(self) -> dict:
         return {
@@ -441,12 +458,13 @@ def _solve(problem: _Problem) -> torch.Tensor:
                                    loss_fn=task.measure))
     bar.close()
 
-    solver_options = dict(settings.solver_options)
-    if settings.solver == "lissa" and problem.solve_cache.enabled and "checkpoint_path" not in solver_options:
+    options = settings.options
+    given = dict(settings.solver_options)
+    if settings.solver == "lissa" and problem.solve_cache.enabled and "checkpoint_path" not in given:
         # inverse_hvp appends ".rank<r>" under a process group: each rank keeps its own generator states
-        solver_options["checkpoint_path"] = problem.solve_cache.path(".lissa.pt")
+        options = replace(options, checkpoint_path=problem.solve_cache.path(".lissa.pt"))
     s = inverse_hvp(_operator(problem), g, method=settings.solver, damping=settings.damping, seed=settings.seed,
-                    progress=problem.show, **solver_options)
+                    progress=problem.show, options=options)
     if not bool(torch.isfinite(s).all()):
         raise ValueError(
             f"the inverse-HVP solution s from solver={settings.solver!r} is not finite; increase damping "
@@ -473,7 +491,7 @@ def _operator(problem: _Problem):
         return ModuleHessian(head[1], problem.local.train.as_tensors(), loss_fn=loss_fn, params=["weight", "bias"],
                              weight_decay=settings.weight_decay, gauss_newton=settings.gauss_newton,
                              batch_size=settings.batch_size, device=problem.device, process_group=group)
-    return ModuleHessian(problem.model, problem.train.pairs(problem.train_idx), loss_fn=loss_fn,
+    return ModuleHessian(problem.model, problem.train.subset(problem.train_idx), loss_fn=loss_fn,
                          params=list(problem.chosen), weight_decay=settings.weight_decay,
                          gauss_newton=settings.gauss_newton, batch_size=settings.batch_size, device=problem.device,
                          process_group=group)

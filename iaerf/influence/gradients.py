@@ -18,7 +18,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.func import functional_call, jvp, vmap
 
-from iaerf.influence.data import IndexedData
+from iaerf.indexed_data import IndexedData
 from iaerf.influence.distributed import all_reduce_sum
 
 

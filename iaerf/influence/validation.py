@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from scipy.special import logsumexp as np_logsumexp
 
 from iaerf._progress import progress_bar
-from iaerf.influence.data import IndexedData
+from iaerf.indexed_data import IndexedData
 from iaerf.influence.energy import _find_head, _features, _trainable_selection, eval_mode
 from iaerf.training_loop import shuffled_batches, train_loop
 
@@ -168,6 +168,10 @@ def actual_energy_effect(model, train, val, indices, *, eps: float, params=None,
 
     with eval_mode(model):
         probe, _ = val_d.batch([0], device)
+        with torch.no_grad():
+            num_classes = model(probe).shape[-1]
+        train_d.check_labels(num_classes)
+        val_d.check_labels(num_classes)
         head = _find_head(model, chosen, probe)
         runs = [(None, 0.0)] if not symmetric else []
         for i in indices:
