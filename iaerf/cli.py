@@ -121,6 +121,12 @@ def _config(args, defaults=None):
         elif f.metadata["cli"] == "key_value":  # options add to the stored ones
             value = {**(base.get(name) or {}), **dict(_parse_option(o) for o in value)}
         given[name] = value
+    if given.get("protocol") is not None and given["protocol"] != base.get("protocol"):
+        from iaerf.pipeline.protocols import protocol_settings
+
+        # a newly named protocol replaces what the stored settings (or the demo's defaults) say about its fields
+        preset = protocol_settings(given["protocol"], given.get("dataset", base.get("dataset", "digits")))
+        base = {k: v for k, v in base.items() if k not in preset}
     if "solver" in given and given["solver"] != base.get("solver") and "solver_options" not in given:
         given["solver_options"] = None  # options belong to the solver they were given for
     try:
@@ -229,7 +235,8 @@ def _run(args) -> int:
             pipe.plots()
         from iaerf.pipeline import format_table
 
-        print(f"\n{metrics['dataset']['name']}, seed {config.seed}: test error (%), shot groups "
+        protocol = f"protocol {config.protocol}" if config.protocol else "settings as given (no --protocol)"
+        print(f"\n{metrics['dataset']['name']}, seed {config.seed}, {protocol}: test error (%), shot groups "
               f"{metrics['dataset']['shot_groups']}\n")
         print(format_table(metrics["results"]))
         print(f"\nrun directory: {pipe.out}  ({time.perf_counter() - t0:.1f}s)")

@@ -252,6 +252,27 @@ def load_digits_lt(ratio: float = 10.0, kind: str = "exp", test_per_class: int =
     return ImbalancedSplit(f"digits-{kind}-{ratio:g}", train, test, val, DIGITS_SHOT_GROUPS, heldout)
 
 
+def hold_out_validation(split: ImbalancedSplit, per_class: int, seed: int = 0) -> ImbalancedSplit:
+    """``split`` with ``per_class`` images of every class moved out of its training set into ``heldout_val`` (a
+    balanced validation set never trained on), seeded; the in-training validation subset is drawn again from what
+    remains. Every class must keep at least one training image, so each needs more than ``per_class``."""
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class must be a whole number >= 1, got {per_class!r}")
+    counts = split.counts()
+    small = [c for c, n in enumerate(counts) if n <= per_class]
+    if small:
+        raise ValueError(f"holding out {per_class} images per class leaves classes {small} (counts "
+                         f"{[counts[c] for c in small]}) with no training image; hold out fewer than {min(counts)}")
+    labels = split.train.labels.numpy()
+    rng = np.random.default_rng(seed)
+    held = np.sort(np.concatenate([rng.permutation(np.where(labels == c)[0])[:per_class]
+                                   for c in range(split.num_classes) if counts[c] > 0]))
+    keep = np.setdiff1d(np.arange(len(labels)), held)
+    train = split.train.subset(keep)
+    return ImbalancedSplit(split.name, train, split.test, balanced_validation_indices(train.labels, seed=seed),
+                           split.shot_groups, split.train.subset(held))
+
+
 def _numpy_reconstructors() -> dict[tuple[str, str], object]:
     """The globals a CIFAR batch may name, mapped to the objects they stand for, resolved here rather than by import.
 

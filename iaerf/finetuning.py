@@ -34,6 +34,7 @@ from iaerf.training import _check_dataset, _check_model_classes, evaluate, predi
 from iaerf.training_loop import freeze_batchnorm, is_batchnorm, shuffled_batches, train_loop  # noqa: F401 (public here)
 
 __all__ = [
+    "finetune_diagnostics",
     "FinetuneConfig",
     "FinetuneResult",
     "energy_coefficients",
@@ -240,14 +241,16 @@ def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, infl
                 progress: bool = True) -> tuple[float, FinetuneResult, list[dict]]:
     """Fine-tune once per beta and keep the one with the lowest validation ``metric`` ("loss" or "error").
 
-    Only ``val`` is looked at (the test set never is). Ties go to the smaller beta. Returns
+    Only ``val`` is looked at (the test set never is). Ties go to the smaller beta. A beta of 0 is the plain CE
+    control (same seed and batch order), so with 0 among the candidates the choice is never worse than the control
+    on the validation set. Returns
     ``(best_beta, best_result, table)`` with table rows ``{"beta", "val_loss", "val_error"}``.
     """
     if metric not in ("loss", "error"):
         raise ValueError(f"metric must be 'loss' or 'error', got {metric!r}")
     betas = sorted(float(b) for b in betas)
-    if not betas or any(not (b > 0 and math.isfinite(b)) for b in betas):
-        raise ValueError(f"betas must be positive finite numbers, got {betas!r}")
+    if not betas or any(not (b >= 0 and math.isfinite(b)) for b in betas):
+        raise ValueError(f"betas must be finite numbers >= 0 (0 is the plain CE control), got {betas!r}")
     _check_dataset(val, "val")
     counts = train.class_counts()
     best, table = None, []
@@ -268,6 +271,33 @@ def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, infl
     if best is None:
         raise FloatingPointError(f"fine-tuning diverged for every beta in {betas}; lower the lr or use an energy_cap")
     return best[1], best[2], table
+
+
+@torch.no_grad()
+def finetune_diagnostics(base: nn.Module, result: FinetuneResult, train: TensorDataset, *, device=None) -> dict:
+    """What the energy term did to a fine-tuning run, from the training set (never the test set).
+
+    Returns ``{"energy_before", "energy_after"}``: per-class mean energy [K] of the base and the fine-tuned model;
+    ``{"logit_norm_before", "logit_norm_after"}``: mean L2 norm of the training logits; ``"energy_dominated"``: the
+    fraction of training points whose energy term |c_i E_i| exceeds their CE loss on the base model (c: the
+    coefficients the run used, App. B's "global" reading included; its "per_sample" reading caps such points during
+    the run, so the fraction says how much of the regularization it removed).
+    """
+    device = resolve_device(device)
+    k = train.num_classes
+    labels = train.labels
+    out = {}
+    for tag, model in (("before", base), ("after", result.model)):
+        logits = predict_logits(model, train, device=device).double()
+        e = energy(logits).double().cpu()
+        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, e)
+        n = torch.bincount(labels, minlength=k).clamp_min(1)
+        out[f"energy_{tag}"] = (sums / n).tolist()
+        out[f"logit_norm_{tag}"] = float(logits.norm(dim=1).mean())
+        if tag == "before":
+            ce = F.cross_entropy(logits, labels.to(logits.device), reduction="none").cpu()
+            out["energy_dominated"] = float(((result.coefficients.double() * e).abs() > ce).double().mean())
+    return out
 
 
 def config_dict(config: FinetuneConfig) -> dict:

@@ -396,8 +396,6 @@ def test_heldout_validation_option(tmp_path):
     train_rows = {bytes(r.numpy().tobytes()) for r in pipe.split().train.inputs}
     assert sum(bytes(r.numpy().tobytes()) in train_rows for r in pipe.val().inputs) <= 2  # not training images
     assert len(pipe.evaluate()["results"]) == 3
-    with pytest.raises(ValueError, match="heldout_val"):
-        PipelineConfig.from_options(dataset="cifar10", data_root="/x", heldout_val=5)
 
 
 def test_stage_keys_are_those_of_iaerf_0_1(tmp_path):
@@ -497,3 +495,71 @@ def test_docs_pipeline_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, doc, "exec"), {"__name__": "__docs__"})  # noqa: S102 - our own documentation
+
+
+def _feature_files(tmp_path, counts=(60, 25, 10, 4)):
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(len(counts), 8, generator=g) * 2
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    yt = torch.arange(20 * len(counts)) % len(counts)
+    torch.save({"features": centers[y] + torch.randn(len(y), 8, generator=g), "labels": y}, tmp_path / "train.pt")
+    torch.save({"features": centers[yt] + torch.randn(len(yt), 8, generator=g), "labels": yt}, tmp_path / "test.pt")
+    return dict(dataset="features", train_features=str(tmp_path / "train.pt"), test_features=str(tmp_path / "test.pt"))
+
+
+def test_heldout_validation_for_feature_files(tmp_path):
+    """Any dataset can hold a validation set out of training; a class too small for it is refused by name."""
+    from iaerf.pipeline import SettingError
+
+    files = _feature_files(tmp_path)
+    pipe = Pipeline(str(tmp_path / "r"), PipelineConfig.from_options(**files, heldout_val=3, methods=("erm",)),
+                    progress=False, log=lambda s: None)
+    assert pipe.split().counts() == [57, 22, 7, 1] and pipe.val().class_counts() == [3, 3, 3, 3]
+    assert pipe.config.data.validation_set == "heldout"
+    train_rows = {tuple(r.tolist()) for r in pipe.split().train.inputs}
+    assert not any(tuple(r.tolist()) in train_rows for r in pipe.val().inputs)
+    with pytest.raises(SettingError, match="no training image") as err:
+        Pipeline(str(tmp_path / "r2"), PipelineConfig.from_options(**files, heldout_val=4, methods=("erm",)),
+                 progress=False, log=lambda s: None)
+    assert err.value.field == "heldout_val" and not (tmp_path / "r2").exists()
+
+
+def test_protocol_presets():
+    """A protocol fills the settings it names; options given with it win; an unknown one is refused by name."""
+    from iaerf.pipeline import SettingError
+
+    paper = PipelineConfig.from_options(protocol="paper")
+    assert paper.data.validation_set == "train_subset" and paper.fine_tuning.betas == (0.1, 0.5, 1.0, 10.0)
+    assert paper.fine_tuning.energy_cap == "per_sample" and paper.influence.influence_params == "finetuned"
+    assert paper.finetune_config().train_params is None and paper.influence.gauss_newton
+    rec = PipelineConfig.from_options(protocol="recommended", damping=0.1)
+    assert rec.data.heldout_val == 12 and rec.data.validation_set == "heldout" and 0.0 in rec.fine_tuning.betas
+    assert rec.finetune_config().train_params == ("fc",) and rec.influence.influence_params == "finetuned"
+    assert rec.influence.damping == 0.1
+    assert PipelineConfig.from_json(rec.to_json()) == rec
+    with pytest.raises(SettingError) as err:
+        PipelineConfig.from_options(protocol="best")
+    assert err.value.field == "protocol"
+
+
+def test_finetuned_scope_and_diagnostics(tmp_path):
+    """influence_params="finetuned" takes the influence over exactly what fine-tuning moves (here the classifier:
+    the head path); the IAERF stage stores diagnostics and the control's validation loss; beta 0 is the control."""
+    import warnings as W
+
+    cfg = _quick(protocol="recommended", methods=("erm",), betas=(0.0, 0.5))
+    pipe = Pipeline(str(tmp_path / "r"), cfg, progress=False, log=lambda s: None)
+    with W.catch_warnings(record=True):
+        W.simplefilter("always")
+        pipe.finetune("erm", "iaerf")
+    from iaerf.pipeline.stages import influence_selection
+
+    assert influence_selection(pipe, pipe.model("erm")) == ["fc.weight", "fc.bias"]
+    info = pipe.finetune_info("erm")
+    diag = info["diagnostics"]
+    assert len(diag["energy_before"]) == 10 and 0.0 <= diag["energy_dominated"] <= 1.0
+    assert diag["logit_norm_before"] > 0 and diag["control_val_loss"] > 0
+    rows = {row["beta"]: row for row in info["beta_search"]}
+    assert rows[0.0]["val_loss"] == pytest.approx(diag["control_val_loss"], rel=1e-6)  # beta 0 = the control
+    assert diag["val_loss"] <= diag["control_val_loss"]  # 0 among the betas: never worse on validation
+    assert all("worse than the CE control" not in w for w in info["warnings"])

@@ -86,7 +86,8 @@ class Pipeline:
             with torch.random.fork_rng(devices=[]):  # building the skeleton must not move the seeded global RNG
                 skeleton = build_from_arch(S.model_arch(self, method))
             try:
-                select_parameters(skeleton, list(influence_params) if influence_params is not None else None)
+                if influence_params != "finetuned":  # else the fine-tuned selection, checked below
+                    select_parameters(skeleton, list(influence_params) if influence_params is not None else None)
             except ValueError as exc:
                 raise SettingError("influence_params", f"influence_params for the {method} model: {exc}") from None
             try:
@@ -116,6 +117,11 @@ class Pipeline:
                                               d.imbalance, val_seed=c.seed)
             else:
                 self._split = D.load_feature_split(d.train_features, d.test_features, seed=c.seed)
+            if d.heldout_val and d.dataset != "digits":  # digits holds out before the long tail is drawn
+                try:
+                    self._split = D.hold_out_validation(self._split, d.heldout_val, seed=c.seed)
+                except ValueError as exc:
+                    raise SettingError("heldout_val", str(exc)) from None
         return self._split
 
     def val(self) -> D.TensorDataset:

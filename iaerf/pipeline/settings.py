@@ -21,6 +21,7 @@ DERIVED_METHODS = ("crt", "lws")  # classifier re-training on the frozen ERM bac
 DATASETS = ("digits", "cifar10", "cifar100", "features")
 SOLVERS = ("exact", "cg", "lissa")
 VALIDATIONS = ("train_subset", "heldout")
+PROTOCOLS = ("paper", "recommended")
 
 
 class SettingError(ValueError):
@@ -101,9 +102,11 @@ def _methods(name, value):
 
 
 def _betas(name, value):
-    value = _names(kind=(int, float), what="positive finite numbers")(name, value)
+    value = _names(kind=(int, float), what="finite numbers >= 0 (0: the CE control)")(name, value)
     for b in value:
-        _real(0.0, "positive finite numbers", strict=True)(name, b)
+        _real(0.0, "finite numbers >= 0 (0: the CE control)")(name, b)
+    if not any(b > 0 for b in value):
+        raise SettingError(name, f"betas must hold at least one beta > 0 (0 alone is the control), got {list(value)}")
     return tuple(float(b) for b in value)
 
 
@@ -137,8 +140,9 @@ def _check_fields(obj) -> None:
 
 @dataclass
 class DataSettings:
-    """The imbalanced split. ``heldout_val = k > 0`` (digits only) holds k images per class out of training (n_max
-    shrinks by k); ``validation`` says which set drives the influence and the beta choice: "train_subset" (the
+    """The imbalanced split. ``heldout_val = k > 0`` holds k images per class out of training (digits: before the
+    long tail is drawn, so n_max shrinks by k; CIFAR and feature files: out of the long-tailed training set, so
+    every class must have more than k); ``validation`` says which set drives the influence and the beta choice: "train_subset" (the
     paper's class-balanced subset of the training set), "heldout" (the held-out images), None = "heldout" when
     ``heldout_val`` holds images out, else "train_subset"."""
 
@@ -150,8 +154,8 @@ class DataSettings:
     imbalance: str = setting("exp", _choice("exp", "step"), "--imbalance", "exp (long-tailed) | step")
     ratio: float = setting(10.0, _real(1.0, "a finite number >= 1"), "--ratio", "imbalance ratio n_max / n_min (>= 1)",
                            type=float)
-    heldout_val: int = setting(0, _int(0), "--heldout-val", "digits: hold out K images per class (default 0: none)",
-                               type=int)
+    heldout_val: int = setting(0, _int(0), "--heldout-val", "hold K images per class out of training as a "
+                               "validation set (default 0: none)", type=int)
     validation: str | None = setting(None, lambda n, v: v if v is None else _choice(*VALIDATIONS)(n, v),
                                      "--validation", "set behind influence and beta choice: train_subset | heldout "
                                      "(default: heldout when --heldout-val > 0, else train_subset)")
@@ -182,11 +186,12 @@ class BaselineSettings:
 @dataclass
 class InfluenceSettings:
     """The energy influence I_val (Eq. 9): over which parameters (None: all; ("fc",): the classifier, on frozen
-    features), which inverse-HVP solver with which options, damping, L2 term, Gauss-Newton or exact Hessian."""
+    features; "finetuned": exactly the parameters the fine-tuning moves), which inverse-HVP solver with which options, damping, L2 term, Gauss-Newton or exact Hessian."""
 
     influence_params: tuple[str, ...] | None = setting(
-        ("fc",), _names(optional=True), "--influence-params",
-        "parameter prefixes of the influence (default: fc); 'all' = every one", cli="list", words={"all": None})
+        ("fc",), _names(optional=True, keep=("finetuned",)), "--influence-params",
+        "parameter prefixes of the influence (default: fc); 'all' = every one; 'finetuned' = the parameters "
+        "fine-tuning moves (scope matched)", cli="list", words={"all": None, "finetuned": "finetuned"})
     solver: str = setting("exact", _choice(*SOLVERS), "--solver", "inverse-HVP solver: exact | cg | lissa")
     solver_options: dict | None = setting(None, _options, "--solver-option",
                                           "inverse-HVP solver option, repeatable (LiSSA: depth=5000 repeats=10 "
@@ -196,6 +201,9 @@ class InfluenceSettings:
                                  "exact Hessian in the influence", cli="flag")
     weight_decay: float = setting(0.0, _real(0.0, "a finite number >= 0"), "--weight-decay", "L2 term of the Hessian",
                                   type=float)
+    influence_loss: str = setting("own", _choice("own", "cross_entropy"), "--influence-loss",
+                                  "training loss whose Hessian the influence uses: own (LDAM-DRW's for LDAM-DRW) | "
+                                  "cross_entropy")
 
     def __post_init__(self):
         _check_fields(self)
@@ -270,6 +278,9 @@ class PipelineConfig:
     influence: InfluenceSettings = field(default_factory=InfluenceSettings)
     fine_tuning: FineTuningSettings = field(default_factory=FineTuningSettings)
     figures: FigureSettings = field(default_factory=FigureSettings)
+    protocol: str | None = setting(None, lambda n, v: v if v is None else _choice(*PROTOCOLS)(n, v), "--protocol",
+                                   "preset of the validation, beta, App. B and scope settings: paper | recommended "
+                                   "(iaerf.pipeline.protocols); options given with it still win")
     seed: int = setting(0, _int(0, 2**32 - 1), "--seed", "seed of data split, initialisation, batches", type=int)
     device: str | None = setting(None, _device, "--device", "cpu | cuda (default: cuda when available)")
 
@@ -277,13 +288,10 @@ class PipelineConfig:
         for name, cls in _GROUPS.items():
             if not isinstance(getattr(self, name), cls):
                 raise SettingError(name, f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
-        # numpy's seed range: the data split seeds numpy
-        self.seed = _int(0, 2**32 - 1)("seed", self.seed)
-        self.device = _device("device", self.device)
+        for f in dataclasses.fields(self):
+            if f.name not in _GROUPS:
+                setattr(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
         d = self.data
-        if d.heldout_val and d.dataset != "digits":
-            raise SettingError("heldout_val", "heldout_val (a validation set disjoint from the training set) is only "
-                                              "built for digits")
         if d.validation == "heldout" and not d.heldout_val:
             raise SettingError("validation", "validation='heldout' needs heldout_val > 0 images per class held out")
         if d.dataset == "features" and not (d.train_features and d.test_features):
@@ -315,9 +323,13 @@ class PipelineConfig:
         unknown = sorted(set(options) - set(setting_fields()))
         if unknown:
             raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(setting_fields())}")
+        if options.get("protocol") is not None:
+            from iaerf.pipeline.protocols import protocol_settings
+
+            options = {**protocol_settings(options["protocol"], options.get("dataset", "digits")), **options}
         groups = {name: group(**{k: v for k, v in options.items() if k in _field_names(group)})
                   for name, group in _GROUPS.items()}
-        top = {k: options[k] for k in ("seed", "device") if k in options}
+        top = {k: options[k] for k in ("protocol", "seed", "device") if k in options}
         return cls(**groups, **top)
 
     def to_json(self) -> dict:

@@ -80,15 +80,40 @@ def train_config(run: Pipeline, method: str) -> TrainConfig:
 
 def influence_task(run: Pipeline, method: str):
     """The :class:`iaerf.InfluenceTask` of ``method``'s model: an LDAM-DRW model's Hessian is that of its own
-    training loss (LDAM margins, the DRW weights it ended training with); every other model's is cross-entropy's.
-    The measurement is the validation cross-entropy either way."""
+    training loss (LDAM margins, the DRW weights it ended training with) unless ``influence_loss="cross_entropy"``;
+    every other model's is cross-entropy's. The measurement is the validation cross-entropy either way."""
     from iaerf.influence import InfluenceTask
     from iaerf.losses import class_balanced_weights
 
-    if method != "ldam_drw":
+    if method != "ldam_drw" or run.config.influence.influence_loss == "cross_entropy":
         return None
     cfg, counts = train_config(run, method), run.split().counts()
     return InfluenceTask.ldam(counts, max_m=cfg.max_m, s=cfg.s, drw_weights=class_balanced_weights(counts, cfg.cb_beta))
+
+
+def influence_selection(run: Pipeline, model: torch.nn.Module) -> list[str] | None:
+    """The parameter names (or prefixes) the influence is taken over; None = every trainable parameter.
+    ``influence_params="finetuned"`` resolves to exactly the parameters the fine-tuning moves."""
+    from iaerf.finetuning import _trainable
+
+    chosen = run.config.influence.influence_params
+    if chosen != "finetuned":
+        return list(chosen) if chosen is not None else None
+    moved = {id(p) for p in _trainable(model, run.config.finetune_config().train_params)}
+    return [name for name, p in model.named_parameters() if id(p) in moved]
+
+
+def _selects_head_only(model: torch.nn.Module, selection, probe: torch.Tensor) -> bool:
+    """Whether ``selection`` is exactly the classifier head's parameters (then the influence runs on the frozen
+    features, which gives the same numbers without backbone passes)."""
+    from iaerf.hessian.params import select_parameters
+    from iaerf.heads import find_classifier_head
+
+    if selection is None:
+        return False
+    name, layer = find_classifier_head(model, probe)
+    head = {f"{name}.{n}" if name else n for n, _ in layer.named_parameters()}
+    return set(select_parameters(model, selection)) == head
 
 
 def checkpoint_path(run: Pipeline, method: str, variant: str | None = None) -> str:
@@ -194,10 +219,12 @@ def influence_stage(run: Pipeline, method: str) -> Stage:
 
         split = run.split()
         model, train_set, val = load_model(run, method), split.train, run.val()
-        if c.influence_params == ("fc",):
+        selection = influence_selection(run, model)
+        if _selects_head_only(model, selection, train_set.inputs[:1].to(run.device)):
             model, train_set, val = classifier_head(model, train_set, val, device=run.device)
+            selection = ["fc"]
         values = infl.energy_influence(
-            model, train_set, val, params=list(c.influence_params) if c.influence_params is not None else None,
+            model, train_set, val, params=selection,
             weight_decay=c.weight_decay, damping=c.damping, gauss_newton=c.gauss_newton, solver=c.solver,
             solver_options=dict(c.solver_options) if c.solver_options else None, device=run.device,
             progress=run.progress, seed=run.config.seed, task=task)
@@ -222,7 +249,7 @@ def finetune_stage(run: Pipeline, method: str, variant: str) -> Stage:
         needs, key = (train,), _key("finetune-ce", train.key, ft)
     else:
         infl = influence_stage(run, method)
-        needs = (train, infl)
+        needs = (train, infl, finetune_stage(run, method, "ce"))  # the control: its validation loss is compared
         key = _key("finetune-iaerf", infl.key, ft, c.fine_tuning.betas, c.fine_tuning.select_metric)
     info_path, energy_path = finetune_info_path(run, method, variant), _energy_path(run, method, variant)
 
@@ -237,15 +264,48 @@ def finetune_stage(run: Pipeline, method: str, variant: str) -> Stage:
             _, result, table = select_beta(base, split.train, run.val(), influence, betas=c.fine_tuning.betas,
                                            config=cfg, metric=c.fine_tuning.select_metric, device=run.device,
                                            progress=run.progress)
+        info = {"beta": result.beta, "beta_effective": result.beta_effective, "beta_search": table,
+                "history": result.history, "config": config_dict(cfg)}
+        if variant == "iaerf":
+            info["diagnostics"], info["warnings"] = _diagnose(run, method, base, result, table)
         save_tensors(energy_path, torch.stack(result.energies) if result.energies else torch.empty(0))
         save_checkpoint(checkpoint_path(run, method, variant), result.model, model_arch(run, method),
                         {"method": method, "variant": variant, "beta": result.beta})
-        write_json(info_path, {"beta": result.beta, "beta_effective": result.beta_effective, "beta_search": table,
-                               "history": result.history, "config": config_dict(cfg)})
+        write_json(info_path, info)
 
     outputs = {checkpoint_path(run, method, variant): _checkpoint_reader(run, method), info_path: read_finetune_info,
                energy_path: lambda p: _read_energies(run, p)}
     return Stage(f"finetune-{method}-{variant}", key, outputs, write, needs)
+
+
+class IAERFWarning(UserWarning):
+    """Algorithm 1 did something a user should look at: worse than its control on validation, or an energy term
+    that outweighs the cross-entropy on most training points."""
+
+
+def _diagnose(run: Pipeline, method: str, base, result, table) -> tuple[dict, list[str]]:
+    """Training-set diagnostics of the IAERF run (:func:`iaerf.finetuning.finetune_diagnostics`), the validation
+    losses of the chosen beta and of the control, and the warnings they call for (also issued)."""
+    import warnings
+
+    from iaerf.data import ShotGroups
+    from iaerf.finetuning import finetune_diagnostics
+
+    diag = finetune_diagnostics(base, result, run.split().train, device=run.device)
+    control = evaluate(load_model(run, method, "ce"), run.val(), run.split().counts(), ShotGroups(), device=run.device)
+    diag["val_loss"] = next(row["val_loss"] for row in table if row["beta"] == result.beta)
+    diag["control_val_loss"] = control["loss"]
+    out = []
+    if diag["val_loss"] > diag["control_val_loss"]:
+        out.append(f"{method}: IAERF's validation loss {diag['val_loss']:.4g} (beta {result.beta:g}) is worse than "
+                   f"the CE control's {diag['control_val_loss']:.4g}; add 0 to the betas (protocol 'recommended') "
+                   f"so the selection can keep the control")
+    if diag["energy_dominated"] > 0.5:
+        out.append(f"{method}: the energy term outweighs the cross-entropy on {100 * diag['energy_dominated']:.0f}% "
+                   f"of the training points (beta {result.beta:g}): the fine-tuning mostly moves energies")
+    for text in out:
+        warnings.warn(text, IAERFWarning, stacklevel=2)
+    return diag, out
 
 
 def _row_stage(run: Pipeline, method: str, variant: str | None) -> Stage:
@@ -303,9 +363,9 @@ def fig1_stage(run: Pipeline, method: str) -> Stage:
 
     def write():
         split = run.split()
-        P.fig1_predicted_vs_actual(load_model(run, method), split.train, run.val(),
-                                   read_influence(run, influence_path(run, method)), out,
-                                   params=run.config.influence.influence_params, points=points,
+        model = load_model(run, method)
+        P.fig1_predicted_vs_actual(model, split.train, run.val(), read_influence(run, influence_path(run, method)),
+                                   out, params=influence_selection(run, model), points=points,
                                    seed=run.config.seed, progress=run.progress)
 
     return Stage(f"fig1-{method}", _key("fig1", infl.key, points), {out: check_png}, write, (infl,))
