@@ -1,0 +1,343 @@
+"""The layers K-FAC covers and the data passes that fit its factors (used by :mod:`iaerf.hessian.kfac`).
+
+Each supported layer computes ``z_t = W a_t (+ b)`` at T positions per example (T = 1 for an ``nn.Linear`` on
+``[m, d]``; the extra dims of an ``nn.Linear`` on ``[m, ..., d]``; the output pixels of an ``nn.Conv2d``, with
+``a_t`` the unfolded input patch). ``a`` is augmented with a 1 when the bias is selected. With ``g_t = dl / dz_t``
+of one example's training loss l, the per-example gradient of ``[W | b]`` is ``sum_t g_t a_t^T`` ``[out, in+1]``.
+
+Conventions (the KFC approximation of "A Kronecker-factored approximate Fisher matrix for convolution layers",
+exact for T = 1):
+
+    A = (1/n) sum_i (1/T) sum_t a_it a_it^T        [in+1, in+1]   (mean over examples and positions)
+    S = (1/n) sum_i sum_d sum_t g_itd g_itd^T       [out, out]     (positions summed per example)
+
+so that A (x) S matches the per-example gradient covariance ``(1/n) sum_i vec(G_i) vec(G_i)^T`` when positions are
+uncorrelated and alike. ``d`` runs over the output directions of one example: one for ``fisher="sampled"`` (a label
+drawn from softmax(logits)) and ``"empirical"`` (the true label), the K columns of ``U`` with ``U U^T`` = the PSD
+part of the Hessian of the loss w.r.t. the logits for ``"expected"`` (then ``sum_d G_d G_d^T`` is the example's exact
+Gauss-Newton block, and K-FAC is exact for one Linear layer and one example).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iaerf._distributed import all_reduce_sum, rank_and_world
+from iaerf._progress import progress_bar
+from iaerf.indexed_data import IndexedData
+from iaerf.training_loop import is_batchnorm
+
+FISHER_MODES = ("sampled", "empirical", "expected")
+
+
+class UnsupportedLayerError(ValueError):
+    """A selected parameter does not belong to a layer K-FAC covers (``nn.Linear``, ``nn.Conv2d`` with groups=1)."""
+
+
+@dataclasses.dataclass
+class KFACLayer:
+    """One layer block of the K-FAC matrix and where its parameters sit in the flat vectors ``[b, P]``.
+
+    Attributes:
+        name: the module's qualified name.
+        weight, bias: full parameter names when selected, else None.
+        weight_slice, bias_slice: their ranges in the flat layout.
+        out_dim: output features / channels; in_dim: inputs per output (``in_channels * kh * kw`` for a
+            convolution; 0 when the weight is not selected); aug_dim: ``in_dim + (bias selected)``.
+    """
+
+    name: str
+    module: nn.Module
+    weight: str | None
+    bias: str | None
+    weight_slice: slice | None
+    bias_slice: slice | None
+    out_dim: int
+    in_dim: int
+
+    @property
+    def aug_dim(self) -> int:
+        return self.in_dim + (1 if self.bias is not None else 0)
+
+    def gather(self, V: torch.Tensor) -> torch.Tensor:
+        """``V [b, P] -> [b, out, aug]``: this layer's block of the vectors as ``[W | b]``."""
+        parts = []
+        if self.weight is not None:
+            parts.append(V[:, self.weight_slice].reshape(V.shape[0], self.out_dim, self.in_dim))
+        if self.bias is not None:
+            parts.append(V[:, self.bias_slice].reshape(V.shape[0], self.out_dim, 1))
+        return torch.cat(parts, dim=2)
+
+    def scatter(self, block: torch.Tensor, out: torch.Tensor) -> None:
+        """Write ``block [b, out, aug]`` back into its slices of ``out [b, P]``."""
+        if self.weight is not None:
+            out[:, self.weight_slice] = block[:, :, :self.in_dim].reshape(block.shape[0], -1)
+        if self.bias is not None:
+            out[:, self.bias_slice] = block[:, :, self.in_dim]
+
+    def flat_indices(self) -> torch.Tensor:
+        """``[out * aug]``: the flat-vector index of each entry of ``[W | b]`` in row-major order."""
+        cols = []
+        if self.weight is not None:
+            start = self.weight_slice.start
+            cols.append(start + torch.arange(self.out_dim * self.in_dim).reshape(self.out_dim, self.in_dim))
+        if self.bias is not None:
+            cols.append(self.bias_slice.start + torch.arange(self.out_dim).reshape(self.out_dim, 1))
+        return torch.cat(cols, dim=1).reshape(-1)
+
+    # -- activations and output gradients at the T positions -------------------------------------------------
+    def patches(self, x: torch.Tensor, positions: int) -> torch.Tensor:
+        """The layer input ``x`` as ``[m, T, aug]`` (unfolded patches for a convolution, a trailing 1 for a bias);
+        ``positions`` is T (from the output)."""
+        m = x.shape[0]
+        if self.weight is None:
+            a = x.new_empty(m, positions, 0)
+        elif isinstance(self.module, nn.Conv2d):
+            conv = self.module
+            padding = conv.padding
+            if conv.padding_mode != "zeros" or isinstance(padding, str):
+                # nn.Conv2d pads by F.pad itself in these cases; the same padding then unfolds with none
+                mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+                x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+                padding = 0
+            a = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+            a = a.transpose(1, 2)
+        else:
+            a = x.reshape(m, -1, x.shape[-1])
+        if self.bias is not None:
+            a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
+        return a
+
+    def output_grads(self, g: torch.Tensor) -> torch.Tensor:
+        """The gradient w.r.t. the layer output as ``[m, T, out]``."""
+        if isinstance(self.module, nn.Conv2d):
+            return g.flatten(2).transpose(1, 2)
+        return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def kfac_parameters(model: nn.Module, params=None) -> dict[str, torch.Tensor]:
+    """The parameters K-FAC works over: :func:`iaerf.hessian.select_parameters` of ``params`` (None: all), keeping
+    those with requires_grad and dropping every batch-norm parameter (frozen in eval mode, as in fine-tuning).
+
+    Returns ``{name: parameter}`` in ``named_parameters()`` order: the flat layout of the vectors.
+    """
+    from iaerf.hessian.params import select_parameters
+
+    selected = select_parameters(model, params)
+    bn = {id(p) for m in model.modules() if is_batchnorm(m) for p in m.parameters(recurse=False)}
+    chosen = {k: p for k, p in selected.items() if p.requires_grad and p.numel() > 0 and id(p) not in bn}
+    if not chosen:
+        raise ValueError(f"params={params!r} selects no trainable non-batch-norm parameter of "
+                         f"{type(model).__name__}")
+    return chosen
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    if type(module) is nn.Linear or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward):
+        return None
+    if type(module) is nn.Conv2d or (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward):
+        if module.groups != 1:
+            return f"nn.Conv2d with groups={module.groups} (only groups=1 is supported)"
+        return None
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return f"{type(module).__name__} overrides forward (it is not W a + b)"
+    return type(module).__name__
+
+
+def resolve_layers(model: nn.Module, names: Iterable[str], shapes: dict[str, torch.Size]) -> list[KFACLayer]:
+    """The K-FAC layer blocks for the flat layout of ``names`` (in that order, with ``shapes``).
+
+    Raises:
+        UnsupportedLayerError: listing every selected parameter outside a supported layer, with its layer type.
+    """
+    owner = {}
+    for mod_name, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            owner.setdefault(f"{mod_name}.{pname}" if mod_name else pname, (mod_name, module, pname))
+    names = list(names)
+    bad = []
+    for name in names:
+        if name not in owner:
+            bad.append(f"{name} (not a parameter of the model)")
+            continue
+        mod_name, module, pname = owner[name]
+        reason = _unsupported_reason(module)
+        if reason is None and pname not in ("weight", "bias"):
+            reason = f"{type(module).__name__} parameter {pname!r}"
+        if reason is not None:
+            bad.append(f"{name} ({reason})")
+    if bad:
+        raise UnsupportedLayerError(
+            f"K-FAC covers nn.Linear and nn.Conv2d (groups=1) weights and biases only; the selection also holds "
+            f"{bad}. Leave them out (e.g. params=list(iaerf.hessian.kfac.kfac_parameters(model, ...)) without "
+            f"them), or use method='exact' / 'cg' / 'lissa'")
+    layers: dict[str, KFACLayer] = {}
+    offset = 0
+    for name in names:
+        mod_name, module, pname = owner[name]
+        size = int(torch.Size(shapes[name]).numel())
+        layer = layers.get(mod_name)
+        if layer is None:
+            out_dim = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            layer = layers[mod_name] = KFACLayer(mod_name, module, None, None, None, None, out_dim, 0)
+        if pname == "weight":
+            layer.weight, layer.weight_slice, layer.in_dim = name, slice(offset, offset + size), size // layer.out_dim
+        else:
+            layer.bias, layer.bias_slice = name, slice(offset, offset + size)
+        offset += size
+    return list(layers.values())
+
+
+def output_factors(logits: torch.Tensor, labels: torch.Tensor, loss: Callable) -> torch.Tensor:
+    """``U [m, K, K]`` with ``U_i U_i^T`` the PSD part of the Hessian of ``loss`` w.r.t. example i's logits
+    (negative eigenvalues, possible for a non-convex loss, are dropped)."""
+    def one(z, y):
+        return loss(z[None], y[None])[0]
+
+    H = torch.func.vmap(torch.func.hessian(one))(logits, labels)
+    lam, Q = torch.linalg.eigh(0.5 * (H + H.transpose(1, 2)))
+    return Q * lam.clamp_min(0).sqrt()[:, None, :]
+
+
+@dataclasses.dataclass
+class PassSettings:
+    """What a factor pass reads: the per-example loss ``[m, K], [m] -> [m]``, the Fisher mode, batching."""
+
+    loss: Callable
+    fisher: str
+    batch_size: int
+    device: torch.device
+    dtype: torch.dtype
+    process_group: object
+    progress: bool
+
+
+def _directions(logits, labels, settings: PassSettings, generator) -> list[torch.Tensor]:
+    """The output-gradient seeds ``[m, K]`` to back-propagate: one per direction d (see the module docstring)."""
+    z = logits.detach()
+    if settings.fisher == "expected":
+        U = output_factors(z, labels, settings.loss)
+        return [U[:, :, k] for k in range(U.shape[2])]
+    if settings.fisher == "sampled":
+        probs = torch.softmax(z.to(torch.float64), dim=1).cpu()
+        labels = torch.multinomial(probs, 1, generator=generator)[:, 0].to(z.device)
+    zz = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        seed, = torch.autograd.grad(settings.loss(zz, labels).sum(), zz)
+    return [seed]
+
+
+def run_pass(model: nn.Module, layers: list[KFACLayer], data: IndexedData, settings: PassSettings, generator,
+             accumulate: Callable, desc: str) -> None:
+    """One pass over ``data`` in eval mode: for every batch, ``accumulate(layer_index, a [m, T, aug], gs)`` with
+    ``gs`` the list over directions of ``g [m, T, out]``.
+
+    Each supported layer's input and output are caught by forward hooks; the output gradients come from one
+    ``torch.autograd.grad`` per direction (nothing is accumulated in ``.grad``). A layer that runs more than once
+    per forward (a shared module) is refused: its positions would mix calls.
+    """
+    from iaerf.heads import eval_mode
+
+    caught: dict[int, list] = {}
+
+    def hook(index):
+        def fn(module, inputs, output):
+            caught.setdefault(index, []).append(inputs[0].detach())
+            if not output.requires_grad:   # frozen parameters and inputs: the output still needs a gradient
+                output = output.detach().requires_grad_(True)
+            caught[index].append(output)
+            # the rest of the network gets a copy: an in-place activation (ReLU(inplace=True)) would otherwise
+            # rewrite the tensor whose gradient is taken, and autograd would return the post-activation gradient
+            return output.clone()
+        return fn
+
+    handles = [layer.module.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    bar = progress_bar(total=len(data), desc=desc, enabled=settings.progress)
+    try:
+        with eval_mode(model), torch.enable_grad():
+            for x, y in data.batches(range(len(data)), settings.batch_size, settings.device):
+                caught.clear()
+                if x.is_floating_point():
+                    x = x.to(settings.dtype)
+                logits = model(x)
+                for i, layer in enumerate(layers):
+                    if len(caught.get(i, ())) != 2:
+                        calls = len(caught.get(i, ())) // 2
+                        raise UnsupportedLayerError(
+                            f"layer {layer.name!r} ran {calls} times in one forward; K-FAC needs each selected layer "
+                            f"to run exactly once per example batch (shared modules are not supported)")
+                if logits.dim() != 2:
+                    raise ValueError(f"model must return logits of shape [b, K], got {tuple(logits.shape)}")
+                outputs = [caught[i][1] for i in range(len(layers))]
+                seeds = _directions(logits, y, settings, generator)
+                grads = [torch.autograd.grad(logits, outputs, grad_outputs=s, retain_graph=k + 1 < len(seeds),
+                                             allow_unused=True)
+                         for k, s in enumerate(seeds)]
+                for i, layer in enumerate(layers):
+                    gs = [layer.output_grads(g[i] if g[i] is not None else torch.zeros_like(outputs[i])).detach()
+                          for g in grads]
+                    accumulate(i, layer.patches(caught[i][0], gs[0].shape[1]), gs)
+                bar.update(x.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+
+
+def fit_covariances(model, layers, data, settings: PassSettings, generator):
+    """Pass 1: ``(A, S, n)`` per layer, float64, summed over ranks and divided by the global n."""
+    A = [torch.zeros(l.aug_dim, l.aug_dim, dtype=torch.float64, device=settings.device) for l in layers]
+    S = [torch.zeros(l.out_dim, l.out_dim, dtype=torch.float64, device=settings.device) for l in layers]
+
+    def accumulate(i, a, gs):
+        # per-example mean over positions for A, sum for S (the KFC scaling of the module docstring)
+        A[i] += torch.einsum("mti,mtj->ij", a, a).to(torch.float64) / a.shape[1]
+        for g in gs:
+            S[i] += torch.einsum("mti,mtj->ij", g, g).to(torch.float64)
+
+    run_pass(model, layers, data, settings, generator, accumulate, "K-FAC factors")
+    n = _global_count(len(data), settings)
+    return [_reduce(t, settings) / n for t in A], [_reduce(t, settings) / n for t in S], n
+
+
+def fit_corrections(model, layers, data, settings: PassSettings, generator, bases):
+    """Pass 2 (EK-FAC): per layer ``[out, aug]`` the mean over examples of the squared per-example gradients in the
+    Kronecker eigenbasis, ``(1/n) sum_i sum_d (Q_S^T G_id Q_A)^2``; each batch's gradients are formed projected and
+    dropped (at most ``batch_size * out * aug`` numbers live per layer)."""
+    lam = [torch.zeros(l.out_dim, l.aug_dim, dtype=torch.float64, device=settings.device) for l in layers]
+    Q = [(QA.to(settings.dtype), QS.to(settings.dtype)) for QA, QS in bases]
+
+    def accumulate(i, a, gs):
+        QA, QS = Q[i]
+        ap = a @ QA
+        for g in gs:
+            G = torch.einsum("mto,mti->moi", g @ QS, ap)
+            lam[i] += (G * G).sum(0).to(torch.float64)
+
+    run_pass(model, layers, data, settings, generator, accumulate, "EK-FAC eigenvalues")
+    n = _global_count(len(data), settings)
+    return [_reduce(t, settings) / n for t in lam]
+
+
+def _reduce(t: torch.Tensor, settings: PassSettings) -> torch.Tensor:
+    if settings.process_group is None:
+        return t
+    from iaerf._distributed import collective_device
+
+    where = collective_device(settings.process_group, t.device)
+    return all_reduce_sum(t.to(where), settings.process_group).to(t.device)
+
+
+def _global_count(local: int, settings: PassSettings) -> int:
+    t = torch.tensor([float(local)], dtype=torch.float64)
+    return int(_reduce(t, settings).item())
+
+
+def derived_generator(seed: int, stage: int, group) -> torch.Generator:
+    """A CPU generator per (seed, pass, rank): the sampled labels do not depend on the device."""
+    rank = rank_and_world(group)[0]
+    return torch.Generator().manual_seed((seed * 1_000_003 + stage * 7919 + rank) % (2**63))
