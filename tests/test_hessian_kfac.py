@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
@@ -317,6 +319,37 @@ def test_factor_cache_round_trips_and_is_refused_when_inputs_differ(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert KFACOperator(model, (X, Y), cache_dir=tmp_path, progress=False).from_cache
+
+
+# -- processes ---------------------------------------------------------------------------------------------------------
+def _dist_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        X, Y = _teacher_data((6,), 40, 0)
+        torch.manual_seed(0)
+        model = MLP().double()
+        shard = slice(25, 40) if rank else slice(0, 25)                      # uneven shards: 25 + 15 rows
+        op = KFACOperator(model, (X[shard], Y[shard]), fisher="expected", batch_size=8,
+                          process_group=dist.group.WORLD, progress=False)
+        torch.save({"n": op.num_samples, "kfac": op.dense("kfac"), "ekfac": op.dense("ekfac")},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_two_ranks_fit_the_factors_of_the_whole_data(tmp_path):
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    X, Y = _teacher_data((6,), 40, 0)
+    torch.manual_seed(0)
+    single = KFACOperator(MLP().double(), (X, Y), fisher="expected", batch_size=8, progress=False)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["n"] == 40
+        for method in ("kfac", "ekfac"):
+            torch.testing.assert_close(got[method], single.dense(method), atol=1e-12, rtol=0)
 
 
 # -- the documentation ------------------------------------------------------------------------------------------------
