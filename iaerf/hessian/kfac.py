@@ -365,7 +365,7 @@ def kfac_inverse_hvp(operator, vectors: torch.Tensor, method: str = "ekfac", *, 
     """``(H_kfac + damping I)^{-1} V`` with the same call as :func:`iaerf.hessian.inverse_hvp`.
 
     Args:
-        operator: a fitted :class:`KFACOperator` (used as is; ``options`` must then be empty), or a
+        operator: a fitted :class:`KFACOperator` (used as is; ``options`` must then be the defaults), or a
             :class:`iaerf.ModuleHessian` / :class:`iaerf.HeadHessian` whose model, data, loss, parameters and weight
             decay the factors are fitted on (one pass for ``"kfac"``, two for ``"ekfac"``).
         vectors: ``[b, P]`` or ``[P]`` in the operator's dtype and device.
@@ -381,7 +381,8 @@ def kfac_inverse_hvp(operator, vectors: torch.Tensor, method: str = "ekfac", *, 
     opts = make_kfac_options(options, method_options)
     check_vectors(vectors, num_params=operator.num_params, dtype=operator.dtype, device=operator.device)
     if isinstance(operator, KFACOperator):
-        if options is not None or method_options:
+        # inverse_hvp hands over its validated (default) options; only settings the caller changed are refused
+        if opts != KFACOptions():
             raise ValueError("options apply when the factors are fitted; a KFACOperator is already fitted (give the "
                              "settings to its constructor)")
         kfac = operator
