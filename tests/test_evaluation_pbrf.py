@@ -113,7 +113,7 @@ def test_pbrf_params_selects_the_moving_parameters(mlp):
 def test_pbrf_not_converged_warns(mlp):
     net, train, val = mlp
     with pytest.warns(RuntimeWarning, match="above tol"):
-        _, info = pbrf_effect(net, train, val, [0], eps=1e-3, damping=1e-2, max_newton=1, max_cg=1, progress=False,
+        _, info = pbrf_effect(net, train, val, [0], eps=1e-3, damping=1e-2, max_iter=1, max_cg=1, progress=False,
                               return_info=True)
     assert not bool(info.converged.all())
 
@@ -146,8 +146,9 @@ def test_pbrf_results_folder_resumes_and_detects_changes(mlp, tmp_path, monkeypa
     (dict(damping=-1.0), "damping must be"),
     (dict(damping=0.0), "damping \\+ weight_decay must be > 0"),
     (dict(kind="kl"), "kind must be one of"),
+    (dict(method="lbfgs"), "method must be one of"),
     (dict(tol=0), "tol must be"),
-    (dict(max_newton=0), "max_newton must be"),
+    (dict(max_iter=0), "max_iter must be"),
     (dict(chunk_size=1.5), "chunk_size must be"),
     (dict(indices=[]), "indices is empty"),
     (dict(indices=[60]), "indices must lie in"),
@@ -159,3 +160,15 @@ def test_pbrf_bad_arguments(mlp, change, match):
     kw.update(change)
     with pytest.raises(ValueError, match=match):
         pbrf_effect(net, train, val, kw.pop("indices"), **kw)
+
+
+def test_chord_method_reaches_the_same_minimiser(mlp):
+    """The chord method (one exact Woodbury factor of G + lambda I at theta_s, then gradient-only steps) stops on
+    the same PBRF gradient criterion, so it gives Newton-CG's answer."""
+    net, train, val = mlp
+    idx = [2, 4, 8, 16]
+    kw = dict(eps=1e-3, damping=1e-2, progress=False, return_info=True)
+    newton, _ = pbrf_effect(net, train, val, idx, **kw)
+    chord, info = pbrf_effect(net, train, val, idx, method="chord", **kw)
+    assert bool(info.converged.all()) and int(info.cg_iters.sum()) == 0
+    np.testing.assert_allclose(chord.numpy(), newton.numpy(), rtol=1e-6)

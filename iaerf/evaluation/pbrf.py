@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 
 from iaerf._progress import progress_bar
 from iaerf.evaluation._store import ResultsFolder
@@ -41,6 +41,9 @@ from iaerf.influence.task import callable_identity
 __all__ = ["pbrf_effect", "PBRFInfo"]
 
 _KINDS = ("energy", "loss")
+_METHODS = ("newton-cg", "chord")
+# the Woodbury factor of the chord method holds an [n K, n K] matrix and an [n K, P] one
+_CHORD_MAX_ROWS = 20000
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class PBRFInfo:
     """How far each PBRF solve went. Rows follow ``indices``, columns are the +eps and -eps problems.
 
     ``grad_norm``: ||grad PBRF(theta*)|| / ||grad PBRF(theta_s)|| reached (the initial gradient is eps grad q);
-    ``newton_iters`` / ``cg_iters``: Newton steps and Hessian-vector products spent; ``converged``: grad_norm <= tol.
+    ``newton_iters`` / ``cg_iters``: Newton (or chord) steps and Hessian-vector products spent; ``converged``: grad_norm <= tol.
     """
 
     grad_norm: torch.Tensor      # [len(indices), 2] float64
@@ -80,8 +83,8 @@ def _as_double(x: torch.Tensor) -> torch.Tensor:
 
 
 def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind: str = "energy",
-                weight_decay: float = 0.0, params=None, task=None, tol: float = 1e-9, max_newton: int = 30,
-                max_cg: int = 1000, chunk_size: int = 16, batch_size: int = 1024, out_dir=None, rerun: bool = False,
+                weight_decay: float = 0.0, params=None, task=None, method: str = "newton-cg", tol: float = 1e-9,
+                max_iter: int = 30, max_cg: int = 1000, chunk_size: int = 16, batch_size: int = 1024, out_dir=None, rerun: bool = False,
                 progress: bool = True, return_info: bool = False):
     """PBRF response of the measurement to eps * q(x_k) for each training index k, by central differences.
 
@@ -100,7 +103,13 @@ def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind:
         params: names / prefixes of the parameters that move (the influence's ``params``); the rest stay fixed.
         task: :class:`iaerf.InfluenceTask` (training loss of D_B, measurement, regularized quantity, unpacking).
         tol: stop when ||grad PBRF|| <= tol * ||eps grad q(x_k)|| (relative to the gradient at theta_s).
-        max_newton, max_cg: Newton steps per solve, conjugate-gradient steps (HVPs) per Newton step.
+        method: "newton-cg" (Newton steps solved by conjugate gradients with exact Hessian-vector products of the
+            PBRF objective, truncated at negative curvature) or "chord" (simplified Newton: every step solves with
+            the PBRF Hessian at theta_s, G + (damping + weight_decay) I, factorised once exactly by the Woodbury
+            identity from the per-example output Jacobians; each step then costs one gradient, no HVP, which is
+            what makes a CNN affordable; needs n K x P float64 numbers of memory, n K <= 20000). Both
+            backtrack on the objective and stop on the true PBRF gradient, so they reach the same minimiser.
+        max_iter, max_cg: Newton (or chord) steps per solve; conjugate-gradient steps (HVPs) per Newton step.
         chunk_size: PBRF problems solved together (vmapped over stacked parameter copies); 2 per index.
         batch_size: training points per forward pass inside one HVP (memory only, not the result).
         out_dir: a results folder (:class:`iaerf.evaluation._store.ResultsFolder`): each finished chunk is stored
@@ -113,9 +122,8 @@ def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind:
         ``energy_influence(..., gauss_newton=True, weight_decay=weight_decay, damping=damping)[indices]`` (or
         ``loss_influence``); with ``return_info``, ``(effect, info)``.
 
-    Newton-CG: each Newton step solves H d = -grad by conjugate gradients with exact Hessian-vector products of
-    the PBRF objective (forward-over-reverse), truncated at negative curvature, then backtracks on the objective.
-    A solve that stops above ``tol`` gives a RuntimeWarning and ``info.converged`` False.
+    A solve that stops above ``tol`` gives a RuntimeWarning and ``info.converged`` False. For convolutional
+    models use ``chunk_size=1`` (vmap over stacked convolution weights is slower than a loop on the CPU).
     """
     eps = _number("eps", eps, positive=True)
     damping = _number("damping", damping)
@@ -125,8 +133,10 @@ def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind:
                          "||theta - theta_s||^2 is what makes the PBRF problem well posed")
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     tol = _number("tol", tol, positive=True)
-    for name, value in (("max_newton", max_newton), ("max_cg", max_cg), ("chunk_size", chunk_size),
+    for name, value in (("max_iter", max_iter), ("max_cg", max_cg), ("chunk_size", chunk_size),
                         ("batch_size", batch_size)):
         _count(name, value)
     task = _task(task)
@@ -148,13 +158,16 @@ def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind:
     chosen = _trainable_selection(model, params)
 
     problem = _PBRFProblem(model, list(chosen), train_d, val_d, task, kind, damping + weight_decay, batch_size)
+    if method == "chord" and problem.n * problem.num_classes > _CHORD_MAX_ROWS:
+        raise ValueError(f"method='chord' factorises an [n K, n K] matrix and n K = {problem.n} x "
+                         f"{problem.num_classes} exceeds {_CHORD_MAX_ROWS}; use method='newton-cg'")
     store = ResultsFolder(out_dir, "pbrf", {
         "model": model_fingerprint(model), "train": train_d.fingerprint(), "val": val_d.fingerprint(),
         "indices": indices, "eps": eps, "damping": damping, "weight_decay": weight_decay, "kind": kind,
         "params": list(chosen), "task": {name: callable_identity(getattr(task, name))
                                          for name in ("train_loss", "regularized")} | {
                                              "measurement": callable_identity(task.measure)},
-        "tol": tol, "max_newton": max_newton, "max_cg": max_cg, "chunk_size": chunk_size,
+        "method": method, "tol": tol, "max_iter": max_iter, "max_cg": max_cg, "chunk_size": chunk_size,
     }, rerun=rerun) if out_dir is not None else ResultsFolder(None, "pbrf", {})
 
     runs = [(k, sign * eps) for k in indices for sign in (1.0, -1.0)]
@@ -165,7 +178,7 @@ def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind:
     for j, chunk in enumerate(chunks):
         unit = store.load(f"chunk-{j:05d}")
         if unit is None:
-            unit = problem.solve(chunk, tol=tol, max_newton=max_newton, max_cg=max_cg)
+            unit = problem.solve(chunk, method=method, tol=tol, max_iter=max_iter, max_cg=max_cg)
             store.store(f"chunk-{j:05d}", unit)
         for f in fields:
             parts[f].append(unit[f])
@@ -178,7 +191,7 @@ def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind:
     if not bool(info.converged.all()):
         bad = int((~info.converged).sum())
         warnings.warn(f"pbrf_effect: {bad} of {2 * len(indices)} PBRF solves stopped at a relative gradient norm "
-                      f"above tol={tol:g} (worst {info.max_grad_norm:.2e}); raise max_newton / max_cg or damping",
+                      f"above tol={tol:g} (worst {info.max_grad_norm:.2e}); raise max_iter / max_cg or damping",
                       RuntimeWarning, stacklevel=2)
     store.write_results({"effect": effect, "grad_norm": info.grad_norm, "converged": info.converged})
     return (effect, info) if return_info else effect
@@ -213,6 +226,7 @@ class _PBRFProblem:
                                      f"got {tuple(loss_s.shape)}")
                 gs = vmap(grad(lambda z, t: task.train_loss(z[None], t[None])[0]))(zs, y)
                 self.batches.append((x, y, zs, loss_s, gs))
+        self.num_classes = self.batches[0][2].shape[1]
 
     def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.net, {**unflatten(theta, self.like), **self.fixed}, (x,))
@@ -259,8 +273,42 @@ class _PBRFProblem:
         with torch.no_grad():
             return vmap(one)(thetas)
 
-    def solve(self, runs, *, tol: float, max_newton: int, max_cg: int) -> dict:
-        """Newton-CG on the R = len(runs) problems ``(k, coef)`` at once; the unit stored per chunk."""
+    def factorize(self) -> None:
+        """The exact Woodbury form of (G + proximal I)^{-1} at theta_s, for the chord method.
+
+        G = U^T U with U = [A_i^T J_i / sqrt(n)]_i ([n K, P]): J_i the output Jacobian [K, P] of example i and
+        A_i A_i^T its output Hessian [K, K] (eigendecomposition; psd for a convex training loss). Then
+        (U^T U + c I)^{-1} v = (v - U^T (c I + U U^T)^{-1} U v) / c, one Cholesky factor of an [n K, n K] matrix.
+        """
+        if hasattr(self, "_chol"):
+            return
+        rows = []
+        for x, y, zs, _, _ in self.batches:
+            for s in range(0, x.shape[0], 64):
+                xb, zb, yb = x[s:s + 64], zs[s:s + 64], y[s:s + 64]
+                jac = vmap(jacrev(lambda th, xi: self.logits(th, xi[None])[0]), in_dims=(None, 0))(self.theta_s, xb)
+                h_out = vmap(hessian(lambda z, t: self.task.train_loss(z[None], t[None])[0]))(zb, yb)
+                w, V = torch.linalg.eigh(h_out)
+                if bool((w < -1e-10 * w.abs().amax(-1, keepdim=True).clamp_min(1e-300)).any()):
+                    raise ValueError("method='chord' needs a convex training loss in the logits (a psd output "
+                                     "Hessian); use method='newton-cg'")
+                A = V * w.clamp_min(0).sqrt()[:, None, :]                      # [b, K, K]
+                rows.append(torch.einsum("bkj,bkp->bjp", A, jac).reshape(-1, jac.shape[-1]))
+        self._U = torch.cat(rows) / math.sqrt(self.n)
+        gram = self._U @ self._U.T
+        gram.diagonal().add_(self.proximal)
+        self._chol = torch.linalg.cholesky(gram)
+
+    def precondition(self, v: torch.Tensor) -> torch.Tensor:
+        """(G + proximal I)^{-1} v at theta_s for v [R, P]."""
+        inner = torch.cholesky_solve((self._U @ v.T), self._chol)
+        return (v - (self._U.T @ inner).T) / self.proximal
+
+    def solve(self, runs, *, method: str, tol: float, max_iter: int, max_cg: int) -> dict:
+        """Newton-CG or the chord method on the R = len(runs) problems ``(k, coef)`` at once; the unit stored
+        per chunk."""
+        if method == "chord":
+            self.factorize()
         R = len(runs)
         k = torch.tensor([r[0] for r in runs], device=self.theta_s.device)
         xk, yk = self.train_x[k], self.train_y[k]
@@ -271,15 +319,18 @@ class _PBRFProblem:
         f = self.value(theta, xk, yk, coef)
         newton = torch.zeros(R, dtype=torch.long)
         cg_used = torch.zeros(R, dtype=torch.long)
-        for _ in range(max_newton):
+        for _ in range(max_iter):
             rel = g.norm(dim=1) / g0
             active = rel > tol
             if not bool(active.any()):
                 break
-            # Eisenstat-Walker forcing: loose inner solves far away, tight ones near the optimum
-            forcing = torch.clamp(rel.sqrt(), max=0.5) * g.norm(dim=1)
-            d, used = _cg(lambda v: self.hvp(theta, v, xk, yk, coef), -g, forcing, active, max_cg)
-            cg_used += used.cpu()
+            if method == "chord":
+                d = -self.precondition(g)
+            else:
+                # Eisenstat-Walker forcing: loose inner solves far away, tight ones near the optimum
+                forcing = torch.clamp(rel.sqrt(), max=0.5) * g.norm(dim=1)
+                d, used = _cg(lambda v: self.hvp(theta, v, xk, yk, coef), -g, forcing, active, max_cg)
+                cg_used += used.cpu()
             step = torch.ones(R, dtype=torch.float64, device=theta.device)
             slope = (g * d).sum(1)
             for _ls in range(30):
