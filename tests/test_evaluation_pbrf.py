@@ -172,3 +172,15 @@ def test_chord_method_reaches_the_same_minimiser(mlp):
     chord, info = pbrf_effect(net, train, val, idx, method="chord", **kw)
     assert bool(info.converged.all()) and int(info.cg_iters.sum()) == 0
     np.testing.assert_allclose(chord.numpy(), newton.numpy(), rtol=1e-6)
+
+
+def test_scatter_predicted_vs_actual(tmp_path):
+    from iaerf.evaluation import scatter_predicted_vs_actual
+
+    path = str(tmp_path / "fig.png")
+    r = scatter_predicted_vs_actual([0.0, 1.0, 2.0], [0.1, 0.9, 2.2], path, "PBRF")
+    assert 0.99 < r <= 1.0
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="same number"):
+        scatter_predicted_vs_actual([0.0, 1.0], [0.0], path)
