@@ -1,0 +1,159 @@
+"""EK-FAC influence in iaerf and in kronfluence 1.0.1, side by side (issue 13): same model, data and damping.
+
+For each case: time to fit the EK-FAC factors (both passes), time to score every training point against the mean
+validation loss (iaerf: one solve + one forward-mode JVP pass; kronfluence: per-example gradients against the
+preconditioned query gradients), the Pearson between the two libraries' scores and, where affordable, of each with
+the exact Gauss-Newton influence (CG on iaerf's Gauss-Newton operator, tol 1e-8).
+
+Cases: the digits SmallCNN (full model, batch norm frozen and left out) and ResNet-32 on CIFAR-10-LT-sized random
+data (12,406 training points; no exact reference). kronfluence runs only when importable:
+
+    bash benchmarks/setup_kronfluence.sh
+    build/kronfluence-venv/bin/python -m benchmarks.bench_kfac [--smoke] [--device cuda] [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from iaerf._io import write_json
+from iaerf.hessian import ModuleHessian, inverse_hvp
+from iaerf.hessian.kfac import KFACOperator
+from iaerf.hessian.params import flatten, unflatten
+from iaerf.indexed_data import IndexedData
+from iaerf.influence.gradients import directional_derivatives, loss_from_logits, loss_gradients
+from iaerf.models import ResNet32, SmallCNN
+
+
+def _pearson(a, b) -> float:
+    return float(torch.corrcoef(torch.stack([a.double().cpu(), b.double().cpu()]))[0, 1])
+
+
+def _case_data(shape, n_train, n_val, classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.rand((n_train,) + shape, generator=g), torch.randint(0, classes, (n_train,), generator=g)),
+            (torch.rand((n_val,) + shape, generator=g), torch.randint(0, classes, (n_val,), generator=g)))
+
+
+def iaerf_ekfac(model, train, val, damping, batch_size, device):
+    """``(scores [n], fit seconds, score seconds)``: I_loss(x_i) = -g_val^T (G_ekfac + damping I)^{-1} g_i."""
+    t0 = time.perf_counter()
+    op = KFACOperator(model, train, method="ekfac", batch_size=batch_size, device=device, progress=False)
+    t1 = time.perf_counter()
+    params = {k: p for k, p in model.named_parameters() if k in op.param_names}
+    tr, va = IndexedData(train, "train"), IndexedData(val, "val")
+    g = flatten(loss_gradients(model, params, va, range(len(va)), total=len(va), batch_size=batch_size,
+                               device=device))
+    s = op.solve(g, damping)
+    scores = -directional_derivatives(model, params, unflatten(s, params), tr, range(len(tr)), fn=loss_from_logits,
+                                      batch_size=batch_size, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return scores, t1 - t0, time.perf_counter() - t1, op.param_names
+
+
+def exact_ggn(model, train, val, names, damping, batch_size, device):
+    """The exact Gauss-Newton influence by CG (the reference both libraries approximate)."""
+    H = ModuleHessian(model, train, params=names, gauss_newton=True, batch_size=batch_size, device=device)
+    params = {k: p for k, p in model.named_parameters() if k in names}
+    va, tr = IndexedData(val, "val"), IndexedData(train, "train")
+    g = flatten(loss_gradients(model, params, va, range(len(va)), total=len(va), batch_size=batch_size,
+                               device=device))
+    s = inverse_hvp(H, g, "cg", damping=damping, tol=1e-8, max_iter=2000, progress=False)
+    return -directional_derivatives(model, params, unflatten(s, params), tr, range(len(tr)), fn=loss_from_logits,
+                                    batch_size=batch_size, device=device)
+
+
+def kronfluence_ekfac(model, train, val, damping, batch_size, device):
+    """``(scores [n], fit seconds, score seconds)`` from kronfluence's EK-FAC, the mean over validation queries of
+    its pairwise scores, negated to iaerf's sign (kronfluence scores g_val^T H^-1 g_i)."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    class _CE(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            logits = model(x)
+            if sample:
+                with torch.no_grad():
+                    y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
+            return F.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            return F.cross_entropy(model(x), y, reduction="sum")
+
+    model = prepare_model(copy.deepcopy(model).eval(), _CE())   # kronfluence wraps the layers in place
+    with tempfile.TemporaryDirectory() as out:
+        analyzer = Analyzer("bench", model, _CE(), cpu=device.type == "cpu", disable_tqdm=True, output_dir=out)
+        tds = torch.utils.data.TensorDataset(*train)
+        vds = torch.utils.data.TensorDataset(*val)
+        t0 = time.perf_counter()
+        analyzer.fit_all_factors("f", tds, factor_args=FactorArguments(strategy="ekfac"),
+                                 per_device_batch_size=batch_size, overwrite_output_dir=True)
+        t1 = time.perf_counter()
+        analyzer.compute_pairwise_scores("s", "f", vds, tds, per_device_query_batch_size=len(val[0]),
+                                         per_device_train_batch_size=batch_size,
+                                         score_args=ScoreArguments(damping_factor=damping),
+                                         overwrite_output_dir=True)
+        t2 = time.perf_counter()
+        scores = analyzer.load_pairwise_scores("s")["all_modules"]
+    return -scores.mean(0), t1 - t0, t2 - t1
+
+
+def run_case(name, model, shape, n_train, n_val, classes, damping, batch_size, device, exact):
+    train, val = _case_data(shape, n_train, n_val, classes, 0)
+    model = model.to(device).eval()
+    train = tuple(t.to(device) for t in train)
+    val = tuple(t.to(device) for t in val)
+    ours, fit, score, names = iaerf_ekfac(model, train, val, damping, batch_size, device)
+    row = {"case": name, "n_train": n_train, "num_params": sum(model.get_parameter(k).numel() for k in names),
+           "damping": damping, "iaerf_fit_s": fit, "iaerf_score_s": score}
+    try:
+        import kronfluence  # noqa: F401
+    except ImportError:
+        row["kronfluence"] = "not installed (bash benchmarks/setup_kronfluence.sh)"
+    else:
+        theirs, kfit, kscore = kronfluence_ekfac(model, train, val, damping, batch_size, device)
+        row.update(kronfluence_fit_s=kfit, kronfluence_score_s=kscore, pearson_iaerf_kronfluence=_pearson(ours, theirs),
+                   speedup_end_to_end=(kfit + kscore) / (fit + score))
+    if exact:
+        ref = exact_ggn(model, train, val, names, damping, batch_size, device)
+        row["pearson_iaerf_exact"] = _pearson(ours, ref)
+        if "pearson_iaerf_kronfluence" in row:
+            row["pearson_kronfluence_exact"] = _pearson(theirs, ref)
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if args.smoke:
+        cases = [("SmallCNN digits (smoke)", SmallCNN(width=2), (1, 8, 8), 64, 8, 10, 1e-3, 32, True),
+                 ("ResNet-32 (smoke)", ResNet32(num_classes=10), (3, 8, 8), 16, 4, 10, 1e-3, 8, False)]
+    else:
+        cases = [("SmallCNN digits", SmallCNN(), (1, 8, 8), 1437, 180, 10, 1e-3, 256, True),
+                 ("ResNet-32 CIFAR-10-LT size", ResNet32(num_classes=10), (3, 32, 32), 12406, 500, 10, 1e-3, 128,
+                  False)]
+    rows = [run_case(name, model, shape, n, m, k, d, bs, device, exact)
+            for name, model, shape, n, m, k, d, bs, exact in cases]
+    print(json.dumps(rows, indent=2))
+    if args.out:
+        write_json(args.out, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
