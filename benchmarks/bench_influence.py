@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
-from iaerf.influence.data import IndexedData
+from iaerf.indexed_data import IndexedData
 from iaerf.influence.gradients import directional_derivatives, energy_from_logits
 from iaerf.models import ResNet32, SmallCNN
 

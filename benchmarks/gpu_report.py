@@ -223,7 +223,7 @@ def influence(device: str, dry: bool) -> dict:
     import torch
 
     from benchmarks.common import device_time, max_rel_error
-    from iaerf.influence.data import IndexedData
+    from iaerf.indexed_data import IndexedData
     from iaerf.influence.gradients import directional_derivatives, energy_from_logits
     from iaerf.models import ResNet32
 

@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import bench_hessian, bench_influence, bench_ops
 from iaerf.hessian import HeadHessian, ModuleHessian, inverse_hvp
-from iaerf.influence.data import IndexedData
+from iaerf.indexed_data import IndexedData
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytest.importorskip("pytest_benchmark")

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p)
     p = sub.add_parser("plot", help="figures 2, 3, 5 (and 1 with --fig1)")
     _add_settings(p)
+    p = sub.add_parser("evaluate-influence", help="energy influence vs its ground truth, the proximal Bregman "
+                       "response (PBRF), on --pbrf-points training points")
+    _add_settings(p)
+    p.add_argument("--method", required=True, choices=["erm", "ldam_drw", "crt", "lws"])
     p = sub.add_parser("demo", help="the whole pipeline on long-tailed digits (ratio 10); prints the table")
     _add_settings(p)
     p.add_argument("--quick", action="store_true", help="tiny schedules (a smoke test, not a result)")
@@ -240,6 +244,13 @@ def _run(args) -> int:
               f"{metrics['dataset']['shot_groups']}\n")
         print(format_table(metrics["results"]))
         print(f"\nrun directory: {pipe.out}  ({time.perf_counter() - t0:.1f}s)")
+    elif args.command == "evaluate-influence":
+        from iaerf.pipeline.stages import pbrf_path
+
+        out = pipe.evaluate_influence(args.method)
+        state = "converged" if out["converged"] else f"NOT converged (gradient norm {out['max_grad_norm']:.2g})"
+        print(f"{args.method}: Pearson R {out['pearson']:.4f} between energy influence and PBRF over "
+              f"{len(out['indices'])} training points; PBRF solves {state} -> {pbrf_path(pipe, args.method)}")
     elif args.command == "plot":
         for path in pipe.plots():
             print(path)

@@ -215,3 +215,16 @@ def test_python_dash_m_help():
     assert res.returncode == 0
     for sub in ("data", "train", "influence", "finetune", "evaluate", "plot", "demo"):
         assert sub in res.stdout
+
+
+def test_evaluate_influence_against_pbrf(tmp_path, capsys):
+    """`iaerf evaluate-influence`: the classifier-only influence of a run against its PBRF ground truth (the head
+    is convex, Gauss-Newton = Hessian there, so they must agree closely)."""
+    out = str(tmp_path / "ev")
+    assert main(["evaluate-influence", "--out", out, "--quiet", "--threads", "1", "--method", "erm", "--methods", "erm",
+                 "--train-epochs", "3", "--damping", "1e-2", "--pbrf-points", "6"]) == 0
+    text = capsys.readouterr().out
+    assert "converged" in text and "NOT" not in text
+    res = json.load(open(os.path.join(out, "evaluation", "pbrf_erm.json")))
+    assert len(res["indices"]) == 6 and res["pearson"] > 0.99 and res["converged"]
+    assert os.path.isfile(os.path.join(out, "plots", "pbrf_erm.png"))

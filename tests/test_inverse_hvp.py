@@ -251,3 +251,19 @@ def test_bad_inputs():
         warnings.simplefilter("error")
         with pytest.raises(RuntimeWarning, match="max_iter"):
             inverse_hvp(op, V, "cg", max_iter=2, progress=False)
+
+
+def test_vectors_that_require_grad_keep_no_graph():
+    """A right-hand side that requires grad (e.g. a gradient taken while unselected parameters require grad) must
+    not make every CG / LiSSA iterate carry a growing autograd graph: the solution is a plain tensor."""
+    import iaerf
+    from iaerf.hessian import ModuleHessian
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    op = ModuleHessian(model, (x, y), gauss_newton=True)
+    v = torch.randn(op.num_params, dtype=torch.float64, requires_grad=True) * 1.0
+    for method in ("cg", "exact"):
+        s = iaerf.inverse_hvp(op, v, method=method, damping=0.1, progress=False)
+        assert not s.requires_grad and s.grad_fn is None

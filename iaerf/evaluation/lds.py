@@ -20,7 +20,7 @@ from iaerf._io import hash_tensor
 from iaerf._progress import progress_bar
 from iaerf.evaluation._store import ResultsFolder
 from iaerf.evaluation.pbrf import _count, _number
-from iaerf.influence.data import IndexedData
+from iaerf.indexed_data import IndexedData
 from iaerf.influence.energy import _task
 from iaerf.influence.task import callable_identity
 

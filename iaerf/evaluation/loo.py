@@ -19,7 +19,7 @@ from scipy.stats import spearmanr
 from iaerf._progress import progress_bar
 from iaerf.evaluation._store import ResultsFolder
 from iaerf.evaluation.pbrf import _number
-from iaerf.influence.data import IndexedData
+from iaerf.indexed_data import IndexedData
 from iaerf.influence.validation import fit_softmax_regression, softmax_regression_loss
 from iaerf.plots import pearson_r
 

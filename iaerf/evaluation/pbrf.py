@@ -34,7 +34,7 @@ from iaerf._progress import progress_bar
 from iaerf.evaluation._store import ResultsFolder
 from iaerf.hessian.params import unflatten
 from iaerf.influence.cache import model_fingerprint
-from iaerf.influence.data import IndexedData
+from iaerf.indexed_data import IndexedData
 from iaerf.influence.energy import _task, _trainable_selection
 from iaerf.influence.task import callable_identity
 

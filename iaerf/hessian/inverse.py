@@ -32,6 +32,7 @@ from iaerf._distributed import collective_device
 from iaerf._io import atomic_write
 from iaerf._progress import progress_bar
 from iaerf.hessian._checks import check_nonnegative, check_vectors
+from iaerf.hessian.kfac import KFACOptions, kfac_inverse_hvp
 from iaerf.hessian.operators import HessianOperator
 from iaerf.indexed_data import named_digest
 
@@ -141,7 +142,7 @@ class ExactOptions:
             raise ValueError(f"exact option max_exact_params must be a positive int, got {self.max_exact_params!r}")
 
 
-_OPTIONS = {"lissa": LissaOptions, "cg": CGOptions, "exact": ExactOptions}
+_OPTIONS = {"lissa": LissaOptions, "cg": CGOptions, "exact": ExactOptions, "kfac": KFACOptions, "ekfac": KFACOptions}
 
 
 def make_solver_options(method: str, options=None, kwargs=None, *, name: str = "options"):
@@ -177,7 +178,8 @@ def inverse_hvp(operator: HessianOperator, vectors: torch.Tensor, method: str = 
     Args:
         operator: a :class:`HessianOperator` (``H`` already includes its weight decay).
         vectors: ``[b, P]`` or ``[P]`` in the operator's dtype and device, finite.
-        method: ``"lissa"``, ``"cg"`` or ``"exact"``.
+        method: ``"lissa"``, ``"cg"``, ``"exact"``, or ``"kfac"`` / ``"ekfac"`` (:mod:`iaerf.hessian.kfac`: the
+            Kronecker-factored Gauss-Newton approximation of the operator's model and loss, fitted on its data).
         damping: >= 0, added to H (same meaning for every method).
         seed: seeds LiSSA's minibatch generators and the power iteration.
         progress: show a tqdm bar (LiSSA: ||x|| of the running estimate; CG: the largest relative residual).
@@ -199,7 +201,11 @@ def inverse_hvp(operator: HessianOperator, vectors: torch.Tensor, method: str = 
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     opts = make_solver_options(method, options, method_options)
+    if method in ("kfac", "ekfac"):
+        return kfac_inverse_hvp(operator, vectors, method, damping=damping, seed=seed, progress=progress,
+                                options=opts, return_info=return_info)
     V, single = check_vectors(vectors, num_params=operator.num_params, dtype=operator.dtype, device=operator.device)
+    V = V.detach()  # the solve is not differentiated: a graph through the vectors would grow with every iteration
     if method == "exact":
         x, info = _exact(operator, V, damping, opts)
     elif method == "cg":

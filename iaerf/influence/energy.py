@@ -30,7 +30,7 @@ from iaerf.influence.cache import ResultCache, model_fingerprint
 from iaerf.influence.gradients import directional_derivatives, loss_gradients
 from iaerf.influence.task import InfluenceTask
 
-_SOLVERS = ("lissa", "cg", "exact")
+_SOLVERS = ("lissa", "cg", "exact", "kfac", "ekfac")
 
 
 def energy_influence(model, train, val, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
@@ -50,7 +50,7 @@ def energy_influence(model, train, val, *, params=None, weight_decay=0.0, dampin
             layer computes ``W x + b`` (not a subclass with its own forward), the native head Hessian is used.
         weight_decay: L2 term of the training objective, (weight_decay / 2) ||theta||^2 (as torch.optim.SGD).
         damping: added to H before the solve.
-        solver: "lissa", "cg" or "exact" (:func:`iaerf.inverse_hvp`).
+        solver: "lissa", "cg", "exact", "kfac" or "ekfac" (:func:`iaerf.inverse_hvp`).
         solver_options: that solver's options, typed -- :class:`iaerf.LissaOptions` for "lissa",
             :class:`iaerf.CGOptions` for "cg", :class:`iaerf.ExactOptions` for "exact" (another solver's class is
             a TypeError) -- or a dict of their fields (None: the defaults); validated before any pass and handed
@@ -417,7 +417,12 @@ def prepare(kind: str, model, train, val, settings: SolveSettings, task: Influen
         raise ValueError(f"{val_name} is empty: the influence needs at least one {val_name} point")
     if len(train_d) == 0:
         raise ValueError("train is empty")
-    chosen = _trainable_selection(model, settings.params)
+    if settings.solver in ("kfac", "ekfac"):
+        from iaerf.hessian.kfac import kfac_parameters
+
+        chosen = kfac_parameters(model, settings.params)  # batch norm's parameters left out
+    else:
+        chosen = _trainable_selection(model, settings.params)
     device = next(iter(chosen.values())).device
     if run.device is not None:
         wanted = run.device
@@ -460,6 +465,8 @@ def _solve(problem: _Problem) -> torch.Tensor:
 
     options = settings.options
     given = dict(settings.solver_options)
+    if settings.solver in ("kfac", "ekfac") and problem.solve_cache.enabled and "cache_dir" not in given:
+        options = replace(options, cache_dir=problem.run.cache_dir)  # the fitted factors beside the results
     if settings.solver == "lissa" and problem.solve_cache.enabled and "checkpoint_path" not in given:
         # inverse_hvp appends ".rank<r>" under a process group: each rank keeps its own generator states
         options = replace(options, checkpoint_path=problem.solve_cache.path(".lissa.pt"))

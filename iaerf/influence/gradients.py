@@ -66,7 +66,9 @@ def loss_gradients(
         per_example = vmap(torch.func.grad(lambda p, x, y: batch_loss(p, x[None], y[None])), in_dims=(None, 0, 0))
         chunks = []
         for x, y in data.batches(indices, batch_size, device):
-            chunks.append(per_example(primals, x, y))
+            # detached: parameters outside the selection (batch norm's) may require grad, and a graph kept through
+            # them would grow with every solver iteration that touches these vectors
+            chunks.append({k: v.detach() for k, v in per_example(primals, x, y).items()})
             if progress is not None:
                 progress.update(len(y))
         if not chunks:
@@ -78,7 +80,7 @@ def loss_gradients(
     for x, y in data.batches(indices, batch_size, device):
         g = grad_fn(primals, x, y)
         for k in total_grad:
-            total_grad[k] += g[k]
+            total_grad[k] += g[k].detach()  # see above: no graph through unselected parameters
         if progress is not None:
             progress.update(len(y))
     flat = torch.cat([v.reshape(-1) for v in total_grad.values()]) if total_grad else torch.zeros(0)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from iaerf._io import hash_tensor
-from iaerf.influence.data import tuple_item
+from iaerf.indexed_data import tuple_item
 from iaerf.influence.gradients import energy_from_logits, loss_from_logits
 
 

@@ -96,7 +96,7 @@ class Pipeline:
                 raise SettingError("finetune_params", f"finetune_params for the {method} model: {exc}") from None
         # last, because it creates the folders: a run that fails an earlier check leaves nothing behind
         ensure_writable_dir(self.out, "run directory")
-        for sub in ("stages", "models", "influence", "finetune", "plots"):
+        for sub in ("stages", "models", "influence", "finetune", "plots", "evaluation"):
             ensure_writable_dir(self.path(sub), f"run directory's {sub}/ folder")
         checkpoint = (c.influence.solver_options or {}).get("checkpoint_path")
         if checkpoint is not None:
@@ -208,6 +208,11 @@ class Pipeline:
                 self.ensure(stage)
                 made += list(stage.outputs)
         return made
+
+    def evaluate_influence(self, method: str) -> dict:
+        """``evaluation/pbrf_<method>.json``: the energy influence against its PBRF ground truth (Pearson R)."""
+        self.ensure(S.pbrf_stage(self, method))
+        return read_json(S.pbrf_path(self, method))
 
     def run_all(self) -> dict:
         self.data()

@@ -258,6 +258,8 @@ class FigureSettings:
 
     fig1: bool = setting(False, _bool, "--fig1", "also Fig. 1 (fine-tunes once per plotted point)", cli="flag")
     fig1_points: int = setting(20, _int(1), "--fig1-points", "training points in Fig. 1", type=int)
+    pbrf_points: int = setting(30, _int(2), "--pbrf-points", "training points of `iaerf evaluate-influence` (a third "
+                               "the largest |I|, the rest drawn at random)", type=int)
 
     def __post_init__(self):
         _check_fields(self)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from iaerf.pipeline.run import Pipeline
 
 __all__ = ["Stage", "data_stage", "train_stage", "influence_stage", "finetune_stage", "evaluate_stage",
-           "plots_stage", "fig1_stage", "model_arch", "train_config", "influence_task", "checkpoint_path",
+           "plots_stage", "fig1_stage", "pbrf_stage", "model_arch", "train_config", "influence_task", "checkpoint_path",
            "influence_path", "finetune_info_path", "read_influence", "read_finetune_info"]
 
 
@@ -350,6 +350,58 @@ def plots_stage(run: Pipeline, method: str) -> Stage:
         P.fig5_energy_distribution(_read_energies(run, _energy_path(run, method, "iaerf")), outputs[2])
 
     return Stage(f"plots-{method}", _key("plots", ft.key), dict.fromkeys(outputs, check_png), write, (infl, ft))
+
+
+def pbrf_path(run: Pipeline, method: str) -> str:
+    return run.path("evaluation", f"pbrf_{method}.json")
+
+
+def _read_pbrf(path: str) -> dict:
+    out = read_json(path, ("indices", "influence", "pbrf", "pearson", "converged", "max_grad_norm"))
+    if not (isinstance(out["indices"], list) and len(out["indices"]) == len(out["pbrf"]) == len(out["influence"])):
+        raise ValueError(f"{path} is damaged: indices, influence and pbrf must be lists of one length")
+    return out
+
+
+def pbrf_stage(run: Pipeline, method: str) -> Stage:
+    """``evaluation/pbrf_<method>.json`` and ``plots/pbrf_<method>.png``: the run's energy influence against its
+    ground truth, the proximal Bregman response (:func:`iaerf.evaluation.pbrf_effect`) with the same damping,
+    weight decay and parameters, on ``pbrf_points`` training points (a third the largest |I|, the rest at random,
+    seeded). It matches the influence where that uses the Gauss-Newton matrix (``gauss_newton``, or a classifier
+    head, where the two coincide)."""
+    from iaerf.evaluation import pbrf_effect, scatter_predicted_vs_actual
+
+    infl = influence_stage(run, method)
+    c = run.config
+    points = c.figures.pbrf_points
+    png = run.path("plots", f"pbrf_{method}.png")
+
+    def write():
+        split = run.split()
+        influence = read_influence(run, influence_path(run, method)).double()
+        n = len(influence)
+        top = torch.argsort(influence.abs(), descending=True)[: min(n, max(1, points // 3))].tolist()
+        rest = [i for i in torch.randperm(n, generator=torch.Generator().manual_seed(c.seed)).tolist() if i not in top]
+        indices = sorted(top + rest[: max(0, min(n, points) - len(top))])
+        model, train_set, val = load_model(run, method), split.train, run.val()
+        selection = influence_selection(run, model)
+        if _selects_head_only(model, selection, train_set.inputs[:1].to(run.device)):
+            model, train_set, val = classifier_head(model, train_set, val, device=run.device)
+            selection = ["fc"]
+        scale = float(influence.abs().max())
+        effect, info = pbrf_effect(model, train_set, val, indices, eps=1e-3 / max(scale, 1e-12), kind="energy",
+                                   damping=c.influence.damping, weight_decay=c.influence.weight_decay,
+                                   params=selection, task=influence_task(run, method), progress=run.progress,
+                                   return_info=True)
+        predicted = influence[indices]
+        r = scatter_predicted_vs_actual(predicted, effect, png, f"{method}: energy influence vs PBRF")
+        write_json(pbrf_path(run, method),
+                   {"indices": indices, "influence": predicted.tolist(), "pbrf": effect.tolist(), "pearson": r,
+                    "converged": bool(info.converged.all()), "max_grad_norm": info.max_grad_norm,
+                    "gauss_newton": c.influence.gauss_newton or selection == ["fc"]})
+
+    key = _key("pbrf", infl.key, points)
+    return Stage(f"pbrf-{method}", key, {pbrf_path(run, method): _read_pbrf, png: check_png}, write, (infl,))
 
 
 def fig1_stage(run: Pipeline, method: str) -> Stage:
