@@ -135,6 +135,35 @@ class SmallCNN(nn.Module):
         return self.fc(self.features(x))
 
 
+class ConvNet(nn.Module):
+    """A small network for images users bring (single-channel or colour, about 16-64 pixels a side): three stages
+    of two conv3x3-BN-ReLU each (``width``, 2 ``width``, 4 ``width`` channels), max-pooling between stages, GAP, fc.
+
+    Input float [N, C, H, W] in [0, 1]; output logits [N, K]. With width 32:
+    ~290k parameters. SmallCNN is sized for 8x8 digits; this one keeps enough depth and width for 28x28 / 32x32.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 32, normed_fc: bool = False,
+                 scale: float = 30.0):
+        super().__init__()
+        layers, c_in = [], in_channels
+        for stage, c_out in enumerate((width, 2 * width, 4 * width)):
+            if stage:
+                layers.append(nn.MaxPool2d(2))
+            for _ in range(2):
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                           nn.ReLU(inplace=True)]
+                c_in = c_out
+        self.body = nn.Sequential(*layers)
+        self.fc = _classifier(4 * width, num_classes, normed_fc, scale)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.body(_as_float(x)), 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
 class LinearClassifier(nn.Module):
     """Linear classifier over precomputed features [N, D] -> logits [N, C] (cRT / LWS / ImageNet-LT features)."""
 
@@ -149,11 +178,11 @@ class LinearClassifier(nn.Module):
         return self.fc(_as_float(x))
 
 
-MODELS = {"resnet32": ResNet32, "small_cnn": SmallCNN, "linear": LinearClassifier}
+MODELS = {"resnet32": ResNet32, "small_cnn": SmallCNN, "convnet": ConvNet, "linear": LinearClassifier}
 
 
 def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-    """``build_model("resnet32" | "small_cnn" | "linear", num_classes, **kwargs)``."""
+    """``build_model("resnet32" | "small_cnn" | "convnet" | "linear", num_classes, **kwargs)``."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
     if not isinstance(num_classes, int) or num_classes < 2:

@@ -563,3 +563,11 @@ def test_finetuned_scope_and_diagnostics(tmp_path):
     assert rows[0.0]["val_loss"] == pytest.approx(diag["control_val_loss"], rel=1e-6)  # beta 0 = the control
     assert diag["val_loss"] <= diag["control_val_loss"]  # 0 among the betas: never worse on validation
     assert all("worse than the CE control" not in w for w in info["warnings"])
+
+
+def test_full_model_exact_falls_back_to_ekfac_and_says_so(tmp_path):
+    logs = []
+    cfg = _quick(methods=("erm",), influence_params=None, train_epochs=2)
+    values = Pipeline(str(tmp_path / "r"), cfg, progress=False, log=logs.append).influence("erm")
+    assert any("using EK-FAC" in line and "max_exact_params=5000" in line for line in logs), logs
+    assert values.shape == (503,) and bool(torch.isfinite(values).all())

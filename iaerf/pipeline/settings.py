@@ -19,7 +19,7 @@ __all__ = ["BASE_METHODS", "DERIVED_METHODS", "DataSettings", "BaselineSettings"
 BASE_METHODS = ("erm", "ldam_drw")
 DERIVED_METHODS = ("crt", "lws")  # classifier re-training on the frozen ERM backbone
 DATASETS = ("digits", "cifar10", "cifar100", "features")
-SOLVERS = ("exact", "cg", "lissa")
+SOLVERS = ("exact", "cg", "lissa", "kfac", "ekfac")
 VALIDATIONS = ("train_subset", "heldout")
 PROTOCOLS = ("paper", "recommended")
 
@@ -192,7 +192,8 @@ class InfluenceSettings:
         ("fc",), _names(optional=True, keep=("finetuned",)), "--influence-params",
         "parameter prefixes of the influence (default: fc); 'all' = every one; 'finetuned' = the parameters "
         "fine-tuning moves (scope matched)", cli="list", words={"all": None, "finetuned": "finetuned"})
-    solver: str = setting("exact", _choice(*SOLVERS), "--solver", "inverse-HVP solver: exact | cg | lissa")
+    solver: str = setting("exact", _choice(*SOLVERS), "--solver", "inverse-HVP solver: exact | cg | lissa | kfac | ekfac "
+                         "(exact over more than max_exact_params parameters falls back to ekfac)")
     solver_options: dict | None = setting(None, _options, "--solver-option",
                                           "inverse-HVP solver option, repeatable (LiSSA: depth=5000 repeats=10 "
                                           "batch_size=128 ...)", cli="key_value")

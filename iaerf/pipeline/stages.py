@@ -223,10 +223,20 @@ def influence_stage(run: Pipeline, method: str) -> Stage:
         if _selects_head_only(model, selection, train_set.inputs[:1].to(run.device)):
             model, train_set, val = classifier_head(model, train_set, val, device=run.device)
             selection = ["fc"]
+        solver, options = c.solver, dict(c.solver_options) if c.solver_options else None
+        if solver == "exact":
+            from iaerf.hessian.params import select_parameters
+
+            size = sum(p.numel() for p in select_parameters(model, selection).values())
+            limit = (options or {}).get("max_exact_params", 5000)
+            if size > limit:  # a dense P x P solve would be refused: the Kronecker-factored one scales
+                run.log(f"[iaerf] influence-{method}: the exact solve over {size} parameters exceeds "
+                        f"max_exact_params={limit}; using EK-FAC (give --solver cg / lissa / kfac to choose another)")
+                solver, options = "ekfac", None
         values = infl.energy_influence(
             model, train_set, val, params=selection,
-            weight_decay=c.weight_decay, damping=c.damping, gauss_newton=c.gauss_newton, solver=c.solver,
-            solver_options=dict(c.solver_options) if c.solver_options else None, device=run.device,
+            weight_decay=c.weight_decay, damping=c.damping, gauss_newton=c.gauss_newton, solver=solver,
+            solver_options=options, device=run.device,
             progress=run.progress, seed=run.config.seed, task=task)
         if values.shape != (len(split.train),) or not bool(torch.isfinite(values).all()):
             raise FloatingPointError(f"influence for {method} is not a finite [n_train] vector; raise the damping")
