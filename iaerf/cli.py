@@ -126,7 +126,7 @@ def _config(args, defaults=None):
             value = {**(base.get(name) or {}), **dict(_parse_option(o) for o in value)}
         given[name] = value
     if given.get("protocol") is not None and given["protocol"] != base.get("protocol"):
-        from iaerf.pipeline.protocols import protocol_settings
+        from iaerf.pipeline.settings import protocol_settings
 
         # a newly named protocol replaces what the stored settings (or the demo's defaults) say about its fields
         preset = protocol_settings(given["protocol"], given.get("dataset", base.get("dataset", "digits")))
