@@ -228,3 +228,16 @@ def test_evaluate_influence_against_pbrf(tmp_path, capsys):
     res = json.load(open(os.path.join(out, "evaluation", "pbrf_erm.json")))
     assert len(res["indices"]) == 6 and res["pearson"] > 0.99 and res["converged"]
     assert os.path.isfile(os.path.join(out, "plots", "pbrf_erm.png"))
+
+
+@pytest.mark.parametrize("protocol", ["paper", "recommended"])
+def test_both_protocols_run_end_to_end(tmp_path, capsys, protocol):
+    out = str(tmp_path / protocol)
+    fast = ["--solver-option", "max_iter=30"] if protocol == "paper" else []  # its full-model CG, kept short here
+    assert main(["demo", "--quick", "--quiet", "--out", out, "--protocol", protocol, "--methods", "erm", *fast]) == 0
+    text = capsys.readouterr().out
+    assert f"protocol {protocol}" in text and "ERM + IAERF" in text
+    settings = json.load(open(os.path.join(out, "settings.json")))
+    assert settings["protocol"] == protocol
+    assert (0.0 in settings["betas"]) == (protocol == "recommended")
+    assert settings["validation"] == ("heldout" if protocol == "recommended" else "train_subset")
