@@ -1,6 +1,7 @@
 """The IAERF pipeline in one run directory: data -> baselines -> influence -> fine-tuning -> evaluation -> plots.
 
-- :mod:`~iaerf.pipeline.settings`: :class:`PipelineConfig` and its groups (each field's check and option).
+- :mod:`~iaerf.pipeline.settings`: :class:`PipelineConfig` and its groups (each field's check and option), the
+  named protocols.
 - :mod:`~iaerf.pipeline.stages`: the stages as functions declaring needs, settings key and outputs.
 - :mod:`~iaerf.pipeline.run`: :class:`Pipeline`, the run directory and the stage runner with resume.
 - :mod:`~iaerf.pipeline.files`: checkpoints and the readers that check every output.
@@ -16,7 +17,8 @@ Layout of ``<run>/``::
     finetune/<method>-<variant>.json  beta search table (validation only), history, fine-tuning config
     finetune/<method>-<variant>-energy.pt  training-set energies before and after each fine-tuning epoch
     metrics.json, table.md        test error overall and per shot group for every model
-    plots/fig{1,2,3,5}_<method>.png
+    plots/fig{1,2,3,5}_<method>.png, plots/pbrf_<method>.png
+    evaluation/pbrf_<method>.json energy influence vs its PBRF ground truth (``iaerf evaluate-influence``)
     stages/<stage>.json           completion marker: the stage's settings key (written last)
 
 A key hashes the stage's own settings and its inputs' keys, so changing e.g. the damping re-runs influence,
