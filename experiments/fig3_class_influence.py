@@ -4,7 +4,7 @@ full-model (every parameter but batch norm's, Gauss-Newton + CG) influence, at t
 R = +0.70 / +0.77 (ResNet-32, CIFAR-10-LT, ERM / LDAM). Everything runs through the pipeline's stages (a base run
 per seed trains the baselines; each (scope, damping) cell is a fork that computes only the influence).
 
-    python experiments/fig3_class_influence.py            # long-tailed digits ratio 10, seeds 0-4, ~5 min
+    python experiments/fig3_class_influence.py            # long-tailed digits ratio 10, seeds 0-4, ~12 min, 1 thread
 
 Writes experiments/fig3_class_influence.json and FIG3.md next to it.
 """
