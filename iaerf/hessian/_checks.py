@@ -4,6 +4,8 @@ Every check runs before any kernel does, and every error names the offending arg
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
@@ -61,3 +63,26 @@ def check_nonnegative(value, name: str) -> float:
     if not value >= 0.0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return value
+
+
+def build_options(cls, options, kwargs, *, name: str, what: str, other: str = ""):
+    """A validated ``cls`` (a solver's options dataclass) from an instance or dict of its fields plus keyword
+    overrides. ``name``: the argument the options came in; ``what``: the solver, for messages; ``other``: appended
+    to the type error (e.g. which solver a wrong options class belongs to)."""
+    if options is None:
+        fields = {}
+    elif isinstance(options, cls):
+        fields = dataclasses.asdict(options)
+    elif isinstance(options, dict):
+        fields = dict(options)
+    else:
+        raise TypeError(f"{name} for {what} must be a {cls.__name__} or a dict of its fields, got "
+                        f"{type(options).__name__}{other}")
+    fields.update(kwargs or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise TypeError(f"{name}: unknown option(s) {unknown} for {what}; known: {sorted(known)}")
+    opts = cls(**fields)
+    opts.validate()
+    return opts

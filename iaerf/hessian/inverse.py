@@ -31,7 +31,7 @@ import torch
 from iaerf._distributed import collective_device
 from iaerf._io import atomic_write
 from iaerf._progress import progress_bar
-from iaerf.hessian._checks import check_nonnegative, check_vectors
+from iaerf.hessian._checks import build_options, check_nonnegative, check_vectors
 from iaerf.hessian.kfac import KFACOptions, kfac_inverse_hvp
 from iaerf.hessian.operators import HessianOperator
 from iaerf.indexed_data import named_digest
@@ -150,25 +150,8 @@ def make_solver_options(method: str, options=None, kwargs=None, *, name: str = "
     keyword overrides; raises TypeError / ValueError naming a bad option before any solve runs. ``name`` is the
     argument the options came in (``options`` here, ``solver_options`` in the influence functions)."""
     cls = _OPTIONS[method]
-    kwargs = kwargs or {}
-    if options is None:
-        fields = {}
-    elif isinstance(options, cls):
-        fields = dataclasses.asdict(options)
-    elif isinstance(options, dict):
-        fields = dict(options)
-    else:
-        given = next((f" (the options of {m!r})" for m, c in _OPTIONS.items() if isinstance(options, c)), "")
-        raise TypeError(f"{name} for {method!r} must be a {cls.__name__} or a dict of its fields, got "
-                        f"{type(options).__name__}{given}")
-    fields.update(kwargs)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise TypeError(f"{name}: unknown option(s) {unknown} for {method!r}; known: {sorted(known)}")
-    opts = cls(**fields)
-    opts.validate()
-    return opts
+    given = next((f" (the options of {m!r})" for m, c in _OPTIONS.items() if isinstance(options, c)), "")
+    return build_options(cls, options, kwargs, name=name, what=repr(method), other=given)
 
 
 def inverse_hvp(operator: HessianOperator, vectors: torch.Tensor, method: str = "lissa", *, damping: float = 0.0,

@@ -32,7 +32,6 @@ from a :class:`iaerf.ModuleHessian` built with ``gauss_newton=False`` it still a
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iaerf.hessian._checks import check_nonnegative, check_vectors
+from iaerf.hessian._checks import build_options, check_nonnegative, check_vectors
 from iaerf.hessian.kfac_factors import (
     FISHER_MODES,
     KFACLayer,
@@ -378,7 +377,7 @@ def kfac_inverse_hvp(operator, vectors: torch.Tensor, method: str = "ekfac", *, 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     damping = check_nonnegative(damping, "damping")
-    opts = make_kfac_options(options, method_options)
+    opts = build_options(KFACOptions, options, method_options, name="options", what="K-FAC")
     check_vectors(vectors, num_params=operator.num_params, dtype=operator.dtype, device=operator.device)
     if isinstance(operator, KFACOperator):
         # inverse_hvp hands over its validated (default) options; only settings the caller changed are refused
@@ -391,24 +390,3 @@ def kfac_inverse_hvp(operator, vectors: torch.Tensor, method: str = "ekfac", *, 
     x = kfac.solve(vectors, damping, method)
     info = {"method": method, "num_layers": len(kfac.layers), "from_cache": kfac.from_cache}
     return (x, info) if return_info else x
-
-
-def make_kfac_options(options=None, kwargs=None, *, name: str = "options") -> KFACOptions:
-    """Validated :class:`KFACOptions` from an options object or dict plus keyword overrides."""
-    kwargs = kwargs or {}
-    if options is None:
-        fields = {}
-    elif isinstance(options, KFACOptions):
-        fields = dataclasses.asdict(options)
-    elif isinstance(options, dict):
-        fields = dict(options)
-    else:
-        raise TypeError(f"{name} for K-FAC must be a KFACOptions or a dict of its fields, got {type(options).__name__}")
-    fields.update(kwargs)
-    known = {f.name for f in dataclasses.fields(KFACOptions)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise TypeError(f"{name}: unknown option(s) {unknown} for K-FAC; known: {sorted(known)}")
-    opts = KFACOptions(**fields)
-    opts.validate()
-    return opts
