@@ -50,20 +50,24 @@ def softmax_regression_trainer(train, *, weight_decay: float, num_classes: int, 
     if not isinstance(energy, bool):
         raise TypeError(f"energy must be a bool, got {type(energy).__name__}")
     X, y = features_of(train, "train")
+    # the fitter's default tolerance (1e-13) can sit below the rounding floor of the gradient, where its line search
+    # backtracks to nothing for every remaining step; 1e-10 is far below any effect an LDS measures
+    tol = 1e-10
     # every re-fit is warm-started at the full optimum: the objective is strictly convex, so the start changes only
     # the number of Newton steps, not the result
-    W_full = fit_softmax_regression(X, y, num_classes, weight_decay)
+    W_full = fit_softmax_regression(X, y, num_classes, weight_decay, tol=tol)
 
     if energy:
         def energy_fn(energy_coef, seed):
             c = np.asarray(energy_coef, dtype=np.float64)
             return softmax_regression_model(fit_softmax_regression(X, y, num_classes, weight_decay, energy_coef=c,
-                                                                   W0=W_full))
+                                                                   W0=W_full, tol=tol))
         return energy_fn
 
     def train_fn(subset, seed):
         idx = np.asarray(subset, dtype=np.int64)
-        W = fit_softmax_regression(X[idx], y[idx], num_classes, weight_decay * len(y) / len(idx), W0=W_full)
+        W = fit_softmax_regression(X[idx], y[idx], num_classes, weight_decay * len(y) / len(idx), W0=W_full,
+                                   tol=tol)
         return softmax_regression_model(W)
 
     return train_fn
