@@ -12,7 +12,7 @@ Measured, on one split (500 training, 300 validation points, drawn with seed 0 f
 
 All at alpha = 0.5. Next to them: dattri's published LDS for MNIST logistic regression (a different data set).
 
-    python experiments/influence_ground_truth.py     # ~6 min on 1 CPU thread; writes the JSON and markdown next to it
+    python experiments/influence_ground_truth.py     # 10 min on 1 thread of a loaded 2-core box; writes the JSON and markdown next to it
 """
 from __future__ import annotations
 
