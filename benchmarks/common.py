@@ -2,7 +2,9 @@
 
 Every benchmark module in this folder exposes ``run(quick: bool = False) -> list[dict]``; each row is made with
 :func:`row` so that ``benchmarks/run_all.py`` can put every case in one table of benchmarks/RESULTS.md.
-Timings are ratios measured side by side in the same process on the same machine.
+Timings are ratios measured side by side in the same process on the same machine, so each command line first
+checks that the machine is idle (:func:`guard_load`): a busy machine is refused unless ``--allow-busy`` (or
+``IAERF_BENCH_ALLOW_BUSY=1``) is given, and then every row says loudly that it was measured under load.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -42,6 +44,198 @@ def machine_description() -> dict:
         "triton": triton_version,
         "python": platform.python_version(),
     }
+
+
+# -- machine load --------------------------------------------------------------------------------------------------
+
+# More than this many cores' worth of CPU time used by other processes makes the machine busy: on the 2-core CI
+# machine a third of a core taken by something else already moves paired timings by tens of percent.
+BUSY_CORES = 0.3
+ALLOW_BUSY_ENV = "IAERF_BENCH_ALLOW_BUSY"
+
+
+class MachineBusyError(RuntimeError):
+    """Raised by :func:`guard_load` when other processes use the CPU and running under load was not allowed."""
+
+
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _cpu_ticks(stat_text: str) -> tuple[int, int, int]:
+    """(busy ticks, all ticks, cores) from the text of /proc/stat: the aggregate ``cpu`` line's user, nice, system,
+    irq, softirq and steal count as busy (steal is CPU time another tenant of the host took), idle and iowait not."""
+    cores = 0
+    busy = total = None
+    for line in stat_text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if fields[0] == "cpu":
+            v = [int(x) for x in fields[1:9]] + [0] * max(0, 9 - len(fields))
+            user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+            busy = user + nice + system + irq + softirq + steal
+            total = busy + idle + iowait
+        elif fields[0].startswith("cpu") and fields[0][3:].isdigit():
+            cores += 1
+    if busy is None:
+        raise ValueError("/proc/stat has no aggregate 'cpu' line")
+    return busy, total, max(cores, 1)
+
+
+def _own_ticks(self_stat_text: str) -> int:
+    """utime + stime (fields 14 and 15) of /proc/self/stat: this process's CPU time, in the same ticks as /proc/stat.
+    The command name (field 2) may hold spaces, so fields are counted after its closing parenthesis."""
+    after = self_stat_text.rsplit(")", 1)[1].split()
+    return int(after[11]) + int(after[12])
+
+
+def measure_load(window_s: float = 1.0, *, read: Callable[[str], str] = _read_text,
+                 sleep: Callable[[float], None] = time.sleep) -> dict:
+    """Load on the machine from everything but this process, sampled over ``window_s`` seconds.
+
+    Returns ``{"loadavg_1min", "other_busy_cores", "window_s", "cores"}``: the 1-minute load average of
+    /proc/loadavg, and the CPU time other processes used during the window (busy ticks of /proc/stat minus this
+    process's own, /proc/self/stat) in cores. ``read`` / ``sleep`` are the file reader and the wait, replaced in
+    tests.
+    """
+    if not window_s > 0:
+        raise ValueError(f"window_s must be > 0 seconds, got {window_s!r}")
+    busy0, total0, cores = _cpu_ticks(read("/proc/stat"))
+    own0 = _own_ticks(read("/proc/self/stat"))
+    sleep(window_s)
+    busy1, total1, _ = _cpu_ticks(read("/proc/stat"))
+    own1 = _own_ticks(read("/proc/self/stat"))
+    elapsed_core_ticks = (total1 - total0) / cores  # ticks of wall time per core in the window
+    other = max(0, (busy1 - busy0) - (own1 - own0))
+    return {
+        "loadavg_1min": float(read("/proc/loadavg").split()[0]),
+        "other_busy_cores": other / elapsed_core_ticks if elapsed_core_ticks > 0 else 0.0,
+        "window_s": window_s,
+        "cores": cores,
+    }
+
+
+def describe_load(load: dict) -> str:
+    return (f"1-min loadavg {load['loadavg_1min']:.2f}, other processes {load['other_busy_cores']:.2f} of "
+            f"{load['cores']} cores over {load['window_s']:g} s")
+
+
+# Set by guard_load when the run goes ahead on a busy machine; row() copies it into every row.
+_load_marker: str | None = None
+
+
+def load_marker() -> str | None:
+    """The "measured under load" text every row carries, or None when the machine was idle at the check."""
+    return _load_marker
+
+
+def allow_busy_from_env() -> bool:
+    return os.environ.get(ALLOW_BUSY_ENV, "") not in ("", "0")
+
+
+def guard_load(allow_busy: bool = False, *, window_s: float = 1.0, read: Callable[[str], str] = _read_text,
+               sleep: Callable[[float], None] = time.sleep) -> dict:
+    """Measure the load (:func:`measure_load`); refuse a busy machine unless ``allow_busy`` or the environment's
+    IAERF_BENCH_ALLOW_BUSY=1 allows it, in which case every later row carries a "measured under load" marker.
+
+    Returns the measured load dict plus ``"busy"`` (bool). Raises :class:`MachineBusyError` when refused.
+    """
+    global _load_marker
+    load = measure_load(window_s, read=read, sleep=sleep)
+    load["busy"] = load["other_busy_cores"] > BUSY_CORES
+    if load["busy"]:
+        if not (allow_busy or allow_busy_from_env()):
+            raise MachineBusyError(
+                f"machine busy: {describe_load(load)} (more than {BUSY_CORES} of a core used by other processes); "
+                f"timings would be ratios of noise. Stop the other work, or pass --allow-busy (or set "
+                f"{ALLOW_BUSY_ENV}=1) to measure anyway with every row marked as measured under load.")
+        _load_marker = f"MEASURED UNDER LOAD ({describe_load(load)})"
+    return load
+
+
+def add_load_arguments(parser) -> None:
+    """The ``--allow-busy`` flag of every benchmark command line (see :func:`guard_load`)."""
+    parser.add_argument("--allow-busy", action="store_true",
+                        help=f"run on a busy machine, marking every row as measured under load "
+                             f"(also: {ALLOW_BUSY_ENV}=1)")
+
+
+def guard_load_or_exit(allow_busy: bool) -> dict:
+    """:func:`guard_load` for a command line: a refusal ends the process with its message and status 2."""
+    try:
+        load = guard_load(allow_busy)
+    except MachineBusyError as exc:
+        raise SystemExit(f"refusing to benchmark: {exc}") from None
+    print(f"[load] {describe_load(load)}" + (" -- MEASURING UNDER LOAD" if load["busy"] else ""), flush=True)
+    return load
+
+
+# -- torch.compile peers -----------------------------------------------------------------------------------------
+
+
+class Compiled(NamedTuple):
+    """A torch.compile'd callable (None when compiling failed), why not / how long compiling took."""
+    fn: Callable | None
+    reason: str
+    compile_s: float
+
+
+def compiled_or_reason(fn: Callable, first_call: Callable[[Callable], object], **compile_kwargs) -> Compiled:
+    """``torch.compile(fn, **compile_kwargs)`` compiled before any timing: ``first_call(compiled)`` runs it once so
+    that every graph the timed calls use is built (e.g. call it and differentiate, to compile the backward too),
+    then once more, untimed, as a warm-up. A failure (no C++ compiler, an unsupported op) gives ``fn=None`` and the
+    reason instead of an exception, so a benchmark row can say why the peer is missing.
+    """
+    try:
+        compiled = torch.compile(fn, **compile_kwargs)
+        t0 = time.perf_counter()
+        first_call(compiled)
+        compile_s = time.perf_counter() - t0
+        first_call(compiled)
+    except Exception as exc:  # noqa: BLE001 - any compile failure becomes the row's reason
+        message = str(exc).strip().splitlines()
+        return Compiled(None, f"torch.compile failed: {type(exc).__name__}: {message[0] if message else ''}"[:300],
+                        float("nan"))
+    return Compiled(compiled, f"compiled in {compile_s:.1f} s (not timed)", compile_s)
+
+
+# -- memory bandwidth and caches ---------------------------------------------------------------------------------
+
+
+def copy_bandwidth(device="cpu", nbytes: int = 512 * 2**20, reps: int = 7) -> float:
+    """The machine's copy bandwidth in bytes/s: read + write bytes of a ``nbytes`` tensor copy over its median time
+    (:func:`device_time`), far larger than any cache so it is the memory's."""
+    if nbytes < 1:
+        raise ValueError(f"nbytes must be a positive byte count, got {nbytes!r}")
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = device_time(lambda: dst.copy_(src), warmup=2, reps=reps, device=device)
+    return 2 * src.numel() * src.element_size() / t["median"]
+
+
+def last_level_cache_bytes(device="cpu", *, read: Callable[[str], str] = _read_text) -> int | None:
+    """Size in bytes of the largest-level data / unified cache of CPU 0 (sysfs), or the GPU's L2 on CUDA; None when
+    unknown."""
+    if torch.device(device).type == "cuda":
+        return getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", None)
+    best = None
+    for index in range(16):
+        base = f"/sys/devices/system/cpu/cpu0/cache/index{index}"
+        try:
+            level = int(read(f"{base}/level"))
+            kind = read(f"{base}/type").strip()
+            size = read(f"{base}/size").strip()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction":
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        nbytes = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        if best is None or level > best[0]:
+            best = (level, nbytes)
+    return None if best is None else best[1]
 
 
 def _sync(device: str | torch.device | None):
@@ -145,15 +339,21 @@ def parts_main(parts: dict, doc: str) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="+", choices=sorted(parts), default=list(parts))
+    add_load_arguments(parser)
     args = parser.parse_args()
+    guard_load_or_exit(args.allow_busy)
     print(machine_description())
     print(markdown_table(run_parts(parts, args.only, args.quick, args.device)))
 
 
 def row(case: str, shape: str, dtype: str, baseline: str, baseline_t: dict, iaerf_t: dict, *, max_err: float | None = None,
         peak_bytes: int | None = None, baseline_peak_bytes: int | None = None, peers: dict | None = None,
-        target: str = "", note: str = "") -> dict:
-    """One result row. ``peers`` maps a peer library's name to its timing dict."""
+        limit_fraction: float | None = None, target: str = "", note: str = "") -> dict:
+    """One result row. ``peers`` maps a peer library's name to its timing dict (or None when the peer could not run
+    or reach the target: say why in ``note``); each peer gets the ratio peer median / iaerf median. ``limit_fraction`` is the fraction
+    of the machine's physical limit (e.g. copy bandwidth) iaerf reaches. A run that :func:`guard_load` let go ahead
+    on a busy machine marks the row (``load`` and the start of ``note``)."""
+    marker = load_marker()
     return {
         "case": case,
         "shape": shape,
@@ -167,9 +367,13 @@ def row(case: str, shape: str, dtype: str, baseline: str, baseline_t: dict, iaer
         "max_rel_err_vs_fp64": max_err,
         "iaerf_peak_bytes": peak_bytes,
         "baseline_peak_bytes": baseline_peak_bytes,
-        "peers": {k: {"median_s": v["median"], "iqr_s": v["iqr"]} for k, v in (peers or {}).items()},
+        "peers": {k: ({"median_s": v["median"], "iqr_s": v["iqr"], "speedup": v["median"] / iaerf_t["median"]}
+                      if v is not None else {"median_s": None, "iqr_s": None, "speedup": None})
+                  for k, v in (peers or {}).items()},
+        "limit_fraction": limit_fraction,
         "target": target,
-        "note": note,
+        "load": marker,
+        "note": "; ".join(x for x in (f"**{marker}**" if marker else "", note) if x),
     }
 
 
@@ -197,18 +401,23 @@ def _fmt_err(e):
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| case | shape | dtype | baseline | baseline median (IQR) | iaerf median (IQR) | speed-up | peers (median) "
-            "| max rel err vs fp64 | peak mem iaerf / baseline | target |")
-    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    head = ("| case | shape | dtype | baseline | baseline median (IQR) | iaerf median (IQR) | speed-up "
+            "| peers median (peer / iaerf) | max rel err vs fp64 | peak mem iaerf / baseline | fraction of limit "
+            "| target |")
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
     for r in rows:
-        peers = ", ".join(f"{k}: {_fmt_time(v['median_s'])}" for k, v in r.get("peers", {}).items()) or "-"
+        peers = ", ".join(f"{k}: {_fmt_time(v['median_s'])} ({v['speedup']:.2f}x)" if v["median_s"] is not None
+                          else f"{k}: did not run (see note)" for k, v in r.get("peers", {}).items()) or "-"
+        fraction = r.get("limit_fraction")
+        loud = "UNDER LOAD: " if r.get("load") else ""
+        speedup = "-" if math.isnan(r["speedup"]) else f"**{r['speedup']:.2f}x**"
         lines.append(
-            f"| {r['case']} | {r['shape']} | {r['dtype']} | {r['baseline']} "
+            f"| {loud}{r['case']} | {r['shape']} | {r['dtype']} | {r['baseline']} "
             f"| {_fmt_time(r['baseline_median_s'])} ({_fmt_time(r['baseline_iqr_s'])}) "
             f"| {_fmt_time(r['iaerf_median_s'])} ({_fmt_time(r['iaerf_iqr_s'])}) "
-            f"| **{r['speedup']:.2f}x** | {peers} | {_fmt_err(r.get('max_rel_err_vs_fp64'))} "
+            f"| {speedup} | {peers} | {_fmt_err(r.get('max_rel_err_vs_fp64'))} "
             f"| {_fmt_bytes(r.get('iaerf_peak_bytes'))} / {_fmt_bytes(r.get('baseline_peak_bytes'))} "
-            f"| {r.get('target') or '-'} |"
+            f"| {'-' if fraction is None else f'{100 * fraction:.0f}%'} | {r.get('target') or '-'} |"
         )
     notes = [f"- {r['case']} ({r['shape']}): {r['note']}" for r in rows if r.get("note")]
     return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")

@@ -5,6 +5,11 @@ benchmarks/common.py) side by side on the current machine and writes benchmarks/
 top, then one table per module (shapes, dtype, median and spread of iaerf vs the baseline and the peers, the
 ratio, the largest error against a float64 reference, peak memory), plus a PNG of speed-up against problem size
 (benchmarks/speedup.png) and the raw rows as JSON (benchmarks/results.json).
+It first checks that the machine is idle (benchmarks/common.py guard_load: it refuses when other processes use more
+than 0.3 of a core, unless --allow-busy, and then every row is marked as measured under load) and records the load
+before and after the run with the machine. The influence-library comparison (benchmarks/bench_peers.py) runs only
+where dattri and pyDVL import, i.e. from the venv of benchmarks/setup_peers.sh: ``.venv-peers/bin/python -m
+benchmarks.run_all``; elsewhere its section says why it was skipped.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from benchmarks import common  # noqa: E402
 from benchmarks.common import machine_description, markdown_table  # noqa: E402
 from iaerf._io import atomic_write, write_text  # noqa: E402
 
@@ -30,7 +36,15 @@ MODULES = [
     ("Energy influence of every training point", "benchmarks.bench_influence"),
     ("Classifier-only influence: head vs whole network", "benchmarks.bench_pipeline"),
     ("IAERF fine-tuning epoch", "benchmarks.bench_finetune"),
+    ("Loss influence end to end against the influence libraries (dattri, pyDVL)", "benchmarks.bench_peers"),
 ]
+
+
+def _skip_reason(module_name: str) -> str | None:
+    """Why a module cannot run in this interpreter (None: it can)."""
+    if module_name == "benchmarks.bench_peers":
+        return importlib.import_module(module_name).peers_available()
+    return None
 
 
 def _size_of(shape: str) -> float:
@@ -75,14 +89,21 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions (a smoke run)")
     parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="markdown report to write")
     parser.add_argument("--only", nargs="*", help="module names to run (e.g. bench_ops bench_hessian)")
+    common.add_load_arguments(parser)
     args = parser.parse_args(argv)
 
+    load_before = common.guard_load_or_exit(args.allow_busy)
     machine = machine_description()
     sections, all_rows, failures = [], [], []
     for title, module_name in MODULES:
         if args.only and module_name.split(".")[-1] not in args.only:
             continue
         print(f"== {title} ({module_name})", flush=True)
+        skip = _skip_reason(module_name)
+        if skip:
+            sections.append(f"## {title}\n\n`{module_name}` skipped: {skip}\n")
+            print(sections[-1], flush=True)
+            continue
         t0 = time.perf_counter()
         try:
             rows = importlib.import_module(module_name).run(quick=args.quick)
@@ -96,6 +117,9 @@ def main(argv=None):
         sections.append(f"## {title}\n\n`{module_name}`, {time.perf_counter() - t0:.0f} s\n\n{markdown_table(rows)}\n")
         print(markdown_table(rows), flush=True)
 
+    load_after = common.measure_load()
+    machine["load before"] = common.describe_load(load_before)
+    machine["load after"] = common.describe_load(load_after)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     plot = speedup_plot(all_rows, os.path.join(out_dir, "speedup.png"))
     header = [
@@ -108,6 +132,12 @@ def main(argv=None):
         "| machine | |",
         "|---|---|",
     ] + [f"| {k} | {v} |" for k, v in machine.items()]
+    if common.load_marker():
+        header += ["", f"**{common.load_marker()}: every timing below was taken on a busy machine "
+                       f"(--allow-busy); do not read them as results.**"]
+    if load_after["other_busy_cores"] > common.BUSY_CORES:
+        header += ["", f"**The machine was busy at the end of the run ({common.describe_load(load_after)}): the "
+                       f"later timings may have been taken under load.**"]
     if plot:
         header += ["", f"![speed-up vs problem size]({os.path.basename(plot)})"]
     if failures:
