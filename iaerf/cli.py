@@ -248,7 +248,8 @@ def _run(args) -> int:
         from iaerf.pipeline.stages import pbrf_path
 
         out = pipe.evaluate_influence(args.method)
-        state = "converged" if out["converged"] else f"NOT converged (gradient norm {out['max_grad_norm']:.2g})"
+        state = ("converged" if out["converged"] else "settled (the measurement stopped moving)"
+                 if out["finished"] else f"NOT converged (gradient norm {out['max_grad_norm']:.2g})")
         print(f"{args.method}: Pearson R {out['pearson']:.4f} between energy influence and PBRF over "
               f"{len(out['indices'])} training points; PBRF solves {state} -> {pbrf_path(pipe, args.method)}")
     elif args.command == "plot":

@@ -107,12 +107,15 @@ def fig5_energy_distribution(energies: torch.Tensor, path: str) -> str:
 
 def fig1_predicted_vs_actual(model, train, val, influence: torch.Tensor, path: str, *, params=("fc",), points: int = 20,
                              eps: float | None = None, epochs: int = 50, lr: float = 1e-2, seed: int = 0,
-                             progress: bool = True) -> dict:
+                             progress: bool = True, full_model: dict | None = None) -> dict:
     """Paper Fig. 1: for the ``points`` training points of largest |I_val|, the predicted influence against the actual
     change of the validation loss per unit of energy regularization, measured by fine-tuning with eps * E(x_i)
     added (batch norm frozen) vs without, via :func:`iaerf.influence.validation.actual_energy_effect` (symmetric
     difference +-eps). ``eps`` defaults to 0.05 / n_train: a twentieth of one point's weight in the mean training
     loss, small enough for the validation loss to respond linearly (at 1 / n_train the energy term already bends it).
+
+    ``full_model``: a second panel drawn to the right, ``{"predicted": [p], "actual": [p], "title": str,
+    "ylabel": str}`` (the pipeline passes the full-model influence against its PBRF ground truth).
     """
     from iaerf.influence.validation import actual_energy_effect
 
@@ -126,9 +129,15 @@ def fig1_predicted_vs_actual(model, train, val, influence: torch.Tensor, path: s
     predicted = infl[idx].double().numpy()
     r = pearson_r(predicted, actual)
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.6, 3.6))
-    ax.scatter(predicted, actual)
-    ax.set(xlabel="predicted influence I_val", ylabel="actual change of val loss / eps",
-           title=f"top {points} points, Pearson R = {r:.2f}")
+    fig, axes = plt.subplots(1, 2 if full_model else 1, figsize=(9.2 if full_model else 4.6, 3.6), squeeze=False)
+    axes[0, 0].scatter(predicted, actual)
+    axes[0, 0].set(xlabel="predicted influence I_val", ylabel="actual change of val loss / eps",
+                   title=f"top {points} points, Pearson R = {r:.2f}")
+    if full_model:
+        right = axes[0, 1]
+        right.scatter(full_model["predicted"], full_model["actual"], color="tab:orange")
+        right.set(xlabel="predicted influence I_val (full model)", ylabel=full_model["ylabel"],
+                  title=f"{full_model['title']}, R = "
+                        f"{pearson_r(np.asarray(full_model['predicted']), np.asarray(full_model['actual'])):.2f}")
     _save(fig, path)
     return {"r": r, "indices": idx, "predicted": predicted.tolist(), "actual": actual.tolist()}

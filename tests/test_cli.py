@@ -241,3 +241,20 @@ def test_both_protocols_run_end_to_end(tmp_path, capsys, protocol):
     assert settings["protocol"] == protocol
     assert (0.0 in settings["betas"]) == (protocol == "recommended")
     assert settings["validation"] == ("heldout" if protocol == "recommended" else "train_subset")
+
+
+def test_fig1_has_the_full_model_pbrf_panel(tmp_path):
+    """`iaerf plot --fig1`: a second panel holds the full-model Gauss-Newton influence against its PBRF; at the
+    stages' derivative-sized eps the two must agree (the PBRF's Hessian at the trained weights is G + lambda I)."""
+    import matplotlib.image
+
+    from iaerf.plots import pearson_r
+
+    out = str(tmp_path / "f1")
+    assert main(["plot", "--out", out, "--quiet", "--threads", "1", "--methods", "erm", "--train-epochs", "3",
+                 "--damping", "1e-1", "--fig1", "--fig1-points", "3"]) == 0
+    png = matplotlib.image.imread(os.path.join(out, "plots", "fig1_erm.png"))
+    assert png.shape[1] > 1.8 * png.shape[0]  # two panels side by side (one panel is 4.6 x 3.6 inches)
+    panel = json.load(open(os.path.join(out, "evaluation", "fig1_erm.json")))["full_model_pbrf"]
+    assert len(panel["predicted"]) == len(panel["actual"]) == 3 and "unfinished" not in panel["title"]
+    assert pearson_r(panel["predicted"], panel["actual"]) > 0.99

@@ -51,7 +51,10 @@ class PBRFInfo:
     """How far each PBRF solve went. Rows follow ``indices``, columns are the +eps and -eps problems.
 
     ``grad_norm``: ||grad PBRF(theta*)|| / ||grad PBRF(theta_s)|| reached (the initial gradient is eps grad q);
-    ``newton_iters`` / ``cg_iters``: Newton (or chord) steps and Hessian-vector products spent; ``converged``: grad_norm <= tol.
+    ``newton_iters`` / ``cg_iters``: Newton (or chord) steps and Hessian-vector products spent; ``converged``:
+    grad_norm <= tol; ``settled``: stopped because the measurement no longer moved (``measure_tol``), which is how
+    solves end on ReLU / max-pooling networks, whose PBRF gradient jumps where units switch and so stalls above any
+    small ``tol``; ``measure_change``: |m_j - m_{j-1}| / |m_j - m_0| of the last step (how far from settled).
     """
 
     grad_norm: torch.Tensor      # [len(indices), 2] float64
@@ -59,10 +62,18 @@ class PBRFInfo:
     cg_iters: torch.Tensor       # [len(indices), 2] int64
     converged: torch.Tensor      # [len(indices), 2] bool
     tol: float
+    settled: torch.Tensor        # [len(indices), 2] bool
+    measure_change: torch.Tensor  # [len(indices), 2] float64
+    measure_tol: float
 
     @property
     def max_grad_norm(self) -> float:
         return float(self.grad_norm.max())
+
+    @property
+    def finished(self) -> torch.Tensor:
+        """``[len(indices), 2]`` bool: converged on the gradient or settled on the measurement."""
+        return self.converged | self.settled
 
 
 def _number(name, value, *, positive=False):
@@ -84,7 +95,7 @@ def _as_double(x: torch.Tensor) -> torch.Tensor:
 
 def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind: str = "energy",
                 weight_decay: float = 0.0, params=None, task=None, method: str = "newton-cg", tol: float = 1e-9,
-                max_iter: int = 30, max_cg: int = 1000, chunk_size: int = 16, batch_size: int = 1024, out_dir=None, rerun: bool = False,
+                measure_tol: float = 0.0, max_iter: int = 30, max_cg: int = 1000, chunk_size: int = 16, batch_size: int = 1024, out_dir=None, rerun: bool = False,
                 progress: bool = True, return_info: bool = False):
     """PBRF response of the measurement to eps * q(x_k) for each training index k, by central differences.
 
@@ -103,6 +114,9 @@ def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind:
         params: names / prefixes of the parameters that move (the influence's ``params``); the rest stay fixed.
         task: :class:`iaerf.InfluenceTask` (training loss of D_B, measurement, regularized quantity, unpacking).
         tol: stop when ||grad PBRF|| <= tol * ||eps grad q(x_k)|| (relative to the gradient at theta_s).
+        measure_tol: also stop when the measurement settles: two successive steps each change it by at most
+            ``measure_tol * |m(theta) - m(theta_s)|`` (0 disables). For piecewise-smooth networks (ReLU,
+            max-pooling) the gradient stalls at the size of its jumps; use e.g. 1e-3 there and read ``info.settled``.
         method: "newton-cg" (Newton steps solved by conjugate gradients with exact Hessian-vector products of the
             PBRF objective, truncated at negative curvature) or "chord" (simplified Newton: every step solves with
             the PBRF Hessian at theta_s, G + (damping + weight_decay) I, factorised once exactly by the Woodbury
@@ -136,6 +150,7 @@ def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind:
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     tol = _number("tol", tol, positive=True)
+    measure_tol = _number("measure_tol", measure_tol)
     for name, value in (("max_iter", max_iter), ("max_cg", max_cg), ("chunk_size", chunk_size),
                         ("batch_size", batch_size)):
         _count(name, value)
@@ -167,18 +182,19 @@ def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind:
         "params": list(chosen), "task": {name: callable_identity(getattr(task, name))
                                          for name in ("train_loss", "regularized")} | {
                                              "measurement": callable_identity(task.measure)},
-        "method": method, "tol": tol, "max_iter": max_iter, "max_cg": max_cg, "chunk_size": chunk_size,
+        "method": method, "tol": tol, "measure_tol": measure_tol, "max_iter": max_iter, "max_cg": max_cg, "chunk_size": chunk_size,
     }, rerun=rerun) if out_dir is not None else ResultsFolder(None, "pbrf", {})
 
     runs = [(k, sign * eps) for k in indices for sign in (1.0, -1.0)]
     chunks = [runs[s:s + chunk_size] for s in range(0, len(runs), chunk_size)]
-    fields = ("measure", "grad_norm", "newton_iters", "cg_iters")
+    fields = ("measure", "grad_norm", "newton_iters", "cg_iters", "settled", "measure_change")
     parts = {f: [] for f in fields}
     bar = progress_bar(total=len(runs), desc=f"PBRF ({kind})", enabled=progress)
     for j, chunk in enumerate(chunks):
         unit = store.load(f"chunk-{j:05d}")
         if unit is None:
-            unit = problem.solve(chunk, method=method, tol=tol, max_iter=max_iter, max_cg=max_cg)
+            unit = problem.solve(chunk, method=method, tol=tol, measure_tol=measure_tol, max_iter=max_iter,
+                                 max_cg=max_cg)
             store.store(f"chunk-{j:05d}", unit)
         for f in fields:
             parts[f].append(unit[f])
@@ -187,13 +203,17 @@ def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind:
     out = {f: torch.cat(parts[f]).view(len(indices), 2) for f in fields}
     effect = (out["measure"][:, 0] - out["measure"][:, 1]) / (2 * eps)
     info = PBRFInfo(out["grad_norm"], out["newton_iters"].long(), out["cg_iters"].long(),
-                    out["grad_norm"] <= tol, tol)
-    if not bool(info.converged.all()):
-        bad = int((~info.converged).sum())
+                    out["grad_norm"] <= tol, tol, out["settled"].bool() & (out["grad_norm"] > tol),
+                    out["measure_change"], measure_tol)
+    if not bool(info.finished.all()):
+        bad = int((~info.finished).sum())
+        settle = f" nor settled to measure_tol={measure_tol:g}" if measure_tol > 0 else ""
         warnings.warn(f"pbrf_effect: {bad} of {2 * len(indices)} PBRF solves stopped at a relative gradient norm "
-                      f"above tol={tol:g} (worst {info.max_grad_norm:.2e}); raise max_iter / max_cg or damping",
+                      f"above tol={tol:g}{settle} (worst gradient {info.max_grad_norm:.2e}, worst last change of "
+                      f"the measurement {float(info.measure_change.max()):.2e}); raise max_iter / max_cg or damping",
                       RuntimeWarning, stacklevel=2)
-    store.write_results({"effect": effect, "grad_norm": info.grad_norm, "converged": info.converged})
+    store.write_results({"effect": effect, "grad_norm": info.grad_norm, "converged": info.converged,
+                         "settled": info.settled, "measure_change": info.measure_change})
     return (effect, info) if return_info else effect
 
 
@@ -304,7 +324,7 @@ class _PBRFProblem:
         inner = torch.cholesky_solve((self._U @ v.T), self._chol)
         return (v - (self._U.T @ inner).T) / self.proximal
 
-    def solve(self, runs, *, method: str, tol: float, max_iter: int, max_cg: int) -> dict:
+    def solve(self, runs, *, method: str, tol: float, measure_tol: float, max_iter: int, max_cg: int) -> dict:
         """Newton-CG or the chord method on the R = len(runs) problems ``(k, coef)`` at once; the unit stored
         per chunk."""
         if method == "chord":
@@ -319,9 +339,12 @@ class _PBRFProblem:
         f = self.value(theta, xk, yk, coef)
         newton = torch.zeros(R, dtype=torch.long)
         cg_used = torch.zeros(R, dtype=torch.long)
+        m0 = m = self.measure(theta)
+        change = torch.full((R,), math.inf, dtype=torch.float64, device=theta.device)
+        calm = torch.zeros(R, dtype=torch.long, device=theta.device)  # successive steps within measure_tol
         for _ in range(max_iter):
             rel = g.norm(dim=1) / g0
-            active = rel > tol
+            active = (rel > tol) & (calm < 2)
             if not bool(active.any()):
                 break
             if method == "chord":
@@ -345,8 +368,15 @@ class _PBRFProblem:
             newton += active.cpu().long()
             f = self.value(theta, xk, yk, coef)
             g = self.gradient(theta, xk, yk, coef)
-        return {"measure": self.measure(theta).cpu(), "grad_norm": (g.norm(dim=1) / g0).cpu(),
-                "newton_iters": newton, "cg_iters": cg_used}
+            m_new = self.measure(theta)
+            moved = (m_new - m).abs()
+            change = torch.where(active, moved / (m_new - m0).abs().clamp_min(1e-300), change)
+            if measure_tol > 0:
+                still = moved <= measure_tol * (m_new - m0).abs()
+                calm = torch.where(active, torch.where(still, calm + 1, 0), calm)
+            m = m_new
+        return {"measure": m.cpu(), "grad_norm": (g.norm(dim=1) / g0).cpu(), "newton_iters": newton,
+                "cg_iters": cg_used, "settled": (calm >= 2).cpu(), "measure_change": change.cpu()}
 
 
 def _cg(matvec, b: torch.Tensor, target: torch.Tensor, active: torch.Tensor, max_iter: int):

@@ -367,7 +367,8 @@ def pbrf_path(run: Pipeline, method: str) -> str:
 
 
 def _read_pbrf(path: str) -> dict:
-    out = read_json(path, ("indices", "influence", "pbrf", "pearson", "converged", "max_grad_norm"))
+    out = read_json(path, ("indices", "influence", "pbrf", "pearson", "converged", "finished",
+                                "max_grad_norm"))
     if not (isinstance(out["indices"], list) and len(out["indices"]) == len(out["pbrf"]) == len(out["influence"])):
         raise ValueError(f"{path} is damaged: indices, influence and pbrf must be lists of one length")
     return out
@@ -379,7 +380,7 @@ def pbrf_stage(run: Pipeline, method: str) -> Stage:
     weight decay and parameters, on ``pbrf_points`` training points (a third the largest |I|, the rest at random,
     seeded). It matches the influence where that uses the Gauss-Newton matrix (``gauss_newton``, or a classifier
     head, where the two coincide)."""
-    from iaerf.evaluation import pbrf_effect, scatter_predicted_vs_actual
+    from iaerf.evaluation import scatter_predicted_vs_actual
 
     infl = influence_stage(run, method)
     c = run.config
@@ -398,36 +399,82 @@ def pbrf_stage(run: Pipeline, method: str) -> Stage:
         if _selects_head_only(model, selection, train_set.inputs[:1].to(run.device)):
             model, train_set, val = classifier_head(model, train_set, val, device=run.device)
             selection = ["fc"]
-        scale = float(influence.abs().max())
-        effect, info = pbrf_effect(model, train_set, val, indices, eps=1e-3 / max(scale, 1e-12), kind="energy",
-                                   damping=c.influence.damping, weight_decay=c.influence.weight_decay,
-                                   params=selection, task=influence_task(run, method), progress=run.progress,
-                                   return_info=True)
+        effect, info = _pbrf(run, method, model, train_set, val, indices, selection)
         predicted = influence[indices]
         r = scatter_predicted_vs_actual(predicted, effect, png, f"{method}: energy influence vs PBRF")
         write_json(pbrf_path(run, method),
                    {"indices": indices, "influence": predicted.tolist(), "pbrf": effect.tolist(), "pearson": r,
-                    "converged": bool(info.converged.all()), "max_grad_norm": info.max_grad_norm,
+                    "converged": bool(info.converged.all()), "finished": bool(info.finished.all()),
+                    "max_grad_norm": info.max_grad_norm,
                     "gauss_newton": c.influence.gauss_newton or selection == ["fc"]})
 
-    key = _key("pbrf", infl.key, points)
+    key = _key("pbrf", infl.key, points, _PBRF_SOLVE)
     return Stage(f"pbrf-{method}", key, {pbrf_path(run, method): _read_pbrf, png: check_png}, write, (infl,))
 
 
+# the PBRF as the stages solve it: a derivative-sized perturbation (eps = 1e-3 / n), stopping on the gradient or,
+# for piecewise-smooth networks (ReLU, max-pooling) whose gradient stalls at its jumps, on a settled measurement
+_PBRF_SOLVE = {"eps_times_n": 1e-3, "tol": 1e-6, "measure_tol": 1e-3, "max_iter": 20}
+
+
+def _pbrf(run: Pipeline, method: str, model, train_set, val, indices, selection):
+    """:func:`iaerf.evaluation.pbrf_effect` of the energy of ``indices`` with the run's damping, weight decay and
+    task; the chord method (one exact factor of G + lambda I) where n K allows it. Returns ``(effect, info)``."""
+    from iaerf.evaluation import pbrf_effect
+
+    c = run.config.influence
+    n = len(train_set)
+    method_ = "chord" if n * run.split().num_classes <= 20000 else "newton-cg"
+    return pbrf_effect(model, train_set, val, indices, eps=_PBRF_SOLVE["eps_times_n"] / n, kind="energy",
+                       damping=c.damping, weight_decay=c.weight_decay, params=selection,
+                       task=influence_task(run, method), method=method_, tol=_PBRF_SOLVE["tol"],
+                       measure_tol=_PBRF_SOLVE["measure_tol"], max_iter=_PBRF_SOLVE["max_iter"], chunk_size=1,
+                       progress=run.progress, return_info=True)
+
+
+def _full_model_panel(run: Pipeline, method: str, points: int) -> dict:
+    """Fig. 1's second panel: the full-model energy influence (every parameter but batch norm's, Gauss-Newton, the
+    run's damping, CG) of the ``points`` training points of largest |I| against their PBRF ground truth."""
+    import iaerf.influence as infl
+    from iaerf.finetuning import _trainable
+
+    c = run.config.influence
+    split = run.split()
+    model, train_set, val = load_model(run, method), split.train, run.val()
+    moved = {id(p) for p in _trainable(model, None)}
+    selection = [name for name, p in model.named_parameters() if id(p) in moved]
+    values = infl.energy_influence(model, train_set, val, params=selection, weight_decay=c.weight_decay,
+                                   damping=c.damping, gauss_newton=True, solver="cg",
+                                   solver_options={"tol": 1e-4, "max_iter": 200}, device=run.device,
+                                   progress=run.progress, seed=run.config.seed, task=influence_task(run, method))
+    indices = torch.argsort(values.abs(), descending=True)[:points].tolist()
+    effect, info = _pbrf(run, method, model, train_set, val, indices, selection)
+    unfinished = int((~info.finished).sum())
+    return {"predicted": values[indices].double().tolist(), "actual": effect.tolist(),
+            "title": "full model vs PBRF" + (f" ({unfinished} solves unfinished)" if unfinished else ""),
+            "ylabel": "PBRF response / eps"}
+
+
 def fig1_stage(run: Pipeline, method: str) -> Stage:
-    """``plots/fig1_<method>.png``: predicted vs actual effect of regularizing single training points (fine-tunes
-    once per plotted point)."""
+    """``plots/fig1_<method>.png``: left, predicted vs actual effect of regularizing single training points (the
+    paper's protocol: fine-tunes once per plotted point); right, the full-model Gauss-Newton influence of the
+    ``fig1_points`` largest-|I| points against the PBRF (one CG solve, one PBRF solve per point and sign)."""
     from iaerf import plots as P
 
     infl = influence_stage(run, method)
     out = run.path("plots", f"fig1_{method}.png")
+    values = run.path("evaluation", f"fig1_{method}.json")
     points = run.config.figures.fig1_points
 
     def write():
         split = run.split()
         model = load_model(run, method)
-        P.fig1_predicted_vs_actual(model, split.train, run.val(), read_influence(run, influence_path(run, method)),
-                                   out, params=influence_selection(run, model), points=points,
-                                   seed=run.config.seed, progress=run.progress)
+        full = _full_model_panel(run, method, points)
+        left = P.fig1_predicted_vs_actual(model, split.train, run.val(),
+                                          read_influence(run, influence_path(run, method)), out,
+                                          params=influence_selection(run, model), points=points,
+                                          seed=run.config.seed, progress=run.progress, full_model=full)
+        write_json(values, {"finetuning": left, "full_model_pbrf": full})
 
-    return Stage(f"fig1-{method}", _key("fig1", infl.key, points), {out: check_png}, write, (infl,))
+    return Stage(f"fig1-{method}", _key("fig1", infl.key, points, "full-model-pbrf", _PBRF_SOLVE),
+                 {out: check_png, values: lambda p: read_json(p, ("finetuning", "full_model_pbrf"))}, write, (infl,))
