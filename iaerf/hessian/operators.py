@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from iaerf._distributed import all_reduce_sum, rank_and_world
 from iaerf._distributed import collective_device as _collective_device
@@ -115,7 +116,19 @@ def _floating_to(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
+def _agree(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    """max |a - b| <= tol * max |b|; also True when either holds NaN/Inf, so that a non-finite model still reaches
+    the non-finite checks of the solvers instead of a slower route producing the same NaN."""
+    return not bool((a - b).abs().max() > tol * b.abs().max())
+
+
 _CPU_EXAMPLE_VECTORS = 640
+# temporaries of one block of :meth:`ModuleHessian.dense` (Jacobians, HVP columns and their activations)
+_DENSE_BLOCK_BYTES = 256 << 20
+# mode="auto": the timed choice per (model structure, parameters, input shape, loss, device, dtype), so that a
+# second operator on the same model is not re-timed
+_MODE_CHOICE: dict[tuple, str] = {}
+_MODES = ("fwd-rev", "rev-rev")
 
 
 class ModuleHessian(HessianOperator):
@@ -141,14 +154,29 @@ class ModuleHessian(HessianOperator):
         device: where to compute (default: the device of the first selected parameter).
         process_group: a torch.distributed group; each rank holds its shard of ``data`` and :meth:`matvec`
             all-reduces (None: no communication).
-        mode: ``"fwd-rev"`` (forward-over-reverse, ``jvp(grad)``; least memory) or ``"rev-rev"`` (``vjp(grad)``,
+        mode: ``"fwd-rev"`` (forward-over-reverse, ``jvp(grad)``; least memory), ``"rev-rev"`` (``vjp(grad)``,
             the gradient graph built once per batch and its pullback vmapped; often faster for convolutions on
-            CPU). Both are exact; ignored with ``gauss_newton=True``.
+            CPU) or ``"auto"`` (default). Both are exact, so the choice only moves time and memory; ignored with
+            ``gauss_newton=True``.
+
+    The ``"auto"`` rule: on the first product, both modes are timed on one batch of the data (the first
+    ``min(n, batch chunk)`` examples, 8 random vectors, each mode run twice after a warm-up, best time kept) and the
+    faster is used from then on. The choice is cached per (module structure, selected parameter names and shapes,
+    input shape, loss function, device, dtype), so further operators on the same model are not re-timed; it is
+    reported as :attr:`resolved_mode`. :meth:`fingerprint` does not include the mode: the Hessian is the same
+    either way, so timing noise cannot invalidate saved solver states.
+
+    :meth:`dense` (the ``[P, P]`` matrix for exact solves) takes a faster route than ``P`` HVP columns where one
+    applies: with ``gauss_newton=True`` and a model whose outputs for an example do not depend on the other examples
+    of the batch (checked on the first batch), ``G = sum_i J_i^T H_out,i J_i`` from per-example output Jacobians
+    (``vmap(jacrev)`` over examples) and one GEMM per block of examples, only the upper block triangle computed;
+    otherwise HVPs vmapped over blocks of identity columns, the block sizes set from the activation size of one
+    example so that temporaries stay near 256 MB.
     """
 
     def __init__(self, model: nn.Module, data, *, loss_fn: Callable | None = None, params=None,
                  weight_decay: float = 0.0, gauss_newton: bool = False, batch_size: int = 256, device=None,
-                 process_group=None, mode: str = "fwd-rev"):
+                 process_group=None, mode: str = "auto"):
         self.model = model
         self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
         if not callable(self.loss_fn):
@@ -159,9 +187,10 @@ class ModuleHessian(HessianOperator):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.batch_size = batch_size
         self.gauss_newton = bool(gauss_newton)
-        if mode not in ("fwd-rev", "rev-rev"):
-            raise ValueError(f"mode must be 'fwd-rev' or 'rev-rev', got {mode!r}")
+        if mode not in _MODES + ("auto",):
+            raise ValueError(f"mode must be 'fwd-rev', 'rev-rev' or 'auto', got {mode!r}")
         self.mode = mode
+        self._resolved_mode = None if mode == "auto" else mode
         dtypes = {p.dtype for p in selected.values()}
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
             raise TypeError(f"the selected parameters must share one floating dtype, got {sorted(map(str, dtypes))}")
@@ -183,20 +212,58 @@ class ModuleHessian(HessianOperator):
     def param_names(self) -> list[str]:
         return list(self._params)
 
+    @property
+    def resolved_mode(self) -> str:
+        """The HVP mode in use: ``mode`` itself, or for ``"auto"`` the faster one (timed on first use, see the class
+        docstring); ``"gauss-newton"`` with ``gauss_newton=True`` (one route, no choice)."""
+        if self.gauss_newton:
+            return "gauss-newton"
+        if self._resolved_mode is None:
+            self._resolved_mode = self._time_modes()
+        return self._resolved_mode
+
+    def _time_modes(self) -> str:
+        m = min(len(self._data), self._chunk(8))
+        x, y = self._data.batch(range(m), self.device)
+        key = (repr(self.model), tuple((k, tuple(v.shape)) for k, v in self._params.items()),
+               tuple(x.shape[1:]), _callable_id(self.loss_fn), str(self.device), str(self.dtype))
+        if key not in _MODE_CHOICE:
+            gen = torch.Generator().manual_seed(0)
+            V = torch.randn(8, self.num_params, generator=gen, dtype=self.dtype).to(self.device)
+            best = {}
+            with eval_mode(self.model):
+                for mode in _MODES:
+                    fn = self._batch_hvp_fn(None, mode)
+                    fn(x, y, V)   # warm-up: first-call dispatch and allocator costs are not the mode's
+                    for _ in range(2):
+                        if self.device.type == "cuda":
+                            torch.cuda.synchronize(self.device)
+                        t0 = time.perf_counter()
+                        fn(x, y, V)
+                        if self.device.type == "cuda":
+                            torch.cuda.synchronize(self.device)
+                        best[mode] = min(best.get(mode, float("inf")), time.perf_counter() - t0)
+            _MODE_CHOICE[key] = min(_MODES, key=best.__getitem__)
+        return _MODE_CHOICE[key]
+
     def fingerprint(self) -> dict:
         """See :meth:`HessianOperator.fingerprint`; the parameters part covers the selected parameters and every
-        other parameter and buffer (all of them shape H), the data part every example held."""
+        other parameter and buffer (all of them shape H), the data part every example held. The HVP mode is not
+        part of it (both modes compute the same H)."""
         settings = {"type": "ModuleHessian", "model": repr(self.model), "loss_fn": _callable_id(self.loss_fn),
                     "params": ",".join(self._params), "weight_decay": self.weight_decay,
-                    "gauss_newton": self.gauss_newton, "mode": self.mode, "dtype": str(self.dtype),
+                    "gauss_newton": self.gauss_newton, "dtype": str(self.dtype),
                     "num_params": self.num_params, "num_samples": self.num_samples,
                     "world_size": self._world_size()}
         return {"operator": settings, "parameters": named_digest(sorted({**self._params, **self._frozen}.items())),
                 "data": self._data.operator_fingerprint()}
 
     # -- the per-batch kernel --------------------------------------------------------------------------------------
-    def _batch_hvp_fn(self, dtype: torch.dtype | None):
-        """``f(x [m,...], y [m,...], V [b, P]) -> H_batch V [b, P]`` (H of the batch-mean loss, no weight decay)."""
+    def _batch_hvp_fn(self, dtype: torch.dtype | None, mode: str | None = None):
+        """``f(x [m,...], y [m,...], V [b, P]) -> H_batch V [b, P]`` (H of the batch-mean loss, no weight decay);
+        ``mode`` None: :attr:`resolved_mode`."""
+        if mode is None and not self.gauss_newton:
+            mode = self.resolved_mode
         params = {k: _floating_to(v, dtype) for k, v in self._params.items()}
         frozen = {k: _floating_to(v, dtype) for k, v in self._frozen.items()}
         model, loss_fn = self.model, self.loss_fn
@@ -208,7 +275,7 @@ class ModuleHessian(HessianOperator):
             def loss(p, x, y):
                 return loss_fn(outputs(p, x), y)
 
-            if self.mode == "fwd-rev":
+            if mode == "fwd-rev":
                 def hvp_batch(x, y, V):
                     g = grad(loss)
                     # forward-over-reverse: one jvp through the gradient per vector, vmapped over the b vectors;
@@ -278,16 +345,114 @@ class ModuleHessian(HessianOperator):
             out = out + self.weight_decay * V
         return out
 
-    def dense(self, chunk: int = 64) -> torch.Tensor:
-        """The Hessian ``[P, P]``, evaluated in float64 (parameters, buffers and inputs cast to float64)."""
+    def dense(self, chunk: int | None = None) -> torch.Tensor:
+        """The Hessian ``[P, P]``, evaluated in float64 (parameters, buffers and inputs cast to float64).
+
+        ``chunk``: identity columns per vmapped HVP block on the column route (None: from the memory budget);
+        the route is chosen as the class docstring says.
+        """
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk must be None or a positive int, got {chunk!r}")
         P = self.num_params
-        cols = []
-        for start in range(0, P, chunk):
-            E = torch.zeros(min(chunk, P - start), P, dtype=torch.float64, device=self.device)
-            E[torch.arange(E.shape[0]), torch.arange(start, start + E.shape[0])] = 1.0
-            cols.append(self._all_reduce_sum(self._sum_matvec(E, torch.float64)) / self.num_samples)
-        H = torch.cat(cols, dim=0)
-        H = 0.5 * (H + H.T)  # exact symmetry; the two halves differ only by rounding
+        with eval_mode(self.model):
+            H = self._dense_gauss_newton() if self.gauss_newton else None
+            if H is None:
+                H = self._dense_columns(chunk)
+        H = self._all_reduce_sum(H) / self.num_samples
         if self.weight_decay:
-            H = H + self.weight_decay * torch.eye(P, dtype=torch.float64, device=self.device)
+            H.diagonal().add_(self.weight_decay)
         return H
+
+    def _float64_state(self):
+        return ({k: v.to(torch.float64) for k, v in self._params.items()},
+                {k: _floating_to(v, torch.float64) for k, v in self._frozen.items()})
+
+    def _dense_columns(self, chunk: int | None) -> torch.Tensor:
+        """Sum over local examples of the per-example Hessians ``[P, P]`` from HVPs of identity blocks ``[c, P]``,
+        vmapped over the c columns for m <= batch_size examples at once; c and m keep ~8 float64 copies of ``[c, P]`` and of the
+        ``c * m`` activations within :data:`_DENSE_BLOCK_BYTES` (one HVP column costs ~4 activations of memory)."""
+        P = self.num_params
+        c = chunk or max(1, min(P, _DENSE_BLOCK_BYTES // (8 * 8 * P)))
+        act = self._activation_numel()
+        # at most batch_size examples per evaluation, as in matvec: for a model that mixes the examples of a batch
+        # H depends on the batches
+        m = max(1, min(self.batch_size, _DENSE_BLOCK_BYTES // (8 * 4 * act * c)))
+        fn = self._batch_hvp_fn(torch.float64)
+        H = torch.empty(P, P, dtype=torch.float64, device=self.device)
+        for start in range(0, P, c):
+            E = torch.zeros(min(c, P - start), P, dtype=torch.float64, device=self.device)
+            E[torch.arange(E.shape[0]), torch.arange(start, start + E.shape[0])] = 1.0
+            block = torch.zeros_like(E)
+            for x, y in self._data.batches(range(len(self._data)), m, self.device):
+                block.add_(fn(x, y, E), alpha=x.shape[0])
+            H[start: start + E.shape[0]] = block
+        H += H.T.clone()   # exact symmetry: the two halves differ only by rounding
+        return H.mul_(0.5)
+
+    def _activation_numel(self) -> int:
+        """Elements of every module output for one example (the memory one HVP column needs per example)."""
+        total = [0]
+
+        def count(module, inputs, output):
+            if isinstance(output, torch.Tensor):
+                total[0] += output.numel()
+
+        x, _ = self._data.batch([0], self.device)
+        hooks = [mod.register_forward_hook(count) for mod in self.model.modules()]
+        try:
+            with torch.no_grad():
+                functional_call(self.model, {**self._params, **self._frozen}, (x,))
+        finally:
+            for h in hooks:
+                h.remove()
+        return max(1, total[0])
+
+    def _dense_gauss_newton(self) -> torch.Tensor | None:
+        """``sum_i J_i^T H_out,i J_i`` ``[P, P]`` over local examples, from per-example output Jacobians ``J_i [K, P]``
+        (K = output elements per example) and the per-example blocks ``H_out,i [K, K]`` of the loss Hessian w.r.t.
+        the outputs; None when examples are not independent (batch outputs differ from per-example outputs, or
+        the loss Hessian couples examples), so that the caller falls back to HVP columns."""
+        params, frozen = self._float64_state()
+        model, loss_fn, P = self.model, self.loss_fn, self.num_params
+
+        def outputs(p, x):
+            return functional_call(model, {**p, **frozen}, (x,))
+
+        def one_output(p, xi):
+            return outputs(p, xi.unsqueeze(0)).squeeze(0)
+
+        jacobians = vmap(jacrev(one_output), in_dims=(None, 0))
+        x0, _ = self._data.batch([0], self.device)
+        K = outputs(params, _floating_to(x0, torch.float64))[0].numel()
+        # J, H_out J and jacrev's own copy of J per block of m examples
+        m = max(1, min(len(self._data), _DENSE_BLOCK_BYTES // (3 * 8 * K * P)))
+        # Only the upper block triangle of each product is formed (G is symmetric): about 56% of the GEMM flops.
+        rows = max(256, -(-P // 8))
+        G = torch.zeros(P, P, dtype=torch.float64, device=self.device)
+        gen = torch.Generator().manual_seed(0)
+        for x, y in self._data.batches(range(len(self._data)), m, self.device):
+            x = _floating_to(x, torch.float64)
+            mb = x.shape[0]
+            z = outputs(params, x)
+            J = jacobians(params, x)
+            J = torch.cat([J[k].reshape(mb, K, -1) for k in params], dim=2)                       # [m, K, P]
+            alone = vmap(one_output, in_dims=(None, 0))(params, x).reshape(mb, K)
+            if not _agree(alone, z.reshape(mb, K), 1e-12):
+                return None
+            g = grad(lambda zz: loss_fn(zz, y))
+            # H_out e_k for the one-hot tangent at output k of EVERY example: for a loss whose Hessian is
+            # block-diagonal over examples, row i of the result is column k of example i's block
+            tangents = torch.eye(K, dtype=torch.float64, device=self.device).unsqueeze(1).expand(K, mb, K)
+            cols = vmap(lambda t: jvp(g, (z,), (t.reshape(z.shape),))[1])(tangents)
+            blocks = cols.reshape(K, mb, K).permute(1, 2, 0)                                          # [m, K, K]
+            u = torch.randn(mb, K, generator=gen, dtype=torch.float64).to(self.device)
+            direct = jvp(g, (z,), (u.reshape(z.shape),))[1].reshape(mb, K)
+            via_blocks = torch.bmm(blocks, u.unsqueeze(2)).squeeze(2)
+            if not _agree(via_blocks, direct, 1e-10):
+                return None
+            HJ = torch.bmm(blocks * mb, J).reshape(mb * K, P)    # x m: per-example terms of a batch-MEAN loss
+            J = J.reshape(mb * K, P)
+            for a in range(0, P, rows):
+                G[a: a + rows, a:].addmm_(J[:, a: a + rows].T, HJ[:, a:])
+        lower = torch.triu(G, 1).T
+        return G.triu_().add_(lower)
