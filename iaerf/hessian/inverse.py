@@ -16,11 +16,13 @@ Three methods share one meaning of ``damping``:
   estimate of the smallest eigenvalue, and LiSSA refuses when H + damping I is not positive definite: the
   recursion then grows along the negative directions and would return a plausible, wrong answer.
 - ``"cg"``: conjugate gradients on the full-data operator, batched over vectors, stopped at a relative residual.
-- ``"exact"``: dense float64 solve; the reference for the others (small P only).
+- ``"exact"``: dense float64 solve by one Cholesky factorisation (an eigendecomposition, kept for further dampings,
+  when the same operator is solved again); the reference for the others (P <= 20,000 by default).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -41,6 +43,10 @@ class LissaDivergenceError(FloatingPointError):
     """LiSSA's iterate became non-finite or grew geometrically: the update is not a contraction."""
 
 
+class LissaAccuracyWarning(RuntimeWarning):
+    """A LiSSA run with automatic settings stopped with an estimated relative error above ``target_error``."""
+
+
 class HessianNotFiniteError(FloatingPointError):
     """A Hessian-vector product of finite vectors came out NaN/Inf: the data, weights or loss are not finite."""
 
@@ -49,11 +55,28 @@ class HessianNotFiniteError(FloatingPointError):
 class LissaOptions:
     """Settings of the LiSSA solver.
 
+    ``depth``, ``repeats`` and ``batch_size`` default to None, "automatic", chosen so that a default call lands
+    within ``target_error`` of ``(H + damping I)^{-1} v`` or warns (:class:`LissaAccuracyWarning`) with its
+    estimated error; a value you give keeps its plain meaning.
+
     Attributes:
-        depth: recursion steps (the paper uses 5000 on CIFAR, 2500 for classifier-only runs).
+        depth: recursion steps (the paper uses 5000 on CIFAR, 2500 for classifier-only runs). None: run until the
+            estimated relative error of every vector is below ``target_error``, at most
+            ``min(20000, max(1000, ceil(3 * kappa * ln(1 / target_error))))`` steps, kappa = scale / mu and mu the
+            lower bound of lambda_min(H + damping I) described at ``target_error``.
         repeats: independent runs averaged (the paper uses 10); all advance in one batched product per step.
+            None: 1 with full-data products (they are deterministic), 4 with minibatches (their spread is the
+            noise estimate).
         batch_size: examples per minibatch B_j (drawn with replacement from the local data); when it is at least
-            the number of local examples, every step uses the full-data product instead (deterministic).
+            the number of local examples, every step uses the full-data product instead (deterministic). None: the
+            full data when n <= 4096 (a minibatch run at a 2 % error would need more examples per step than that
+            on any problem with kappa above a few hundred), else 512.
+        target_error: the relative error ||x - x*|| / ||x*|| an automatic depth aims at and above which a run
+            warns. Estimated as truncation + noise: with full-data products the truncation is at most
+            ``(1 - mu / scale) / mu * ||h_j - h_(j-1)|| / ||x_j||`` (exact for the Neumann series), with
+            minibatches ``(1 - mu / scale)^(j+1)``; the noise is 3 x the standard error of the mean over repeats (3 x
+            covers the spread of a 4-sample standard deviation). mu = damping + weight_decay (the floor of a
+            convex loss's H), or damping + the Lanczos estimate of lambda_min when that is smaller.
         scale: None = automatic (power iteration); otherwise must exceed lambda_max(H + damping I).
         tol: stop once the relative change ||h_j - h_{j-1}|| / ||h_j|| of every vector and repeat is below tol
             (0 disables; with small minibatches the change stays at the noise level and the run uses all of depth).
@@ -78,9 +101,10 @@ class LissaOptions:
             ``<path>.rank<r>`` and the ranks resume only when all are at the same step.
     """
 
-    depth: int = 1000
-    repeats: int = 1
-    batch_size: int = 256
+    depth: int | None = None
+    repeats: int | None = None
+    batch_size: int | None = None
+    target_error: float = 0.02
     scale: float | None = None
     tol: float = 1e-6
     first_repeat: int = 0
@@ -96,8 +120,14 @@ class LissaOptions:
     def validate(self):
         for name in ("depth", "repeats", "batch_size", "power_iters", "power_probes", "check_every", "checkpoint_every"):
             value = getattr(self, name)
+            if value is None and name in ("depth", "repeats", "batch_size"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LiSSA option {name} must be a positive int, got {value!r}")
+                auto = " (or None for automatic)" if name in ("depth", "repeats", "batch_size") else ""
+                raise ValueError(f"LiSSA option {name} must be a positive int{auto}, got {value!r}")
+        target = check_nonnegative(self.target_error, "target_error")
+        if not 0 < target < 1:
+            raise ValueError(f"LiSSA option target_error must lie in (0, 1), got {self.target_error!r}")
         if isinstance(self.first_repeat, bool) or not isinstance(self.first_repeat, int) or self.first_repeat < 0:
             raise ValueError(f"LiSSA option first_repeat must be an int >= 0, got {self.first_repeat!r}")
         if self.scale is not None:
@@ -133,13 +163,30 @@ class CGOptions:
 
 @dataclass
 class ExactOptions:
-    """Dense solve in float64; refused above max_exact_params parameters (P x P float64 matrix)."""
+    """Dense float64 solve: one Cholesky factorisation of ``H + damping I`` for all vectors at once.
 
-    max_exact_params: int = 5000
+    Attributes:
+        max_exact_params: refuse larger P. The dense ``[P, P]`` float64 Hessian takes 8 P^2 bytes and the solve
+            holds two such matrices at its peak (``H + damping I`` and its factor): 20,000 (the default) is 3.0 GiB
+            per matrix, 6.0 GiB at the peak. Building H costs P Hessian-vector products; the factorisation P^3 / 3
+            flops.
+        reuse_eigendecomposition: keep one eigendecomposition ``H = Q diag(w) Q^T`` (the most recent one, for one
+            operator fingerprint) so that further solves of the same H at any damping cost two ``[P, P] x [P, b]``
+            products instead of a dense build and a factorisation. True: from the second solve of the same
+            ``operator.fingerprint()`` (weights, data and settings unchanged, checked on every call) on: the second
+            call pays one ``torch.linalg.eigh`` (about 4x a Cholesky), later ones reuse it. False: never keep
+            anything between calls. The kept matrix (8 P^2 bytes) is freed by :func:`clear_exact_cache` or by the
+            next decomposition of another operator; operators without ``fingerprint()`` are never cached.
+    """
+
+    max_exact_params: int = 20000
+    reuse_eigendecomposition: bool = True
 
     def validate(self):
         if isinstance(self.max_exact_params, bool) or not isinstance(self.max_exact_params, int) or self.max_exact_params < 1:
             raise ValueError(f"exact option max_exact_params must be a positive int, got {self.max_exact_params!r}")
+        if not isinstance(self.reuse_eigendecomposition, bool):
+            raise TypeError(f"exact option reuse_eigendecomposition must be a bool, got {self.reuse_eigendecomposition!r}")
 
 
 _OPTIONS = {"lissa": LissaOptions, "cg": CGOptions, "exact": ExactOptions, "kfac": KFACOptions, "ekfac": KFACOptions}
@@ -200,24 +247,106 @@ def inverse_hvp(operator: HessianOperator, vectors: torch.Tensor, method: str = 
 
 
 # -- exact --------------------------------------------------------------------------------------------------------
+# What method="exact" keeps between calls (ExactOptions.reuse_eigendecomposition): "last", the fingerprint of the
+# most recent dense solve (its second solve switches to an eigendecomposition), and "decomposition",
+# (fingerprint, w [P], Q [P, P]) of at most one operator, so at most one P x P matrix is ever held.
+_EXACT_CACHE: dict = {}
+
+
+def clear_exact_cache() -> None:
+    """Free the eigendecomposition that ``method="exact"`` keeps for repeated solves (8 P^2 bytes)."""
+    _EXACT_CACHE.clear()
+
+
+def exact_solve_cost(num_params: int) -> str:
+    """What a dense solve over ``num_params`` parameters costs, in words (memory, products, flops)."""
+    P = num_params
+    gib = 8 * P * P / 2**30
+    return (f"a dense {P} x {P} float64 Hessian: {gib:.3g} GiB, {2 * gib:.3g} GiB at the peak of the solve "
+            f"(H + damping I and its Cholesky factor), built from {P} Hessian-vector products, then "
+            f"{P ** 3 / 3:.3g} flops for the factorisation")
+
+
+def _fingerprint_or_none(op):
+    fingerprint = getattr(op, "fingerprint", None)
+    if fingerprint is None:
+        return None
+    try:
+        return fingerprint()
+    except NotImplementedError:
+        return None
+
+
+def _eig_solve(w, Q, B, damping):
+    """``(Q diag(w) Q^T + damping I)^{-1} B`` for ``B [P, b]``; ValueError when that matrix is singular."""
+    shifted = w + damping
+    # the rounding level of the eigenvalues of a float64 matrix of this size and norm (numpy's matrix_rank rule)
+    tol = w.shape[0] * torch.finfo(torch.float64).eps * max(float(w.abs().max()), damping)
+    smallest = float(shifted.abs().min())
+    if smallest <= tol:
+        raise ValueError(
+            f"method='exact': H + damping I is singular (its smallest |eigenvalue| is {smallest:.3g}, at the rounding "
+            f"level {tol:.3g} of a {w.shape[0]} x {w.shape[0]} float64 matrix; damping={damping}): the solution is "
+            "not unique. Give damping > 0 (or more weight decay)")
+    return Q @ ((Q.T @ B) / shifted[:, None]), float(shifted.min())
+
+
 def _exact(op, V, damping, opts: ExactOptions):
+    """Solve with ONE Cholesky factorisation for all b vectors (an eigendecomposition when H + damping I is not
+    positive definite, or when it is kept for reuse). ``V [b, P]`` -> ``[b, P]`` in V's dtype."""
     P = op.num_params
     if P > opts.max_exact_params:
         raise ValueError(
-            f"method='exact' needs a dense {P} x {P} float64 Hessian ({P * P * 8 / 2**30:.2f} GiB) and P={P} exceeds "
-            f"max_exact_params={opts.max_exact_params}; use method='cg' (full-data, deterministic) or 'lissa' "
-            "(stochastic, scales to any P), or raise max_exact_params")
-    H = op.dense().to(torch.float64)
+            f"method='exact' needs {exact_solve_cost(P)}; P={P} exceeds max_exact_params={opts.max_exact_params}. "
+            "Use method='cg' (full-data, deterministic, no P x P matrix) or 'lissa' (stochastic, scales to any P), "
+            "or raise max_exact_params if memory allows")
+    fp = _fingerprint_or_none(op) if opts.reuse_eigendecomposition else None
+    info = {"method": "exact", "num_params": P}
+    kept = _EXACT_CACHE.get("decomposition")
+    if fp is not None and kept is not None and kept[0] == fp:
+        w, Q = kept[1], kept[2]
+        x, lam_min = _eig_solve(w, Q, V.T.to(device=Q.device, dtype=torch.float64), damping)
+        info.update(factorisation="eigh", reused=True, positive_definite=lam_min > 0, min_eigenvalue=lam_min)
+        return x.T.to(device=V.device, dtype=V.dtype), info
+    H = op.dense()
     if not bool(torch.isfinite(H).all()):
         raise _not_finite_error("method='exact' (the dense Hessian)")
-    A = H + damping * torch.eye(P, dtype=torch.float64, device=H.device)
-    try:
-        x = torch.linalg.solve(A, V.to(torch.float64).T.to(A.device)).T
-    except RuntimeError as exc:  # torch raises on exactly singular systems
-        raise ValueError(f"H + damping I is singular (damping={damping}); add damping > 0") from exc
+    B = V.T.to(device=H.device, dtype=torch.float64)                       # [P, b]; any strides
+    if fp is not None and _EXACT_CACHE.get("last") == fp:
+        w, Q = torch.linalg.eigh(H.to(torch.float64))
+        del H
+        _EXACT_CACHE.clear()                                               # the old matrix goes before a new one stays
+        _EXACT_CACHE.update(decomposition=(fp, w, Q), last=fp)
+        x, lam_min = _eig_solve(w, Q, B, damping)
+        info.update(factorisation="eigh", reused=False, positive_definite=lam_min > 0, min_eigenvalue=lam_min)
+        return x.T.to(device=V.device, dtype=V.dtype), info
+    if fp is not None:
+        _EXACT_CACHE["last"] = fp
+    A = H.to(torch.float64, copy=True)     # never modify what dense() returned: an operator may keep it
+    del H
+    A.diagonal().add_(damping)
+    L, failed = torch.linalg.cholesky_ex(A)
+    x = None
+    if int(failed) == 0:
+        # A singular PSD matrix can factor with a rounding-level pivot and give a huge, finite x; its residual
+        # against B gives it away (about eps * cond(A) ||B|| for a solvable system, order ||B|| for a singular one)
+        x = torch.cholesky_solve(B, L)
+        if not float((A @ x - B).norm()) <= 1e-4 * float(B.norm()):
+            x = None
+    del L
+    if x is not None:
+        info.update(factorisation="cholesky", reused=False, positive_definite=True)
+    else:
+        # not (numerically) positive definite: an indefinite (non-convex) H is still solvable, a singular one is
+        # refused with its smallest eigenvalue
+        w, Q = torch.linalg.eigh(A)
+        del A
+        x, lam_min = _eig_solve(w, Q, B, 0.0)
+        info.update(factorisation="eigh", reused=False, positive_definite=lam_min > 0, min_eigenvalue=lam_min)
     if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"H + damping I is singular or too ill-conditioned (damping={damping}); add damping > 0")
-    return x.to(V.dtype).to(V.device), {"method": "exact", "num_params": P}
+        raise ValueError(f"method='exact': H + damping I is too ill-conditioned for float64 (damping={damping}); "
+                         "add damping > 0")
+    return x.T.to(device=V.device, dtype=V.dtype), info
 
 
 # -- conjugate gradients ----------------------------------------------------------------------------------------------
@@ -458,9 +587,69 @@ def _load_checkpoint(path, key: dict, h_shape: tuple, repeats: int, depth: int):
     return None
 
 
+# Automatic LiSSA settings (the None fields of LissaOptions; see its docstring for the rule)
+_AUTO_FULL_DATA_MAX = 4096
+_AUTO_BATCH = 512
+_AUTO_MINIBATCH_REPEATS = 4
+_AUTO_MIN_DEPTH, _AUTO_MAX_DEPTH = 1000, 20000
+_NOISE_FACTOR = 3.0
+
+
+def _auto_sampling(opts: LissaOptions, n: int) -> tuple[int, int]:
+    """``(batch_size, repeats)`` with the automatic ones filled in, for n (global) training examples."""
+    m = opts.batch_size if opts.batch_size is not None else (n if n <= _AUTO_FULL_DATA_MAX else _AUTO_BATCH)
+    r = opts.repeats if opts.repeats is not None else (1 if m >= n else _AUTO_MINIBATCH_REPEATS)
+    return m, r
+
+
+def _curvature_floor(op, lam_min, damping) -> float | None:
+    """A lower bound mu of lambda_min(H + damping I), or None when there is none above 0. A convex loss's H is at
+    least its weight decay; a Lanczos estimate below that is negative loss curvature, and then the estimate (an
+    upper bound in exact arithmetic, so not a guarantee) is the best available."""
+    wd = float(getattr(op, "weight_decay", 0.0) or 0.0)
+    floor = wd if wd > 0 and (lam_min is None or lam_min >= wd) else (lam_min if lam_min is not None else 0.0)
+    mu = floor + damping
+    return mu if mu > 0 else None
+
+
+def _auto_depth(scale: float, mu, target: float) -> int:
+    if mu is None:
+        return _AUTO_MAX_DEPTH
+    steps = math.ceil(3 * scale / mu * math.log(1 / target))
+    return int(min(_AUTO_MAX_DEPTH, max(_AUTO_MIN_DEPTH, steps)))
+
+
+def _estimated_error(h, delta, step, scale, mu, full) -> torch.Tensor:
+    """Estimated relative error ``||x - x*|| / ||x*||`` per vector (``[b]``, float64, inf when unknown) of
+    ``x = mean_r h / scale`` from the iterate ``h [r, b, P]`` at ``step`` and its last increment norms ``delta [r, b]``.
+
+    Truncation: with full-data products ``x* - x_j = A^-1 (I - A / scale) (h_j - h_(j-1))``, at most
+    ``(1 - mu / scale) / mu * ||h_j - h_(j-1)||``; with minibatches the mean iterate follows the same series, whose
+    relative remainder is at most ``(1 - mu / scale)^(j+1)``. Noise: _NOISE_FACTOR standard errors of the mean over
+    the repeats (unknown with one repeat)."""
+    hbar = h.mean(0)
+    hnorm = hbar.norm(dim=1).double().cpu().clamp_min(torch.finfo(torch.float64).tiny)      # scale * ||x_j||
+    b = hnorm.shape[0]
+    if mu is None:
+        return torch.full((b,), math.inf, dtype=torch.float64)
+    if full:
+        t = (scale / mu - 1.0) * delta[0] / hnorm
+    else:
+        t = torch.full((b,), (1.0 - mu / scale) ** (step + 1), dtype=torch.float64)
+        r = h.shape[0]
+        if r == 1:
+            return torch.full((b,), math.inf, dtype=torch.float64)
+        spread = ((h - hbar) ** 2).sum(dim=(0, 2)).double().cpu() / (r - 1)
+        t = t + _NOISE_FACTOR * (spread / r).sqrt() / hnorm
+    # relative to ||x*|| >= ||x_j|| - ||x* - x_j||
+    return torch.where(t < 1, t / (1 - t), torch.full_like(t, math.inf))
+
+
 def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
     n_local = getattr(op, "num_local_samples", op.num_samples)
-    r, m = opts.repeats, opts.batch_size
+    m, r = _auto_sampling(opts, op.num_samples)
+    auto_depth = opts.depth is None
+    run_opts = dataclasses.replace(opts, batch_size=m, repeats=r)
     # A minibatch as large as the local data is the data itself: the products are exact full-data ones and the
     # recursion is the deterministic Neumann series of (H + damping I)^{-1} (no resampling noise).
     full = m >= op.num_samples  # global n: every rank takes the same branch
@@ -469,7 +658,7 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
     key = _checkpoint_key(op, V, damping, seed, opts) if path is not None else None
     if path is not None and getattr(op, "process_group", None) is not None:
         path = f"{path}.rank{_rank(op)}"            # one file per rank: each holds its own generator states
-    state = _load_checkpoint(path, key, h_shape, r, opts.depth)
+    state = _load_checkpoint(path, key, h_shape, r, _AUTO_MAX_DEPTH if auto_depth else opts.depth)
     if getattr(op, "process_group", None) is not None and not _ranks_agree(op, -1 if state is None else int(state["step"])):
         warnings.warn("LiSSA checkpoints of the ranks are at different steps (interrupted between writes); "
                       "starting afresh on every rank", RuntimeWarning, stacklevel=3)
@@ -490,7 +679,7 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
                                                 probes=opts.power_probes, want_max=opts.scale is None,
                                                 want_min=opts.check_curvature)
         if lam_min is not None:
-            _check_curvature(lam_min, lam, damping, op.dtype, lanczos_steps, full, opts)
+            _check_curvature(lam_min, lam, damping, op.dtype, lanczos_steps, full, run_opts)
         if opts.scale is not None:
             scale = float(opts.scale)
         else:
@@ -506,6 +695,9 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
     v = V.unsqueeze(0)
     eps = torch.finfo(V.dtype).eps
     change = None
+    mu = _curvature_floor(op, lam_min, damping)
+    depth = _auto_depth(scale, mu, opts.target_error) if auto_depth else opts.depth
+    estimate = None
 
     def checkpoint():
         if path is not None:
@@ -516,8 +708,8 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
                      "norms": torch.stack([history[s] for s in steps])}
             atomic_write(path, lambda tmp: torch.save(state, tmp))
 
-    with progress_bar(total=opts.depth, initial=min(step, opts.depth), desc="LiSSA", enabled=progress) as bar:
-        while step < opts.depth and not converged:
+    with progress_bar(total=depth, initial=min(step, depth), desc="LiSSA", enabled=progress) as bar:
+        while step < depth and not converged:
             if full:
                 Hh = op.matvec(h[0])[None]
             else:
@@ -534,7 +726,7 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
                 raise LissaDivergenceError(
                     f"LiSSA's iterate overflowed at step {step} (scale={scale:.4g}, damping={damping}): the update is "
                     "not a contraction; raise scale (or leave scale=None) or damping")
-            if step % opts.check_every == 0 or step == opts.depth:
+            if step % opts.check_every == 0 or step == depth:
                 hn = h_new.norm(dim=2).double().cpu()                       # [r, b]
                 delta = (h_new - h).norm(dim=2).double().cpu()
                 _check_growth(history, step, hn, delta, vnorm, full, eps, scale, lam, damping, opts)
@@ -542,6 +734,13 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
                 change = delta / hn.clamp_min(torch.finfo(torch.float64).tiny)
                 if opts.tol > 0:
                     converged = bool((change <= opts.tol).all())
+                estimate = _estimated_error(h_new, delta, step, scale, mu, full)
+                if auto_depth:
+                    # with minibatches only the truncation shrinks with depth: stop once it is below the target
+                    # and the noise, whatever it is, cannot be reduced by going on
+                    bound = estimate if full else torch.full_like(estimate, (1.0 - mu / scale) ** (step + 1)
+                                                                  if mu is not None else math.inf)
+                    converged = converged or bool((bound <= (1.0 if full else 0.5) * opts.target_error).all())
                 bar.set_postfix(norm_x=f"{float(hn.mean()) / scale:.4g}", refresh=False)
             h = h_new
             bar.update(1)
@@ -551,16 +750,30 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
     x = h.mean(0) / scale
     if not bool(torch.isfinite(x).all()):
         raise LissaDivergenceError(f"LiSSA produced NaN/Inf (scale={scale:.4g}, damping={damping}); raise scale or damping")
-    if not converged and opts.tol > 0:
+    est = None if estimate is None or not bool(torch.isfinite(estimate).all()) else float(estimate.max())
+    if auto_depth:
+        if est is None or est > opts.target_error:
+            why = ("the noise cannot be estimated from one repeat; give repeats >= 2" if not full and r == 1 else
+                   "no lower bound of lambda_min(H + damping I) above 0 is known (weight decay and damping are 0); give "
+                   "damping > 0" if mu is None else
+                   f"after {step} steps the minibatch noise dominates, and depth does not reduce it" if not full else
+                   f"it reached the automatic depth cap {depth} (kappa = scale / mu = {scale / mu:.3g})")
+            shown = "unknown" if est is None else f"{est:.3g}"
+            warnings.warn(
+                f"LiSSA's estimated relative error is {shown}, above target_error={opts.target_error} ({why}; "
+                f"batch_size={m} of n={op.num_samples}, repeats={r}). Raise batch_size (batch_size >= n makes "
+                "the run deterministic), repeats or damping, or use method='cg'", LissaAccuracyWarning, stacklevel=3)
+    elif not converged and opts.tol > 0:
         largest = f" (largest now {float(change.max()):.3g})" if change is not None else ""
         warnings.warn(
-            f"LiSSA stopped at depth={opts.depth} before the relative change ||h_j - h_(j-1)|| / ||h_j|| fell below "
+            f"LiSSA stopped at depth={depth} before the relative change ||h_j - h_(j-1)|| / ||h_j|| fell below "
             f"tol={opts.tol}{largest}, so the result may be far from (H + damping I)^-1 v (scale={scale:.4g}; a "
             "scale far above lambda_max slows convergence). Raise depth; with minibatches (batch_size < n) the "
             "change stays at the noise level, so raise repeats or batch_size, set tol=0 to accept a fixed depth, or "
             "use method='cg'", RuntimeWarning, stacklevel=3)
     return x, {"method": "lissa", "scale": scale, "steps": step, "converged": converged, "repeats": r, "full_batch": full,
-               "lambda_max": lam, "lambda_min": lam_min}
+               "batch_size": m, "depth": depth, "lambda_max": lam, "lambda_min": lam_min, "curvature_floor": mu,
+               "estimated_error": est, "target_error": opts.target_error}
 
 
 def _check_curvature(lam_min, lam_max, damping, dtype, steps, full, opts: LissaOptions):
