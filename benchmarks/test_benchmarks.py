@@ -230,6 +230,24 @@ def test_row_ratio_to_each_peer_and_missing_peer():
     assert "torch.compile: 2 s (2.00x)" in table and "other: did not run (see note)" in table and "| 88% |" in table
 
 
+def test_peak_rss_growth_is_the_peak_over_the_start():
+    import threading
+
+    samples = iter([1000, 1000, 5000, 3000])
+    seen_peak = threading.Event()
+
+    def resident():
+        value = next(samples, 2000)
+        if value == 5000:
+            seen_peak.set()
+        return value
+
+    # fn returns only once the sampler thread has read the peak, so the test does not depend on scheduling
+    assert common.peak_rss_growth(lambda: seen_peak.wait(30), interval_s=0.001, resident=resident) == 4000
+    with pytest.raises(ValueError, match="interval_s"):
+        common.peak_rss_growth(lambda: None, interval_s=0, resident=resident)
+
+
 # -- influence libraries: conventions and tuning ----------------------------------------------------------------
 
 
