@@ -72,13 +72,13 @@ def test_exact_and_cg(problem):
 
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
 def test_lissa_default_and_deeper(problem):
-    # n = 200 <= default batch_size: the full-data recursion; the remaining error is the truncation at depth
+    # n = 200 <= 4096: the automatic batch is the full data; the automatic depth stops at an error bound of 2 %
     op, H = PROBLEMS[problem]()
     V = torch.randn(3, op.num_params, dtype=torch.float64)
     ref = _closed_form(H, V, 0.01)
     x, info = inverse_hvp(op, V, damping=0.01, progress=False, return_info=True)
     assert info["full_batch"] and info["scale"] >= 1.1 * torch.linalg.eigvalsh(H)[-1] * (1 - 1e-6)
-    assert _rel(x, ref) <= 1.5e-2
+    assert _rel(x, ref) <= info["estimated_error"] <= 2e-2
     assert _rel(inverse_hvp(op, V, damping=0.01, depth=3000, tol=1e-9, progress=False), ref) <= 1e-3
 
 
