@@ -174,7 +174,8 @@ class ExactOptions:
             operator fingerprint) so that further solves of the same H at any damping cost two ``[P, P] x [P, b]``
             products instead of a dense build and a factorisation. True: from the second solve of the same
             ``operator.fingerprint()`` (weights, data and settings unchanged, checked on every call) on: the second
-            call pays one ``torch.linalg.eigh`` (about 4x a Cholesky), later ones reuse it. False: never keep
+            call pays one ``torch.linalg.eigh`` (roughly an order of magnitude more than a Cholesky factorisation,
+            often still less than building H), later ones reuse it. False: never keep
             anything between calls. The kept matrix (8 P^2 bytes) is freed by :func:`clear_exact_cache` or by the
             next decomposition of another operator; operators without ``fingerprint()`` are never cached.
     """
