@@ -18,7 +18,8 @@ LiSSA as ``damping = wd / scaling`` (its recursion solves (H + damping * scaling
 Each library and solver: the solver's budget (CG iterations, LiSSA depth) doubles until the relative error
 ||I - I_ref|| / ||I_ref|| is <= 1e-2; the row reports the median time at that budget, the settings needed, whether
 a hand-set knob (a LiSSA scale other than the library's default) was needed to converge, and the peak memory of one
-run: the growth of the process's resident set, sampled every 2 ms (common.peak_rss_growth).
+run: the resident-set high-water mark of a fresh process over a second, warm run, minus its resident set before
+that run (:func:`peak_in_subprocess`).
 
     bash benchmarks/setup_peers.sh
     .venv-peers/bin/python -m benchmarks.bench_peers [--quick] [--only logreg mlp] [--allow-busy]
@@ -288,7 +289,7 @@ def _tune(p: Problem, library: str, kind: str, quick: bool) -> Outcome:
     limit (estimated from a 20-step probe) is not tried."""
     solver = SOLVERS[kind][library]
     start, limit = {"exact": (None, None), "cg": (5, 2560), "lissa": (None, 200_000)}[kind]
-    run_limit_s = 20.0 if quick else 300.0
+    run_limit_s = 20.0 if quick else 600.0
     scales = [None]
     if kind == "lissa":
         scales = [DEFAULT_LISSA_SCALE[library]]
@@ -305,6 +306,7 @@ def _tune(p: Problem, library: str, kind: str, quick: bool) -> Outcome:
             if failure or per_step * budget > run_limit_s:
                 history.append(f"scale {scale or 'auto'}: " + (failure or f"needs about {predicted} steps, "
                                f"{per_step * predicted:.0f} s by a 20-step probe, over the {run_limit_s:g} s run limit"))
+                print(f"[bench_peers] {p.name} {library} {solver} {history[-1]}", file=sys.stderr, flush=True)
                 continue
         while True:
             err, seconds, failure = _attempt(p, library, kind, budget, scale)
@@ -333,8 +335,7 @@ def _timed(p, library, kind, budget, scale, err, seconds, quick, solver, scales,
         _influence(p, library, kind, budget, scale)
         times.append(time.perf_counter() - t0)
     timing = common._summary(times)
-    peak_budget = None if budget is None else min(budget, 20)
-    peak = common.peak_rss_growth(lambda: _influence(p, library, kind, peak_budget, scale))
+    peak = peak_in_subprocess(p, library, kind, None if budget is None else min(budget, 20), scale)
     knob = {"exact": "", "cg": f"{budget} iterations", "lissa": f"depth {budget}"}[kind]
     hand_set = ""
     if kind == "lissa":
@@ -346,6 +347,55 @@ def _timed(p, library, kind, budget, scale, err, seconds, quick, solver, scales,
             hand_set = f", default scale {scale:g}"
     settings = f"{library} {solver}: {knob}{hand_set}, err {err:.2g}".replace(": ,", ":")
     return Outcome(library, solver, True, budget, err, timing, peak, settings)
+
+
+def peak_in_subprocess(p: Problem, library: str, kind: str, budget, scale) -> int | None:
+    """Peak memory of one run in bytes, in a fresh interpreter (:func:`_peak_child`): everything the process held
+    (torch tensors, numpy arrays, library caches). In this process the allocator keeps memory freed by earlier
+    runs, so a resident-set delta here would miss most of it. None (and a warning) when the child fails."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "problem.pt")
+        torch.save({"problem": p, "library": library, "kind": kind, "budget": budget, "scale": scale}, path)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        child = subprocess.run([sys.executable, "-c", f"from benchmarks.bench_peers import _peak_child; "
+                                f"_peak_child({path!r})"], cwd=root, capture_output=True, text=True)
+    lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+    if child.returncode != 0 or not lines:
+        warnings.warn(f"peak memory of {library} {kind} not measured: {child.stderr.strip()[-300:]}", RuntimeWarning)
+        return None
+    return int(json.loads(lines[-1])["peak_bytes"])
+
+
+def _status_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _peak_child(path: str) -> None:
+    """The child of :func:`peak_in_subprocess`: one warm-up run (imports, lazy initialisation, thread pools), its
+    freed memory handed back to the system (malloc_trim), the peak resident set reset (/proc/self/clear_refs 5),
+    then the measured run; prints ``{"peak_bytes": VmHWM - VmRSS before the run}``."""
+    import ctypes
+    import gc
+    import json
+
+    spec = torch.load(path, weights_only=False)  # written by the parent a moment ago
+    args = (spec["problem"], spec["library"], spec["kind"], spec["budget"], spec["scale"])
+    _influence(*args)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_bytes("VmRSS")
+    _influence(*args)
+    print(json.dumps({"peak_bytes": max(0, _status_bytes("VmHWM") - base)}), flush=True)
 
 
 def _problem_rows(name: str, quick: bool, device) -> list[dict]:
@@ -366,8 +416,8 @@ def _problem_rows(name: str, quick: bool, device) -> list[dict]:
                                 f"rel. error {TARGET:g}") for o in outcomes.values()]
         if kind == "exact":
             notes += [conventions, condition,
-                      "peak: growth of the resident set during one run, sampled every 2 ms (CG / LiSSA at a "
-                      "budget of 20)",
+                      "peak: resident-set high-water mark of a fresh process over its second run, minus its "
+                      "resident set before that run (CG / LiSSA at a budget of 20)",
                       "dattri and pyDVL solve one system per validation point (their API scores (train, test) "
                       "pairs; pyDVL's CG as one block CG), iaerf one for the mean validation gradient"]
         rows.append(common.row(

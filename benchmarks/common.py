@@ -314,42 +314,6 @@ def peak_memory(fn: Callable[[], object], device=None) -> int:
     return peak
 
 
-def _resident_bytes(read: Callable[[str], str] = _read_text) -> int:
-    return int(read("/proc/self/statm").split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_growth(fn: Callable[[], object], interval_s: float = 0.002,
-                    resident: Callable[[], int] = _resident_bytes) -> int:
-    """Peak growth in bytes of the process's resident set while ``fn()`` runs over the resident set before it,
-    sampled every ``interval_s`` by a thread (/proc/self/statm): everything the process holds, torch tensors,
-    numpy arrays and library caches alike, at the cost of missing peaks shorter than the interval. The
-    profiler's tensor accounting (:func:`peak_memory`) is exact for torch tensors but slows runs of many small
-    ops by orders of magnitude."""
-    import threading
-
-    if not interval_s > 0:
-        raise ValueError(f"interval_s must be > 0 seconds, got {interval_s!r}")
-    gc.collect()
-    base = resident()
-    peak = base
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, resident())
-            done.wait(interval_s)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        sampler.join()
-    return max(0, max(peak, resident()) - base)
-
-
 def max_rel_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     """max |value - reference| / max(max |reference|, tiny), computed in float64."""
     value = value.detach().double().cpu()

@@ -230,24 +230,6 @@ def test_row_ratio_to_each_peer_and_missing_peer():
     assert "torch.compile: 2 s (2.00x)" in table and "other: did not run (see note)" in table and "| 88% |" in table
 
 
-def test_peak_rss_growth_is_the_peak_over_the_start():
-    import threading
-
-    samples = iter([1000, 1000, 5000, 3000])
-    seen_peak = threading.Event()
-
-    def resident():
-        value = next(samples, 2000)
-        if value == 5000:
-            seen_peak.set()
-        return value
-
-    # fn returns only once the sampler thread has read the peak, so the test does not depend on scheduling
-    assert common.peak_rss_growth(lambda: seen_peak.wait(30), interval_s=0.001, resident=resident) == 4000
-    with pytest.raises(ValueError, match="interval_s"):
-        common.peak_rss_growth(lambda: None, interval_s=0, resident=resident)
-
-
 # -- influence libraries: conventions and tuning ----------------------------------------------------------------
 
 
@@ -259,7 +241,9 @@ def _fake_problem(n=6):
 
 
 def _runners(monkeypatch, fn):
-    """Every library's runner returns fn(library, problem, solver, budget, scale) in the library's raw convention."""
+    """Every library's runner returns fn(library, problem, solver, budget, scale) in the library's raw convention;
+    the peak-memory child (which would run the real libraries) reports 123 bytes."""
+    monkeypatch.setattr(bench_peers, "peak_in_subprocess", lambda *args: 123)
     monkeypatch.setattr(bench_peers, "RUNNERS", {
         lib: (lambda p, solver, budget, scale, lib=lib: bench_peers.CONVENTION[lib] * fn(lib, p, solver, budget, scale))
         for lib in bench_peers.LIBRARIES})
@@ -284,7 +268,7 @@ def test_tune_doubles_cg_iterations_until_the_target(monkeypatch):
     # relative error 0.5 / iterations: 1e-2 needs >= 50, reached at 5 -> 10 -> 20 -> 40 -> 80
     _runners(monkeypatch, lambda lib, p, solver, budget, scale: p.reference * (1 + 0.5 / budget))
     out = bench_peers._tune(p, "dattri", "cg", quick=True)
-    assert out.reached and out.budget == 80 and out.error == pytest.approx(0.5 / 80)
+    assert out.reached and out.budget == 80 and out.error == pytest.approx(0.5 / 80) and out.peak_bytes == 123
     assert out.settings.startswith("dattri CG: 80 iterations")
 
 
@@ -307,6 +291,11 @@ def test_tune_reports_a_solver_that_never_reaches_the_target(monkeypatch):
     _runners(monkeypatch, lambda lib, p, *a: p.reference * 1.5)
     out = bench_peers._tune(p, "dattri", "exact", quick=True)
     assert not out.reached and out.timing is None and out.error == pytest.approx(0.5)
+
+
+def test_peak_in_subprocess_runs_the_solver_in_a_child():
+    peak = bench_peers.peak_in_subprocess(_fake_problem(), "iaerf", "exact", None, None)
+    assert isinstance(peak, int) and peak >= 0
 
 
 def test_lissa_depth_estimate_and_relative_error():
