@@ -172,9 +172,10 @@ class ExactOptions:
             flops.
         reuse_eigendecomposition: keep one eigendecomposition ``H = Q diag(w) Q^T`` (the most recent one, for one
             operator fingerprint) so that further solves of the same H at any damping cost two ``[P, P] x [P, b]``
-            products instead of a dense build and a factorisation. True: from the second solve of the same
-            ``operator.fingerprint()`` (weights, data and settings unchanged, checked on every call) on: the second
-            call pays one ``torch.linalg.eigh`` (roughly an order of magnitude more than a Cholesky factorisation,
+            products instead of a dense build and a factorisation. True: once the same
+            ``operator.fingerprint()`` (weights, data and settings unchanged, checked on every call) is solved at a
+            second damping value (a repeat at the same damping repeats the Cholesky solve, bit for bit): that call
+            pays one ``torch.linalg.eigh`` (roughly an order of magnitude more than a Cholesky factorisation,
             often still less than building H), later ones reuse it. False: never keep
             anything between calls. The kept matrix (8 P^2 bytes) is freed by :func:`clear_exact_cache` or by the
             next decomposition of another operator; operators without ``fingerprint()`` are never cached.
@@ -248,8 +249,9 @@ def inverse_hvp(operator: HessianOperator, vectors: torch.Tensor, method: str = 
 
 
 # -- exact --------------------------------------------------------------------------------------------------------
-# What method="exact" keeps between calls (ExactOptions.reuse_eigendecomposition): "last", the fingerprint of the
-# most recent dense solve (its second solve switches to an eigendecomposition), and "decomposition",
+# What method="exact" keeps between calls (ExactOptions.reuse_eigendecomposition): "last", (fingerprint, damping)
+# of the most recent dense solve (a solve of that fingerprint at another damping switches to an eigendecomposition;
+# at the same damping it repeats the Cholesky solve, bit for bit), and "decomposition",
 # (fingerprint, w [P], Q [P, P]) of at most one operator, so at most one P x P matrix is ever held.
 _EXACT_CACHE: dict = {}
 
@@ -313,16 +315,17 @@ def _exact(op, V, damping, opts: ExactOptions):
     if not bool(torch.isfinite(H).all()):
         raise _not_finite_error("method='exact' (the dense Hessian)")
     B = V.T.to(device=H.device, dtype=torch.float64)                       # [P, b]; any strides
-    if fp is not None and _EXACT_CACHE.get("last") == fp:
+    last = _EXACT_CACHE.get("last")
+    if fp is not None and last is not None and last[0] == fp and last[1] != damping:
         w, Q = torch.linalg.eigh(H.to(torch.float64))
         del H
         _EXACT_CACHE.clear()                                               # the old matrix goes before a new one stays
-        _EXACT_CACHE.update(decomposition=(fp, w, Q), last=fp)
+        _EXACT_CACHE.update(decomposition=(fp, w, Q), last=(fp, damping))
         x, lam_min = _eig_solve(w, Q, B, damping)
         info.update(factorisation="eigh", reused=False, positive_definite=lam_min > 0, min_eigenvalue=lam_min)
         return x.T.to(device=V.device, dtype=V.dtype), info
     if fp is not None:
-        _EXACT_CACHE["last"] = fp
+        _EXACT_CACHE["last"] = (fp, damping)
     A = H.to(torch.float64, copy=True)     # never modify what dense() returned: an operator may keep it
     del H
     A.diagonal().add_(damping)
