@@ -137,6 +137,8 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--resnet-n", type=int, default=12406,
+                        help="ResNet-32 training points (default: CIFAR-10-LT's 12,406)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -145,8 +147,8 @@ def main(argv=None):
                  ("ResNet-32 (smoke)", ResNet32(num_classes=10), (3, 8, 8), 16, 4, 10, 1e-3, 8, False)]
     else:
         cases = [("SmallCNN digits", SmallCNN(), (1, 8, 8), 1437, 180, 10, 1e-3, 256, True),
-                 ("ResNet-32 CIFAR-10-LT size", ResNet32(num_classes=10), (3, 32, 32), 12406, 500, 10, 1e-3, 128,
-                  False)]
+                 (f"ResNet-32 {'CIFAR-10-LT size' if args.resnet_n == 12406 else 'random 32x32'}",
+                  ResNet32(num_classes=10), (3, 32, 32), args.resnet_n, 500, 10, 1e-3, 128, False)]
     rows = [run_case(name, model, shape, n, m, k, d, bs, device, exact)
             for name, model, shape, n, m, k, d, bs, exact in cases]
     print(json.dumps(rows, indent=2))

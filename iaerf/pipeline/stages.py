@@ -225,10 +225,11 @@ def influence_stage(run: Pipeline, method: str) -> Stage:
             selection = ["fc"]
         solver, options = c.solver, dict(c.solver_options) if c.solver_options else None
         if solver == "exact":
+            from iaerf.hessian.inverse import ExactOptions
             from iaerf.hessian.params import select_parameters
 
             size = sum(p.numel() for p in select_parameters(model, selection).values())
-            limit = (options or {}).get("max_exact_params", 5000)
+            limit = (options or {}).get("max_exact_params", ExactOptions().max_exact_params)
             if size > limit:  # a dense P x P solve would be refused: the Kronecker-factored one scales
                 run.log(f"[iaerf] influence-{method}: the exact solve over {size} parameters exceeds "
                         f"max_exact_params={limit}; using EK-FAC (give --solver cg / lissa / kfac to choose another)")
