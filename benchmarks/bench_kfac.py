@@ -10,18 +10,22 @@ data (12,406 training points; no exact reference). kronfluence runs only when im
 
     bash benchmarks/setup_kronfluence.sh
     build/kronfluence-venv/bin/python -m benchmarks.bench_kfac [--smoke] [--device cuda] [--out FILE.json]
+
+or, with every other benchmark, ``.venv-peers/bin/python -m benchmarks.run_all`` (benchmarks/setup_peers.sh installs
+kronfluence there too).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
+import math
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks import common
 from iaerf._io import write_json
 from iaerf.hessian import ModuleHessian, inverse_hvp
 from iaerf.hessian.kfac import KFACOperator
@@ -132,6 +136,47 @@ def run_case(name, model, shape, n_train, n_val, classes, damping, batch_size, d
     return row
 
 
+def cases(quick: bool, resnet_n: int = 12406) -> list[tuple]:
+    """(name, model, input shape, n_train, n_val, classes, damping, batch_size, exact reference?) per case."""
+    if quick:
+        return [("SmallCNN digits (smoke)", SmallCNN(width=2), (1, 8, 8), 64, 8, 10, 1e-3, 32, True),
+                ("ResNet-32 (smoke)", ResNet32(num_classes=10), (3, 8, 8), 16, 4, 10, 1e-3, 8, False)]
+    return [("SmallCNN digits", SmallCNN(), (1, 8, 8), 1437, 180, 10, 1e-3, 256, True),
+            (f"ResNet-32 {'CIFAR-10-LT size' if resnet_n == 12406 else 'random 32x32'}", ResNet32(num_classes=10),
+             (3, 32, 32), resnet_n, 500, 10, 1e-3, 128, False)]
+
+
+def _table_row(r: dict) -> dict:
+    """``r`` (a :func:`run_case` result) as a benchmarks/common.py row: kronfluence end to end is the baseline."""
+    ours = {"median": r["iaerf_fit_s"] + r["iaerf_score_s"], "iqr": math.nan}
+    theirs = ({"median": r["kronfluence_fit_s"] + r["kronfluence_score_s"], "iqr": math.nan}
+              if "kronfluence_fit_s" in r else {"median": math.nan, "iqr": math.nan})
+    parts = [f"iaerf fit {r['iaerf_fit_s']:.2f} s + score {r['iaerf_score_s']:.2f} s"]
+    if "kronfluence_fit_s" in r:
+        parts.append(f"kronfluence fit {r['kronfluence_fit_s']:.2f} s + score {r['kronfluence_score_s']:.2f} s; "
+                     f"Pearson iaerf-kronfluence {r['pearson_iaerf_kronfluence']:.4f}")
+    else:
+        parts.append(f"kronfluence {r['kronfluence']}")
+    if "pearson_iaerf_exact" in r:
+        parts.append(f"Pearson with the exact Gauss-Newton influence: iaerf {r['pearson_iaerf_exact']:.4f}"
+                     + (f", kronfluence {r['pearson_kronfluence_exact']:.4f}" if "pearson_kronfluence_exact" in r
+                        else ""))
+    parts.append(f"damping {r['damping']:g}; one run each (minutes per case)")
+    row = common.row(f"EK-FAC loss influence of every training point, {r['case']}",
+                     f"n={r['n_train']} P={r['num_params']}", "fp32", "kronfluence 1.0.1 EK-FAC (fit + score)",
+                     theirs, ours, target=">= 2x at equal accuracy", note="; ".join(parts))
+    row["raw"] = r
+    return row
+
+
+def run(quick: bool = False, device: str = "cpu", resnet_n: int = 12406) -> list[dict]:
+    """benchmarks/run_all.py's entry: one row per case of :func:`cases`."""
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    return [_table_row(run_case(name, model, shape, n, m, k, d, bs, dev, exact))
+            for name, model, shape, n, m, k, d, bs, exact in cases(quick, resnet_n)]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs")
@@ -139,19 +184,12 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--resnet-n", type=int, default=12406,
                         help="ResNet-32 training points (default: CIFAR-10-LT's 12,406)")
+    common.add_load_arguments(parser)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    if args.smoke:
-        cases = [("SmallCNN digits (smoke)", SmallCNN(width=2), (1, 8, 8), 64, 8, 10, 1e-3, 32, True),
-                 ("ResNet-32 (smoke)", ResNet32(num_classes=10), (3, 8, 8), 16, 4, 10, 1e-3, 8, False)]
-    else:
-        cases = [("SmallCNN digits", SmallCNN(), (1, 8, 8), 1437, 180, 10, 1e-3, 256, True),
-                 (f"ResNet-32 {'CIFAR-10-LT size' if args.resnet_n == 12406 else 'random 32x32'}",
-                  ResNet32(num_classes=10), (3, 32, 32), args.resnet_n, 500, 10, 1e-3, 128, False)]
-    rows = [run_case(name, model, shape, n, m, k, d, bs, device, exact)
-            for name, model, shape, n, m, k, d, bs, exact in cases]
-    print(json.dumps(rows, indent=2))
+    common.guard_load_or_exit(args.allow_busy)
+    print(common.machine_description())
+    rows = run(args.smoke, args.device, args.resnet_n)
+    print(common.markdown_table(rows))
     if args.out:
         write_json(args.out, rows)
     return rows

@@ -7,14 +7,17 @@ ratio, the largest error against a float64 reference, peak memory), plus a PNG o
 (benchmarks/speedup.png) and the raw rows as JSON (benchmarks/results.json).
 It first checks that the machine is idle (benchmarks/common.py guard_load: it refuses when other processes use more
 than 0.3 of a core, unless --allow-busy, and then every row is marked as measured under load) and records the load
-before and after the run with the machine. The influence-library comparison (benchmarks/bench_peers.py) runs only
-where dattri and pyDVL import, i.e. from the venv of benchmarks/setup_peers.sh: ``.venv-peers/bin/python -m
-benchmarks.run_all``; elsewhere its section says why it was skipped.
+before and after the run with the machine. The influence-library comparisons (benchmarks/bench_peers.py: dattri,
+pyDVL; benchmarks/bench_kfac.py: kronfluence) run only where those libraries import, i.e. from the venv of
+benchmarks/setup_peers.sh; elsewhere their sections say why they were skipped. The whole report on a clean clone:
+
+    bash scripts/setup_env.sh && bash benchmarks/setup_peers.sh && .venv-peers/bin/python -m benchmarks.run_all
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -37,6 +40,8 @@ MODULES = [
     ("Classifier-only influence: head vs whole network", "benchmarks.bench_pipeline"),
     ("IAERF fine-tuning epoch", "benchmarks.bench_finetune"),
     ("Loss influence end to end against the influence libraries (dattri, pyDVL)", "benchmarks.bench_peers"),
+    ("EK-FAC influence against kronfluence", "benchmarks.bench_kfac"),
+    ("Scale on one machine: ResNet-32 energy influence of every training point", "benchmarks.bench_scale"),
 ]
 
 
@@ -44,6 +49,8 @@ def _skip_reason(module_name: str) -> str | None:
     """Why a module cannot run in this interpreter (None: it can)."""
     if module_name == "benchmarks.bench_peers":
         return importlib.import_module(module_name).peers_available()
+    if module_name == "benchmarks.bench_kfac" and importlib.util.find_spec("kronfluence") is None:
+        return "kronfluence is not installed here (bash benchmarks/setup_peers.sh, then run from .venv-peers)"
     return None
 
 
