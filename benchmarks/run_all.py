@@ -39,6 +39,7 @@ MODULES = [
     ("Energy influence of every training point", "benchmarks.bench_influence"),
     ("Classifier-only influence: head vs whole network", "benchmarks.bench_pipeline"),
     ("IAERF fine-tuning epoch", "benchmarks.bench_finetune"),
+    ("What the ground-truth evaluations cost (iaerf.evaluation)", "benchmarks.bench_evaluation"),
     ("Loss influence end to end against the influence libraries (dattri, pyDVL)", "benchmarks.bench_peers"),
     ("EK-FAC influence against kronfluence", "benchmarks.bench_kfac"),
     ("Scale on one machine: ResNet-32 energy influence of every training point", "benchmarks.bench_scale"),
@@ -91,54 +92,65 @@ def speedup_plot(rows: list[dict], path: str) -> str | None:
     return path
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions (a smoke run)")
-    parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="markdown report to write")
-    parser.add_argument("--only", nargs="*", help="module names to run (e.g. bench_ops bench_hessian)")
-    common.add_load_arguments(parser)
-    args = parser.parse_args(argv)
+def _section(title: str, module_name: str, entry: dict) -> str:
+    if "skipped" in entry:
+        return f"## {title}\n\n`{module_name}` skipped: {entry['skipped']}\n"
+    seconds = f", {entry['seconds']:.0f} s" if entry.get("seconds") is not None else ""
+    when = f" (measured {entry['measured']})" if entry.get("measured") else ""
+    return f"## {title}\n\n`{module_name}`{seconds}{when}\n\n{markdown_table(entry['rows'])}\n"
 
-    load_before = common.guard_load_or_exit(args.allow_busy)
-    machine = machine_description()
-    sections, all_rows, failures = [], [], []
-    for title, module_name in MODULES:
-        if args.only and module_name.split(".")[-1] not in args.only:
-            continue
-        print(f"== {title} ({module_name})", flush=True)
-        skip = _skip_reason(module_name)
-        if skip:
-            sections.append(f"## {title}\n\n`{module_name}` skipped: {skip}\n")
-            print(sections[-1], flush=True)
-            continue
-        t0 = time.perf_counter()
-        try:
-            rows = importlib.import_module(module_name).run(quick=args.quick)
-        except Exception:  # noqa: BLE001 - one broken module must not hide the others' results
-            failures.append((module_name, traceback.format_exc()))
-            print(failures[-1][1], file=sys.stderr)
-            continue
-        for r in rows:
-            r["module"] = module_name
-        all_rows += rows
-        sections.append(f"## {title}\n\n`{module_name}`, {time.perf_counter() - t0:.0f} s\n\n{markdown_table(rows)}\n")
-        print(markdown_table(rows), flush=True)
 
+def previous_results(out: str) -> dict:
+    """The per-module entries of the results.json beside ``out`` (a former run), or {} when there is none. Only
+    read, never executed; an entry that is not what this script writes is dropped."""
+    path = os.path.join(os.path.dirname(os.path.abspath(out)), "results.json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    modules = data.get("modules")
+    if not isinstance(modules, dict) and isinstance(data.get("rows"), list):
+        # a report from before per-module entries: its rows, grouped by the module each names
+        modules = {}
+        for r in data["rows"]:
+            if isinstance(r, dict) and isinstance(r.get("module"), str):
+                modules.setdefault(r["module"], {"rows": []})["rows"].append(r)
+    if not isinstance(modules, dict):
+        return {}
+    known = {m for _, m in MODULES}
+    return {m: e for m, e in modules.items()
+            if m in known and isinstance(e, dict) and (isinstance(e.get("rows"), list) or "skipped" in e)}
+
+
+def write_report(out: str, quick: bool, machine: dict, load_before: dict, done: dict, failures: list,
+                 pending: list[str]) -> None:
+    """RESULTS.md (header with the machine and the load, then one section per module in ``done``: module name ->
+    {"rows", "seconds", "measured"} or {"skipped"}), the speed-up plot and results.json; called after every
+    module, so an interrupted run keeps what it measured (``pending``: the modules not run yet)."""
+    machine = dict(machine)
     load_after = common.measure_load()
     machine["load before"] = common.describe_load(load_before)
     machine["load after"] = common.describe_load(load_after)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    plot = speedup_plot(all_rows, os.path.join(out_dir, "speedup.png"))
+    out_dir = os.path.dirname(os.path.abspath(out))
+    rows = [r for _, m in MODULES if m in done for r in done[m].get("rows", [])]
+    plot = speedup_plot(rows, os.path.join(out_dir, "speedup.png"))
     header = [
         "# iaerf benchmark results",
         "",
-        f"Generated by `python -m benchmarks.run_all{' --quick' if args.quick else ''}` on "
+        f"Generated by `python -m benchmarks.run_all{' --quick' if quick else ''}` on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Every ratio is measured side by side in one run on "
         "this machine; speed-up = baseline median / iaerf median.",
         "",
         "| machine | |",
         "|---|---|",
     ] + [f"| {k} | {v} |" for k, v in machine.items()]
+    kept = [m for m, e in done.items() if e.get("kept")]
+    if kept:
+        header += ["", "Sections kept from the former run (`--only` ran the others again, on the same kind of "
+                       "machine; each section says when it was measured): " + ", ".join(f"`{m}`" for m in kept)]
     if common.load_marker():
         header += ["", f"**{common.load_marker()}: every timing below was taken on a busy machine "
                        f"(--allow-busy); do not read them as results.**"]
@@ -149,8 +161,62 @@ def main(argv=None):
         header += ["", f"![speed-up vs problem size]({os.path.basename(plot)})"]
     if failures:
         header += ["", "**Modules that failed:** " + ", ".join(m for m, _ in failures)]
-    write_text(args.out, "\n".join(header) + "\n\n" + "\n".join(sections))
-    write_text(os.path.join(out_dir, "results.json"), json.dumps({"machine": machine, "rows": all_rows}, indent=1))
+    if pending:
+        header += ["", "**Run in progress or interrupted; not run yet:** " + ", ".join(pending)]
+    sections = [_section(t, m, done[m]) for t, m in MODULES if m in done]
+    write_text(out, "\n".join(header) + "\n\n" + "\n".join(sections))
+    write_text(os.path.join(out_dir, "results.json"),
+               json.dumps({"machine": machine, "rows": rows,
+                           "modules": {m: {k: v for k, v in e.items() if k != "kept"} for m, e in done.items()}},
+                          indent=1))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions (a smoke run)")
+    parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="markdown report to write")
+    parser.add_argument("--only", nargs="*",
+                        help="module names to run (e.g. bench_ops bench_hessian); the other modules' sections are "
+                             "kept from the results.json beside --out")
+    common.add_load_arguments(parser)
+    args = parser.parse_args(argv)
+    names = {m.split(".")[-1] for _, m in MODULES}
+    unknown = sorted(set(args.only or ()) - names)
+    if unknown:
+        parser.error(f"--only: unknown module(s) {unknown}; choose from {sorted(names)}")
+
+    load_before = common.guard_load_or_exit(args.allow_busy)
+    machine = machine_description()
+    done, failures = {}, []
+    if args.only:
+        done = {m: {**e, "kept": True} for m, e in previous_results(args.out).items()
+                if m.split(".")[-1] not in args.only}
+    chosen = [(t, m) for t, m in MODULES if not args.only or m.split(".")[-1] in args.only]
+    for i, (title, module_name) in enumerate(chosen):
+        pending = [m for _, m in chosen[i + 1:]]
+        print(f"== {title} ({module_name})", flush=True)
+        skip = _skip_reason(module_name)
+        if skip:
+            done[module_name] = {"skipped": skip}
+            print(_section(title, module_name, done[module_name]), flush=True)
+            write_report(args.out, args.quick, machine, load_before, done, failures, pending)
+            continue
+        t0 = time.perf_counter()
+        try:
+            rows = importlib.import_module(module_name).run(quick=args.quick)
+        except Exception:  # noqa: BLE001 - one broken module must not hide the others' results
+            failures.append((module_name, traceback.format_exc()))
+            print(failures[-1][1], file=sys.stderr)
+            write_report(args.out, args.quick, machine, load_before, done, failures, pending)
+            continue
+        for r in rows:
+            r["module"] = module_name
+        done[module_name] = {"rows": rows, "seconds": time.perf_counter() - t0,
+                             "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        print(markdown_table(rows), flush=True)
+        write_report(args.out, args.quick, machine, load_before, done, failures, pending)
+
+    write_report(args.out, args.quick, machine, load_before, done, failures, [])
     print(f"wrote {args.out}")
     return 1 if failures else 0
 
