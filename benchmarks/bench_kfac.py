@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import tempfile
 import time
 
@@ -169,8 +170,11 @@ def _table_row(r: dict) -> dict:
     return row
 
 
-def run(quick: bool = False, device: str = "cpu", resnet_n: int = 12406) -> list[dict]:
-    """benchmarks/run_all.py's entry: one row per case of :func:`cases`."""
+def run(quick: bool = False, device: str = "cpu", resnet_n: int | None = None) -> list[dict]:
+    """benchmarks/run_all.py's entry: one row per case of :func:`cases`. ``resnet_n`` (default: the environment
+    variable IAERF_BENCH_KFAC_RESNET_N, else CIFAR-10-LT's 12,406) sets the ResNet-32 case's training points."""
+    if resnet_n is None:
+        resnet_n = int(os.environ.get("IAERF_BENCH_KFAC_RESNET_N", "12406"))
     torch.manual_seed(0)
     dev = torch.device(device)
     return [_table_row(run_case(name, model, shape, n, m, k, d, bs, dev, exact))
