@@ -5,7 +5,7 @@ each row times a few units and reports both, from which the full runs' times fol
 
 - ``pbrf_effect``, tanh MLP 64 -> 16 -> 10 on digits (float64, 500 points, Newton-CG, tol 1e-9): per solve
   (one sign of one point);
-- ``pbrf_effect``, digits SmallCNN over every parameter but batch norm's (P = 23,834, 503 points, chord method at
+- ``pbrf_effect``, digits SmallCNN over every parameter but batch norm's (P = 23,834, 500 points, chord method at
   eps 1e-3/n, tol 1e-6, measure_tol 1e-3, the settings of experiments/pbrf_full_model.py): the Woodbury factor of
   G + lambda I (once per model) and the cost per solve;
 - ``lds``: one re-training per (subset, seed): softmax regression (Newton, exact) and the tanh MLP (L-BFGS);
@@ -28,18 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import common
+from benchmarks.bench_peers import _digits as digits
 
 N_TRAIN, N_VAL, WD = 500, 300, 1e-3
-
-
-def _digits(n_train: int, n_val: int):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    X, y = torch.from_numpy(d.data / 16.0), torch.from_numpy(d.target).long()
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    tr, va = perm[:n_train], perm[n_train:n_train + n_val]
-    return (X[tr], y[tr]), (X[va], y[va])
 
 
 def _timed(fn):
@@ -81,7 +72,8 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
     if device != "cpu":
         raise ValueError(f"device must be 'cpu' (the evaluations' re-fits are CPU float64 code), got {device!r}")
     n_train, n_val = (120, 60) if quick else (N_TRAIN, N_VAL)
-    train, val = _digits(n_train, n_val)
+    x, y, xv, yv = digits(n_train, n_val)
+    train, val = (x, y), (xv, yv)
     units = 3 if quick else 4  # lds needs >= 3 subsets for a rank correlation
     rows = []
 
