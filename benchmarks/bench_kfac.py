@@ -8,11 +8,10 @@ the exact Gauss-Newton influence (CG on iaerf's Gauss-Newton operator, tol 1e-8)
 Cases: the digits SmallCNN (full model, batch norm frozen and left out) and ResNet-32 on CIFAR-10-LT-sized random
 data (12,406 training points; no exact reference). kronfluence runs only when importable:
 
-    bash benchmarks/setup_kronfluence.sh
-    build/kronfluence-venv/bin/python -m benchmarks.bench_kfac [--smoke] [--device cuda] [--out FILE.json]
+    bash benchmarks/setup_peers.sh          # .venv-peers, with kronfluence 1.0.1 beside dattri and pyDVL
+    .venv-peers/bin/python -m benchmarks.bench_kfac [--smoke] [--device cuda] [--out FILE.json]
 
-or, with every other benchmark, ``.venv-peers/bin/python -m benchmarks.run_all`` (benchmarks/setup_peers.sh installs
-kronfluence there too).
+or, with every other benchmark, ``.venv-peers/bin/python -m benchmarks.run_all``.
 """
 from __future__ import annotations
 
@@ -124,7 +123,7 @@ def run_case(name, model, shape, n_train, n_val, classes, damping, batch_size, d
     try:
         import kronfluence  # noqa: F401
     except ImportError:
-        row["kronfluence"] = "not installed (bash benchmarks/setup_kronfluence.sh)"
+        row["kronfluence"] = "not installed (bash benchmarks/setup_peers.sh, then run from .venv-peers)"
     else:
         theirs, kfit, kscore = kronfluence_ekfac(model, train, val, damping, batch_size, device)
         row.update(kronfluence_fit_s=kfit, kronfluence_score_s=kscore, pearson_iaerf_kronfluence=_pearson(ours, theirs),
