@@ -51,6 +51,24 @@ def test_matches_fp64_reference(backend, n, k):
     _assert_matches_fp64(logits, target, coef.float(), backend)
 
 
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ extension is not built")
+@pytest.mark.parametrize("k", range(1, 19))
+def test_cpp_every_short_row_length_matches_fp64(k):
+    # K <= 16 runs unrolled row loops of a compile-time length (softmax_rows.h, with_row_length) and the logs of a
+    # block of row sums in one vectorised loop; K = 17, 18 take the general loops. Rows whose unshifted exps
+    # overflow (scale 1e4) or underflow (row 7, every logit below -300) must leave that block path for the shifted
+    # recomputation, one row at a time.
+    for scale, seed in ((3.0, k), (1e4, 100 + k)):
+        logits, target, coef = make_case(300, k, seed=seed, scale=scale)
+        logits[7] -= 300 + logits[7].max()
+        _assert_matches_fp64(logits, target, coef.float(), "cpp")
+        _assert_matches_fp64(logits.t().contiguous().t(), target, coef.float(), "cpp")  # column-major rows
+        mean = ops.energy_regularized_cross_entropy(logits, target, coef.float(), backend="cpp")
+        ref_loss, *_ = fp64_energy_ce(logits, target, coef)
+        valid = target != -100
+        torch.testing.assert_close(mean.double(), ref_loss[valid].mean(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fifty_thousand_classes(backend):
     # Above MAX_BLOCK (16384): the Triton kernels take their chunked online-softmax path here.

@@ -52,7 +52,9 @@ def test_raw_ops_match_reference_and_never_write_logits():
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
     assert torch.equal(logits, before)
     # the softmax-keeping pair gives the same outputs, and the gradient in place of the kept softmax
-    loss2, ce2, lse2, probs = torch.ops.iaerf.energy_ce_forward_with_probs(logits, target, coef.float(), -100)
+    loss2, ce2, lse2, probs, num_valid = torch.ops.iaerf.energy_ce_forward_with_probs(logits, target, coef.float(),
+                                                                                     -100)
+    assert num_valid.dtype == torch.float32 and num_valid.item() == (target != -100).sum().item()
     torch.testing.assert_close(probs.double(), torch.softmax(logits.double(), 1), rtol=1e-5, atol=1e-7)
     assert torch.equal(loss2, loss) and torch.equal(lse2, lse) and torch.equal(ce2, ce)
     torch.ops.iaerf.energy_ce_backward_from_probs_(torch.ones(40), probs, target, coef.float(), -100)

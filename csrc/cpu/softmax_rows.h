@@ -87,6 +87,61 @@ __attribute__((always_inline)) inline float fast_exp(float x) {
 __attribute__((always_inline)) inline double exp_acc(double x) { return std::exp(x); }
 __attribute__((always_inline)) inline float exp_acc(float x) { return fast_exp(x); }
 
+// log of a positive normal float (the row sums the forward takes it of: [1e-15, max finite], see forward_rows),
+// 0.75 ulp: Cephes logf, branch-free so that a loop over a block of row sums vectorises. A libm logf call per row
+// took more time than the whole exp pass at K = 10 (a 2-core Xeon, N = 8192).
+__attribute__((always_inline)) inline float fast_log(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  int32_t e = ((bits >> 23) & 0xff) - 126;  // x = m 2^e with m in [0.5, 1)
+  const int32_t mbits = (bits & 0x007fffff) | 0x3f000000;
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const bool low = m < 0.707106781186547524f;  // m in [sqrt(1/2), sqrt(2)) after the shift below
+  e = low ? e - 1 : e;
+  const float f = low ? m + m - 1.0f : m - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  return f + y + 0.693359375f * fe;
+}
+
+__attribute__((always_inline)) inline double log_acc(double x) { return std::log(x); }
+__attribute__((always_inline)) inline float log_acc(float x) { return fast_log(x); }
+
+// Calls f(n) with the row length n as a compile-time constant for K <= kShortRow (std::integral_constant), else
+// with K itself. Loops over a row of a known short length unroll into straight-line code; a runtime-length loop
+// spends more on its vector prologue and epilogue than on a row of ~10 elements. The switch is per row and
+// perfectly predicted.
+constexpr int64_t kShortRow = 16;
+
+template <typename F>
+__attribute__((always_inline)) inline auto with_row_length(int64_t K, F&& f) {
+  switch (K) {
+#define IAERF_ROW_LENGTH(n) \
+  case n:                   \
+    return f(std::integral_constant<int64_t, n>{});
+    IAERF_ROW_LENGTH(1) IAERF_ROW_LENGTH(2) IAERF_ROW_LENGTH(3) IAERF_ROW_LENGTH(4)
+    IAERF_ROW_LENGTH(5) IAERF_ROW_LENGTH(6) IAERF_ROW_LENGTH(7) IAERF_ROW_LENGTH(8)
+    IAERF_ROW_LENGTH(9) IAERF_ROW_LENGTH(10) IAERF_ROW_LENGTH(11) IAERF_ROW_LENGTH(12)
+    IAERF_ROW_LENGTH(13) IAERF_ROW_LENGTH(14) IAERF_ROW_LENGTH(15) IAERF_ROW_LENGTH(16)
+#undef IAERF_ROW_LENGTH
+    default:
+      return f(K);
+  }
+}
+
 // Short rows: 16 independent lanes that the compiler keeps in one vector register, and no reduction
 // prologue/epilogue, which otherwise costs more than the row itself at K ~ 10.
 template <typename acc_t>
@@ -115,6 +170,14 @@ inline acc_t row_max(const acc_t* x, int64_t K) {
 
 template <typename acc_t>
 inline acc_t row_sum(const acc_t* x, int64_t K) {
+  if (K <= kShortRow) {
+    return with_row_length(K, [&](auto n) {
+      acc_t s = 0;
+#pragma GCC unroll 16
+      for (int64_t k = 0; k < n; ++k) s += x[k];
+      return s;
+    });
+  }
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t k = 0; k < K; ++k) s += x[k];
@@ -137,14 +200,18 @@ inline std::pair<acc_t, acc_t> row_lse(const acc_t* x, int64_t K, acc_t* exps) {
 // out_k = scale * exp(x_k - lse): the softmax part of the recomputing backward.
 template <typename acc_t>
 inline void scaled_softmax_row(const acc_t* x, int64_t K, acc_t lse, acc_t scale, acc_t* out) {
+  with_row_length(K, [&](auto n) {
 #pragma omp simd
-  for (int64_t k = 0; k < K; ++k) out[k] = scale * exp_acc(x[k] - lse);
+    for (int64_t k = 0; k < n; ++k) out[k] = scale * exp_acc(x[k] - lse);
+  });
 }
 
 template <typename acc_t>
 inline void scale_row(acc_t* x, int64_t K, acc_t scale) {
+  with_row_length(K, [&](auto n) {
 #pragma omp simd
-  for (int64_t k = 0; k < K; ++k) x[k] *= scale;
+    for (int64_t k = 0; k < n; ++k) x[k] *= scale;
+  });
 }
 
 template <typename scalar_t>
@@ -243,11 +310,26 @@ inline at::Tensor check_coef(const at::Tensor& coef, int64_t N, at::ScalarType d
                    coef.scalar_type());
   TORCH_CHECK_VALUE(coef.dim() == 0 || (coef.dim() == 1 && coef.size(0) == N), op,
                     ": energy_coef must be a scalar or have shape [N] = [", N, "], got shape ", coef.sizes());
-  return coef.scalar_type() == dtype ? coef : coef.to(dtype);
+  at::Tensor c = coef.scalar_type() == dtype ? coef : coef.to(dtype);
+  // Every coefficient must be finite in the accumulation dtype (a float64 1e300 becomes inf in float32). Checked
+  // here rather than in Python: a scan of [N] floats costs less than one small torch op.
+  AT_DISPATCH_FLOATING_TYPES(dtype, "iaerf_check_coef", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    const int64_t n = c.dim() == 0 ? 1 : N, stride = c.dim() == 0 ? 0 : c.stride(0);
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK_VALUE(std::isfinite(p[i * stride]), op, ": energy_coef",
+                        c.dim() == 0 ? std::string() : "[" + std::to_string(i) + "]", " = ",
+                        coef.reshape(-1)[i].item<double>(), " is not finite in ", dtype == at::kDouble ? "float64" : "float32",
+                        " (the accumulation dtype: float64 for float64 logits, else float32)");
+    }
+  });
+  return c;
 }
 
-// Checks every target before any kernel runs: integer dtype, shape [N], values in [0, K) or ignore_index.
-inline at::Tensor check_target(const at::Tensor& target, int64_t N, int64_t K, int64_t ignore_index, const char* op) {
+// Checks every target before any kernel runs: integer dtype, shape [N], values in [0, K) or ignore_index. Counts
+// the rows that are not ignored into *num_valid when given (the "mean" reduction's divisor, for free in this scan).
+inline at::Tensor check_target(const at::Tensor& target, int64_t N, int64_t K, int64_t ignore_index, const char* op,
+                               int64_t* num_valid = nullptr) {
   check_cpu(target, op, "target");
   TORCH_CHECK_TYPE(!at::isFloatingType(target.scalar_type()) && !at::isComplexType(target.scalar_type()) &&
                        target.scalar_type() != at::kBool,
@@ -257,11 +339,14 @@ inline at::Tensor check_target(const at::Tensor& target, int64_t N, int64_t K, i
   at::Tensor t = target.scalar_type() == at::kLong ? target : target.to(at::kLong);
   const int64_t* p = t.data_ptr<int64_t>();
   const int64_t s = t.stride(0);
+  int64_t valid = 0;
   for (int64_t i = 0; i < N; ++i) {
     const int64_t y = p[i * s];
     TORCH_CHECK_VALUE(y == ignore_index || (y >= 0 && y < K), op, ": target[", i, "] = ", y,
                       " is outside [0, K) with K = ", K, " and is not ignore_index (", ignore_index, ")");
+    valid += y != ignore_index;
   }
+  if (num_valid) *num_valid = valid;
   return t;
 }
 
@@ -286,13 +371,6 @@ inline void exp_row(const acc_t* x, int64_t n, acc_t* out) {
   for (int64_t k = 0; k < n; ++k) out[k] = exp_acc(x[k]);
 }
 
-// Given unshifted exps of row x, returns (lse, sum of the exps actually left in `exps`).
-template <typename acc_t>
-inline std::pair<acc_t, acc_t> finish_row(const acc_t* x, int64_t K, acc_t* exps) {
-  const acc_t s = row_sum(exps, K);
-  if (s >= kMinSafeSum<acc_t> && s <= std::numeric_limits<acc_t>::max()) return {std::log(s), s};
-  return row_lse(x, K, exps);  // shifted recomputation (also defines the +-inf / NaN conventions)
-}
 
 template <typename scalar_t, typename F>
 inline void forward_rows(const at::Tensor& logits, at::Tensor& lse, at::Tensor* probs, F per_row) {
@@ -306,16 +384,26 @@ inline void forward_rows(const at::Tensor& logits, at::Tensor& lse, at::Tensor* 
   const int64_t block = std::max<int64_t>(1, 8192 / K);  // rows per block: exps of a block stay in L1/L2
   at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
     RowReader<scalar_t> reader(logits);
-    std::vector<acc_t> scratch(probs_p ? 0 : (flat ? block : 1) * K);
+    std::vector<acc_t> scratch(probs_p ? 0 : block * K), sums(block), logs(block);
     for (int64_t i0 = begin; i0 < end; i0 += block) {
-      const int64_t i1 = std::min(end, i0 + block);
+      const int64_t rows = std::min(end, i0 + block) - i0;
       acc_t* exps0 = probs_p ? probs_p + i0 * K : scratch.data();
-      if (flat) exp_row(reader.row(i0), (i1 - i0) * K, exps0);
-      for (int64_t i = i0; i < i1; ++i) {
-        const acc_t* x = reader.row(i);
-        acc_t* exps = flat || probs_p ? exps0 + (i - i0) * K : scratch.data();
-        if (!flat) exp_row(x, K, exps);
-        const auto [r, s] = finish_row(x, K, exps);
+      // pass 1: unshifted exps and their row sums; pass 2: the logs of the sums, one vectorised loop
+      if (flat) exp_row(reader.row(i0), rows * K, exps0);
+      for (int64_t j = 0; j < rows; ++j) {
+        if (!flat) exp_row(reader.row(i0 + j), K, exps0 + j * K);
+        sums[j] = row_sum(exps0 + j * K, K);
+      }
+      // a sum outside the safe range gets a meaningless log here; its row is redone below
+#pragma omp simd
+      for (int64_t j = 0; j < rows; ++j) logs[j] = log_acc(sums[j]);
+      for (int64_t j = 0; j < rows; ++j) {
+        const int64_t i = i0 + j;
+        const acc_t* x = reader.row(i);  // for non-flat rows, converted again: pass 1's copy was overwritten
+        acc_t* exps = exps0 + j * K;
+        acc_t r = logs[j], s = sums[j];
+        if (!(s >= kMinSafeSum<acc_t> && s <= std::numeric_limits<acc_t>::max()))
+          std::tie(r, s) = row_lse(x, K, exps);  // shifted recomputation (also the +-inf / NaN conventions)
         if (probs_p) scale_row(exps, K, acc_t(1) / s);  // softmax = e / s (NaN rows stay NaN)
         lse_p[i] = r;
         per_row(i, x, r);

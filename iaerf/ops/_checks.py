@@ -1,10 +1,10 @@
 """Argument validation and backend selection shared by the fused ops.
 
 Everything here runs before any kernel: bad input raises ValueError/TypeError naming the argument. Only metadata
-is inspected, except the values of the [N] targets (:func:`check_target_range`, which the C++ path skips because
-its op runs the same check in its own first pass) and of an energy_coef tensor (:func:`coef_tensor`). On CPU those
-raise ValueError naming the first bad index; on a GPU they are device-side asserts (see :func:`_raise_if_any`), so
-that a training step never waits on the host and stays capturable in a CUDA graph.
+is inspected, except the values of the [N] targets (:func:`check_target_range`) and of an energy_coef tensor
+(:func:`coef_tensor`), which the C++ path skips because its op runs the same checks in its own first pass. On CPU
+those raise ValueError naming the first bad index; on a GPU they are device-side asserts (see :func:`_raise_if_any`),
+so that a training step never waits on the host and stays capturable in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -139,11 +139,12 @@ def check_temperature(temperature, logits: torch.Tensor) -> float:
     return t
 
 
-def coef_tensor(energy_coef, logits: torch.Tensor) -> torch.Tensor:
+def coef_tensor(energy_coef, logits: torch.Tensor, check_values: bool = True) -> torch.Tensor:
     """energy_coef (a real number, a 0-dim tensor or an [N] tensor) as a tensor of the accumulation dtype.
 
-    Every coefficient must be finite in that dtype; a tensor's values are checked as :func:`_raise_if_any` says.
-    The cast is an autograd op, so a coefficient tensor that requires grad keeps its graph.
+    Every coefficient must be finite in that dtype; a tensor's values are checked as :func:`_raise_if_any` says,
+    unless check_values is False and no cast is needed (the C++ ops check them in their own scan). The cast is an
+    autograd op, so a coefficient tensor that requires grad keeps its graph.
     """
     dtype = acc_dtype(logits)
     if isinstance(energy_coef, torch.Tensor):
@@ -157,7 +158,8 @@ def coef_tensor(energy_coef, logits: torch.Tensor) -> torch.Tensor:
         if energy_coef.device != logits.device:
             raise ValueError(f"energy_coef is on {energy_coef.device} but logits are on {logits.device}")
         coef = energy_coef.to(dtype)
-        if not _value_checks_skipped(coef):
+        # a cast can turn a finite value infinite (1e300 in float32): that case is checked here, naming the value
+        if (check_values or energy_coef.dtype != dtype) and not _value_checks_skipped(coef):
             given = energy_coef.detach().reshape(-1)
 
             def message(i):

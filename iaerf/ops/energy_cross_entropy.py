@@ -81,7 +81,8 @@ _library.define(
     fake=lambda grad_loss, logits, *_: _library.empty_like_logits(logits),
     triton=lambda *args: triton_backward(*args))
 _library.define_native("energy_ce_forward_with_probs",
-                       fake=lambda logits, *args: (*_fake_forward(logits, *args), _library.empty_like_logits(logits)))
+                       fake=lambda logits, *args: (*_fake_forward(logits, *args), _library.empty_like_logits(logits),
+                                                   logits.new_empty((), dtype=_library.acc_dtype(logits))))
 _library.define_native("energy_ce_backward_from_probs_", fake=lambda *args: None)
 _library.public_op("energy_regularized_cross_entropy", "energy_ce_forward")
 
@@ -127,21 +128,30 @@ class _EnergyCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, coef, ignore_index: int, impl: str, keep_probs: bool, reduction: str):
-        ctx.probs = None
+        # gradients of the non-differentiable ce and lse stay None instead of zero tensors made per step
+        ctx.set_materialize_grads(False)
+        ctx.probs = num_valid = None
         if keep_probs:
-            loss, ce, lse, ctx.probs = torch.ops.iaerf.energy_ce_forward_with_probs(logits, target, coef, ignore_index)
+            loss, ce, lse, ctx.probs, num_valid = torch.ops.iaerf.energy_ce_forward_with_probs(
+                logits, target, coef, ignore_index)
         elif impl == "triton" and not logits.is_cuda:  # the interpreter: no CPU kernel of the op is Triton
             loss, ce, lse = triton_forward(logits, target, coef, ignore_index)
         else:
             loss, ce, lse = torch.ops.iaerf.energy_ce_forward(logits, target, coef, ignore_index)
         ctx.impl, ctx.ignore_index, ctx.keep_probs, ctx.reduction = impl, ignore_index, keep_probs, reduction
-        ctx.num_valid = _num_valid(target, ignore_index, reduction)
+        if reduction != "mean":
+            num_valid = None
+        elif num_valid is None:
+            num_valid = _num_valid(target, ignore_index, reduction)
+        ctx.num_valid = num_valid
         ctx.save_for_backward(logits, target, coef, lse)
         ctx.mark_non_differentiable(ce, lse)
         return _reduce(loss, ctx.num_valid, reduction), ce, lse
 
     @staticmethod
     def backward(ctx, grad, _grad_ce, _grad_lse):
+        if grad is None:  # only ce / lse reached the graph's output: they carry no gradient
+            return None, None, None, None, None, None, None
         logits, target, coef, lse = ctx.saved_tensors
         # per-row gradient of the (reduced) loss; an expanded view, the kernels read it with stride 0
         if ctx.reduction == "mean":
@@ -172,9 +182,10 @@ class _EnergyCE(torch.autograd.Function):
                     grad_logits = triton_backward(grad, logits, target, coef, lse, ctx.ignore_index)
                 else:
                     grad_logits = torch.ops.iaerf.energy_ce_backward(grad, logits, target, coef, lse, ctx.ignore_index)
-            energy = -lse
+            energy = None
         if ctx.needs_input_grad[2]:
             # d l_i / d c_i = E_i, and 0 on ignored rows
+            energy = -lse if energy is None else energy
             grad_coef = torch.where(target != ctx.ignore_index, grad * energy, torch.zeros((), dtype=lse.dtype,
                                                                                            device=lse.device))
             if coef.dim() == 0:
@@ -210,9 +221,10 @@ def energy_regularized_cross_entropy(
     _checks.check_target(target, logits)
     _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
     _checks.check_ignore_index(ignore_index)
-    coef = _checks.coef_tensor(energy_coef, logits)
     impl = _checks.select_backend(logits, backend, "energy_ce_forward")
-    if impl not in ("cpp", "cuda"):  # the native op checks targets itself, in its first pass
+    # the C++ op checks targets and coefficients itself, in its first pass
+    coef = _checks.coef_tensor(energy_coef, logits, check_values=impl != "cpp")
+    if impl not in ("cpp", "cuda"):
         _checks.check_target_range(target, logits.shape[1], ignore_index)
     if impl == "reference":
         loss, cross_entropy, lse = reference_energy_ce(logits, target, coef, ignore_index, with_parts=return_parts)
