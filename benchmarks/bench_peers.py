@@ -50,6 +50,7 @@ SOLVERS = {
 }
 # library -> factor that turns its raw output into I; checked against the reference before any timing
 CONVENTION = {"iaerf": 1.0, "dattri": -1.0, "pyDVL": -1.0}
+MEMORY_FRACTION = 0.6  # of the memory available before a run: what one peer run may allocate
 DEFAULT_LISSA_SCALE = {"iaerf": None, "dattri": 50.0, "pyDVL": 10.0}  # None: iaerf's automatic scale
 
 
@@ -228,7 +229,10 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _influence(p: Problem, library: str, kind: str, budget: int | None, scale: float | None) -> torch.Tensor:
-    with warnings.catch_warnings():
+    """One library's influence [n] in iaerf's convention; the run may allocate at most :data:`MEMORY_FRACTION` of
+    the memory available (:class:`common.memory_cap`): an earlier full run was OOM-killed at 24 GB inside a peer,
+    which ended the whole benchmark instead of one attempt."""
+    with warnings.catch_warnings(), common.memory_cap(common.memory_budget_bytes(MEMORY_FRACTION)):
         warnings.simplefilter("ignore")
         raw = RUNNERS[library](p, SOLVERS[kind][library], budget, scale)
     return CONVENTION[library] * raw.detach().double().reshape(-1)
@@ -265,12 +269,15 @@ class Outcome:
 
 
 def _attempt(p: Problem, library: str, kind: str, budget, scale) -> tuple[float, float, str]:
-    """(relative error, seconds, failure text) of one run; a diverging peer (pyDVL raises on NaN) is a result."""
+    """(relative error, seconds, failure text) of one run; a diverging peer (pyDVL raises on NaN) is a result, and
+    so is one that needs more memory than the cap of :func:`_influence`."""
     t0 = time.perf_counter()
     try:
         err, failure = relative_error(_influence(p, library, kind, budget, scale), p.reference), ""
     except Exception as exc:  # noqa: BLE001
         err, failure = math.inf, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        if isinstance(exc, MemoryError) or "alloc" in str(exc).lower() or "memory" in str(exc).lower():
+            failure += f" (over the memory cap: {MEMORY_FRACTION:.0%} of the memory available)"
     return err, time.perf_counter() - t0, failure
 
 

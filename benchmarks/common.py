@@ -182,6 +182,60 @@ class Compiled(NamedTuple):
     compile_s: float
 
 
+def memory_budget_bytes(fraction: float = 0.6, *, read: Callable[[str], str] = _read_text) -> int:
+    """``fraction`` of the memory available now (MemAvailable of /proc/meminfo): what one peer run may add."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    for line in read("/proc/meminfo").splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(fraction * int(line.split()[1]) * 1024)
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+def address_space_bytes(*, read: Callable[[str], str] = _read_text) -> int:
+    """This process's virtual size (VmSize of /proc/self/status), what RLIMIT_AS is compared against."""
+    for line in read("/proc/self/status").splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmSize")
+
+
+class memory_cap:
+    """Context manager: allocations that would grow this process by more than ``extra_bytes`` fail (MemoryError
+    from numpy / Python, RuntimeError from torch's allocator) instead of the kernel's OOM killer ending the whole
+    benchmark run. A peer library that materialises an [n, n] or [P, m] matrix at an unlucky size then becomes one
+    failed attempt with its reason in the row. Uses the soft RLIMIT_AS, restored on exit (Linux only: elsewhere a
+    no-op)."""
+
+    def __init__(self, extra_bytes: int):
+        if extra_bytes <= 0:
+            raise ValueError(f"extra_bytes must be > 0, got {extra_bytes}")
+        self.extra_bytes = extra_bytes
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            import resource
+        except ImportError:  # not a POSIX system
+            return self
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = address_space_bytes() + self.extra_bytes
+        if hard != resource.RLIM_INFINITY:
+            cap = min(cap, hard)
+        if soft == resource.RLIM_INFINITY or cap < soft:
+            resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+            self._previous = (soft, hard)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, self._previous)
+            self._previous = None
+        return False
+
+
 def compiled_or_reason(fn: Callable, first_call: Callable[[Callable], object], **compile_kwargs) -> Compiled:
     """``torch.compile(fn, **compile_kwargs)`` compiled before any timing: ``first_call(compiled)`` runs it once so
     that every graph the timed calls use is built (e.g. call it and differentiate, to compile the backward too),

@@ -414,3 +414,23 @@ def test_energy_influence_all_points(benchmark, impl):
     else:
         fn = lambda: bench_influence._per_example_loop(model, params, s, x, range(256))  # noqa: E731
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+
+
+def test_memory_cap_turns_an_oversized_allocation_into_an_error_and_restores_the_limit():
+    resource = pytest.importorskip("resource")
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    with common.memory_cap(256 * 2**20):
+        with pytest.raises(RuntimeError, match="allocate"):
+            torch.empty(2**31, dtype=torch.uint8).fill_(1)
+        torch.empty(16 * 2**20, dtype=torch.uint8).fill_(1)  # within the cap
+    assert resource.getrlimit(resource.RLIMIT_AS) == before
+    torch.empty(2**30, dtype=torch.uint8).fill_(1)  # the cap is gone
+    with pytest.raises(ValueError, match="extra_bytes"):
+        common.memory_cap(0)
+
+
+def test_memory_budget_reads_mem_available():
+    meminfo = "MemTotal: 100 kB\nMemAvailable:   2000 kB\n"
+    assert common.memory_budget_bytes(0.5, read=lambda path: meminfo) == 1000 * 1024
+    with pytest.raises(RuntimeError, match="MemAvailable"):
+        common.memory_budget_bytes(0.5, read=lambda path: "MemTotal: 1 kB\n")
