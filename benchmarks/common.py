@@ -182,7 +182,7 @@ class Compiled(NamedTuple):
     compile_s: float
 
 
-def memory_budget_bytes(fraction: float = 0.6, *, read: Callable[[str], str] = _read_text) -> int:
+def memory_budget_bytes(fraction: float, *, read: Callable[[str], str] = _read_text) -> int:
     """``fraction`` of the memory available now (MemAvailable of /proc/meminfo): what one peer run may add."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")

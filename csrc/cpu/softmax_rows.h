@@ -319,7 +319,8 @@ inline at::Tensor check_coef(const at::Tensor& coef, int64_t N, at::ScalarType d
     for (int64_t i = 0; i < n; ++i) {
       TORCH_CHECK_VALUE(std::isfinite(p[i * stride]), op, ": energy_coef",
                         c.dim() == 0 ? std::string() : "[" + std::to_string(i) + "]", " = ",
-                        coef.reshape(-1)[i].item<double>(), " is not finite in ", dtype == at::kDouble ? "float64" : "float32",
+                        coef.reshape(-1)[i].item<double>(), " is not finite in ",
+                        dtype == at::kDouble ? "float64" : "float32",
                         " (the accumulation dtype: float64 for float64 logits, else float32)");
     }
   });
@@ -370,7 +371,6 @@ inline void exp_row(const acc_t* x, int64_t n, acc_t* out) {
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) out[k] = exp_acc(x[k]);
 }
-
 
 template <typename scalar_t, typename F>
 inline void forward_rows(const at::Tensor& logits, at::Tensor& lse, at::Tensor* probs, F per_row) {

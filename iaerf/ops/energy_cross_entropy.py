@@ -139,9 +139,7 @@ class _EnergyCE(torch.autograd.Function):
         else:
             loss, ce, lse = torch.ops.iaerf.energy_ce_forward(logits, target, coef, ignore_index)
         ctx.impl, ctx.ignore_index, ctx.keep_probs, ctx.reduction = impl, ignore_index, keep_probs, reduction
-        if reduction != "mean":
-            num_valid = None
-        elif num_valid is None:
+        if num_valid is None or reduction != "mean":  # the C++ op counted the rows; else count them (or None)
             num_valid = _num_valid(target, ignore_index, reduction)
         ctx.num_valid = num_valid
         ctx.save_for_backward(logits, target, coef, lse)
