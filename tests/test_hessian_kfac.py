@@ -109,6 +109,73 @@ def test_ekfac_eigenvalues_are_the_exact_gauss_newton_diagonal_in_the_kronecker_
         assert float((E - exact).norm()) <= float((K - exact).norm()) + 1e-12
 
 
+def _factors_by_definition(model, layers, X, Y):
+    """A and S of every layer from their definition (module docstring of iaerf.hessian.kfac_factors), with the
+    true labels (fisher="empirical"): the patch a_t of a layer is the Jacobian of its output at position t w.r.t.
+    one output row of its weight (so no unfolding is shared with the code under test), g_t the autograd gradient
+    of the example's loss w.r.t. that output."""
+    inputs, outputs = {}, {}
+    recording = [True]
+
+    def hook(name):
+        def fn(module, args, out):
+            if recording[0]:    # not in the Jacobians below
+                inputs[name] = args[0].detach()
+                out.retain_grad()
+                outputs[name] = out
+                return out.clone()     # the in-place ReLU after the last convolution must not rewrite `out`
+        return fn
+
+    handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in layers]
+    A = {layer.name: 0 for layer in layers}
+    S = dict(A)
+    model.eval()
+    for i in range(X.shape[0]):
+        recording[0] = True
+        F.cross_entropy(model(X[i:i + 1]), Y[i:i + 1]).backward()
+        recording[0] = False
+        for layer in layers:
+            mod, x = layer.module, inputs[layer.name]
+            weight = mod.weight.detach()
+            out_of = lambda w: functional_call(mod, {"weight": w, "bias": None}, (x,))[0, 0]  # noqa: E731
+            jac = jacrev(out_of)(weight)[..., 0, :, :, :] if isinstance(mod, nn.Conv2d) else None
+            if jac is None:
+                a = x.reshape(-1, x.shape[-1])                                            # [T, in]
+                g = outputs[layer.name].grad.reshape(-1, layer.out_dim)
+            else:
+                a = jac.reshape(-1, layer.in_dim)                                         # [T, in]
+                g = outputs[layer.name].grad[0].flatten(1).T                              # [T, out]
+            if layer.bias is not None:
+                a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+            A[layer.name] = A[layer.name] + a.T @ a / a.shape[0] / X.shape[0]
+            S[layer.name] = S[layer.name] + g.T @ g / X.shape[0]
+        model.zero_grad()
+    for h in handles:
+        h.remove()
+    return A, S
+
+
+def test_kronecker_factors_match_their_definition_for_every_layer_kind():
+    # pins the channel-major patches (every Conv2d variant: strided, dilated, reflect-padded), the bias coordinate,
+    # the patch buffers reused across batches (two batches of unequal size) and the blocked product of a layer
+    # with more than 256 inputs
+    from iaerf.hessian.kfac_factors import PassSettings, fit_covariances
+    from iaerf.indexed_data import IndexedData
+
+    torch.manual_seed(4)
+    model = randomize_batchnorm(nn.Sequential(_tiny_cnn()[:-1], nn.Linear(4, 260), nn.Tanh(),
+                                              nn.Linear(260, 3)).double())
+    X, Y = torch.randn(7, 2, 7, 7, dtype=torch.float64), torch.randint(0, 3, (7,))
+    op = KFACOperator(model, (X, Y), fisher="empirical", batch_size=4, progress=False)
+    settings = PassSettings(op.loss_fn, "empirical", 4, torch.device("cpu"), torch.float64, None, False)
+    A, S, n = fit_covariances(model, op.layers, IndexedData((X, Y), "data"), settings, None)
+    A_ref, S_ref = _factors_by_definition(model, op.layers, X, Y)
+    assert n == 7 and [layer.aug_dim for layer in op.layers][-1] == 261
+    for layer, a, s in zip(op.layers, A, S):
+        torch.testing.assert_close(a, A_ref[layer.name], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(s, S_ref[layer.name], atol=1e-12, rtol=1e-12)
+
+
 # -- influence agreement -------------------------------------------------------------------------------------------
 def _trained(model, X, Y, steps, lr):
     model.eval()       # batch norm frozen at its (randomized) running statistics
