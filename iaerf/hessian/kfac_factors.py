@@ -409,7 +409,7 @@ def fit_corrections(model, layers, data, settings: PassSettings, generator, base
                 G = torch.bmm(QS.mT @ g, ap)
             else:
                 G = QS.mT @ layers[i].example_gradients(u, g) @ QA
-            lam[i] += (G * G).sum(0).to(torch.float64)
+            lam[i] += G.square_().sum(0).to(torch.float64)     # G is a fresh product: squared in place
 
     run_pass(model, layers, data, settings, generator, accumulate, "EK-FAC eigenvalues")
     n = _global_count(len(data), settings)
