@@ -176,6 +176,10 @@ def run(quick: bool = False, device: str = "cpu", resnet_n: int | None = None) -
         resnet_n = int(os.environ.get("IAERF_BENCH_KFAC_RESNET_N", "12406"))
     torch.manual_seed(0)
     dev = torch.device(device)
+    # untimed warm-up of both libraries on the smoke case: the first call of either pays one-time costs that are
+    # not the method's (torch.func's first grad imports torch._dynamo, ~1.7 s here)
+    name, model, shape, n, m, k, d, bs, _ = cases(True)[0]
+    run_case(name, model, shape, n, m, k, d, bs, dev, False)
     return [_table_row(run_case(name, model, shape, n, m, k, d, bs, dev, exact))
             for name, model, shape, n, m, k, d, bs, exact in cases(quick, resnet_n)]
 
