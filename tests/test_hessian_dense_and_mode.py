@@ -183,3 +183,63 @@ def test_bad_mode_names_the_choices():
     model = nn.Sequential(nn.Linear(2, 2)).double()
     with pytest.raises(ValueError, match="'auto'"):
         ModuleHessian(model, (torch.randn(3, 2, dtype=torch.float64), torch.tensor([0, 1, 0])), mode="fastest")
+
+
+def _compile_case():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    x, y = torch.randn(13, 6, dtype=torch.float64), torch.randint(0, 4, (13,))
+    return model, x, y
+
+
+def test_compiled_matvec_matches_float64_hessian(recwarn):
+    """compile=True: batches of 5, 5 and a last one of 3 (run eagerly), twice (the second call runs the compiled
+    code only), against the float64 Hessian by autograd; the compiler must really have been used."""
+    model, x, y = _compile_case()
+    H, _ = _references(model, x, y, F.cross_entropy)
+    op = ModuleHessian(model, (x, y), batch_size=5, compile=True)
+    assert op.resolved_mode == "fwd-rev"
+    V = torch.randn(3, op.num_params, dtype=torch.float64)
+    for _ in range(2):
+        assert _rel(op.matvec(V), V @ H) < 1e-10
+    assert not [w for w in recwarn if "torch.compile failed" in str(w.message)]
+    (compiled,) = op._compiled.values()
+    assert compiled._compiled is not compiled._eager
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
+    model, x, y = _compile_case()
+    H, _ = _references(model, x, y, F.cross_entropy)
+
+    def broken(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(operators.torch, "compile", broken)
+    op = ModuleHessian(model, (x, y), batch_size=13, mode="rev-rev", compile=True)
+    V = torch.randn(2, op.num_params, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler"):
+        assert _rel(op.matvec(V), V @ H) < 1e-10
+    assert _rel(op.matvec(V), V @ H) < 1e-10
+
+
+def test_compile_must_be_a_bool():
+    model, x, y = _compile_case()
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        ModuleHessian(model, (x, y), compile="yes")
+
+
+def test_hessian_docs_compile_example_runs():
+    """The compile example of docs/hessian.md runs as written, after the first example it continues."""
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "hessian.md")
+    with open(path) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    (compiled,) = [b for b in blocks if "compile=True" in b]
+    namespace = {}
+    exec(compile(blocks[0], path, "exec"), namespace)  # noqa: S102 - our own documentation
+    exec(compile(compiled, path, "exec"), namespace)  # noqa: S102
+    assert namespace["Hc"].resolved_mode == "fwd-rev"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -131,6 +132,30 @@ _MODE_CHOICE: dict[tuple, str] = {}
 _MODES = ("fwd-rev", "rev-rev")
 
 
+class _CompiledOrEager:
+    """``torch.compile(fn, dynamic=False)``, falling back to ``fn`` itself (with a warning) when the first call
+    fails to compile; errors after a successful first call are the function's own and propagate."""
+
+    def __init__(self, fn: Callable):
+        self._eager = fn
+        self._compiled = torch.compile(fn, dynamic=False)
+        self._checked = False
+
+    def __call__(self, *args):
+        if self._checked:
+            return self._compiled(*args)
+        try:
+            out = self._compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means "run eagerly", said in the warning
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"ModuleHessian(compile=True): torch.compile failed ({type(exc).__name__}: {first}); "
+                          f"computing the Hessian-vector products eagerly", RuntimeWarning, stacklevel=3)
+            self._compiled = self._eager
+            out = self._eager(*args)
+        self._checked = True
+        return out
+
+
 class ModuleHessian(HessianOperator):
     """Exact (or Gauss-Newton) Hessian of the mean training loss of any ``nn.Module`` over chosen parameters.
 
@@ -158,6 +183,15 @@ class ModuleHessian(HessianOperator):
             the gradient graph built once per batch and its pullback vmapped; often faster for convolutions on
             CPU) or ``"auto"`` (default). Both are exact, so the choice only moves time and memory; ignored with
             ``gauss_newton=True``.
+        compile: run :meth:`matvec`'s per-batch product under ``torch.compile`` (``dynamic=False``). The first
+            product with a given number of vectors compiles it (tens of seconds on a CPU; once per operator and
+            vector count), later ones run the fused code: on a small CNN (b = 10, 2-core CPU) 1.7x faster than
+            the eager product and 1.2x faster than ``torch.compile`` of torch.func's HVP (benchmarks/RESULTS.md).
+            A last batch smaller than the others runs eagerly rather than paying a second compilation;
+            :meth:`minibatch_matvec` and :meth:`dense` stay eager. If compilation fails (no C++ compiler, an op
+            the compiler rejects) a warning names the reason and the operator goes on eagerly. With
+            ``mode="auto"`` a compiled operator uses ``"fwd-rev"`` without timing (one compilation, not two; it
+            was the faster compiled mode on the small CNN, 1.3x ahead of compiled rev-rev).
 
     The ``"auto"`` rule: on the first product, both modes are timed on one batch of the data (the first
     ``min(n, batch chunk)`` examples, 8 random vectors, each mode run twice after a warm-up, best time kept) and the
@@ -178,7 +212,7 @@ class ModuleHessian(HessianOperator):
 
     def __init__(self, model: nn.Module, data, *, loss_fn: Callable | None = None, params=None,
                  weight_decay: float = 0.0, gauss_newton: bool = False, batch_size: int = 256, device=None,
-                 process_group=None, mode: str = "auto"):
+                 process_group=None, mode: str = "auto", compile: bool = False):
         self.model = model
         self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
         if not callable(self.loss_fn):
@@ -191,8 +225,14 @@ class ModuleHessian(HessianOperator):
         self.gauss_newton = bool(gauss_newton)
         if mode not in _MODES + ("auto",):
             raise ValueError(f"mode must be 'fwd-rev', 'rev-rev' or 'auto', got {mode!r}")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
         self.mode = mode
+        self.compile = compile
         self._resolved_mode = None if mode == "auto" else mode
+        if compile and mode == "auto":
+            self._resolved_mode = "fwd-rev"
+        self._compiled = {}   # (dtype, mode, number of vectors) -> _CompiledOrEager
         dtypes = {p.dtype for p in selected.values()}
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
             raise TypeError(f"the selected parameters must share one floating dtype, got {sorted(map(str, dtypes))}")
@@ -317,10 +357,18 @@ class ModuleHessian(HessianOperator):
 
     def _sum_matvec(self, V: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """sum over local examples of the per-example HVPs (batch means weighted by batch sizes)."""
-        fn = self._batch_hvp_fn(dtype)
+        eager = self._batch_hvp_fn(dtype)
+        chunk = min(self._chunk(V.shape[0]), len(self._data))
+        full = eager
+        if self.compile:
+            key = (dtype, self.resolved_mode, V.shape[0])
+            if key not in self._compiled:
+                self._compiled[key] = _CompiledOrEager(eager)
+            full = self._compiled[key]
         total = torch.zeros_like(V)
         with eval_mode(self.model):
-            for x, y in self._data.batches(range(len(self._data)), self._chunk(V.shape[0]), self.device):
+            for x, y in self._data.batches(range(len(self._data)), chunk, self.device):
+                fn = full if x.shape[0] == chunk else eager
                 total += fn(x, y, V) * x.shape[0]
         return total
 
