@@ -185,8 +185,9 @@ class ModuleHessian(HessianOperator):
             ``gauss_newton=True``.
         compile: run :meth:`matvec`'s per-batch product under ``torch.compile`` (``dynamic=False``). The first
             product with a given number of vectors compiles it (tens of seconds on a CPU; once per operator and
-            vector count), later ones run the fused code: on a small CNN (b = 10, 2-core CPU) 1.7x faster than
-            the eager product and 1.2x faster than ``torch.compile`` of torch.func's HVP (benchmarks/RESULTS.md).
+            vector count), later ones run the fused code: on a small CNN (b = 10, 2-core CPU) 1.5x faster than
+            the eager product and level with or ahead of ``torch.compile`` of torch.func's HVP (1.02x in the
+            benchmark run, 1.2x and 1.4x in two standalone runs; benchmarks/RESULTS.md).
             A last batch smaller than the others runs eagerly rather than paying a second compilation;
             :meth:`minibatch_matvec` and :meth:`dense` stay eager. If compilation fails (no C++ compiler, an op
             the compiler rejects) a warning names the reason and the operator goes on eagerly. With
