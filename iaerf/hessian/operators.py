@@ -187,7 +187,7 @@ class ModuleHessian(HessianOperator):
             product with a given number of vectors compiles it (tens of seconds on a CPU; once per operator and
             vector count), later ones run the fused code: on a small CNN (b = 10, 2-core CPU) 1.5x faster than
             the eager product and level with or ahead of ``torch.compile`` of torch.func's HVP (1.02x in the
-            benchmark run, 1.2x and 1.4x in two standalone runs; benchmarks/RESULTS.md).
+            benchmark run of benchmarks/RESULTS.md, 1.07x / 1.26x / 1.50x in three more runs of that case).
             A last batch smaller than the others runs eagerly rather than paying a second compilation;
             :meth:`minibatch_matvec` and :meth:`dense` stay eager. If compilation fails (no C++ compiler, an op
             the compiler rejects) a warning names the reason and the operator goes on eagerly. With
