@@ -1,14 +1,13 @@
 """The python examples of docs/evaluation.md run as written."""
 from __future__ import annotations
 
-import os
-import re
+from _docs import doc_path, python_blocks
 
 
 def test_evaluation_docs_examples_run(tmp_path, monkeypatch):
-    doc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "evaluation.md")
+    doc = doc_path("docs/evaluation.md")
     with open(doc) as f:
-        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+        blocks = python_blocks(f.read())
     assert blocks, "docs/evaluation.md has no python example"
     monkeypatch.chdir(tmp_path)
     for block in blocks:

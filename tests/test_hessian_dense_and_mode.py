@@ -8,6 +8,8 @@ from torch.func import functional_call
 import iaerf.hessian.operators as operators
 from iaerf.hessian import ModuleHessian, select_parameters
 
+from _docs import doc_path, python_blocks
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -232,12 +234,9 @@ def test_compile_must_be_a_bool():
 
 def test_hessian_docs_compile_example_runs():
     """The compile example of docs/hessian.md runs as written, after the first example it continues."""
-    import os
-    import re
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "hessian.md")
+    path = doc_path("docs/hessian.md")
     with open(path) as f:
-        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+        blocks = python_blocks(f.read())
     (compiled,) = [b for b in blocks if "compile=True" in b]
     namespace = {}
     exec(compile(blocks[0], path, "exec"), namespace)  # noqa: S102 - our own documentation

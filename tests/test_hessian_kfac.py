@@ -21,10 +21,11 @@ from iaerf.hessian.kfac import (
     kfac_parameters,
 )
 from tests._influence_models import MLP, SmallCNN, randomize_batchnorm
+from tests._docs import doc_path, python_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "kfac.md")
+DOC = doc_path("docs/kfac.md")
 
 
 def _ggn_blocks_match(op: KFACOperator, G: torch.Tensor, method: str, atol: float):
@@ -422,7 +423,7 @@ def test_two_ranks_fit_the_factors_of_the_whole_data(tmp_path):
 # -- the documentation ------------------------------------------------------------------------------------------------
 def test_docs_example_runs():
     text = open(DOC).read()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    blocks = python_blocks(text)
     assert blocks, "docs/kfac.md has no python example"
     for block in blocks:
         exec(compile(block, DOC, "exec"), {})

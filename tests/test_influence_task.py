@@ -1,8 +1,6 @@
 """iaerf.InfluenceTask: custom training losses, measurements and dict items in the three influence functions."""
 from __future__ import annotations
 
-import os
-import re
 
 import pytest
 import torch
@@ -15,9 +13,10 @@ from iaerf.influence.gradients import energy_from_logits
 from iaerf.losses import class_balanced_weights
 
 from _influence_models import MLP
+from _docs import doc_path, python_blocks
 
 FUNCTIONS = (iaerf.energy_influence, iaerf.energy_influence_on_test, iaerf.loss_influence)
-DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "influence.md")
+DOC = doc_path("docs/influence.md")
 
 
 def _data(n=24, m=5, d=6, classes=4, seed=0):
@@ -235,7 +234,7 @@ def test_docs_examples_run():
     with open(DOC) as f:
         text = f.read()
     section = text.split("## Custom losses and batches: InfluenceTask", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    blocks = python_blocks(section)
     assert len(blocks) >= 2, "the InfluenceTask section needs the custom-loss and the dict-batch example"
     for block in blocks:
         namespace: dict = {"__name__": "__docs__"}

@@ -8,6 +8,8 @@ from torch import nn
 from iaerf.hessian import (HeadHessian, LissaDivergenceError, LissaOptions, ModuleHessian, estimate_lambda_max,
                            inverse_hvp)
 
+from _docs import doc_path, python_blocks
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,12 +216,9 @@ def test_typed_options_are_public_and_belong_to_their_solver():
 
 def test_hessian_docs_solver_options_example_runs(capsys):
     """The typed solver-options example of docs/hessian.md runs as written (its asserts compare against exact)."""
-    import os
-    import re
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "hessian.md")
+    path = doc_path("docs/hessian.md")
     with open(path) as f:
-        blocks = [b for b in re.findall(r"```python\n(.*?)```", f.read(), flags=re.S) if "iaerf.CGOptions" in b]
+        blocks = [b for b in python_blocks(f.read()) if "iaerf.CGOptions" in b]
     assert len(blocks) == 1
     exec(compile(blocks[0], path, "exec"), {})  # noqa: S102 - our own documentation
     assert "solver_options for 'lissa' must be a LissaOptions" in capsys.readouterr().out

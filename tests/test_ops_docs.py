@@ -1,17 +1,17 @@
 """The python examples of docs/ops.md run as written."""
 from __future__ import annotations
 
-import os
-import re
 
 import torch
 
-DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "ops.md")
+from _docs import doc_path, python_blocks
+
+DOC = doc_path("docs/ops.md")
 
 
 def test_python_examples_run():
     with open(DOC) as f:
-        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+        blocks = python_blocks(f.read())
     assert blocks, "docs/ops.md has no python example"
     for block in blocks:
         namespace: dict = {}

@@ -10,6 +10,8 @@ from iaerf.models import SmallCNN
 from iaerf._io import atomic_write
 from iaerf.pipeline import Pipeline, PipelineConfig, load_checkpoint, save_checkpoint
 
+from _docs import doc_path, python_blocks
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
@@ -488,9 +490,9 @@ def test_every_setting_has_one_option_and_round_trips():
 
 def test_docs_pipeline_python_examples_run(tmp_path, monkeypatch):
     """Every python block of docs/pipeline.md runs as written (the stages example asserts what it shows)."""
-    doc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "pipeline.md")
+    doc = doc_path("docs/pipeline.md")
     with open(doc) as f:
-        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+        blocks = python_blocks(f.read())
     assert any("fork_run" in b for b in blocks)
     monkeypatch.chdir(tmp_path)
     for block in blocks:

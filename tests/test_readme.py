@@ -1,11 +1,12 @@
 """The Python examples in README.md run as written."""
 import pathlib
-import re
 
 import pytest
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+from _docs import doc_path, python_blocks
+
+README = pathlib.Path(doc_path("README.md"))
+BLOCKS = python_blocks(README.read_text())
 
 
 def test_readme_has_examples():

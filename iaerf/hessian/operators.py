@@ -230,10 +230,9 @@ class ModuleHessian(HessianOperator):
             raise TypeError(f"compile must be True or False, got {compile!r}")
         self.mode = mode
         self.compile = compile
-        self._resolved_mode = None if mode == "auto" else mode
-        if compile and mode == "auto":
-            self._resolved_mode = "fwd-rev"
-        self._compiled = {}   # (dtype, mode, number of vectors) -> _CompiledOrEager
+        # a compiled "auto" takes fwd-rev untimed: timing both modes would mean compiling both
+        self._resolved_mode = mode if mode != "auto" else ("fwd-rev" if compile else None)
+        self._compiled = {}   # (dtype, number of vectors) -> _CompiledOrEager
         dtypes = {p.dtype for p in selected.values()}
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
             raise TypeError(f"the selected parameters must share one floating dtype, got {sorted(map(str, dtypes))}")
@@ -362,7 +361,7 @@ class ModuleHessian(HessianOperator):
         chunk = min(self._chunk(V.shape[0]), len(self._data))
         full = eager
         if self.compile:
-            key = (dtype, self.resolved_mode, V.shape[0])
+            key = (dtype, V.shape[0])   # the mode is fixed per operator once compiled
             if key not in self._compiled:
                 self._compiled[key] = _CompiledOrEager(eager)
             full = self._compiled[key]
