@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from benchmarks import common
 from iaerf._io import write_json
 from iaerf.hessian import ModuleHessian, inverse_hvp
-from iaerf.hessian.kfac import KFACOperator
+from iaerf.hessian.kfac import KFACOperator, kfac_parameters
 from iaerf.hessian.params import flatten, unflatten
 from iaerf.indexed_data import IndexedData
 from iaerf.influence.gradients import directional_derivatives, loss_from_logits, loss_gradients
@@ -48,7 +48,9 @@ def _case_data(shape, n_train, n_val, classes, seed):
 def iaerf_ekfac(model, train, val, damping, batch_size, device):
     """``(scores [n], fit seconds, score seconds)``: I_loss(x_i) = -g_val^T (G_ekfac + damping I)^{-1} g_i."""
     t0 = time.perf_counter()
-    op = KFACOperator(model, train, method="ekfac", batch_size=batch_size, device=device, progress=False)
+    # K-FAC covers the Linear and Conv2d layers; batch norm (frozen, as in fine-tuning) is left out by name
+    op = KFACOperator(model, train, params=list(kfac_parameters(model)), method="ekfac", batch_size=batch_size,
+                      device=device, progress=False)
     t1 = time.perf_counter()
     params = {k: p for k, p in model.named_parameters() if k in op.param_names}
     tr, va = IndexedData(train, "train"), IndexedData(val, "val")

@@ -218,8 +218,12 @@ def measure_case(case: ScaleCase) -> dict:
     _calibrate_batch_norm(model, train[0], case.batch_size, device)
     num_params = sum(p.numel() for p in model.parameters())
 
-    kwargs = dict(damping=case.damping, batch_size=case.batch_size, device=device, seed=case.seed,
-                  **VARIANTS[case.variant])
+    variant = dict(VARIANTS[case.variant])
+    if variant["params"] is None:  # every parameter K-FAC covers: batch norm is left out by name
+        from iaerf.hessian.kfac import kfac_parameters
+
+        variant["params"] = list(kfac_parameters(model))
+    kwargs = dict(damping=case.damping, batch_size=case.batch_size, device=device, seed=case.seed, **variant)
     # lazy imports and torch.func's first-call set-up would otherwise land in the first stage's time (seconds, the
     # same at every n) and flatten the growth exponents; the cheap classifier-only call warms the same transforms
     t0 = time.perf_counter()

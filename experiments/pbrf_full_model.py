@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                 fn = energy_influence if kind == "energy" else loss_influence
                 t = time.perf_counter()
                 curvature[(kind, solver)] = fn(model, train, val, params=selection, damping=args.damping,
-                                               solver=solver, cache_dir=os.path.join(cell, "evaluation", solver),
+                                               solver=solver, gauss_newton=True, cache_dir=os.path.join(cell, "evaluation", solver),
                                                progress=False).double()
                 curvature[(kind, solver, "seconds")] = time.perf_counter() - t
         for kind in args.kinds:

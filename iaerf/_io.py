@@ -20,7 +20,8 @@ import threading
 from typing import Callable
 
 __all__ = ["atomic_write", "write_text", "write_json", "read_json", "settings_key", "canonical_json", "ensure_writable_dir",
-           "load_tensor_file", "first_sentence", "hash_tensor"]
+           "load_tensor_file", "first_sentence", "hash_tensor", "save_checked", "load_checked",
+           "file_digest"]
 
 _UMASK_LOCK = threading.Lock()
 
@@ -100,6 +101,8 @@ def read_json(path: str, keys: tuple[str, ...] | None = None):
             obj = json.load(f)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise ValueError(f"{path} is damaged: not valid JSON ({exc})") from None
+    except RecursionError:  # the parser recurses once per nesting level, so a deep enough file exhausts the stack
+        raise ValueError(f"{path} is damaged: its JSON is nested too deeply to read") from None
     if keys is not None:
         if not isinstance(obj, dict):
             raise ValueError(f"{path} is damaged: expected a JSON object, got {type(obj).__name__}")
@@ -198,3 +201,69 @@ def hash_tensor(h, t) -> None:
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     # view as bytes: works for every dtype (bfloat16 has no numpy equivalent)
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+_CHECKSUM_KEY = "sha256"
+
+
+def save_checked(path: str, state: dict) -> None:
+    """Atomically ``torch.save`` the dict ``state`` (tensors and plain values, nested) with the SHA-256 of its
+    content (:func:`iaerf._identity.state_digest`) under the key ``"sha256"``: ``torch.load`` does not check the
+    zip CRCs, so a flipped bit in a tensor would otherwise load as a valid value. Read it with :func:`load_checked`.
+    """
+    import torch
+
+    from iaerf._identity import state_digest
+
+    if _CHECKSUM_KEY in state:
+        raise ValueError(f"state may not hold the key {_CHECKSUM_KEY!r}: it is the checksum's")
+    sealed = {**state, _CHECKSUM_KEY: state_digest(state)}
+
+    def write(tmp: str) -> None:
+        # through a file object: the archive's inner folder is then "archive" rather than the temporary file's
+        # random name, so equal content gives equal bytes (a resumed run's outputs match an uninterrupted one's)
+        with open(tmp, "wb") as f:
+            torch.save(sealed, f)
+
+    atomic_write(path, write)
+
+
+def load_checked(path: str, what: str) -> dict:
+    """The dict :func:`save_checked` wrote at ``path`` (without its checksum), read by :func:`load_tensor_file`.
+    Raises a ``ValueError`` naming ``what`` and ``path`` when the file cannot be read or its content does not match
+    the checksum it records (a damaged file, or one not written by :func:`save_checked`)."""
+    from iaerf._identity import state_digest
+
+    state = load_tensor_file(path, what)
+    stored = state.pop(_CHECKSUM_KEY, None) if isinstance(state, dict) else None
+    if stored is None:
+        raise ValueError(f"{what} {path} is damaged or was not written by this iaerf version: it records no checksum")
+    if stored != state_digest(state):
+        raise ValueError(f"{what} {path} is damaged: its content does not match the checksum it records")
+    return state
+
+
+_DIGESTS: dict[str, tuple[tuple[int, int, int, int], str]] = {}  # path -> (stat stamp, sha256) of this process
+_DIGEST_BLOCK = 1 << 20
+
+
+def file_digest(path: str, *, fresh: bool = False) -> str:
+    """The hex SHA-256 of the bytes of file ``path``, streamed in 1 MiB blocks.
+
+    A digest is kept for the rest of the process and reused while the file's (device, inode, size, mtime_ns) stay the
+    same, so a run directory checked many times is read once. ``fresh=True`` reads the file again: a file replaced
+    within one tick of the file system's clock can keep all four (the new inode may be the old one's, freed by the
+    replacement), so whoever has just written a file asks for a fresh digest.
+    """
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    known = _DIGESTS.get(path)
+    if not fresh and known is not None and known[0] == stamp:
+        return known[1]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_DIGEST_BLOCK):
+            h.update(block)
+    _DIGESTS[path] = (stamp, h.hexdigest())
+    return h.hexdigest()

@@ -3,7 +3,8 @@
 Subcommands work on one run directory (``--out``): ``data``, ``train``, ``influence``, ``finetune``, ``evaluate``,
 ``plot``, and ``demo`` (everything, on long-tailed digits). The first command of a run writes ``settings.json``;
 later commands read it, and options given on their command line replace the stored ones (stages whose inputs
-changed re-run, the others are skipped). Examples::
+changed re-run, the others are skipped). One command at a time writes a run directory: a second one exits with
+status 2 naming the process that holds it. Examples::
 
     iaerf demo                                   # runs/demo-0, about a minute on 2 CPU cores
     iaerf data --out runs/c10 --dataset cifar10 --data-root ~/data --ratio 100
@@ -21,8 +22,6 @@ import warnings
 
 __all__ = ["main", "build_parser"]
 
-# torch accepts any count but crashes (segfault) on very large ones; far above any machine's core count
-_MAX_THREADS = 1024
 
 def _add_settings(p: argparse.ArgumentParser) -> None:
     """One option per run setting, from the settings' own metadata (:mod:`iaerf.pipeline.settings`)."""
@@ -36,25 +35,13 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
         elif meta["cli"] == "list":
             p.add_argument(meta["option"], dest=name, type=meta["type"], nargs="+", default=None, help=meta["help"])
         elif meta["cli"] == "flag":
-            p.add_argument(meta["option"], dest=name, action="store_const", const=True, default=None,
+            # --name / --no-name: a stored True must be reversible from the command line
+            p.add_argument(meta["option"], dest=name, action=argparse.BooleanOptionalAction, default=None,
                            help=meta["help"])
         elif meta["cli"] == "key_value":
             p.add_argument(meta["option"], dest=name, action="append", default=None, metavar="KEY=VALUE",
                            help=meta["help"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=_threads, default=None,
-                   help=f"torch CPU threads, 1..{_MAX_THREADS} (default: torch's choice; demo: 1, fastest for its "
-                        "tiny model)")
-
-
-def _threads(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= _MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {_MAX_THREADS}, got {text!r}")
-    return n
 
 
 class _Parser(argparse.ArgumentParser):
@@ -162,6 +149,7 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # usage error (already printed in one line) or --help: a status, as for the rest
         return exc.code
     name = f"iaerf {args.command}"
+    from iaerf.pipeline import RunLockedError, SettingError  # torch is loaded already: the options come from settings
 
     def one_line(message, category, filename, lineno, file=None, line=None):
         print(f"{name}: warning: {message}", file=sys.stderr)
@@ -174,9 +162,7 @@ def main(argv=None) -> int:
             print(f"\n{name}: interrupted; finished stages are kept, run the same command again to resume",
                   file=sys.stderr)
             return 130
-        except (ValueError, TypeError, OSError, FloatingPointError) as exc:
-            from iaerf.pipeline import SettingError
-
+        except (ValueError, TypeError, OSError, FloatingPointError, RunLockedError) as exc:
             where = f"{_option_of(exc.field)}: " if isinstance(exc, SettingError) else ""
             if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
                 exc = exc.strerror  # iaerf's own message, without the "[Errno N]" prefix
@@ -186,20 +172,12 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    import torch
-
     from iaerf.pipeline import Pipeline
 
-    threads = args.threads if args.threads is not None else (1 if args.command == "demo" else None)
-    if threads is not None:
-        if threads > _cores():
-            warnings.warn(f"--threads {threads} is more than the {_cores()} CPU cores available; "
-                          "the extra threads only compete for them")
-        torch.set_num_threads(threads)
     if args.command == "demo":
         seed = args.seed if args.seed is not None else 0
         args.out = args.out or os.path.join("runs", f"demo-{seed}")
-        defaults = {"seed": seed}
+        defaults = {"seed": seed, "threads": 1}  # a new demo run: one thread is fastest for its tiny models
         if args.quick:
             defaults.update(train_epochs=4, finetune_epochs=1, betas=[0.1, 1.0])
         config = _config(args, defaults)
@@ -208,8 +186,17 @@ def _run(args) -> int:
             raise ValueError("--out (the run directory) is required")
         config = _config(args)
     method = getattr(args, "method", None)
-    pipe = Pipeline(args.out, config, progress=not args.quiet, log=lambda s: print(s, file=sys.stderr),
-                    methods=(method,) if method else ())
+    with Pipeline(args.out, config, progress=not args.quiet, log=lambda s: print(s, file=sys.stderr),
+                  methods=(method,) if method else ()) as pipe:
+        threads = pipe.config.threads  # the run's count, stored with its settings
+        if threads > _cores():
+            warnings.warn(f"--threads {threads} is more than the {_cores()} CPU cores available; "
+                          "the extra threads only compete for them")
+        return _command(args, pipe)
+
+
+def _command(args, pipe) -> int:
+    """Run ``args.command`` on the open run ``pipe`` and print its result."""
     t0 = time.perf_counter()
     if args.command == "data":
         info = pipe.data()
@@ -239,8 +226,8 @@ def _run(args) -> int:
             pipe.plots()
         from iaerf.pipeline import format_table
 
-        protocol = f"protocol {config.protocol}" if config.protocol else "settings as given (no --protocol)"
-        print(f"\n{metrics['dataset']['name']}, seed {config.seed}, {protocol}: test error (%), shot groups "
+        protocol = f"protocol {pipe.config.protocol}" if pipe.config.protocol else "settings as given (no --protocol)"
+        print(f"\n{metrics['dataset']['name']}, seed {pipe.config.seed}, {protocol}: test error (%), shot groups "
               f"{metrics['dataset']['shot_groups']}\n")
         print(format_table(metrics["results"]))
         print(f"\nrun directory: {pipe.out}  ({time.perf_counter() - t0:.1f}s)")

@@ -24,6 +24,7 @@ __all__ = [
     "select_imbalanced",
     "balanced_validation_indices",
     "load_digits_lt",
+    "cifar_files",
     "read_cifar",
     "load_cifar_lt",
     "load_features",
@@ -356,12 +357,10 @@ def _cifar_arrays(batch: dict, path: str, key: str, num_classes: int) -> tuple[n
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def read_cifar(root: str, num_classes: int = 10) -> tuple[TensorDataset, TensorDataset]:
-    """Read CIFAR-10/100 from the standard python-pickle directory (``cifar-10-batches-py`` / ``cifar-100-python``).
-
-    ``root`` may be that directory or its parent. Nothing is downloaded. Returns ``(train, test)`` with uint8 inputs
-    [N, 3, 32, 32] (normalise later, per batch, to keep memory at 1 byte per value).
-    """
+def cifar_files(root: str, num_classes: int = 10) -> dict[str, list[str]]:
+    """``{"train": [paths], "test": [paths]}``: the batch files of the standard python-pickle directory
+    (``cifar-10-batches-py`` / ``cifar-100-python``, ``root`` or under it) that :func:`read_cifar` reads.
+    ``FileNotFoundError`` names the directory or batch file that is missing."""
     if num_classes not in (10, 100):
         raise ValueError(f"num_classes must be 10 or 100 for CIFAR, got {num_classes}")
     sub = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
@@ -370,24 +369,33 @@ def read_cifar(root: str, num_classes: int = 10) -> tuple[TensorDataset, TensorD
         raise FileNotFoundError(
             f"CIFAR-{num_classes} directory not found: {directory} (expected the python-pickle version, "
             f"https://www.cs.toronto.edu/~kriz/cifar.html; iaerf never downloads data)")
-    if num_classes == 10:
-        train_files = [f"data_batch_{i}" for i in range(1, 6)]
-        test_files, key = ["test_batch"], "labels"
-    else:
-        train_files, test_files, key = ["train"], ["test"], "fine_labels"
+    names = ({"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]} if num_classes == 10
+             else {"train": ["train"], "test": ["test"]})
+    out = {part: [os.path.join(directory, n) for n in files] for part, files in names.items()}
+    for path in out["train"] + out["test"]:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CIFAR-{num_classes} batch file missing: {path}")
+    return out
 
-    def load(files):
+
+def read_cifar(root: str, num_classes: int = 10) -> tuple[TensorDataset, TensorDataset]:
+    """Read CIFAR-10/100 from the standard python-pickle directory (``cifar-10-batches-py`` / ``cifar-100-python``).
+
+    ``root`` may be that directory or its parent. Nothing is downloaded. Returns ``(train, test)`` with uint8 inputs
+    [N, 3, 32, 32] (normalise later, per batch, to keep memory at 1 byte per value).
+    """
+    files = cifar_files(root, num_classes)
+    key = "labels" if num_classes == 10 else "fine_labels"
+
+    def load(paths):
         xs, ys = [], []
-        for name in files:
-            path = os.path.join(directory, name)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"CIFAR-{num_classes} batch file missing: {path}")
+        for path in paths:
             data, labels = _cifar_arrays(_unpickle(path), path, key, num_classes)
             xs.append(data)
             ys.append(labels)
         return TensorDataset(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), num_classes)
 
-    return load(train_files), load(test_files)
+    return load(files["train"]), load(files["test"])
 
 
 def load_cifar_lt(root: str, num_classes: int = 10, ratio: float = 100.0, kind: str = "exp", seed: int = 0,
@@ -405,7 +413,8 @@ def load_cifar_lt(root: str, num_classes: int = 10, ratio: float = 100.0, kind: 
 def load_features(path: str, num_classes: int | None = None) -> TensorDataset:
     """Precomputed features and labels (classifier-only setting of ImageNet-LT / iNaturalist).
 
-    ``.pt`` (a dict), ``.npz`` or ``.safetensors`` holding ``features`` [N, D] (float) and ``labels`` [N] (int).
+    ``.pt`` (a dict), ``.npz`` or ``.safetensors`` holding ``features`` [N, D] (float, finite as float32) and
+    ``labels`` [N] (int). A NaN or infinite feature is a ValueError naming the file and its first such row.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"feature file not found: {path}")
@@ -441,7 +450,13 @@ def load_features(path: str, num_classes: int | None = None) -> TensorDataset:
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
         desc = f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"{path}: 'labels' must be a 1-D integer tensor, got {desc}")
-    return TensorDataset(feats.float(), labels.long(), num_classes)
+    feats = feats.float()
+    # checked after the cast: a float64 value beyond float32's range becomes inf there
+    bad = ~torch.isfinite(feats).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"{path}: 'features' row {int(bad.nonzero()[0])} holds NaN or inf (as float32); every "
+                         f"feature must be finite ({int(bad.sum())} of {len(feats)} rows are not)")
+    return TensorDataset(feats, labels.long(), num_classes)
 
 
 def load_feature_split(train_path: str, test_path: str, num_classes: int | None = None,

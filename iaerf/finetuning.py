@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from iaerf.data import ShotGroups, TensorDataset
+from iaerf.heads import check_finite_state, model_dtype
+from iaerf.indexed_data import check_finite_rows, match_input_dtype
 from iaerf.ops import energy, energy_regularized_cross_entropy
 from iaerf.training import _check_dataset, _check_model_classes, evaluate, predict_logits, resolve_device
 from iaerf.training_loop import freeze_batchnorm, is_batchnorm, shuffled_batches, train_loop  # noqa: F401 (public here)
@@ -54,9 +56,9 @@ CAPS = ("none", "per_sample", "global")
 class FinetuneConfig:
     """Fine-tuning schedule. Defaults: the paper's CIFAR setting (5 epochs, batch 128, SGD lr 1e-4).
 
-    ``train_params``: names (prefixes) of the parameters to update; None = every non-batch-norm parameter,
-    ("fc",) = the classifier only. ``record_energy``: keep the training-set energies [n] before fine-tuning and after
-    every epoch (paper Fig. 5).
+    ``train_params``: names (prefixes) of the parameters to update, or one name as a str (``"fc"`` is ``("fc",)``,
+    as the influence functions' ``params``); None = every non-batch-norm parameter, ("fc",) = the classifier only.
+    ``record_energy``: keep the training-set energies [n] before fine-tuning and after every epoch (paper Fig. 5).
     """
 
     epochs: int = 5
@@ -76,7 +78,9 @@ class FinetuneConfig:
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         if self.energy_cap not in CAPS:
             raise ValueError(f"energy_cap must be one of {CAPS}, got {self.energy_cap!r}")
-        if self.train_params is not None:
+        if isinstance(self.train_params, str):  # one name, not its characters
+            object.__setattr__(self, "train_params", (self.train_params,))
+        elif self.train_params is not None:
             object.__setattr__(self, "train_params", tuple(self.train_params))
 
 
@@ -118,6 +122,19 @@ def energy_coefficients(influence: torch.Tensor, beta: float) -> torch.Tensor:
     return (-float(beta) * influence.double() / i_max.double()).float()
 
 
+def _model_ready(model: nn.Module, data: TensorDataset, name: str) -> TensorDataset:
+    """``data`` (argument ``name``) with its inputs in the model's dtype (exact casts only, as the influence does:
+    float32 data for a float64 model), after checking that the model's parameters and buffers and the inputs are
+    finite: a NaN would otherwise surface as a diverged run (which :func:`select_beta` skips) instead of an error."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_finite_state(model)
+    x, labels = data.tensors()
+    check_finite_rows(x, name)
+    cast = match_input_dtype(x, model_dtype(model), name)
+    return data if cast is x else TensorDataset(cast, labels, data.num_classes)
+
+
 def _trainable(model: nn.Module, train_params) -> list[nn.Parameter]:
     bn_params = {id(p) for m in model.modules() if is_batchnorm(m) for p in m.parameters(recurse=False)}
     chosen = []
@@ -150,7 +167,9 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
 
     Args:
         model: pretrained classifier ending in an ``nn.Linear`` head (any name); copied unless ``inplace``.
-        train: :class:`iaerf.data.TensorDataset` (n items); ``influence[i]`` belongs to ``train[i]``.
+        train: :class:`iaerf.data.TensorDataset` (n items); ``influence[i]`` belongs to ``train[i]``. Its inputs
+            must be finite and are cast to the model's dtype when that is exact (a cast that would round is a
+            TypeError); the model's parameters and buffers must be finite.
         influence: I_val [n] from :func:`iaerf.energy_influence`; None only with ``beta == 0``.
         beta: energy weight; the paper searches {0.1, 0.5, 1, 10} (:func:`select_beta`).
         config: :class:`FinetuneConfig`; keyword ``overrides`` replace its fields.
@@ -158,6 +177,7 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
     """
     config = replace(config or FinetuneConfig(), **overrides)
     _check_dataset(train, "train")
+    train = _model_ready(model, train, "train")
     _check_model_classes(model, train)
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
@@ -252,6 +272,7 @@ def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, infl
     if not betas or any(not (b >= 0 and math.isfinite(b)) for b in betas):
         raise ValueError(f"betas must be finite numbers >= 0 (0 is the plain CE control), got {betas!r}")
     _check_dataset(val, "val")
+    val = _model_ready(model, val, "val")
     counts = train.class_counts()
     best, table = None, []
     for b in betas:
@@ -283,6 +304,7 @@ def finetune_diagnostics(base: nn.Module, result: FinetuneResult, train: TensorD
     coefficients the run used, App. B's "global" reading included; its "per_sample" reading caps such points during
     the run, so the fraction says how much of the regularization it removed).
     """
+    train = _model_ready(base, train, "train")
     device = resolve_device(device)
     k = train.num_classes
     labels = train.labels

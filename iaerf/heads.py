@@ -5,17 +5,25 @@ A head is found by what it does, not by its name: the ``nn.Linear`` whose output
 returns, seen by forward hooks on one probe batch. That covers ``model.fc`` (ResNets here), torchvision's
 ``model.classifier = nn.Sequential(nn.Dropout(), nn.Linear(...))`` (the Sequential returns its last module's output
 unchanged) and timm's ``model.head``. A model whose logits are post-processed after the last linear map (scaled,
-cast, summed) has no such head, and the error says so.
+cast, summed) has no such head, and the error says so. Such a head is *separable* (:func:`head_is_separable`) when
+its parameters reach the output only through that one call, which tied weights (the head's weight also used
+earlier in the network) break: only a separable head's analysis may run on frozen features.
+
+Also the checks every analysis makes of a model before its passes: finite parameters and buffers
+(:func:`check_finite_state`), the one floating dtype inputs are cast to (:func:`model_dtype`), a logits tensor as
+output (:func:`check_logits`).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["HeadNotFoundError", "classifier_head", "eval_mode", "find_classifier_head", "head_features"]
+__all__ = ["HeadNotFoundError", "check_finite_state", "check_logits", "classifier_head", "eval_mode",
+           "find_classifier_head", "head_features", "head_is_separable", "model_dtype"]
 
 
 class HeadNotFoundError(ValueError):
@@ -38,6 +46,45 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype shared by every floating parameter and buffer of ``model`` (what its inputs are cast to,
+    :func:`iaerf.indexed_data.match_input_dtype`); None when there are several (mixed precision) or none."""
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def check_finite_state(model: nn.Module, name: str = "model") -> None:
+    """Raise a ValueError naming the first parameter or floating buffer of ``model`` that holds NaN or Inf (a
+    diverged checkpoint): every analysis of such a model is NaN. ``name`` is the user's argument."""
+    named = [("parameter", n, t) for n, t in model.named_parameters()]
+    named += [("buffer", n, t) for n, t in model.named_buffers() if t.is_floating_point()]
+    for kind, where, t in named:
+        if not bool(torch.isfinite(t).all()):
+            at = tuple(int(i) for i in (~torch.isfinite(t)).nonzero()[0])
+            raise ValueError(f"{name}: {kind} {where!r} contains NaN or Inf (first at index {at}); the model's "
+                             f"parameters and buffers must be finite")
+
+
+def _require_tensor(output, name: str) -> None:
+    if not isinstance(output, torch.Tensor):
+        keys = f" with keys {list(output)[:8]}" if isinstance(output, Mapping) else ""
+        raise TypeError(f"{name} must return the logits as a tensor [b, K], got a {type(output).__name__}{keys}; "
+                        f"wrap it in an nn.Module whose forward returns the logits tensor")
+
+
+def check_logits(output, name: str = "model") -> torch.Tensor:
+    """``output`` of ``name`` (the user's model) on a probe batch, checked to be a logits tensor ``[b, K]``.
+
+    Raises:
+        TypeError: it is not a tensor (a dict, a tuple, a model-output object).
+        ValueError: it is not 2-D.
+    """
+    _require_tensor(output, name)
+    if output.dim() != 2:
+        raise ValueError(f"{name} must return logits of shape [b, K], got {tuple(output.shape)}")
+    return output
+
+
 def find_classifier_head(model: nn.Module, probe: torch.Tensor) -> tuple[str, nn.Linear]:
     """``(name, layer)``: the ``nn.Linear`` (or subclass) of ``model`` whose output is the model's output.
 
@@ -52,7 +99,7 @@ def find_classifier_head(model: nn.Module, probe: torch.Tensor) -> tuple[str, nn
         ``[b, K]``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module`` or ``probe`` is not a tensor.
+        TypeError: ``model`` is not an ``nn.Module``, ``probe`` is not a tensor, or the model returns no tensor.
         HeadNotFoundError: the model has no ``nn.Linear``, none produces the returned tensor, or that layer runs
             more than once per forward or does not map ``[b, D]`` features to ``[b, K]`` logits.
     """
@@ -73,6 +120,7 @@ def find_classifier_head(model: nn.Module, probe: torch.Tensor) -> tuple[str, nn
     finally:
         for h in handles:
             h.remove()
+    _require_tensor(output, "model")
     final = [(name, m) for name, m in linears if any(out is output for _, out in calls[name])]
     if not final:
         raise HeadNotFoundError(
@@ -89,6 +137,29 @@ def find_classifier_head(model: nn.Module, probe: torch.Tensor) -> tuple[str, nn
         raise HeadNotFoundError(f"{what}: its final nn.Linear {name!r} maps {tuple(features.shape)} to "
                                 f"{tuple(logits.shape)}; a classifier head maps features [b, D] to logits [b, K]")
     return name, layer
+
+
+def head_is_separable(model: nn.Module, layer: nn.Linear, probe: torch.Tensor) -> bool:
+    """Whether the head ``layer`` (:func:`find_classifier_head` of ``model`` on ``probe``) takes features that do
+    not depend on its own parameters, so that the model's output is ``layer(features)`` with ``features`` frozen
+    w.r.t. them: then any analysis over the head's parameters alone (its gradients, Hessian, influence) may run on
+    the features. Tied weights (the head's weight also used earlier in the network, as tied embeddings) break it.
+
+    Decided on one probe forward (eval mode, model's train/eval flags restored): every parameter of ``model`` is
+    replaced by a detached copy, those of ``layer`` (under all their names, tied ones included) by copies that
+    require grad, and the features are separable exactly when the layer's input then carries no autograd history.
+    ``probe``: model inputs ``[b, ...]`` on the model's device.
+    """
+    own = {id(p): p.detach().clone().requires_grad_() for p in layer.parameters()}
+    swapped = {n: own.get(id(p), p.detach()) for n, p in model.named_parameters(remove_duplicate=False)}
+    seen = []
+    handle = layer.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].requires_grad))
+    try:
+        with eval_mode(model), torch.enable_grad():
+            torch.func.functional_call(model, swapped, (probe.detach(),))
+    finally:
+        handle.remove()
+    return not any(seen)
 
 
 def head_features(model: nn.Module, layer: nn.Linear, batches) -> torch.Tensor:
@@ -127,7 +198,12 @@ def classifier_head(model: nn.Module, *datasets, device=None):
     if not datasets:
         raise ValueError("classifier_head needs at least one dataset: the head is found on a probe batch of it")
     dev = next(model.parameters()).device
-    _, layer = find_classifier_head(model, datasets[0].tensors()[0][:1].to(dev))
+    probe = datasets[0].tensors()[0][:1].to(dev)
+    name, layer = find_classifier_head(model, probe)
+    if not head_is_separable(model, layer, probe):
+        raise HeadNotFoundError(f"{type(model).__name__}: the parameters of its head {name!r} are also used before "
+                                f"it (tied weights), so the head's influence is not a function of frozen features; "
+                                f"compute it on the model")
     head = LinearClassifier(layer.in_features, layer.out_features)
     # the layer itself, not a rebuilt one: any nn.Linear subclass (NormedLinear's cosine logits) keeps its forward
     head.fc = copy.deepcopy(layer)

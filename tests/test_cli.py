@@ -27,7 +27,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         "ERM", "ERM + CE fine-tuning", "ERM + IAERF", "LDAM-DRW", "LDAM-DRW + CE fine-tuning", "LDAM-DRW + IAERF"]
     assert "many" in rows[0] and "few" in rows[0]
     settings = json.load(open(os.path.join(out, "settings.json")))
-    assert settings["seed"] == 3 and settings["train_epochs"] == 4
+    assert settings["seed"] == 3 and settings["train_epochs"] == 4 and settings["threads"] == 1
     for fig in ("fig2_erm.png", "fig3_erm.png", "fig5_erm.png", "fig2_ldam_drw.png"):
         assert os.path.isfile(os.path.join(out, "plots", fig))
     # a second invocation resumes: every stage is skipped and the same table is printed
@@ -64,10 +64,10 @@ def test_solver_options_reach_the_influence(tmp_path, capsys):
                  "--solver-option", "max_iter=200"]) == 0
     settings = json.load(open(os.path.join(out, "settings.json")))
     assert settings["solver"] == "cg" and settings["solver_options"] == {"tol": 1e-10, "max_iter": 200}
-    cg = torch.load(os.path.join(out, "influence", "erm.pt"))
+    cg = torch.load(os.path.join(out, "influence", "erm.pt"))["values"]
     # the exact solve of the same (damped, convex) classifier-only problem agrees with converged CG
     assert main(["influence", *common, "--method", "erm", "--solver", "exact"]) == 0
-    exact = torch.load(os.path.join(out, "influence", "erm.pt"))
+    exact = torch.load(os.path.join(out, "influence", "erm.pt"))["values"]
     torch.testing.assert_close(cg, exact, rtol=1e-3, atol=1e-3 * float(exact.abs().max()))
     capsys.readouterr()
     assert main(["influence", *common, "--method", "erm", "--solver-option", "depth"]) == 2
@@ -258,3 +258,14 @@ def test_fig1_has_the_full_model_pbrf_panel(tmp_path):
     panel = json.load(open(os.path.join(out, "evaluation", "fig1_erm.json")))["full_model_pbrf"]
     assert len(panel["predicted"]) == len(panel["actual"]) == 3 and "unfinished" not in panel["title"]
     assert pearson_r(panel["predicted"], panel["actual"]) > 0.99
+
+
+def test_flags_turn_off_as_well_as_on(tmp_path, capsys):
+    """A stored True is reversible: --no-gauss-newton (the pipeline's default is the Gauss-Newton matrix)."""
+    out = str(tmp_path / "r")
+    assert main(["data", "--out", out, "--quiet", "--no-gauss-newton", "--fig1"]) == 0
+    stored = json.load(open(os.path.join(out, "settings.json")))
+    assert stored["gauss_newton"] is False and stored["fig1"] is True
+    assert main(["data", "--out", out, "--quiet", "--gauss-newton", "--no-fig1"]) == 0
+    stored = json.load(open(os.path.join(out, "settings.json")))
+    assert stored["gauss_newton"] is True and stored["fig1"] is False

@@ -224,10 +224,7 @@ def test_damaged_checkpoint_is_treated_as_absent_and_overwritten(tmp_path, kind)
 # -- non-finite operators -------------------------------------------------------------------------------------------
 def _nan_operator(where):
     net, x, y = _mlp(n=60)
-    if where == "data":
-        x = x.clone()
-        x[7, 1] = float("nan")
-    elif where == "weights":
+    if where == "weights":
         with torch.no_grad():
             net[2].weight[1, 2] = float("inf")
     else:
@@ -238,7 +235,15 @@ def _nan_operator(where):
     return ModuleHessian(net, (x, y), gauss_newton=True, weight_decay=0.01)
 
 
-@pytest.mark.parametrize("where", ["data", "weights", "head-weight"])
+def test_non_finite_data_is_refused_when_the_operator_is_built():
+    net, x, y = _mlp(n=60)
+    x = x.clone()
+    x[7, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^data: the input of example 7 contains NaN or Inf"):
+        ModuleHessian(net, (x, y), gauss_newton=True, weight_decay=0.01)
+
+
+@pytest.mark.parametrize("where", ["weights", "head-weight"])
 @pytest.mark.parametrize("method,options", [
     ("cg", {}),
     ("exact", {}),

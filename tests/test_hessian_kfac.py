@@ -94,7 +94,7 @@ def test_ekfac_eigenvalues_are_the_exact_gauss_newton_diagonal_in_the_kronecker_
     torch.manual_seed(0)
     model = randomize_batchnorm(_tiny_cnn()).double()
     X, Y = torch.randn(5, 2, 7, 7, dtype=torch.float64), torch.randint(0, 3, (5,))
-    op = KFACOperator(model, (X, Y), fisher="expected", progress=False)
+    op = KFACOperator(model, (X, Y), params=list(kfac_parameters(model)), fisher="expected", progress=False)
     assert [layer.name for layer in op.layers] == ["0", "3", "5", "9"]       # batch norm's parameters left out
     G = ModuleHessian(model, (X, Y), gauss_newton=True, params=op.param_names).dense()
     torch.testing.assert_close(_jacobian_ggn(model, op.param_names, X, Y)[0], G, atol=1e-12, rtol=0)
@@ -167,7 +167,8 @@ def test_kronecker_factors_match_their_definition_for_every_layer_kind():
     model = randomize_batchnorm(nn.Sequential(_tiny_cnn()[:-1], nn.Linear(4, 260), nn.Tanh(),
                                               nn.Linear(260, 3)).double())
     X, Y = torch.randn(7, 2, 7, 7, dtype=torch.float64), torch.randint(0, 3, (7,))
-    op = KFACOperator(model, (X, Y), fisher="empirical", batch_size=4, progress=False)
+    op = KFACOperator(model, (X, Y), params=list(kfac_parameters(model)), fisher="empirical", batch_size=4,
+                      progress=False)
     settings = PassSettings(op.loss_fn, "empirical", 4, torch.device("cpu"), torch.float64, None, False)
     A, S, n = fit_covariances(model, op.layers, IndexedData((X, Y), "data"), settings, None)
     A_ref, S_ref = _factors_by_definition(model, op.layers, X, Y)
@@ -191,7 +192,7 @@ def _trained(model, X, Y, steps, lr):
 def _influence_pearsons(model, X, Y, Xv, Yv, damping_rel):
     """Pearson of K-FAC's and EK-FAC's loss influences -g_i^T (H + damping I)^{-1} g_val with the exact GGN's,
     damping = damping_rel * lambda_max(GGN)."""
-    op = KFACOperator(model, (X, Y), fisher="expected", progress=False)
+    op = KFACOperator(model, (X, Y), params=list(kfac_parameters(model)), fisher="expected", progress=False)
     G, grads = _jacobian_ggn(model, op.param_names, X, Y)
     g_val = _jacobian_ggn(model, op.param_names, Xv, Yv)[1].mean(0)
     damping = damping_rel * float(torch.linalg.eigvalsh(G)[-1])
@@ -352,8 +353,8 @@ def test_batch_norm_parameters_are_left_out_and_named_when_given():
                      "fc.weight", "fc.bias"]
     X, Y = torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
     with pytest.raises(UnsupportedLayerError, match=r"features\.1\.weight \(BatchNorm2d\)"):
-        kfac_inverse_hvp(ModuleHessian(model, (X, Y)), torch.zeros(sum(p.numel() for p in model.parameters()),
-                                                                   dtype=torch.float64), progress=False)
+        kfac_inverse_hvp(ModuleHessian(model, (X, Y), gauss_newton=True),
+                         torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64), progress=False)
 
 
 # -- the factor cache -------------------------------------------------------------------------------------------------
@@ -431,10 +432,11 @@ def test_docs_example_runs():
 
 @pytest.mark.parametrize("fn", ["energy_influence", "loss_influence"])
 def test_influence_solver_ekfac_tracks_the_exact_gauss_newton_solve(fn):
-    """``solver="ekfac"`` in the public influence functions: same selection rule (batch norm left out) and scores
-    that follow the exact Gauss-Newton solve over the same parameters. Loss influence: Pearson >= 0.9. Energy
-    influence varies little from point to point on this tiny CNN (spread ~10% of its mean), so Pearson there
-    measures noise; its relative error is bounded instead (measured: EK-FAC 0.22, K-FAC 0.26)."""
+    """``solver="ekfac"`` in the public influence functions, over the covered parameters (``kfac_parameters``: batch
+    norm left out) with ``gauss_newton=True``: scores that follow the exact Gauss-Newton solve over the same ones.
+    Loss influence: Pearson >= 0.9. Energy influence varies little from point to point on this tiny CNN (spread ~10%
+    of its mean), so Pearson there measures noise; its relative error is bounded instead (measured: EK-FAC 0.22,
+    K-FAC 0.26)."""
     import iaerf
     from iaerf.hessian.kfac import kfac_parameters
     from iaerf.models import SmallCNN
@@ -448,7 +450,7 @@ def test_influence_solver_ekfac_tracks_the_exact_gauss_newton_solve(fn):
     damping = 0.05 * float(torch.linalg.eigvalsh(gn)[-1])  # the relative damping the K-FAC tests above use
     f = getattr(iaerf, fn)
     exact = f(model, (x, y), val, params=names, solver="exact", gauss_newton=True, damping=damping, progress=False)
-    scores = {m: f(model, (x, y), val, solver=m, damping=damping, progress=False,
+    scores = {m: f(model, (x, y), val, params=names, solver=m, gauss_newton=True, damping=damping, progress=False,
                    solver_options={"fisher": "expected"}) for m in ("kfac", "ekfac")}
     if fn == "loss_influence":
         r = {m: float(torch.corrcoef(torch.stack([exact, s]))[0, 1]) for m, s in scores.items()}

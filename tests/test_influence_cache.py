@@ -42,7 +42,8 @@ def _setup():
 
 def test_second_call_loads_and_changes_recompute(tmp_path, counters):
     model, train, val = _setup()
-    kw = dict(damping=0.1, solver="exact", cache_dir=tmp_path, progress=False)
+    # damping 0.5 (here and below): H + damping I of this MLP is positive definite, which the solvers need
+    kw = dict(damping=0.5, solver="exact", cache_dir=tmp_path, progress=False)
     first = energy_influence(model, train, val, **kw)
     assert counters == {"solve": 1, "jvp": 1}
     again = energy_influence(model, train, val, **kw)
@@ -53,7 +54,7 @@ def test_second_call_loads_and_changes_recompute(tmp_path, counters):
     loss_influence(model, train, val, **kw)
     assert counters == {"solve": 1, "jvp": 2}
 
-    energy_influence(model, train, val, **{**kw, "damping": 0.2})            # changed setting
+    energy_influence(model, train, val, **{**kw, "damping": 0.6})            # changed setting
     assert counters == {"solve": 2, "jvp": 3}
     x, y = train
     x2 = x.clone()
@@ -69,7 +70,7 @@ def test_second_call_loads_and_changes_recompute(tmp_path, counters):
     names = os.listdir(tmp_path)
     assert not [n for n in names if n.startswith(".tmp-")], "no temporary file may be left behind"
     settings = [json.load(open(tmp_path / n)) for n in names if n.startswith("energy-") and n.endswith(".json")]
-    assert {s["damping"] for s in settings} == {0.1, 0.2} and all(s["solver"] == "exact" for s in settings)
+    assert {s["damping"] for s in settings} == {0.5, 0.6} and all(s["solver"] == "exact" for s in settings)
 
 
 def test_lissa_checkpoint_lives_in_cache_dir(tmp_path, monkeypatch):
@@ -116,7 +117,7 @@ def test_interrupted_write_leaves_no_entry(tmp_path, monkeypatch):
 def test_valid_entries_of_every_kind_pass_the_checks(tmp_path, counters, fn, params, dtype):
     model, (x, y), (xv, yv) = _setup()
     model, x, xv = model.to(dtype), x.to(dtype), xv.to(dtype)
-    kw = dict(params=params, damping=0.1, solver="exact", cache_dir=tmp_path, progress=False)
+    kw = dict(params=params, damping=0.5, solver="exact", cache_dir=tmp_path, progress=False)
     first = fn(model, (x, y), (xv, yv), **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
@@ -154,9 +155,9 @@ _TAMPERINGS = {
 @pytest.mark.parametrize("how", list(_TAMPERINGS))
 def test_damaged_entry_is_recomputed_overwritten_and_reported(tmp_path, counters, how):
     model, train, val = _setup()
-    kw = dict(damping=0.1, solver="exact", cache_dir=tmp_path, progress=False)
+    kw = dict(damping=0.5, solver="exact", cache_dir=tmp_path, progress=False)
     other_dir = tmp_path / "other"
-    energy_influence(model, train, val, **{**kw, "damping": 0.2, "cache_dir": other_dir})
+    energy_influence(model, train, val, **{**kw, "damping": 0.6, "cache_dir": other_dir})
     other = _entry(other_dir, "energy")
     counters.update(solve=0, jvp=0)
     first = energy_influence(model, train, val, **kw)
@@ -175,7 +176,7 @@ def test_damaged_entry_is_recomputed_overwritten_and_reported(tmp_path, counters
 
 def test_damaged_solution_is_recomputed(tmp_path, counters):
     model, train, val = _setup()
-    kw = dict(damping=0.1, solver="exact", progress=False)
+    kw = dict(damping=0.5, solver="exact", progress=False)
     loss_influence(model, train, val, cache_dir=tmp_path, **kw)
     entry = _entry(tmp_path, "solve")
     save_file({"s": torch.zeros(3)}, str(entry))
@@ -189,14 +190,14 @@ def test_read_only_cache_dir_fails_before_any_work(counters):
     model, train, val = _setup()
     # one uncached run first: under root the check runs as `nobody`, who may not read the Python installation,
     # so every module the old failure path lazily imports must already be loaded
-    energy_influence(model, train, val, damping=0.1, solver="exact", progress=False)
+    energy_influence(model, train, val, damping=0.5, solver="exact", progress=False)
     counters.update(solve=0, jvp=0)
     forwards = []
     model.register_forward_hook(lambda *a: forwards.append(1))
 
     def check(folder):
         with pytest.raises(PermissionError, match=r"cache_dir=.*not a writable folder"):
-            energy_influence(model, train, val, damping=0.1, solver="exact", cache_dir=folder, progress=False)
+            energy_influence(model, train, val, damping=0.5, solver="exact", cache_dir=folder, progress=False)
         assert counters == {"solve": 0, "jvp": 0} and forwards == [], "nothing may be computed first"
 
     run_without_write_access(check)

@@ -163,7 +163,8 @@ def test_dropout_is_off_and_flags_restored():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
     x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
-    kw = dict(params=["0", "3"], damping=0.1, solver="exact", progress=False)
+    # Gauss-Newton: the exact solver refuses this net's indefinite H + 0.1 I
+    kw = dict(params=["0", "3"], damping=0.1, solver="exact", gauss_newton=True, progress=False)
     a = energy_influence(model, (x, y), (x[:5], y[:5]), **kw)
     b = energy_influence(model, (x, y), (x[:5], y[:5]), **kw)
     assert torch.equal(a, b)
@@ -253,14 +254,15 @@ def test_gauss_newton_option_reaches_the_operator_and_the_cache_key(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
     train = (torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,)))
     val = (torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))
-    kw = dict(weight_decay=1e-2, solver="exact", progress=False)
+    # damping 0.5: the Hessian of this tanh MLP is indefinite (lambda_min about -0.22), which every solver refuses
+    kw = dict(weight_decay=1e-2, damping=0.5, solver="exact", progress=False)
     ggn = iaerf.energy_influence(model, train, val, gauss_newton=True, cache_dir=tmp_path, **kw)
     exact = iaerf.energy_influence(model, train, val, gauss_newton=False, cache_dir=tmp_path, **kw)
     assert not torch.allclose(ggn, exact, rtol=1e-3)
     H = ModuleHessian(model, train, weight_decay=1e-2, gauss_newton=True).dense()
     params = list(model.parameters())
     g_val = torch.autograd.grad(torch.nn.functional.cross_entropy(model(val[0]), val[1]), params)
-    s = torch.linalg.solve(H, torch.cat([g.reshape(-1) for g in g_val]))
+    s = torch.linalg.solve(H + 0.5 * torch.eye(H.shape[0], dtype=H.dtype), torch.cat([g.reshape(-1) for g in g_val]))
     expected = []
     for x in train[0]:
         e = -torch.logsumexp(model(x[None]), 1).sum()

@@ -51,7 +51,8 @@ class DictDataset(torch.utils.data.Dataset):
 def test_default_task_is_task_none(fn, params, tmp_path):
     train, val = _data()
     model = _model()
-    kw = dict(params=params, weight_decay=1e-2, damping=1e-3, solver="exact", progress=False)
+    # damping 1.0 (here and below): H + damping I of these small nets is positive definite, which the solvers need
+    kw = dict(params=params, weight_decay=1e-2, damping=1.0, solver="exact", progress=False)
     ref = fn(model, train, val, **kw)
     got = fn(model, train, val, task=InfluenceTask(), **kw)
     assert torch.equal(ref, got)
@@ -65,7 +66,8 @@ def test_default_task_is_task_none(fn, params, tmp_path):
     with safe_open(str(entry), framework="pt") as f:
         metadata = f.metadata()
     marked = {"influence": torch.full_like(load_file(str(entry))["influence"], 7.0)}
-    save_file(marked, str(entry), metadata=metadata)
+    from iaerf.influence.cache import _CHECKSUM_METADATA, _checksum
+    save_file(marked, str(entry), metadata={**metadata, _CHECKSUM_METADATA: _checksum(marked)})  # a valid entry
     assert torch.equal(fn(model, train, val, cache_dir=tmp_path, task=InfluenceTask(), **kw), marked["influence"])
     # and a custom task does not take the default task's entry
     custom = fn(model, train, val, cache_dir=tmp_path, task=InfluenceTask(train_loss=smoothed_ce), **kw)
@@ -110,14 +112,14 @@ def test_custom_train_loss_matches_dense_reference(loss, params):
     model = _model()
     per_example = CUSTOM[loss]
     task = InfluenceTask(train_loss=per_example)
-    kw = dict(params=params, weight_decay=1e-2, damping=1e-3, solver="exact", progress=False)
+    kw = dict(params=params, weight_decay=1e-2, damping=1.0, solver="exact", progress=False)
     got = iaerf.energy_influence(model, train, val, task=task, **kw)
-    ref = _reference(model, train, val, per_example, lambda z, y: energy_from_logits(z), 1e-2, 1e-3, params)
+    ref = _reference(model, train, val, per_example, lambda z, y: energy_from_logits(z), 1e-2, 1.0, params)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
     # the custom loss really changes H: the CE influence is a different vector
     assert (got - iaerf.energy_influence(model, train, val, **kw)).abs().max() > 1e-4
     got_loss = iaerf.loss_influence(model, train, val, task=task, **kw)
-    torch.testing.assert_close(got_loss, _reference(model, train, val, per_example, per_example, 1e-2, 1e-3, params),
+    torch.testing.assert_close(got_loss, _reference(model, train, val, per_example, per_example, 1e-2, 1.0, params),
                                rtol=1e-6, atol=1e-9)
 
 
@@ -126,7 +128,7 @@ def test_custom_measurement_and_regularized():
     model = _model()
     square = lambda z: (z ** 2).sum(-1)  # noqa: E731
     task = InfluenceTask(measurement=smoothed_ce, regularized=square)
-    kw = dict(weight_decay=1e-2, damping=1e-3, solver="exact", progress=False)
+    kw = dict(weight_decay=1e-2, damping=1.0, solver="exact", progress=False)
     got = iaerf.energy_influence(model, train, val, task=task, **kw)
 
     # reference with H of the CE, g_val of the smoothed CE and the gradient of the squared logits
@@ -141,7 +143,7 @@ def test_custom_measurement_and_regularized():
     theta = torch.cat([base[n].reshape(-1) for n in names])
     (x, y), (xv, yv) = train, val
     H = torch.autograd.functional.hessian(lambda t: F.cross_entropy(call(t, x), y), theta)
-    H = H + 1.1e-2 * torch.eye(len(theta), dtype=theta.dtype)
+    H = H + 1.01 * torch.eye(len(theta), dtype=theta.dtype)
     g = torch.autograd.functional.jacobian(lambda t: smoothed_ce(call(t, xv), yv).mean(), theta)
     grads = torch.autograd.functional.jacobian(lambda t: square(call(t, x)), theta)
     torch.testing.assert_close(got, -(grads @ torch.linalg.solve(H, g)), rtol=1e-6, atol=1e-9)
@@ -153,7 +155,7 @@ def test_gauss_newton_with_custom_loss():
     torch.manual_seed(0)
     model = nn.Linear(6, 4).double()
     task = InfluenceTask.ldam([10, 5, 3, 2], s=4.0)
-    kw = dict(weight_decay=1e-2, damping=1e-3, solver="exact", progress=False, task=task)
+    kw = dict(weight_decay=1e-2, damping=1.0, solver="exact", progress=False, task=task)
     model_wrapped = nn.Sequential(model, nn.Identity())  # not the head path: ModuleHessian's GGN branch
     exact = iaerf.energy_influence(model_wrapped, train, val, gauss_newton=False, **kw)
     ggn = iaerf.energy_influence(model_wrapped, train, val, gauss_newton=True, **kw)
@@ -165,7 +167,7 @@ def test_gauss_newton_with_custom_loss():
 def test_dict_items_match_tuple_items(fn, params):
     (x, y), (xv, yv) = _data()
     model = _model()
-    kw = dict(params=params, weight_decay=1e-2, damping=1e-3, solver="exact", progress=False)
+    kw = dict(params=params, weight_decay=1e-2, damping=1.0, solver="exact", progress=False)
     ref = fn(model, torch.utils.data.TensorDataset(x, y), torch.utils.data.TensorDataset(xv, yv), **kw)
     got = fn(model, DictDataset(x, y), DictDataset(xv, yv), task=InfluenceTask.from_dict_keys("image", "label"), **kw)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
@@ -174,7 +176,7 @@ def test_dict_items_match_tuple_items(fn, params):
 def test_dataloader_is_read_in_dataset_order():
     (x, y), (xv, yv) = _data()
     model = _model()
-    kw = dict(weight_decay=1e-2, damping=1e-3, solver="exact", progress=False,
+    kw = dict(weight_decay=1e-2, damping=1.0, solver="exact", progress=False,
               task=InfluenceTask.from_dict_keys("image", "label"))
     loader = torch.utils.data.DataLoader(DictDataset(x, y), batch_size=5, shuffle=True)
     ref = iaerf.energy_influence(model, DictDataset(x, y), DictDataset(xv, yv), **kw)
@@ -221,7 +223,7 @@ def test_wrong_output_shape_is_caught_before_the_solve(field, expected, monkeypa
 def test_task_identity_separates_cached_solves(tmp_path):
     train, val = _data()
     model = _model()
-    kw = dict(weight_decay=1e-2, damping=1e-3, solver="exact", progress=False, cache_dir=tmp_path)
+    kw = dict(weight_decay=1e-2, damping=1.0, solver="exact", progress=False, cache_dir=tmp_path)
     a = iaerf.energy_influence(model, train, val, task=InfluenceTask.ldam([10, 5, 3, 2], s=4.0), **kw)
     b = iaerf.energy_influence(model, train, val, task=InfluenceTask.ldam([10, 5, 3, 2], s=2.0), **kw)
     c = iaerf.energy_influence(model, train, val, task=InfluenceTask.ldam([2, 3, 5, 10], s=4.0), **kw)

@@ -72,7 +72,7 @@ def test_exact_matches_float64_reference_single_batched_and_strided(P):
     g = torch.Generator().manual_seed(1)
     V = torch.randn(5, P, generator=g, dtype=torch.float64)
     x, info = inverse_hvp(op, V, "exact", damping=1e-3, return_info=True)
-    assert info["factorisation"] == "cholesky" and info["positive_definite"]
+    assert info["factorisation"] == "cholesky"
     assert x.shape == V.shape and _rel(x, _reference(H, V, 1e-3)) <= 1e-10
     single = inverse_hvp(op, V[2], "exact", damping=1e-3)                       # [P] in, [P] out
     assert single.shape == (P,) and _rel(single, x[2]) <= 1e-12
@@ -81,7 +81,7 @@ def test_exact_matches_float64_reference_single_batched_and_strided(P):
     assert _rel(inverse_hvp(op, strided, "exact", damping=0.0), _reference(H, strided, 0.0)) <= 1e-10
 
 
-def test_exact_refuses_a_singular_system_and_solves_an_indefinite_one():
+def test_exact_refuses_singular_and_indefinite_systems():
     w = torch.tensor([0.0, 1.0, 2.0, 5.0], dtype=torch.float64)
     op = _Dense(_spd(4, seed=3, eigenvalues=w), fingerprint=False)
     V = torch.randn(3, 4, dtype=torch.float64)
@@ -89,14 +89,17 @@ def test_exact_refuses_a_singular_system_and_solves_an_indefinite_one():
         inverse_hvp(op, V, "exact", damping=0.0)
     x = inverse_hvp(op, V, "exact", damping=0.5)
     assert _rel(x, _reference(op.H, V, 0.5)) <= 1e-12
+    # indefinite: refused as CG and LiSSA refuse it, with the exact smallest eigenvalue (no eigh solve of it)
     indefinite = _Dense(_spd(4, seed=4, eigenvalues=torch.tensor([-3.0, -0.5, 1.0, 4.0], dtype=torch.float64)),
                         fingerprint=False)
-    x, info = inverse_hvp(indefinite, V, "exact", damping=0.1, return_info=True)
-    assert info["factorisation"] == "eigh" and not info["positive_definite"]
-    assert info["min_eigenvalue"] == pytest.approx(-2.9, rel=1e-12)
-    assert _rel(x, _reference(indefinite.H, V, 0.1)) <= 1e-12
+    for damping in (0.1, 0.5, 2.9):
+        with pytest.raises(ValueError, match=r"method='exact': H \+ damping I is not positive definite \(its smallest "
+                                             r"eigenvalue is -?[0-9.e-]+, damping=[0-9.]+\); raise damping above 3,"):
+            inverse_hvp(indefinite, V, "exact", damping=damping)
     with pytest.raises(ValueError, match="singular"):
-        inverse_hvp(indefinite, V, "exact", damping=0.5)          # -0.5 + 0.5 = 0
+        inverse_hvp(indefinite, V, "exact", damping=3.0)             # -3 + 3 = 0
+    x, info = inverse_hvp(indefinite, V, "exact", damping=3.5, return_info=True)   # definite above 3
+    assert info["factorisation"] == "cholesky" and _rel(x, _reference(indefinite.H, V, 3.5)) <= 1e-12
 
 
 def test_exact_reuses_one_eigendecomposition_across_dampings():

@@ -55,7 +55,7 @@ def test_run_directory_contents(finished_run):
         assert 0 <= r["error"] <= 100 and {"many_error", "medium_error", "few_error"} <= set(r)
     info = json.load(open(os.path.join(out, "finetune", "erm-iaerf.json")))
     assert [row["beta"] for row in info["beta_search"]] == [0.1, 1.0] and info["beta"] in (0.1, 1.0)
-    infl = torch.load(os.path.join(out, "influence", "erm.pt"))
+    infl = torch.load(os.path.join(out, "influence", "erm.pt"))["values"]
     assert infl.shape == (503,) and bool(torch.isfinite(infl).all())
     assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(".tmp-")]  # no temporary leftovers
     with open(os.path.join(out, "plots", "fig2_erm.png"), "rb") as f:
@@ -133,7 +133,7 @@ def test_checkpoint_errors(tmp_path):
         load_checkpoint(str(tmp_path / "bad.pt"))
     assert "weights_only=False" not in str(err.value)  # torch's advice would run whatever the file holds
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not an iaerf checkpoint"):
+    with pytest.raises(ValueError, match="not written by this iaerf"):
         load_checkpoint(str(tmp_path / "other.pt"))
     with pytest.raises(FileNotFoundError):
         load_checkpoint(str(tmp_path / "none.pt"))
@@ -343,7 +343,8 @@ def test_classifier_head_influence_equals_full_model(normed):
     torch.manual_seed(0)
     model = SmallCNN(10, normed_fc=normed)
     model, _ = train_baseline(model, train, digits_config("ldam_drw" if normed else "erm", epochs=3), progress=False)
-    kw = dict(params=["fc"], solver="exact", damping=1e-3, progress=False)
+    # gauss_newton: the normed head's Hessian is indefinite (exact refuses it), its Gauss-Newton matrix is not
+    kw = dict(params=["fc"], solver="exact", damping=1e-3, gauss_newton=True, progress=False)
     full = infl.energy_influence(model, train, val, **kw)
     head, ftrain, fval = classifier_head(model, train, val)
     fast = infl.energy_influence(head, ftrain, fval, **kw)
@@ -400,18 +401,22 @@ def test_heldout_validation_option(tmp_path):
     assert len(pipe.evaluate()["results"]) == 3
 
 
-def test_stage_keys_are_those_of_iaerf_0_1(tmp_path):
-    """Run folders started before the stages were functions stay valid: these keys were computed by the 0.1
-    ``Pipeline`` class for the same settings. Only LDAM-DRW's influence changed key (its Hessian is now that of its
-    own LDAM-DRW loss), and with it its IAERF fine-tuning."""
+def test_thread_count_is_in_the_key_of_every_computing_stage(tmp_path):
+    """The thread count changes how float sums split, so it is in the train stage's key and through it in the key of
+    every stage downstream; the data split does not depend on it. (Markers of iaerf 0.1 record no digests, so their
+    stages run again whatever their keys.)"""
     from iaerf.pipeline import stages as S
 
-    cfg = PipelineConfig.from_options(train_epochs=3, finetune_epochs=1, betas=(0.1, 1.0),
-                                      methods=("erm", "ldam_drw", "crt"))
-    pipe = Pipeline(str(tmp_path / "r"), cfg, progress=False, log=lambda s: None)
-    assert S.data_stage(pipe).key == "bc6ea0ee682ac337"
-    assert S.influence_stage(pipe, "erm").key == "46731e782d3a248b"
-    assert S.influence_task(pipe, "erm") is None and S.influence_task(pipe, "ldam_drw") is not None
+    cfg = dict(train_epochs=3, finetune_epochs=1, betas=(0.1, 1.0), methods=("erm", "ldam_drw", "crt"))
+    one, two = (Pipeline(str(tmp_path / str(n)), PipelineConfig.from_options(**cfg, threads=n), progress=False,
+                         log=lambda s: None) for n in (1, 2))
+    assert S.data_stage(one).key == S.data_stage(two).key == "bc6ea0ee682ac337"  # the key of iaerf 0.1
+    for stage in (S.train_stage, S.influence_stage, S.plots_stage, S.pbrf_stage, S.fig1_stage):
+        for method in ("erm", "crt"):
+            assert stage(one, method).key != stage(two, method).key
+    assert S.finetune_stage(one, "erm", "ce").key != S.finetune_stage(two, "erm", "ce").key
+    assert S.evaluate_stage(one).key != S.evaluate_stage(two).key
+    assert S.influence_task(one, "erm") is None and S.influence_task(one, "ldam_drw") is not None
 
 
 def test_deleting_any_declared_output_reruns_its_stage(finished_run, tmp_path):
@@ -444,7 +449,7 @@ def test_fork_run_shares_finished_stages(finished_run, tmp_path):
     ran = {line.split(":")[0].replace("[iaerf] ", "") for line in logs if "skipped" not in line}
     assert ran == {"influence-erm", "finetune-erm-iaerf", "evaluate"}
     assert _stage_keys(src) == before
-    assert torch.load(os.path.join(src, "influence", "erm.pt")).shape == (503,)
+    assert torch.load(os.path.join(src, "influence", "erm.pt"))["values"].shape == (503,)
     with pytest.raises(FileExistsError, match="not empty"):
         fork_run(src, fork)
     with pytest.raises(ValueError, match="inside"):
@@ -576,3 +581,35 @@ def test_full_model_exact_falls_back_to_ekfac_and_says_so(tmp_path):
     limit = ExactOptions().max_exact_params
     assert any("using EK-FAC" in line and f"max_exact_params={limit}" in line for line in logs), logs
     assert values.shape == (503,) and bool(torch.isfinite(values).all())
+
+
+def test_ekfac_fallback_without_gauss_newton_is_refused_before_any_stage(tmp_path):
+    """EK-FAC approximates the Gauss-Newton matrix: with gauss_newton=False the fallback would answer another
+    question, so the run refuses at construction (nothing written) instead of after training."""
+    from iaerf.pipeline import SettingError
+
+    cfg = _quick(methods=("erm",), influence_params=None, gauss_newton=False)
+    with pytest.raises(SettingError, match="gauss_newton=False.*EK-FAC, approximates the Gauss-Newton") as err:
+        Pipeline(str(tmp_path / "r"), cfg, progress=False, log=lambda line: None)
+    assert err.value.field == "gauss_newton"
+    assert not os.path.exists(tmp_path / "r" / "settings.json")
+
+
+class _TiedHead(torch.nn.Module):
+    """A head whose weight also embeds the input (tied embeddings): the head's input depends on its parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(x @ self.fc.weight))
+
+
+def test_tied_head_is_not_taken_for_frozen_features():
+    from iaerf.pipeline.stages import _selects_head_only
+
+    probe = torch.randn(2, 4)
+    assert not _selects_head_only(_TiedHead(), ["fc"], probe)
+    untied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))
+    assert _selects_head_only(untied, ["2"], probe)

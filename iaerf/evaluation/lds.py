@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
 
+from iaerf._identity import callable_identity
 from iaerf._io import hash_tensor
 from iaerf._progress import progress_bar
 from iaerf.evaluation._store import ResultsFolder
 from iaerf.evaluation.pbrf import _count, _number
 from iaerf.indexed_data import IndexedData
 from iaerf.influence.energy import _task
-from iaerf.influence.task import callable_identity
 from iaerf.plots import pearson_r
 
 __all__ = ["energy_lds", "fit_tanh_mlp", "lds", "mlp_trainer", "softmax_regression_trainer"]
@@ -246,7 +246,9 @@ def lds(train, val, scores, train_fn, *, alpha: float = 0.5, num_subsets: int = 
     task, train_d, val_d, scores, subsets, settings = _prepare(train, val, scores, alpha, num_subsets, seed, task)
     store = ResultsFolder(out_dir, "lds", {
         **settings, "alpha": alpha, "num_subsets": num_subsets, "seeds": seeds, "seed": seed,
-        "train_fn": callable_identity(train_fn), "measurement": callable_identity(task.measure)}, rerun=rerun)
+        "train_fn": callable_identity(train_fn, "train_fn"),
+        "measurement": callable_identity(task.measure, "task.measure"),
+    }, rerun=rerun) if out_dir is not None else ResultsFolder(None, "lds", {})
     start = time.perf_counter()
     vx, vy = val_d.as_tensors()
     bar = progress_bar(total=num_subsets * len(seeds), desc="LDS re-training", enabled=progress)
@@ -291,7 +293,9 @@ def energy_lds(train, val, scores, train_fn, *, eps: float, alpha: float = 0.5, 
     n = len(train_d)
     store = ResultsFolder(out_dir, "energy_lds", {
         **settings, "eps": eps, "alpha": alpha, "num_subsets": num_subsets, "seeds": seeds, "seed": seed,
-        "train_fn": callable_identity(train_fn), "measurement": callable_identity(task.measure)}, rerun=rerun)
+        "train_fn": callable_identity(train_fn, "train_fn"),
+        "measurement": callable_identity(task.measure, "task.measure"),
+    }, rerun=rerun) if out_dir is not None else ResultsFolder(None, "energy_lds", {})
     start = time.perf_counter()
     vx, vy = val_d.as_tensors()
 

@@ -30,13 +30,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 
+from iaerf._identity import callable_identity
 from iaerf._progress import progress_bar
 from iaerf.evaluation._store import ResultsFolder
 from iaerf.hessian.params import unflatten
 from iaerf.influence.cache import model_fingerprint
 from iaerf.indexed_data import IndexedData
 from iaerf.influence.energy import _task, _trainable_selection
-from iaerf.influence.task import callable_identity
 
 __all__ = ["pbrf_effect", "PBRFInfo"]
 
@@ -179,9 +179,9 @@ def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind:
     store = ResultsFolder(out_dir, "pbrf", {
         "model": model_fingerprint(model), "train": train_d.fingerprint(), "val": val_d.fingerprint(),
         "indices": indices, "eps": eps, "damping": damping, "weight_decay": weight_decay, "kind": kind,
-        "params": list(chosen), "task": {name: callable_identity(getattr(task, name))
+        "params": list(chosen), "task": {name: callable_identity(getattr(task, name), f"task.{name}")
                                          for name in ("train_loss", "regularized")} | {
-                                             "measurement": callable_identity(task.measure)},
+                                             "measurement": callable_identity(task.measure, "task.measure")},
         "method": method, "tol": tol, "measure_tol": measure_tol, "max_iter": max_iter, "max_cg": max_cg, "chunk_size": chunk_size,
     }, rerun=rerun) if out_dir is not None else ResultsFolder(None, "pbrf", {})
 

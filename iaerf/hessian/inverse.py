@@ -18,6 +18,11 @@ Three methods share one meaning of ``damping``:
 - ``"cg"``: conjugate gradients on the full-data operator, batched over vectors, stopped at a relative residual.
 - ``"exact"``: dense float64 solve by one Cholesky factorisation (an eigendecomposition, kept for further dampings,
   when the same operator is solved again); the reference for the others (P <= 20,000 by default).
+
+All three accept the same systems: H + damping I positive definite, as at a minimum of the training objective,
+which Eq. 7-9 linearise around. Each refuses any other with the same ValueError (:func:`_not_positive_definite`):
+CG when p^T A p <= 0, LiSSA from its Lanczos estimate, exact from the eigenvalues (and, for an H that is not
+positive semi-definite by construction, from a Lanczos estimate before the dense build).
 """
 from __future__ import annotations
 
@@ -31,9 +36,11 @@ import numpy as np
 import torch
 
 from iaerf._distributed import collective_device
-from iaerf._io import atomic_write
+from iaerf._identity import UnidentifiableCallableError
+from iaerf._io import load_checked, save_checked
 from iaerf._progress import progress_bar
 from iaerf.hessian._checks import build_options, check_nonnegative, check_vectors
+from iaerf.hessian.head import HeadHessian
 from iaerf.hessian.kfac import KFACOptions, kfac_inverse_hvp
 from iaerf.hessian.operators import HessianOperator
 from iaerf.indexed_data import named_digest
@@ -97,7 +104,10 @@ class LissaOptions:
             depth / checkpoint_path / checkpoint_every, damping, seed and a digest of the vectors. A later call
             resumes only when the key matches (a larger depth continues the run); otherwise, or when the file is
             damaged, it warns with the reason and starts afresh, overwriting the file. The file is read with
-            ``torch.load(weights_only=True)``, which cannot run code. Under a process group each rank writes
+            ``torch.load(weights_only=True)``, which cannot run code, and carries a SHA-256 of its content
+            (``iaerf._io.save_checked``), checked on every read, so a flipped bit counts as damage. The loss of a
+            ``ModuleHessian`` enters the key by :func:`iaerf._identity.callable_identity`; a loss holding an object
+            whose content cannot be read is refused with checkpoints. Under a process group each rank writes
             ``<path>.rank<r>`` and the ranks resume only when all are at the same step.
     """
 
@@ -165,6 +175,12 @@ class CGOptions:
 class ExactOptions:
     """Dense float64 solve: one Cholesky factorisation of ``H + damping I`` for all vectors at once.
 
+    ``H + damping I`` must be positive definite, as for CG and LiSSA; otherwise the solve raises their ValueError
+    with its exact smallest eigenvalue. For an operator whose H is not positive semi-definite by construction (not
+    a Gauss-Newton matrix or a linear head's cross-entropy Hessian) a 30-step Lanczos estimate on the full data runs
+    first, so that a clearly indefinite one is refused before the P products of the dense build (measured: 2 s
+    against 24 s for the build on a P = 496 CNN).
+
     Attributes:
         max_exact_params: refuse larger P. The dense ``[P, P]`` float64 Hessian takes 8 P^2 bytes and the solve
             holds two such matrices at its peak (``H + damping I`` and its factor): 20,000 (the default) is 3.0 GiB
@@ -178,7 +194,8 @@ class ExactOptions:
             pays one ``torch.linalg.eigh`` (roughly an order of magnitude more than a Cholesky factorisation,
             often still less than building H), later ones reuse it. False: never keep
             anything between calls. The kept matrix (8 P^2 bytes) is freed by :func:`clear_exact_cache` or by the
-            next decomposition of another operator; operators without ``fingerprint()`` are never cached.
+            next decomposition of another operator; operators without ``fingerprint()`` (or whose loss cannot be
+            identified, see :func:`iaerf._identity.callable_identity`) are never cached.
     """
 
     max_exact_params: int = 20000
@@ -213,7 +230,7 @@ def inverse_hvp(operator: HessianOperator, vectors: torch.Tensor, method: str = 
         method: ``"lissa"``, ``"cg"``, ``"exact"``, or ``"kfac"`` / ``"ekfac"`` (:mod:`iaerf.hessian.kfac`: the
             Kronecker-factored Gauss-Newton approximation of the operator's model and loss, fitted on its data).
         damping: >= 0, added to H (same meaning for every method).
-        seed: seeds LiSSA's minibatch generators and the power iteration.
+        seed: seeds LiSSA's minibatch generators and the power iteration (and the Lanczos start of exact's check).
         progress: show a tqdm bar (LiSSA: ||x|| of the running estimate; CG: the largest relative residual).
         options: a :class:`LissaOptions` / :class:`CGOptions` / :class:`ExactOptions` or a dict of their fields;
             keyword arguments (``depth=...``) override it.
@@ -239,7 +256,7 @@ def inverse_hvp(operator: HessianOperator, vectors: torch.Tensor, method: str = 
     V, single = check_vectors(vectors, num_params=operator.num_params, dtype=operator.dtype, device=operator.device)
     V = V.detach()  # the solve is not differentiated: a graph through the vectors would grow with every iteration
     if method == "exact":
-        x, info = _exact(operator, V, damping, opts)
+        x, info = _exact(operator, V, damping, seed, opts)
     elif method == "cg":
         x, info = _cg(operator, V, damping, opts, progress)
     else:
@@ -276,27 +293,96 @@ def _fingerprint_or_none(op):
         return None
     try:
         return fingerprint()
-    except NotImplementedError:
+    except (NotImplementedError, UnidentifiableCallableError):   # no fingerprint: nothing is kept for reuse
         return None
 
 
-def _eig_solve(w, Q, B, damping):
-    """``(Q diag(w) Q^T + damping I)^{-1} B`` for ``B [P, b]``; ValueError when that matrix is singular."""
-    shifted = w + damping
+def _psd_by_construction(op) -> bool:
+    """Whether ``op``'s H is positive semi-definite whatever the weights and data: a Gauss-Newton matrix, or the
+    softmax cross-entropy Hessian of a linear head (the same matrix there). Its H + damping I can then fail a
+    definiteness test only by rounding, or by damping 0 on a singular H."""
+    return bool(getattr(op, "gauss_newton", False)) or isinstance(op, HeadHessian)
+
+
+def _not_positive_definite(solver: str, evidence: str, op, damping: float, lam_min: float | None = None, *,
+                           dtype: torch.dtype | None = None, note: str = "") -> ValueError:
+    """The one refusal of an ``H + damping I`` that is not positive definite, for every solver (exact, CG, LiSSA):
+    none of them returns the solution of such a system. ``evidence``: what showed it; ``lam_min``: the smallest
+    eigenvalue of H (estimated or exact) when known; ``dtype``: the precision H was evaluated in (default: the
+    operator's); ``note``: appended to the message."""
+    if _psd_by_construction(op):
+        # gauss_newton=True is already there: advising it (as for an indefinite H) would send the user in a circle
+        what = "the Gauss-Newton matrix" if getattr(op, "gauss_newton", False) else "a linear head's CE Hessian"
+        dtype = dtype or op.dtype
+        singular = ", and with damping 0 a singular H stays singular" if damping == 0 else ""
+        wider = ("Compute in float32 or float64 (convert the model and its data, e.g. model.float()), or raise"
+                 if torch.finfo(dtype).bits < 32 else "Raise")
+        fix = (f"H is {what}, positive semi-definite by construction, so this is rounding: products in {dtype} (eps "
+               f"{torch.finfo(dtype).eps:.2g}) lose the curvature below about eps x its largest eigenvalue{singular}. "
+               f"{wider} damping well above that level")
+    else:
+        above = f" above {-lam_min:.4g}" if lam_min is not None and lam_min < 0 else ""
+        fix = f"raise damping{above}, or use gauss_newton=True (the Gauss-Newton matrix is positive semi-definite)"
+        if solver != "method='exact'":
+            fix += "; method='exact' reports the smallest eigenvalue"
+    return ValueError(f"{solver}: H + damping I is not positive definite ({evidence}, damping={damping}); {fix}{note}")
+
+
+def _check_curvature(solver: str, op, lam_min: float, lam_max: float | None, damping: float, steps: int, where: str,
+                     note: str = "") -> None:
+    """Refuse when a Lanczos estimate ``lam_min`` of lambda_min(H) shows H + damping I indefinite. The smallest Ritz
+    value bounds lambda_min from above (in exact arithmetic), so a clearly negative one is real negative curvature:
+    LiSSA's recursion would grow along it and stop with a plausible-looking wrong answer."""
+    width = max(abs(lam_min), abs(lam_max or 0.0), damping)
+    # below this the negative value is at the rounding level of the products (a singular PSD H with damping 0)
+    if lam_min + damping >= -1e3 * torch.finfo(op.dtype).eps * width:
+        return
+    raise _not_positive_definite(solver, f"smallest eigenvalue about {lam_min + damping:.4g} by a {steps}-step "
+                                 f"Lanczos run on {where}", op, damping, lam_min, note=note)
+
+
+_EXACT_PRECHECK_STEPS = 30
+
+
+def _exact_precheck(op, damping: float, seed: int) -> None:
+    """Refuse a clearly indefinite H + damping I before the P products of the dense build, from a Lanczos estimate
+    on the full data (_EXACT_PRECHECK_STEPS products of one vector). Skipped where it cannot pay: H positive
+    semi-definite by construction, or P within the step count. The dense solve checks the exact eigenvalues in any
+    case; this only refuses earlier."""
+    if _psd_by_construction(op) or op.num_params <= _EXACT_PRECHECK_STEPS:
+        return
+    _, lam_min, steps = _spectrum(op, batch_size=op.num_samples, seed=seed, iters=_EXACT_PRECHECK_STEPS, probes=1,
+                                  want_max=False, want_min=True)
+    _check_curvature("method='exact'", op, lam_min, None, damping, steps, "the full-data Hessian",
+                     " (estimated before building the dense H)")
+
+
+def _definite_minimum(w: torch.Tensor, damping: float, op) -> float:
+    """The smallest eigenvalue of ``H + damping I`` from the eigenvalues ``w [P]`` (float64) of H. Raises the
+    solvers' shared refusal when it is negative beyond rounding, and a ValueError when it is at the rounding level
+    (a singular system: no unique solution)."""
+    smallest = float(w.min()) + damping
     # the rounding level of the eigenvalues of a float64 matrix of this size and norm (numpy's matrix_rank rule)
     tol = w.shape[0] * torch.finfo(torch.float64).eps * max(float(w.abs().max()), damping)
-    smallest = float(shifted.abs().min())
+    if smallest < -tol:
+        raise _not_positive_definite("method='exact'", f"its smallest eigenvalue is {smallest:.4g}", op, damping,
+                                     float(w.min()), dtype=torch.float64)
     if smallest <= tol:
         raise ValueError(
-            f"method='exact': H + damping I is singular (its smallest |eigenvalue| is {smallest:.3g}, at the rounding "
-            f"level {tol:.3g} of a {w.shape[0]} x {w.shape[0]} float64 matrix; damping={damping}): the solution is "
-            "not unique. Give damping > 0 (or more weight decay)")
-    return Q @ ((Q.T @ B) / shifted[:, None]), float(shifted.min())
+            f"method='exact': H + damping I is singular (its smallest |eigenvalue| is {abs(smallest):.3g}, at the "
+            f"rounding level {tol:.3g} of a {w.shape[0]} x {w.shape[0]} float64 matrix; damping={damping}): the "
+            "solution is not unique. Give damping > 0 (or more weight decay)")
+    return smallest
 
 
-def _exact(op, V, damping, opts: ExactOptions):
-    """Solve with ONE Cholesky factorisation for all b vectors (an eigendecomposition when H + damping I is not
-    positive definite, or when it is kept for reuse). ``V [b, P]`` -> ``[b, P]`` in V's dtype."""
+def _eig_solve(w, Q, B, damping):
+    """``(Q diag(w) Q^T + damping I)^{-1} B`` for ``B [P, b]``, w + damping checked by :func:`_definite_minimum`."""
+    return Q @ ((Q.T @ B) / (w + damping)[:, None])
+
+
+def _exact(op, V, damping, seed, opts: ExactOptions):
+    """Solve with ONE Cholesky factorisation for all b vectors (an eigendecomposition when it is kept for reuse, or
+    when a definite H + damping I fails to factor). ``V [b, P]`` -> ``[b, P]`` in V's dtype."""
     P = op.num_params
     if P > opts.max_exact_params:
         raise ValueError(
@@ -308,9 +394,11 @@ def _exact(op, V, damping, opts: ExactOptions):
     kept = _EXACT_CACHE.get("decomposition")
     if fp is not None and kept is not None and kept[0] == fp:
         w, Q = kept[1], kept[2]
-        x, lam_min = _eig_solve(w, Q, V.T.to(device=Q.device, dtype=torch.float64), damping)
-        info.update(factorisation="eigh", reused=True, positive_definite=lam_min > 0, min_eigenvalue=lam_min)
+        lam_min = _definite_minimum(w, damping, op)
+        x = _eig_solve(w, Q, V.T.to(device=Q.device, dtype=torch.float64), damping)
+        info.update(factorisation="eigh", reused=True, min_eigenvalue=lam_min)
         return x.T.to(device=V.device, dtype=V.dtype), info
+    _exact_precheck(op, damping, seed)
     H = op.dense()
     if not bool(torch.isfinite(H).all()):
         raise _not_finite_error("method='exact' (the dense Hessian)")
@@ -321,8 +409,9 @@ def _exact(op, V, damping, opts: ExactOptions):
         del H
         _EXACT_CACHE.clear()                                               # the old matrix goes before a new one stays
         _EXACT_CACHE.update(decomposition=(fp, w, Q), last=(fp, damping))
-        x, lam_min = _eig_solve(w, Q, B, damping)
-        info.update(factorisation="eigh", reused=False, positive_definite=lam_min > 0, min_eigenvalue=lam_min)
+        lam_min = _definite_minimum(w, damping, op)
+        x = _eig_solve(w, Q, B, damping)
+        info.update(factorisation="eigh", reused=False, min_eigenvalue=lam_min)
         return x.T.to(device=V.device, dtype=V.dtype), info
     if fp is not None:
         _EXACT_CACHE["last"] = (fp, damping)
@@ -339,14 +428,15 @@ def _exact(op, V, damping, opts: ExactOptions):
             x = None
     del L
     if x is not None:
-        info.update(factorisation="cholesky", reused=False, positive_definite=True)
+        info.update(factorisation="cholesky", reused=False)
     else:
-        # not (numerically) positive definite: an indefinite (non-convex) H is still solvable, a singular one is
-        # refused with its smallest eigenvalue
+        # not (numerically) positive definite: an indefinite or singular system is refused with its smallest
+        # eigenvalue; a definite one that failed to factor (condition number near 1 / eps) is solved by eigh
         w, Q = torch.linalg.eigh(A)
         del A
-        x, lam_min = _eig_solve(w, Q, B, 0.0)
-        info.update(factorisation="eigh", reused=False, positive_definite=lam_min > 0, min_eigenvalue=lam_min)
+        lam_min = _definite_minimum(w - damping, damping, op)
+        x = _eig_solve(w, Q, B, 0.0)
+        info.update(factorisation="eigh", reused=False, min_eigenvalue=lam_min)
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"method='exact': H + damping I is too ill-conditioned for float64 (damping={damping}); "
                          "add damping > 0")
@@ -374,9 +464,7 @@ def _cg(op, V, damping, opts: CGOptions, progress):
             if not bool(torch.isfinite(pAp).all()):
                 raise _not_finite_error(f"CG (iteration {it})")
             if bool((pAp[active] <= 0).any()):
-                raise ValueError(
-                    f"CG: H + damping I is not positive definite (p^T A p <= 0 at iteration {it}, damping={damping}); "
-                    "raise damping, use gauss_newton=True, or use method='exact' to inspect the spectrum")
+                raise _not_positive_definite("CG", f"p^T A p <= 0 at iteration {it}", op, damping)
             alpha = torch.where(active, rs / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rs))
             x += alpha[:, None] * p
             r -= alpha[:, None] * Ap
@@ -455,7 +543,7 @@ def _spectrum(op: HessianOperator, *, batch_size: int, seed: int, iters: int, pr
         X = torch.cat(parts, dim=1)
         HX = op.matvec(X[0])[None] if full else op.minibatch_matvec(X.contiguous(), idx)
         if not bool(torch.isfinite(HX).all()):
-            raise _not_finite_error("the spectrum estimate for LiSSA (power iteration / Lanczos)")
+            raise _not_finite_error("the spectrum estimate (power iteration / Lanczos)")
         if want_max:
             U = HX[:, :1]
             norms = U.norm(dim=2)[:, 0].double().cpu()
@@ -501,7 +589,7 @@ def _ranks_agree(op, step: int) -> bool:
     return float(t[0]) == -float(t[1])
 
 
-_CHECKPOINT_FORMAT = "iaerf-lissa-checkpoint/2"
+_CHECKPOINT_FORMAT = "iaerf-lissa-checkpoint/3"
 # the options that do not change the returned value of a run that reaches them
 _RESUMABLE_OPTIONS = ("depth", "checkpoint_path", "checkpoint_every")
 
@@ -564,6 +652,10 @@ def _checkpoint_problem(state, key: dict, h_shape: tuple, repeats: int, depth: i
     if not (isinstance(steps, torch.Tensor) and isinstance(norms, torch.Tensor) and steps.dim() == 1
             and tuple(norms.shape) == (steps.shape[0],) + h_shape[:2] and steps.shape[0] >= 1):
         return "its norm history is invalid"
+    for name, shape in (("estimate", h_shape[1:2]), ("change", h_shape[:2])):
+        t = state.get(name, "missing")
+        if not (t is None or isinstance(t, torch.Tensor) and tuple(t.shape) == shape and t.dtype == torch.float64):
+            return f"its {name} entry is not None or a float64 {list(shape)} tensor"
     if step > depth:
         return f"it is at step {step}, beyond depth={depth}"
     return None
@@ -572,12 +664,11 @@ def _checkpoint_problem(state, key: dict, h_shape: tuple, repeats: int, depth: i
 def _load_checkpoint(path, key: dict, h_shape: tuple, repeats: int, depth: int):
     """The resumable state saved at ``path``, or None (with a warning naming the file and the reason) when there is
     none that applies; a rejected file is overwritten by the next save."""
-    from iaerf._io import load_tensor_file
-
     if path is None or not os.path.exists(path):
         return None
     try:
-        state = load_tensor_file(path, "LiSSA checkpoint")   # weights_only: a crafted file cannot run code
+        # weights_only: a crafted file cannot run code; the checksum: a flipped bit is not resumed
+        state = load_checked(path, "LiSSA checkpoint")
     except ValueError as exc:
         why = str(exc)
     except OSError as exc:  # torch's zip reader reports a truncated file as EINVAL
@@ -653,7 +744,6 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
     n_local = getattr(op, "num_local_samples", op.num_samples)
     m, r = _auto_sampling(opts, op.num_samples)
     auto_depth = opts.depth is None
-    run_opts = dataclasses.replace(opts, batch_size=m, repeats=r)
     # A minibatch as large as the local data is the data itself: the products are exact full-data ones and the
     # recursion is the deterministic Neumann series of (H + damping I)^{-1} (no resampling noise).
     full = m >= op.num_samples  # global n: every rank takes the same branch
@@ -678,12 +768,17 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
         for g, s in zip(gens, state["gen_states"]):
             g.set_state(s)
         history = dict(zip(state["norm_steps"].tolist(), state["norms"].double()))
+        # a finished run resumes without a step: its last check's estimates are what it reports
+        estimate, change = state["estimate"], state["change"]
     else:
         lam, lam_min, lanczos_steps = _spectrum(op, batch_size=m, seed=seed, iters=opts.power_iters,
                                                 probes=opts.power_probes, want_max=opts.scale is None,
                                                 want_min=opts.check_curvature)
         if lam_min is not None:
-            _check_curvature(lam_min, lam, damping, op.dtype, lanczos_steps, full, run_opts)
+            where = "the full-data Hessian" if full else (f"the mean of {opts.power_probes} minibatch Hessians of "
+                                                          f"{m} examples")
+            _check_curvature("LiSSA", op, lam_min, lam, damping, lanczos_steps, where,
+                             " (check_curvature=False skips this check)")
         if opts.scale is not None:
             scale = float(opts.scale)
         else:
@@ -695,13 +790,12 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
         # h_0 = v for every repeat; full-data repeats would all be identical, so one is run
         h = V.unsqueeze(0).repeat(h_shape[0], 1, 1)
         history = {0: vnorm.expand(h_shape[:2]).clone()}
+        estimate, change = None, None
     d = damping / scale
     v = V.unsqueeze(0)
     eps = torch.finfo(V.dtype).eps
-    change = None
     mu = _curvature_floor(op, lam_min, damping)
     depth = _auto_depth(scale, mu, opts.target_error) if auto_depth else opts.depth
-    estimate = None
 
     def checkpoint():
         if path is not None:
@@ -709,8 +803,8 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
             state = {"format": _CHECKPOINT_FORMAT, "key": key, "h": h.detach().cpu(), "step": step,
                      "scale": scale, "converged": converged, "gen_states": [g.get_state() for g in gens],
                      "lambda_max": lam, "lambda_min": lam_min, "norm_steps": torch.tensor(steps, dtype=torch.long),
-                     "norms": torch.stack([history[s] for s in steps])}
-            atomic_write(path, lambda tmp: torch.save(state, tmp))
+                     "norms": torch.stack([history[s] for s in steps]), "estimate": estimate, "change": change}
+            save_checked(path, state)   # with its checksum: torch.load does not check the zip CRCs
 
     with progress_bar(total=depth, initial=min(step, depth), desc="LiSSA", enabled=progress) as bar:
         while step < depth and not converged:
@@ -778,22 +872,6 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
     return x, {"method": "lissa", "scale": scale, "steps": step, "converged": converged, "repeats": r, "full_batch": full,
                "batch_size": m, "depth": depth, "lambda_max": lam, "lambda_min": lam_min, "curvature_floor": mu,
                "estimated_error": est, "target_error": opts.target_error}
-
-
-def _check_curvature(lam_min, lam_max, damping, dtype, steps, full, opts: LissaOptions):
-    """Refuse when the Lanczos estimate shows H + damping I indefinite: LiSSA's recursion then grows along the
-    negative directions instead of converging, and stops with a plausible-looking wrong answer."""
-    width = max(abs(lam_min), abs(lam_max or 0.0), damping)
-    # below this the negative value is at the rounding level of the products (a singular PSD H with damping 0)
-    if lam_min + damping >= -1e3 * torch.finfo(dtype).eps * width:
-        return
-    where = "the full-data Hessian" if full else (f"the mean of {opts.power_probes} minibatch Hessians of "
-                                                  f"{opts.batch_size} examples")
-    raise ValueError(
-        f"LiSSA: H + damping I is not positive definite (smallest eigenvalue about {lam_min + damping:.4g} by a "
-        f"{steps}-step Lanczos run on {where}, damping={damping}); raise damping above {-lam_min:.4g}, use "
-        "gauss_newton=True, or use method='exact' to inspect the spectrum (check_curvature=False skips this "
-        "check)")
 
 
 def _check_growth(history, step, hn, delta, vnorm, full, eps, scale, lam, damping, opts: LissaOptions):

@@ -23,12 +23,13 @@ Kronecker (or corrected) eigenvalue of every block. Cross-layer blocks are zero.
 What is covered: the selection must consist of weights / biases of supported layers; anything else (embeddings,
 layer norm, grouped or 1-D / 3-D convolutions, a layer subclass with its own forward, a module run twice per
 forward) is refused with :class:`UnsupportedLayerError` naming every such parameter. No diagonal fallback is used:
-it would silently mix two approximations of very different quality. Batch-norm parameters are dropped by
-:func:`kfac_parameters` (params=None selects every trainable non-batch-norm parameter); batch norm itself runs
-frozen (eval mode) in every pass.
+it would silently mix two approximations of very different quality. ``params=None`` means every trainable
+parameter, as for the other solvers, so a model with batch norm is refused there too: :func:`kfac_parameters`
+lists the covered part to pass as ``params`` instead. Batch norm itself runs frozen (eval mode) in every pass.
 
-K-FAC approximates the Gauss-Newton matrix (the true Fisher for softmax cross-entropy), never the full Hessian:
-from a :class:`iaerf.ModuleHessian` built with ``gauss_newton=False`` it still approximates the Gauss-Newton part.
+K-FAC approximates the Gauss-Newton matrix (the true Fisher for softmax cross-entropy), never the full Hessian: a
+:class:`iaerf.ModuleHessian` built with ``gauss_newton=False`` (the Hessian itself) is refused, unless its model is
+one ``nn.Linear`` / ``nn.Conv2d``, whose output is affine in its parameters, so that the two matrices are one.
 """
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ from iaerf.hessian.kfac_factors import (
     fit_corrections,
     fit_covariances,
     kfac_parameters,
+    layer_problem,
     resolve_layers,
+    selected_parameters,
 )
 from iaerf.hessian.operators import HessianOperator
 from iaerf.indexed_data import IndexedData, named_digest
@@ -99,9 +102,10 @@ class KFACOperator(HessianOperator):
             DataLoader read in dataset order).
         loss_fn: per-example training loss ``(logits [m, K], labels [m]) -> [m]`` (:attr:`iaerf.InfluenceTask.
             train_loss`); default cross-entropy.
-        params: names / prefixes, or None (every trainable non-batch-norm parameter); see :func:`kfac_parameters`.
-            ``param_names`` are the names in the flat layout; an explicit ``param_names`` list (as a
-            :class:`iaerf.ModuleHessian` holds) is used as given, without dropping anything.
+        params: names / prefixes, or None (every trainable parameter, as for the other solvers); a selection
+            holding a parameter K-FAC does not cover (batch norm's included) is refused, naming it: pass
+            ``params=list(kfac_parameters(model))`` for the covered part. ``param_names`` are the names in the flat
+            layout; an explicit ``param_names`` list (as a :class:`iaerf.ModuleHessian` holds) is used as given.
         weight_decay: L2 coefficient inside H (added to every eigenvalue).
         method: ``"ekfac"`` (default: both passes) or ``"kfac"`` (factors only); an EK-FAC operator also solves
             with ``method="kfac"``.
@@ -142,7 +146,7 @@ class KFACOperator(HessianOperator):
                 raise ValueError(f"param_names {missing} are not parameters of {type(model).__name__}")
             chosen = {n: named[n] for n in param_names}
         else:
-            chosen = kfac_parameters(model, params)
+            chosen = selected_parameters(model, params)
         dtypes = {p.dtype for p in chosen.values()}
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
             raise TypeError(f"the selected parameters must share one floating dtype, got {sorted(map(str, dtypes))}")
@@ -150,7 +154,8 @@ class KFACOperator(HessianOperator):
         self.dtype = dtypes.pop()
         self.device = torch.device(device) if device is not None else next(iter(chosen.values())).device
         self.param_names = list(chosen)
-        self.layers: list[KFACLayer] = resolve_layers(model, chosen, {k: p.shape for k, p in chosen.items()})
+        what = "param_names" if param_names is not None else f"params={params!r}"
+        self.layers: list[KFACLayer] = resolve_layers(model, chosen, what)
         self.num_params = sum(p.numel() for p in chosen.values())
         self.process_group = process_group
         self._data = data if isinstance(data, IndexedData) else IndexedData(data, "data")
@@ -163,12 +168,13 @@ class KFACOperator(HessianOperator):
 
     # -- fitting -------------------------------------------------------------------------------------------------
     def _settings(self) -> dict:
+        from iaerf._identity import callable_identity
         from iaerf.influence.cache import model_fingerprint
-        from iaerf.influence.task import callable_identity
 
         rank, world = self._rank_world()
         return {"format": _CACHE_FORMAT, "method": self.method, "fisher": self.fisher, "seed": self.seed,
-                "batch_size": self.batch_size, "params": self.param_names, "loss_fn": callable_identity(self.loss_fn),
+                "batch_size": self.batch_size, "params": self.param_names,
+                "loss_fn": callable_identity(self.loss_fn, "loss_fn"),
                 "dtype": str(self.dtype), "rank": rank, "world_size": world, "num_samples": self.num_samples,
                 "model": model_fingerprint(self.model), "data": self._data.fingerprint()}
 
@@ -337,10 +343,25 @@ def _per_example(loss_fn):
 def from_operator(operator: HessianOperator, method: str, options: KFACOptions, *, seed: int = 0,
                   progress: bool = True) -> KFACOperator:
     """The K-FAC operator over the same model, data, loss, parameters (flat layout) and weight decay as a
-    :class:`iaerf.ModuleHessian` or :class:`iaerf.HeadHessian`."""
+    :class:`iaerf.ModuleHessian` (with ``gauss_newton=True``, or over a single layer) or :class:`iaerf.HeadHessian`.
+
+    Raises:
+        ValueError: a ModuleHessian of the Hessian itself (``gauss_newton=False``) over a model that is not one
+            supported layer: K-FAC approximates the Gauss-Newton matrix, another matrix there.
+    """
     from iaerf.hessian.head import HeadHessian
     from iaerf.hessian.operators import ModuleHessian
 
+    if isinstance(operator, ModuleHessian) and not operator.gauss_newton and layer_problem(operator.model) is not None:
+        # the factors are fitted on the Gauss-Newton matrix whatever the operator holds: solving with them for the
+        # Hessian itself would silently answer another question (a single layer's output is affine in its
+        # parameters, so there the two matrices are one)
+        raise ValueError(
+            f"method={method!r} approximates the Gauss-Newton (Fisher) matrix, but the operator is the Hessian itself "
+            f"(gauss_newton=False) of a {type(operator.model).__name__}, which is not linear in its parameters: the "
+            "two differ, and K-FAC cannot approximate the Hessian. Pass gauss_newton=True (the ModuleHessian's, or "
+            "the influence functions' argument) to use the Gauss-Newton matrix, or method='exact' / 'cg' / 'lissa' "
+            "for the Hessian")
     common = dict(weight_decay=operator.weight_decay, method=method, fisher=options.fisher,
                   batch_size=options.batch_size, cache_dir=options.cache_dir, device=operator.device,
                   process_group=operator.process_group, seed=seed, progress=progress)

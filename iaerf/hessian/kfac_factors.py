@@ -20,7 +20,7 @@ Gauss-Newton block, and K-FAC is exact for one Linear layer and one example).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,6 @@ from torch import nn
 from iaerf._distributed import all_reduce_sum, rank_and_world
 from iaerf._progress import progress_bar
 from iaerf.indexed_data import IndexedData
-from iaerf.training_loop import is_batchnorm
 
 FISHER_MODES = ("sampled", "empirical", "expected")
 
@@ -201,67 +200,92 @@ def channel_gram(u: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def kfac_parameters(model: nn.Module, params=None) -> dict[str, torch.Tensor]:
-    """The parameters K-FAC works over: :func:`iaerf.hessian.select_parameters` of ``params`` (None: all), keeping
-    those with requires_grad and dropping every batch-norm parameter (frozen in eval mode, as in fine-tuning).
-
-    Returns ``{name: parameter}`` in ``named_parameters()`` order: the flat layout of the vectors.
-    """
+def selected_parameters(model: nn.Module, params=None) -> dict[str, torch.Tensor]:
+    """The selection every solver takes H over: :func:`iaerf.hessian.select_parameters` of ``params`` (None: all),
+    keeping those with requires_grad and at least one element, in ``named_parameters()`` order (the flat layout)."""
     from iaerf.hessian.params import select_parameters
 
-    selected = select_parameters(model, params)
-    bn = {id(p) for m in model.modules() if is_batchnorm(m) for p in m.parameters(recurse=False)}
-    chosen = {k: p for k, p in selected.items() if p.requires_grad and p.numel() > 0 and id(p) not in bn}
+    chosen = {k: p for k, p in select_parameters(model, params).items() if p.requires_grad and p.numel() > 0}
     if not chosen:
-        raise ValueError(f"params={params!r} selects no trainable non-batch-norm parameter of "
-                         f"{type(model).__name__}")
+        raise ValueError(f"params={params!r} selects no trainable parameter of {type(model).__name__}")
     return chosen
 
 
-def _unsupported_reason(module: nn.Module) -> str | None:
+def kfac_parameters(model: nn.Module, params=None) -> dict[str, torch.Tensor]:
+    """The part of :func:`selected_parameters` that K-FAC covers: the weights and biases of ``nn.Linear`` and
+    ``nn.Conv2d`` (groups=1) layers. Batch norm (frozen in eval mode, as in fine-tuning) and every other parameter
+    are left out: ``params=list(kfac_parameters(model))`` runs K-FAC on that part deliberately, where
+    ``params=None`` (every trainable parameter, as for the other solvers) is refused when it holds any other.
+
+    Returns ``{name: parameter}`` in ``named_parameters()`` order: the flat layout of the vectors.
+    """
+    owner = _owners(model)
+    chosen = {k: p for k, p in selected_parameters(model, params).items() if _coverage_problem(*owner[k]) is None}
+    if not chosen:
+        raise ValueError(f"params={params!r} selects no parameter K-FAC covers (nn.Linear, nn.Conv2d weights and "
+                         f"biases) in {type(model).__name__}")
+    return chosen
+
+
+def _owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """``{parameter name: (its module, its name in that module)}``; a shared parameter keeps its first owner."""
+    owner = {}
+    for mod_name, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            owner.setdefault(f"{mod_name}.{pname}" if mod_name else pname, (module, pname))
+    return owner
+
+
+def layer_problem(module: nn.Module) -> str | None:
+    """Why K-FAC cannot cover ``module`` (its layer type or the reason), or None for a supported layer: an
+    ``nn.Linear`` or an ``nn.Conv2d`` with groups=1 (subclasses only with the base forward), ``W a + b``."""
     if type(module) is nn.Linear or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward):
         return None
     if type(module) is nn.Conv2d or (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward):
-        if module.groups != 1:
-            return f"nn.Conv2d with groups={module.groups} (only groups=1 is supported)"
-        return None
+        return f"nn.Conv2d with groups={module.groups} (only groups=1 is supported)" if module.groups != 1 else None
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         return f"{type(module).__name__} overrides forward (it is not W a + b)"
     return type(module).__name__
 
 
-def resolve_layers(model: nn.Module, names: Iterable[str], shapes: dict[str, torch.Size]) -> list[KFACLayer]:
-    """The K-FAC layer blocks for the flat layout of ``names`` (in that order, with ``shapes``).
+def _coverage_problem(module: nn.Module, pname: str) -> str | None:
+    """Why K-FAC cannot cover parameter ``pname`` of ``module``, or None."""
+    reason = layer_problem(module)
+    if reason is None and pname not in ("weight", "bias"):
+        reason = f"{type(module).__name__} parameter {pname!r}"
+    return reason
+
+
+def resolve_layers(model: nn.Module, chosen: dict[str, torch.Tensor], what: str = "the selection") -> list[KFACLayer]:
+    """The K-FAC layer blocks for the flat layout of ``chosen`` (``{name: parameter}``, in that order).
 
     Raises:
-        UnsupportedLayerError: listing every selected parameter outside a supported layer, with its layer type.
+        UnsupportedLayerError: listing every selected parameter outside a supported layer, with its layer type, and
+            the covered ones to pass instead. ``what`` names the selection in that message (e.g. "params=None").
     """
-    owner = {}
-    for mod_name, module in model.named_modules():
-        for pname, _ in module.named_parameters(recurse=False):
-            owner.setdefault(f"{mod_name}.{pname}" if mod_name else pname, (mod_name, module, pname))
-    names = list(names)
+    owner = _owners(model)
+    names = list(chosen)
     bad = []
     for name in names:
-        if name not in owner:
-            bad.append(f"{name} (not a parameter of the model)")
-            continue
-        mod_name, module, pname = owner[name]
-        reason = _unsupported_reason(module)
-        if reason is None and pname not in ("weight", "bias"):
-            reason = f"{type(module).__name__} parameter {pname!r}"
+        reason = "not a parameter of the model" if name not in owner else _coverage_problem(*owner[name])
         if reason is not None:
             bad.append(f"{name} ({reason})")
     if bad:
+        covered = [n for n in names if n in owner and _coverage_problem(*owner[n]) is None]
+        shown = (repr(covered) if len(covered) <= 12 else
+                 f"[{', '.join(map(repr, covered[:12]))}, ...] ({len(covered)} in all)")
+        others = "method='exact' / 'cg' / 'lissa', which cover every parameter"
+        instead = (f"also holds {bad}. Pass params= naming the covered ones, {shown} (params=list(iaerf.hessian."
+                   f"kfac.kfac_parameters(model, ...)) lists them), or use {others}" if covered else
+                   f"holds only {bad}. Use {others}")
         raise UnsupportedLayerError(
-            f"K-FAC covers nn.Linear and nn.Conv2d (groups=1) weights and biases only; the selection also holds "
-            f"{bad}. Leave them out (e.g. params=list(iaerf.hessian.kfac.kfac_parameters(model, ...)) without "
-            f"them), or use method='exact' / 'cg' / 'lissa'")
+            f"K-FAC covers nn.Linear and nn.Conv2d (groups=1) weights and biases only; {what} {instead}")
     layers: dict[str, KFACLayer] = {}
     offset = 0
     for name in names:
-        mod_name, module, pname = owner[name]
-        size = int(torch.Size(shapes[name]).numel())
+        module, pname = owner[name]
+        mod_name = name.rpartition(".")[0]
+        size = chosen[name].numel()
         layer = layers.get(mod_name)
         if layer is None:
             out_dim = module.out_features if isinstance(module, nn.Linear) else module.out_channels

@@ -12,7 +12,6 @@ analytically for a linear softmax classifier on fixed features.
 from __future__ import annotations
 
 import abc
-import hashlib
 import time
 import warnings
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from iaerf._distributed import all_reduce_sum, rank_and_world
 from iaerf._distributed import collective_device as _collective_device
+from iaerf._identity import UnidentifiableCallableError, callable_identity
 from iaerf.hessian._checks import check_indices, check_nonnegative, check_vectors
 from iaerf.hessian.params import select_parameters, unflatten
 from iaerf.heads import eval_mode
@@ -97,20 +97,6 @@ class HessianOperator(abc.ABC):
         t = torch.tensor([float(local)], dtype=torch.float64, device=_collective_device(self.process_group, self.device))
         self._all_reduce_sum(t)
         return int(t.item())
-
-
-def _callable_id(fn) -> str:
-    """A readable identity of a loss function: its qualified name, plus its code and constants for plain functions
-    (two lambdas share a name) and its plain attributes for objects (``nn.CrossEntropyLoss(label_smoothing=0.1)``
-    reprs as ``CrossEntropyLoss()``)."""
-    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
-    code = getattr(fn, "__code__", None)
-    if code is not None:
-        body = code.co_code + repr(code.co_consts).encode()
-        return f"{name}[{hashlib.sha256(body).hexdigest()[:16]}]"
-    attrs = {k: v for k, v in sorted(vars(fn).items()) if isinstance(v, (bool, int, float, str, type(None)))} \
-        if hasattr(fn, "__dict__") else {}
-    return f"{name}{attrs}" if attrs else name
 
 
 def _floating_to(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -267,8 +253,12 @@ class ModuleHessian(HessianOperator):
     def _time_modes(self) -> str:
         m = min(len(self._data), self._chunk(8))
         x, y = self._data.batch(range(m), self.device)
+        try:
+            loss_id = callable_identity(self.loss_fn, "loss_fn")
+        except UnidentifiableCallableError:
+            loss_id = None   # the choice only moves time (both modes are exact): such losses may share one
         key = (repr(self.model), tuple((k, tuple(v.shape)) for k, v in self._params.items()),
-               tuple(x.shape[1:]), _callable_id(self.loss_fn), str(self.device), str(self.dtype))
+               tuple(x.shape[1:]), loss_id, str(self.device), str(self.dtype))
         if key not in _MODE_CHOICE:
             gen = torch.Generator().manual_seed(0)
             V = torch.randn(8, self.num_params, generator=gen, dtype=self.dtype).to(self.device)
@@ -290,9 +280,12 @@ class ModuleHessian(HessianOperator):
 
     def fingerprint(self) -> dict:
         """See :meth:`HessianOperator.fingerprint`; the parameters part covers the selected parameters and every
-        other parameter and buffer (all of them shape H), the data part every example held. The HVP mode is not
-        part of it (both modes compute the same H)."""
-        settings = {"type": "ModuleHessian", "model": repr(self.model), "loss_fn": _callable_id(self.loss_fn),
+        other parameter and buffer (all of them shape H), the data part every example held, the loss
+        :func:`iaerf._identity.callable_identity` (its code and every tensor, module state and value it holds; raises
+        :class:`iaerf._identity.UnidentifiableCallableError` for a loss holding an object whose content cannot be
+        read). The HVP mode is not part of it (both modes compute the same H)."""
+        settings = {"type": "ModuleHessian", "model": repr(self.model),
+                    "loss_fn": callable_identity(self.loss_fn, "loss_fn"),
                     "params": ",".join(self._params), "weight_decay": self.weight_decay,
                     "gauss_newton": self.gauss_newton, "dtype": str(self.dtype),
                     "num_params": self.num_params, "num_samples": self.num_samples,

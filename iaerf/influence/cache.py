@@ -7,9 +7,11 @@ model parameters and buffers, the data and every setting match exactly. Writes g
 folder followed by ``os.replace``, so an interrupted run never leaves a half-written entry behind.
 
 A cache folder may be shared or edited by hand, so nothing read from it is trusted: an entry is returned only when
-the tensor file parses, records exactly this entry's settings, and holds the expected tensors with the expected
-shape and dtype and only finite values. Anything else is reported with a warning naming the file and treated as a
-miss, so the caller recomputes and :meth:`ResultCache.store` overwrites the damaged entry.
+the tensor file parses, records exactly this entry's settings, holds the expected tensors with the expected
+shape and dtype and only finite values, and their bytes match the SHA-256 the file's metadata records (safetensors
+itself has no checksum, so a flipped bit would otherwise load as a valid value). Anything else is reported with a
+warning naming the file and treated as a miss, so the caller recomputes and :meth:`ResultCache.store` overwrites
+the damaged entry.
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from iaerf._identity import state_digest
 from iaerf._io import atomic_write, canonical_json, ensure_writable_dir, hash_tensor, settings_key, write_json
 
 _SETTINGS_METADATA = "iaerf_settings"
+_CHECKSUM_METADATA = "iaerf_sha256"
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -60,8 +64,9 @@ class ResultCache:
         """The stored tensors, or None when there is no valid entry.
 
         ``expected`` maps every tensor name the entry must hold (and no other) to its ``(shape, dtype)``. An entry
-        that fails any check (unreadable, settings other than this key's, other names, shapes or dtypes,
-        non-finite values) gives a warning naming the file and None, so that the caller recomputes and overwrites it.
+        that fails any check (unreadable, settings other than this key's, other names, tensors other than its
+        checksum's, shapes or dtypes, non-finite values) gives a warning naming the file and None, so that the
+        caller recomputes and overwrites it.
         """
         if not self.enabled:
             return None
@@ -87,6 +92,8 @@ class ResultCache:
                 tensors = {name: f.get_tensor(name) for name in expected}
         except Exception as exc:  # safetensors raises SafetensorError, OSError or others on a damaged file
             return None, f"not a readable safetensors file: {type(exc).__name__}: {exc}"
+        if metadata.get(_CHECKSUM_METADATA) != _checksum(tensors):
+            return None, "its tensors do not match the checksum it records"
         for name, (shape, dtype) in expected.items():
             t = tensors[name]
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
@@ -100,7 +107,12 @@ class ResultCache:
         if not self.enabled:
             return
         cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        metadata = {_SETTINGS_METADATA: canonical_json(self.settings)}
+        metadata = {_SETTINGS_METADATA: canonical_json(self.settings), _CHECKSUM_METADATA: _checksum(cpu)}
         atomic_write(self.path(".safetensors"), lambda p: save_file(cpu, p, metadata=metadata))
         # the readable copy holds exactly what the metadata records (values JSON cannot hold as their str)
         write_json(self.path(".json"), json.loads(canonical_json(self.settings)))
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the named tensors (names, dtypes, shapes, bytes), whatever order they come in."""
+    return state_digest(dict(sorted(tensors.items())))

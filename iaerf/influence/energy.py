@@ -22,7 +22,8 @@ from torch import nn
 
 from iaerf._io import ensure_writable_dir
 from iaerf._progress import progress_bar
-from iaerf.heads import HeadNotFoundError, eval_mode, find_classifier_head, head_features
+from iaerf.heads import (HeadNotFoundError, check_finite_state, check_logits, eval_mode, find_classifier_head,
+                         head_features, head_is_separable, model_dtype)
 from iaerf.hessian.inverse import CGOptions, ExactOptions, LissaOptions, make_solver_options
 from iaerf.indexed_data import IndexedData
 from iaerf.influence import distributed as D
@@ -39,18 +40,30 @@ def energy_influence(model, train, val, *, params=None, weight_decay=0.0, dampin
     """Influence of energy regularization of each training point on the mean validation loss (paper Eq. 9).
 
     Args:
-        model: classifier ``f(x) -> logits [b, K]``; evaluated in eval mode (batch-norm running statistics, no
-            dropout), its train/eval flags are restored afterwards.
-        train: ``n`` training points: map-style dataset yielding ``(input, label)`` or ``(inputs, labels)`` tensors.
+        model: classifier ``f(x) -> logits [b, K]`` (a tensor; a dict output is a TypeError) with finite
+            parameters and buffers (else a ValueError naming the first bad one); evaluated in eval mode (batch-norm
+            running statistics, no dropout), its train/eval flags are restored afterwards.
+        train: ``n`` training points: map-style dataset yielding ``(input, label)``, ``(inputs, labels)`` tensors,
+            or a DataLoader over a dataset (its ``collate_fn`` builds the batches; a sampler, batch sampler or
+            ``drop_last`` that would leave out or repeat examples is refused; see :mod:`iaerf.indexed_data`).
+            Floating inputs must be finite (else a ValueError naming the example) and are cast to the model's dtype
+            when that is exact (float32 data, float64 model); a cast that would round is a TypeError.
         val: ``m >= 1`` validation points, same forms.
         params: parameter names or prefixes the influence is taken over (None: every parameter with
             requires_grad); frozen parameters in the selection are left out. When the selection is exactly the
             weight and bias of the classifier head (:func:`iaerf.heads.find_classifier_head`: the ``nn.Linear``
-            that produces the logits, whatever its name, e.g. ``"fc"``, ``"head"``, ``"classifier"``) and that
-            layer computes ``W x + b`` (not a subclass with its own forward), the native head Hessian is used.
+            that produces the logits, whatever its name, e.g. ``"fc"``, ``"head"``, ``"classifier"``), that layer
+            computes ``W x + b`` (not a subclass with its own forward) and its parameters are not also used before
+            it (:func:`iaerf.heads.head_is_separable`: no tied weights), the native head Hessian is used on the
+            frozen features.
         weight_decay: L2 term of the training objective, (weight_decay / 2) ||theta||^2 (as torch.optim.SGD).
         damping: added to H before the solve.
-        solver: "lissa", "cg", "exact", "kfac" or "ekfac" (:func:`iaerf.inverse_hvp`).
+        solver: "lissa", "cg", "exact", "kfac" or "ekfac" (:func:`iaerf.inverse_hvp`). All of them need H + damping
+            I positive definite and refuse it otherwise. "kfac" / "ekfac" approximate the Gauss-Newton matrix: they
+            need ``gauss_newton=True`` (except over the classifier head, where the two matrices are one) and a
+            selection of ``nn.Linear`` / ``nn.Conv2d`` weights and biases only (``params=None`` on a model with
+            batch norm is refused: :func:`iaerf.hessian.kfac.kfac_parameters` lists the covered ones). "cg" /
+            "lissa" over the classifier head need a float32 or float64 model.
         solver_options: that solver's options, typed -- :class:`iaerf.LissaOptions` for "lissa",
             :class:`iaerf.CGOptions` for "cg", :class:`iaerf.ExactOptions` for "exact" (another solver's class is
             a TypeError) -- or a dict of their fields (None: the defaults); validated before any pass and handed
@@ -77,6 +90,7 @@ def energy_influence(model, train, val, *, params=None, weight_decay=0.0, dampin
 
     Returns:
         ``[n]`` tensor (the parameters' dtype, on ``device``) in training-set order: I_val(x_i) = -s . grad E(x_i).
+        Never non-finite: a model whose outputs overflow raises a ValueError naming the first such train example.
     """
     return _influence("energy", model, train, val,
                       params=params, weight_decay=weight_decay, damping=damping, solver=solver,
@@ -140,9 +154,10 @@ def _trainable_selection(model: nn.Module, params) -> dict[str, torch.Tensor]:
 
 
 def _find_head(model: nn.Module, chosen: dict[str, torch.Tensor], probe: torch.Tensor):
-    """The classifier head (:func:`iaerf.heads.find_classifier_head`) when ``chosen`` is exactly its weight and bias
-    and it is a plain affine ``nn.Linear`` (so the logits are ``W x + b`` of its input and the analytic head
-    Hessian applies); ``(layer_name, layer)`` or None.
+    """The classifier head (:func:`iaerf.heads.find_classifier_head`) when ``chosen`` is exactly its weight and bias,
+    it is a plain affine ``nn.Linear`` (so the logits are ``W x + b`` of its input and the analytic head Hessian
+    applies) and it is separable (:func:`iaerf.heads.head_is_separable`: its weight and bias are not also used
+    before it, so its input is a frozen feature); ``(layer_name, layer)`` or None.
     """
     if len(chosen) != 2:  # no probe forward when the selection cannot be a weight and a bias
         return None
@@ -156,6 +171,8 @@ def _find_head(model: nn.Module, chosen: dict[str, torch.Tensor], probe: torch.T
         return None
     if set(chosen) != {prefix + "weight", prefix + "bias"}:
         return None
+    if not head_is_separable(model, layer, probe):  # tied weights: the features move with the head's parameters
+        return None
     return name, layer
 
 
@@ -168,14 +185,11 @@ def _task(task) -> InfluenceTask:
 
 
 class _MeanLoss:
-    """``ModuleHessian``'s batch-mean loss from a per-example one; ``of`` carries the per-example loss's identity
-    into the operator's fingerprint (which LiSSA checkpoints are checked against)."""
+    """``ModuleHessian``'s batch-mean loss from a per-example one (the operator's fingerprint identifies it by its
+    attribute ``per_example``, see :func:`iaerf._identity.callable_identity`)."""
 
     def __init__(self, per_example):
-        from iaerf.influence.task import callable_identity
-
         self.per_example = per_example
-        self.of = callable_identity(per_example)
 
     def __call__(self, logits, labels):
         return self.per_example(logits, labels).mean()
@@ -334,9 +348,7 @@ class _Problem:
         task's outputs, and sets the cache keys and expected shapes."""
         probe, probe_label = self.val.batch([0], self.device)
         with torch.no_grad():
-            logits = self.model(probe)
-        if logits.dim() != 2:
-            raise ValueError(f"model must return logits of shape [b, K], got {tuple(logits.shape)}")
+            logits = check_logits(self.model(probe))
         num_classes = logits.shape[1]
         self.train.check_labels(num_classes)
         self.val.check_labels(num_classes)
@@ -354,10 +366,11 @@ class _Problem:
         if cache_dir is not None:
             base["train"], base[self.val_name] = self.train.fingerprint(), self.val.fingerprint()
         result_settings = {**base, "kind": self.kind}
-        # only a non-default task enters the keys, so entries cached before tasks existed are still found
-        if self.task.describe("solve") is not None:
+        # only a non-default task enters the keys, so entries cached before tasks existed are still found; and only
+        # when results are stored (a task holding an object that cannot be identified is refused there)
+        if cache_dir is not None and self.task.describe("solve") is not None:
             base["task"] = self.task.describe("solve")
-        if self.task.describe(self.kind) is not None:
+        if cache_dir is not None and self.task.describe(self.kind) is not None:
             result_settings["task"] = self.task.describe(self.kind)
         self.result_cache = ResultCache(cache_dir, self.kind, result_settings)
         self.solve_cache = ResultCache(cache_dir, "solve_test" if self.kind == "energy_on_test" else "solve", base)
@@ -389,9 +402,11 @@ class _Problem:
         bar.close()
         train_labels = self.train.labels()[torch.as_tensor(list(train_idx), dtype=torch.long)].to(self.device)
         val_labels = self.val.labels()[torch.as_tensor(list(val_idx), dtype=torch.long)].to(self.device)
+        # inputs and weights are finite (checked), so a non-finite feature is an overflow inside the model
+        where = f"(the features the model computes at its head {self.head[0]!r})"
         return _Local(layer, {"weight": layer.weight, "bias": layer.bias},
-                      IndexedData((train_feats, train_labels), "train"),
-                      IndexedData((val_feats, val_labels), self.val_name),
+                      IndexedData((train_feats, train_labels), f"train {where}"),
+                      IndexedData((val_feats, val_labels), f"{self.val_name} {where}"),
                       range(len(train_idx)), range(len(val_idx)))
 
 
@@ -412,17 +427,19 @@ def prepare(kind: str, model, train, val, settings: SolveSettings, task: Influen
     """Checks the data, the parameter selection and the device, and resolves the process group (no model pass:
     :meth:`_Problem.probe_model` runs in eval mode, head detection and the features pass when first needed)."""
     val_name = "test" if kind == "energy_on_test" else "val"
-    train_d, val_d = IndexedData(train, "train", task.unpack), IndexedData(val, val_name, task.unpack)
+    chosen = _trainable_selection(model, settings.params)  # the same selection for every solver
+    if settings.solver in ("kfac", "ekfac"):
+        from iaerf.hessian.kfac_factors import resolve_layers
+
+        resolve_layers(model, chosen, f"params={settings.params!r}")  # refuses, naming them, what K-FAC cannot cover
+    check_finite_state(model)
+    # floating inputs in the model's dtype when that cast is exact (float32 data, float64 model), else an error
+    dtype = model_dtype(model)
+    train_d, val_d = IndexedData(train, "train", task.unpack, dtype), IndexedData(val, val_name, task.unpack, dtype)
     if len(val_d) == 0:
         raise ValueError(f"{val_name} is empty: the influence needs at least one {val_name} point")
     if len(train_d) == 0:
         raise ValueError("train is empty")
-    if settings.solver in ("kfac", "ekfac"):
-        from iaerf.hessian.kfac import kfac_parameters
-
-        chosen = kfac_parameters(model, settings.params)  # batch norm's parameters left out
-    else:
-        chosen = _trainable_selection(model, settings.params)
     device = next(iter(chosen.values())).device
     if run.device is not None:
         wanted = run.device
@@ -449,6 +466,7 @@ def _solve(problem: _Problem) -> torch.Tensor:
     from iaerf.hessian import inverse_hvp
     from iaerf.hessian.params import flatten
 
+    _check_solver_dtype(problem)  # before the features pass that problem.local runs
     settings, task, local, group, m = problem.settings, problem.task, problem.local, problem.group, len(problem.val)
     bar = progress_bar(total=len(local.val_idx), desc="validation gradient", enabled=problem.show)
     if problem.kind == "energy_on_test":
@@ -462,6 +480,10 @@ def _solve(problem: _Problem) -> torch.Tensor:
                                    batch_size=settings.batch_size, device=problem.device, group=group, progress=bar,
                                    loss_fn=task.measure))
     bar.close()
+    if not bool(torch.isfinite(g).all()):  # the weights and inputs are finite (checked): the forward overflowed
+        raise ValueError(f"the gradient of the measurement over {problem.val_name} is not finite although the model "
+                         f"and the {problem.val_name} inputs are: the model's outputs or task.measurement overflow "
+                         f"in {g.dtype}")
 
     options = settings.options
     given = dict(settings.solver_options)
@@ -481,6 +503,23 @@ def _solve(problem: _Problem) -> torch.Tensor:
     return s.to(g.dtype)
 
 
+def _native_head(problem: _Problem) -> bool:
+    """Whether H is the native head Hessian (:class:`iaerf.HeadHessian`): a head-only selection with the default
+    (softmax cross-entropy) training loss."""
+    return problem.head is not None and problem.task.default_train_loss
+
+
+def _check_solver_dtype(problem: _Problem) -> None:
+    """Refuse, before any pass, a half-precision model whose solver would run the native head Hessian's products
+    (CG, LiSSA): its kernel computes in float32 or float64 only, and would fail after the features pass."""
+    dtype, solver = next(iter(problem.chosen.values())).dtype, problem.settings.solver
+    if solver in ("cg", "lissa") and dtype not in (torch.float32, torch.float64) and _native_head(problem):
+        raise TypeError(
+            f"model's parameters are {dtype}, and solver={solver!r} over the classifier head runs the native head "
+            f"Hessian's products, which compute in float32 or float64 only. Convert the model (model.float()), or "
+            f"use solver='exact', 'kfac' or 'ekfac', which do not use those products")
+
+
 def _operator(problem: _Problem):
     """H over the selection: the native head Hessian on the features, else :class:`iaerf.ModuleHessian`."""
     from iaerf.hessian import HeadHessian, ModuleHessian
@@ -488,7 +527,7 @@ def _operator(problem: _Problem):
     settings, task, head, group = problem.settings, problem.task, problem.head, problem.group
     # None keeps ModuleHessian's own F.cross_entropy, so the default task's H is computed exactly as before
     loss_fn = None if task.default_train_loss else _MeanLoss(task.train_loss)
-    if head is not None and task.default_train_loss:
+    if _native_head(problem):
         feats, labels = problem.local.train.as_tensors()
         layer = head[1]
         return HeadHessian(feats, labels, layer.weight.detach(), layer.bias.detach(),
@@ -522,6 +561,12 @@ def score(problem: _Problem, s: torch.Tensor) -> torch.Tensor:
                                   batched=kind == "energy_on_test", progress=bar)
     bar.close()
     influence = D.all_gather_shards(-out, len(problem.train), problem.group, dim=-1)
+    bad = ~torch.isfinite(influence)
+    if bool(bad.any()):  # never a NaN influence without a word; weights and inputs are finite, so an overflow
+        i = int(bad.nonzero()[0][-1])
+        raise ValueError(f"the influence of train example {i} is not finite although the model and the inputs are: "
+                         f"the model's outputs or the task's {'train_loss' if kind == 'loss' else 'regularized'} "
+                         f"overflow on it")
     if problem.rank == 0:
         problem.result_cache.store({"influence": influence})
     return influence

@@ -14,14 +14,13 @@ The default task is the one of the paper (cross-entropy, mean validation cross-e
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from iaerf._io import hash_tensor
+from iaerf._identity import callable_identity
 from iaerf.indexed_data import tuple_item
 from iaerf.influence.gradients import energy_from_logits, loss_from_logits
 
@@ -77,32 +76,6 @@ class PerExampleLDAM(nn.Module):
         return per_example * self.drw_weights.to(logits.device, logits.dtype)[labels]
 
 
-def callable_identity(fn) -> str:
-    """A loss's identity for cache keys: :func:`iaerf.hessian.operators._callable_id` (name, code, plain
-    attributes), plus the plain values a closure captures (two ``lambda`` with different captured constants share
-    their code) and, for an ``nn.Module``, a digest of its state (LDAM margins, DRW weights) and of every
-    submodule's plain attributes. A closure over a tensor or another object is identified by its code only: give
-    such losses distinct names or leave ``cache_dir`` unset."""
-    from iaerf.hessian.operators import _callable_id
-
-    ident = _callable_id(fn)
-    cells = getattr(fn, "__closure__", None) or ()
-    captured = [c.cell_contents for c in cells]
-    plain = [v for v in captured if isinstance(v, (bool, int, float, str, type(None)))]
-    if plain:
-        ident += f"{plain}"
-    modules = [fn] if isinstance(fn, nn.Module) else [v for v in captured if isinstance(v, nn.Module)]
-    for module in modules:
-        h = hashlib.sha256()
-        for name, t in module.state_dict().items():
-            h.update(name.encode())
-            hash_tensor(h, t)
-        for name, sub in module.named_modules():  # settings kept as plain attributes (LDAMLoss.s) are no state
-            h.update(f"{name}{_callable_id(sub)}".encode())
-        ident += f"<state {h.hexdigest()[:16]}>"
-    return ident
-
-
 @dataclass(frozen=True)
 class InfluenceTask:
     """The losses and batch layout of an influence computation (see the module docstring for each field's shape).
@@ -153,14 +126,17 @@ class InfluenceTask:
     def describe(self, kind: str) -> dict | None:
         """The cache-key entries of this task for a solve (``kind="solve"``) or a result (``"energy"``,
         ``"energy_on_test"``, ``"loss"``); None when they are those of the default task, so results cached before
-        tasks existed keep their keys. ``unpack`` is not part of it: the data fingerprints cover what it returns."""
+        tasks existed keep their keys. ``unpack`` is not part of it: the data fingerprints cover what it returns.
+        Each callable enters by :func:`iaerf._identity.callable_identity` (raises
+        :class:`iaerf._identity.UnidentifiableCallableError` for one holding an object whose content cannot be
+        read), so call it only where results are stored."""
         used = {"train_loss": self.train_loss, "measurement": self.measure}
         if kind in ("energy", "energy_on_test"):
             used["regularized"] = self.regularized
         defaults = {"train_loss": loss_from_logits, "measurement": loss_from_logits, "regularized": energy_from_logits}
         if all(fn is defaults[name] for name, fn in used.items()):
             return None
-        return {name: callable_identity(fn) for name, fn in used.items()}
+        return {name: callable_identity(fn, f"task.{name}") for name, fn in used.items()}
 
     def check_outputs(self, logits: torch.Tensor, labels: torch.Tensor, kind: str) -> None:
         """Raise a ValueError naming the field when a callable does not return ``[b]`` on a probe batch."""

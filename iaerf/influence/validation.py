@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from scipy.special import logsumexp as np_logsumexp
 
 from iaerf._progress import progress_bar
+from iaerf.heads import check_finite_state, check_logits, model_dtype
 from iaerf.indexed_data import IndexedData
 from iaerf.influence.energy import _find_head, _features, _trainable_selection, eval_mode
 from iaerf.training_loop import shuffled_batches, train_loop
@@ -157,19 +158,21 @@ def actual_energy_effect(model, train, val, indices, *, eps: float, params=None,
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     settings = FinetuneSettings(epochs, float(lr), batch_size, float(momentum), float(weight_decay), seed)
-    train_d, val_d = IndexedData(train, "train"), IndexedData(val, "val")
+    chosen = _trainable_selection(model, params)
+    check_finite_state(model)
+    dtype = model_dtype(model)  # inputs cast to it when exact, as the influence does
+    train_d, val_d = IndexedData(train, "train", dtype=dtype), IndexedData(val, "val", dtype=dtype)
     if len(val_d) == 0:
         raise ValueError("val is empty")
     indices = [int(i) for i in indices]
     if any(i < 0 or i >= len(train_d) for i in indices):
         raise ValueError(f"indices must lie in [0, {len(train_d)})")
-    chosen = _trainable_selection(model, params)
     device = next(iter(chosen.values())).device
 
     with eval_mode(model):
         probe, _ = val_d.batch([0], device)
         with torch.no_grad():
-            num_classes = model(probe).shape[-1]
+            num_classes = check_logits(model(probe)).shape[1]
         train_d.check_labels(num_classes)
         val_d.check_labels(num_classes)
         head = _find_head(model, chosen, probe)

@@ -1,18 +1,22 @@
 """What a run directory holds on disk: checkpoints, saved tensors and the readers that check every output a stage
-wrote (each raises ValueError naming the file when it is damaged, so its stage runs again)."""
+wrote (each raises ValueError naming the file when it is damaged, so its stage runs again).
+
+Every tensor file a stage writes (checkpoints, influence and energy vectors) is written by
+:func:`iaerf._io.save_checked`: it records the SHA-256 of its own content and its reader checks it, because
+``torch.load`` does not check the zip CRCs and would load a flipped bit as a valid weight."""
 from __future__ import annotations
 
 import os
 
 import torch
 
-from iaerf._io import atomic_write, load_tensor_file, read_json
+from iaerf._io import load_checked, read_json, save_checked
 from iaerf.models import build_model
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "save_tensors", "read_settings", "read_vector",
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "save_vector", "read_settings", "read_vector",
            "read_table", "check_png"]
 
-CHECKPOINT_FORMAT = "iaerf-checkpoint-1"
+CHECKPOINT_FORMAT = "iaerf-checkpoint-2"  # 2: the file records the SHA-256 of its content
 
 
 def read_settings(path: str) -> dict:
@@ -28,20 +32,16 @@ def read_settings(path: str) -> dict:
 
 
 def save_checkpoint(path: str, model: torch.nn.Module, arch: dict, meta: dict | None = None) -> None:
-    """Save ``{"format", "arch": {"name", "num_classes", **kwargs}, "state_dict", "meta"}`` atomically."""
+    """Save ``{"format", "arch": {"name", "num_classes", **kwargs}, "state_dict", "meta"}`` and the SHA-256 of all of
+    it, atomically and byte-reproducibly (:func:`iaerf._io.save_checked`)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_tensors(path, {"format": CHECKPOINT_FORMAT, "arch": arch, "state_dict": state, "meta": meta or {}})
+    save_checked(path, {"format": CHECKPOINT_FORMAT, "arch": arch, "state_dict": state, "meta": meta or {}})
 
 
-def save_tensors(path: str, obj) -> None:
-    """``torch.save(obj)`` to ``path`` atomically and byte-reproducibly: saved through a file object, the archive's
-    inner folder is "archive" rather than the temporary file's random name, so a re-run writes the same bytes."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-
-    atomic_write(path, write)
+def save_vector(path: str, values: torch.Tensor) -> None:
+    """Save a stage's float32 tensor (``[n]`` or ``[r, n]``) as ``{"values": values}`` with its SHA-256, atomically
+    and byte-reproducibly; :func:`read_vector` reads it back."""
+    save_checked(path, {"values": values.detach().cpu().float()})
 
 
 def build_from_arch(arch: dict) -> torch.nn.Module:
@@ -51,11 +51,12 @@ def build_from_arch(arch: dict) -> torch.nn.Module:
 
 
 def load_checkpoint(path: str, expect_arch: dict | None = None) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model saved by :func:`save_checkpoint`. Raises a ValueError for a corrupt file, a file that is not
-    an iaerf checkpoint, or one whose architecture / class count differs from ``expect_arch``."""
+    """Rebuild the model saved by :func:`save_checkpoint`. Raises a ValueError for a corrupt file (one whose content
+    does not match the SHA-256 it records included), a file that is not an iaerf checkpoint, or one whose
+    architecture / class count differs from ``expect_arch``."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    obj = load_tensor_file(path, "checkpoint")
+    obj = load_checked(path, "checkpoint")
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an iaerf checkpoint (format {CHECKPOINT_FORMAT})")
     arch, state, meta = obj.get("arch"), obj.get("state_dict"), obj.get("meta", {})
@@ -76,9 +77,9 @@ def load_checkpoint(path: str, expect_arch: dict | None = None) -> tuple[torch.n
 
 
 def read_vector(path: str, what: str, rows: tuple[int, int] | None, n: int, *, finite: bool = False) -> torch.Tensor:
-    """A float32 tensor saved by a stage: [n] when ``rows`` is None, else [r, n] with rows[0] <= r <= rows[1];
-    ``finite``: NaN / inf count as damage."""
-    t = load_tensor_file(path, what)
+    """The float32 tensor :func:`save_vector` saved: [n] when ``rows`` is None, else [r, n] with
+    rows[0] <= r <= rows[1]; ``finite``: NaN / inf count as damage."""
+    t = load_checked(path, what).get("values")
     if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
         got = f"{t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{what} {path} is damaged: expected a float32 tensor, got a {got}")

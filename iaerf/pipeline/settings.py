@@ -23,6 +23,10 @@ DATASETS = ("digits", "cifar10", "cifar100", "features")
 SOLVERS = ("exact", "cg", "lissa", "kfac", "ekfac")
 VALIDATIONS = ("train_subset", "heldout")
 PROTOCOLS = ("paper", "recommended")
+# torch accepts any thread count but crashes (segfault) on very large ones; far above any machine's core count
+MAX_THREADS = 1024
+# far beyond any schedule (CIFAR's is 200 epochs), short of one that would never end
+MAX_EPOCHS = 10_000
 
 
 class SettingError(ValueError):
@@ -177,7 +181,7 @@ class BaselineSettings:
 
     methods: tuple[str, ...] = setting(BASE_METHODS, _methods, "--methods", "baselines: erm ldam_drw crt lws",
                                        cli="list")
-    train_epochs: int | None = setting(None, _int(1, optional=True), "--train-epochs",
+    train_epochs: int | None = setting(None, _int(1, MAX_EPOCHS, optional=True), "--train-epochs",
                                        "baseline epochs (milestones scale with it)", type=int)
 
     def __post_init__(self):
@@ -199,8 +203,9 @@ class InfluenceSettings:
                                           "inverse-HVP solver option, repeatable (LiSSA: depth=5000 repeats=10 "
                                           "batch_size=128 ...)", cli="key_value")
     damping: float = setting(1e-3, _real(0.0, "a finite number >= 0"), "--damping", "Hessian damping", type=float)
-    gauss_newton: bool = setting(False, _bool, "--gauss-newton", "use the Gauss-Newton matrix (PSD) instead of the "
-                                 "exact Hessian in the influence", cli="flag")
+    gauss_newton: bool = setting(True, _bool, "--gauss-newton", "use the Gauss-Newton matrix (positive "
+                                 "semi-definite; the default) or, with --no-gauss-newton, the Hessian itself, which "
+                                 "every solver refuses where H + damping I is not positive definite", cli="flag")
     weight_decay: float = setting(0.0, _real(0.0, "a finite number >= 0"), "--weight-decay", "L2 term of the Hessian",
                                   type=float)
     influence_loss: str = setting("own", _choice("own", "cross_entropy"), "--influence-loss",
@@ -233,7 +238,7 @@ class FineTuningSettings:
     lr 1e-4, whole network; feature files: classifier re-training, 10 epochs, batch 512, lr 0.2, fc only);
     ``finetune_params``: None = every non-batch-norm parameter, or a tuple of parameter-name prefixes."""
 
-    finetune_epochs: int | None = setting(None, _int(1, optional=True), "--finetune-epochs",
+    finetune_epochs: int | None = setting(None, _int(1, MAX_EPOCHS, optional=True), "--finetune-epochs",
                                           "fine-tuning epochs (paper: 5; feature files: 10)", type=int)
     finetune_batch_size: int | None = setting(None, _int(1, optional=True), "--finetune-batch-size",
                                               "fine-tuning batch size (paper: 128; feature files: 512)", type=int)
@@ -273,9 +278,11 @@ _GROUPS = {"data": DataSettings, "baselines": BaselineSettings, "influence": Inf
 
 @dataclass
 class PipelineConfig:
-    """Everything a run depends on: the five groups, the seed (data split, initialisation, batch order) and the
-    device ("cpu", "cuda", "cuda:N"; None: CUDA when available). Build one from flat setting names with
-    :meth:`from_options` (``PipelineConfig.from_options(dataset="digits", damping=1e-2)``)."""
+    """Everything a run depends on: the five groups, the seed (data split, initialisation, batch order), the
+    device ("cpu", "cuda", "cuda:N"; None: CUDA when available) and the torch CPU thread count every stage of the
+    run computes with (None: the count the run directory's settings.json stores, or for a new run torch's count
+    at that moment; :class:`~iaerf.pipeline.Pipeline` resolves it and stores the number). Build one from flat
+    setting names with :meth:`from_options` (``PipelineConfig.from_options(dataset="digits", damping=1e-2)``)."""
 
     data: DataSettings = field(default_factory=DataSettings)
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
@@ -287,6 +294,10 @@ class PipelineConfig:
                                    "(iaerf.pipeline.settings.protocol_settings); options given with it still win")
     seed: int = setting(0, _int(0, 2**32 - 1), "--seed", "seed of data split, initialisation, batches", type=int)
     device: str | None = setting(None, _device, "--device", "cpu | cuda (default: cuda when available)")
+    threads: int | None = setting(None, _int(1, MAX_THREADS, optional=True), "--threads",
+                                  f"torch CPU threads of every stage of the run, 1..{MAX_THREADS} (default: torch's "
+                                  "count when the run starts; demo: 1, fastest for its tiny model); the count "
+                                  "changes float sums, so changing it re-runs every stage but data", type=int)
 
     def __post_init__(self):
         for name, cls in _GROUPS.items():
@@ -331,7 +342,7 @@ class PipelineConfig:
             options = {**protocol_settings(options["protocol"], options.get("dataset", "digits")), **options}
         groups = {name: group(**{k: v for k, v in options.items() if k in _field_names(group)})
                   for name, group in _GROUPS.items()}
-        top = {k: options[k] for k in ("protocol", "seed", "device") if k in options}
+        top = {k: options[k] for k in _field_names(cls) - set(_GROUPS) if k in options}
         return cls(**groups, **top)
 
     def to_json(self) -> dict:

@@ -1,9 +1,11 @@
 """The stages of a run, as plain functions: each takes the :class:`~iaerf.pipeline.Pipeline` (the run directory) and returns a
-:class:`Stage` that declares the stages it needs, its settings key and its outputs (path -> reader that raises
-ValueError when the file is damaged), and the function that writes them.
+:class:`Stage` that declares the stages it needs, its settings key, the user files it reads, its outputs (path ->
+reader that raises ValueError when the file is damaged), and the function that writes them.
 
 A key hashes the stage's own settings and the keys of its inputs, so a changed setting re-runs exactly the stages
-downstream of it. The key parts are those of iaerf 0.1, so run folders started by it stay valid.
+downstream of it. What is on disk is checked by content besides: the runner records the SHA-256 of every output and
+input of a stage in its marker (:meth:`iaerf.pipeline.Pipeline.ensure`), so every stage whose outputs a stage
+reads must be among its needs, directly or through them.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from iaerf._io import read_json, settings_key, write_json, write_text
 from iaerf.finetuning import config_dict, finetune, select_beta
 from iaerf.heads import classifier_head
 from iaerf.pipeline.files import (build_from_arch, check_png, load_checkpoint, read_table, read_vector,
-                                  save_checkpoint, save_tensors)
+                                  save_checkpoint, save_vector)
 from iaerf.pipeline.report import format_table, read_metrics, table_rows
 from iaerf.pipeline.settings import DERIVED_METHODS
 from iaerf.training import ClassifierConfig, TrainConfig, cifar_config, digits_config, evaluate, retrain_classifier, \
@@ -32,15 +34,17 @@ __all__ = ["Stage", "data_stage", "train_stage", "influence_stage", "finetune_st
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of a run. ``needs``: stages that must be done first; ``key``: hash of the settings the outputs
-    depend on (its own and its inputs' keys); ``outputs``: path -> reader raising ValueError on a damaged file;
-    ``run``: writes the outputs (each atomically)."""
+    """One step of a run. ``needs``: stages that must be done first (with their needs, every stage whose outputs it
+    reads); ``key``: hash of the settings the outputs depend on (its own and its inputs' keys); ``outputs``: path ->
+    reader raising ValueError on a damaged file; ``run``: writes the outputs (each atomically); ``files``: the
+    user's files it reads (absolute paths: features files, CIFAR batches), whose content the marker records."""
 
     name: str
     key: str
     outputs: dict[str, Callable[[str], object]]
     run: Callable[[], None]
     needs: tuple["Stage", ...] = ()
+    files: tuple[str, ...] = ()
 
 
 def _key(*parts) -> str:
@@ -107,13 +111,32 @@ def _selects_head_only(model: torch.nn.Module, selection, probe: torch.Tensor) -
     """Whether ``selection`` is exactly the classifier head's parameters (then the influence runs on the frozen
     features, which gives the same numbers without backbone passes)."""
     from iaerf.hessian.params import select_parameters
-    from iaerf.heads import find_classifier_head
+    from iaerf.heads import find_classifier_head, head_is_separable
 
     if selection is None:
         return False
     name, layer = find_classifier_head(model, probe)
     head = {f"{name}.{n}" if name else n for n, _ in layer.named_parameters()}
-    return set(select_parameters(model, selection)) == head
+    # a head whose weight is also used earlier (tied) has no frozen features: the generic path is the right one
+    return set(select_parameters(model, selection)) == head and head_is_separable(model, layer, probe)
+
+
+def _selection_size(model: torch.nn.Module, selection) -> int:
+    from iaerf.hessian.params import select_parameters
+
+    return sum(p.numel() for p in select_parameters(model, selection).values())
+
+
+def _exact_limit(run: Pipeline) -> int:
+    from iaerf.hessian.inverse import ExactOptions
+
+    return (run.config.influence.solver_options or {}).get("max_exact_params", ExactOptions().max_exact_params)
+
+
+def exact_falls_back(run: Pipeline, model: torch.nn.Module, selection) -> bool:
+    """Whether the run's influence of ``model`` over ``selection`` (:func:`influence_selection`) asks for the exact
+    solve over more than ``max_exact_params`` parameters, which the influence stage replaces by EK-FAC."""
+    return run.config.influence.solver == "exact" and _selection_size(model, selection) > _exact_limit(run)
 
 
 def checkpoint_path(run: Pipeline, method: str, variant: str | None = None) -> str:
@@ -166,24 +189,30 @@ def _read_data_info(path: str) -> dict:
 # -- the stages ----------------------------------------------------------------------------------------------------
 
 def data_stage(run: Pipeline) -> Stage:
-    """``data.json``: class counts, shot groups, split sizes."""
+    """``data.json``: class counts, shot groups, split sizes. Its files are the user's data files the split was read
+    from (:meth:`Pipeline.user_files`), so every stage downstream re-runs when their content changes."""
     d = run.config.data
     key = _key("data", d.dataset, d.data_root, d.train_features, d.test_features, d.imbalance, d.ratio,
                run.config.seed, d.heldout_val)
     return Stage("data", key, {run.path("data.json"): _read_data_info},
-                 lambda: write_json(run.path("data.json"), run.split().describe()))
+                 lambda: write_json(run.path("data.json"), run.split().describe()), files=tuple(run.user_files()))
 
 
 def train_stage(run: Pipeline, method: str) -> Stage:
     """``models/<method>.pt``: a baseline trained on the split (erm, ldam_drw), or the ERM backbone with its
-    classifier re-trained (crt, lws)."""
+    classifier re-trained (crt, lws).
+
+    The thread count is part of the key: float reductions split differently over threads, so it changes the bytes of
+    every computed output. Every stage that computes needs a train stage, directly or not, and its key holds that
+    stage's key, so this one entry re-runs them all."""
     seed = run.config.seed
     if method in DERIVED_METHODS:
         erm = train_stage(run, "erm")
         needs, key = (erm,), _key("train", method, erm.key, asdict(ClassifierConfig(method, seed=seed)))
     else:
-        needs, key = (), _key("train", method, data_stage(run).key, asdict(train_config(run, method)),
-                              model_arch(run, method))
+        data = data_stage(run)
+        needs, key = (data,), _key("train", method, data.key, asdict(train_config(run, method)),
+                                   model_arch(run, method), {"threads": run.config.threads})
 
     def write():
         split = run.split()
@@ -224,16 +253,19 @@ def influence_stage(run: Pipeline, method: str) -> Stage:
             model, train_set, val = classifier_head(model, train_set, val, device=run.device)
             selection = ["fc"]
         solver, options = c.solver, dict(c.solver_options) if c.solver_options else None
-        if solver == "exact":
-            from iaerf.hessian.inverse import ExactOptions
+        if exact_falls_back(run, model, selection):
+            # a dense P x P solve would be refused: the Kronecker-factored one scales. EK-FAC approximates the
+            # Gauss-Newton matrix (Pipeline refuses the fallback without gauss_newton) over Linear and Conv2d layers
+            from iaerf.hessian.kfac import kfac_parameters
             from iaerf.hessian.params import select_parameters
 
-            size = sum(p.numel() for p in select_parameters(model, selection).values())
-            limit = (options or {}).get("max_exact_params", ExactOptions().max_exact_params)
-            if size > limit:  # a dense P x P solve would be refused: the Kronecker-factored one scales
-                run.log(f"[iaerf] influence-{method}: the exact solve over {size} parameters exceeds "
-                        f"max_exact_params={limit}; using EK-FAC (give --solver cg / lissa / kfac to choose another)")
-                solver, options = "ekfac", None
+            covered = list(kfac_parameters(model, selection))
+            left_out = [n for n in select_parameters(model, selection) if n not in covered]
+            run.log(f"[iaerf] influence-{method}: the exact solve over {_selection_size(model, selection)} "
+                    f"parameters exceeds max_exact_params={_exact_limit(run)}; using EK-FAC over its Linear and "
+                    f"Conv2d parameters" + (f" (leaving out {', '.join(left_out)})" if left_out else "")
+                    + " (give --solver cg / lissa / kfac to choose another)")
+            solver, options, selection = "ekfac", None, covered
         values = infl.energy_influence(
             model, train_set, val, params=selection,
             weight_decay=c.weight_decay, damping=c.damping, gauss_newton=c.gauss_newton, solver=solver,
@@ -241,7 +273,7 @@ def influence_stage(run: Pipeline, method: str) -> Stage:
             progress=run.progress, seed=run.config.seed, task=task)
         if values.shape != (len(split.train),) or not bool(torch.isfinite(values).all()):
             raise FloatingPointError(f"influence for {method} is not a finite [n_train] vector; raise the damping")
-        save_tensors(influence_path(run, method), values.detach().cpu().float())
+        save_vector(influence_path(run, method), values)
 
     return Stage(f"influence-{method}", _key("influence", *parts),
                  {influence_path(run, method): lambda p: read_influence(run, p)}, write, (train,))
@@ -279,7 +311,7 @@ def finetune_stage(run: Pipeline, method: str, variant: str) -> Stage:
                 "history": result.history, "config": config_dict(cfg)}
         if variant == "iaerf":
             info["diagnostics"], info["warnings"] = _diagnose(run, method, base, result, table)
-        save_tensors(energy_path, torch.stack(result.energies) if result.energies else torch.empty(0))
+        save_vector(energy_path, torch.stack(result.energies) if result.energies else torch.empty(0))
         save_checkpoint(checkpoint_path(run, method, variant), result.model, model_arch(run, method),
                         {"method": method, "variant": variant, "beta": result.beta})
         write_json(info_path, info)
@@ -342,7 +374,8 @@ def evaluate_stage(run: Pipeline) -> Stage:
         write_text(run.path("table.md"), format_table(results) + "\n")
 
     outputs = {run.path("metrics.json"): lambda p: read_metrics(p, len(rows)), run.path("table.md"): read_table}
-    return Stage("evaluate", _key("evaluate", [s.key for s in needs]), outputs, write, needs)
+    # metrics.json records every setting of the run, so any changed setting re-runs it (a test pass per model)
+    return Stage("evaluate", _key("evaluate", [s.key for s in needs], run.config.to_json()), outputs, write, needs)
 
 
 def plots_stage(run: Pipeline, method: str) -> Stage:
