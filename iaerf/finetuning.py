@@ -17,6 +17,13 @@ App. B's rule for an energy term larger than the CE term has two readings, chose
   |CE_i / (E_i I_i / I_max)|, evaluated on the current batch, detached).
 - ``"global"``: one beta for the whole run, computed once on the pretrained model from training-set means:
   beta_eff = min(beta, mean_i CE_i / mean_i |E_i I_i / I_max|).
+
+The training loss L_i of Eq. 10 is cross-entropy by default; ``loss=`` (:class:`FinetuneLoss`) swaps in a
+long-tailed baseline loss on exactly the same schedule: ``"logit_adjusted"`` (Menon et al. 2021, "Long-tail learning
+via logit adjustment" = Balanced Softmax of Ren et al. 2020 at tau = 1) or ``"class_balanced"`` (Cui et al. 2019's
+DRW weights). With beta = 0 that is the baseline fine-tuning itself; with beta > 0 the energy term adds to it,
+l_i = L_i + c_i E_i, and App. B's caps compare the energy term with L_i. :func:`class_level_influence` is the
+class-level ablation of the paper's Fig. 3 conjecture.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import torch.nn.functional as F
 from iaerf.data import ShotGroups, TensorDataset
 from iaerf.heads import check_finite_state, model_dtype
 from iaerf.indexed_data import check_finite_rows, match_input_dtype
+from iaerf.losses import _check_tau, class_balanced_cross_entropy, logit_adjusted_cross_entropy
 from iaerf.ops import energy, energy_regularized_cross_entropy
 from iaerf.training import _check_dataset, _check_model_classes, evaluate, predict_logits, resolve_device
 from iaerf.training_loop import freeze_batchnorm, is_batchnorm, shuffled_batches, train_loop  # noqa: F401 (public here)
@@ -39,6 +47,9 @@ __all__ = [
     "finetune_diagnostics",
     "FinetuneConfig",
     "FinetuneResult",
+    "FinetuneLoss",
+    "FINETUNE_LOSSES",
+    "class_level_influence",
     "energy_coefficients",
     "freeze_batchnorm",
     "finetune",
@@ -50,6 +61,77 @@ __all__ = [
 
 BETAS = (0.1, 0.5, 1.0, 10.0)
 CAPS = ("none", "per_sample", "global")
+FINETUNE_LOSSES = ("ce", "logit_adjusted", "class_balanced")
+
+
+@dataclass(frozen=True)
+class FinetuneLoss:
+    """The training loss L_i of Eq. 10 (l_i = L_i + c_i E_i), picked by name; the prior / class counts come from the
+    fine-tuning set passed to :func:`finetune`.
+
+    - ``"ce"`` (default, the paper's): cross-entropy, through the fused energy-CE op.
+    - ``"logit_adjusted"``: CE(z + tau log pi, y), pi = training class frequencies (:func:`iaerf.losses.
+      logit_adjusted_cross_entropy`; Menon et al. 2021; tau = 1, the default, is Ren et al. 2020's Balanced Softmax).
+    - ``"class_balanced"``: w_{y_i} CE_i with Cui et al. 2019's weights at ``cb_beta`` (default 0.9999, CIFAR's),
+      rescaled to mean 1 over the training points (:func:`iaerf.losses.class_balanced_cross_entropy`).
+
+    The energy E_i is always that of the raw logits z, -logsumexp z: the quantity whose influence
+    :func:`iaerf.energy_influence` measured. A parameter given for a loss that does not use it is a ValueError.
+    ``FinetuneLoss.of(x)`` accepts a name, a FinetuneLoss or its :meth:`to_dict` form.
+    """
+
+    name: str = "ce"
+    tau: float | None = None
+    cb_beta: float | None = None
+
+    def __post_init__(self):
+        if self.name not in FINETUNE_LOSSES:
+            raise ValueError(f"loss must be one of {FINETUNE_LOSSES}, got {self.name!r}")
+        for field_name, owner in (("tau", "logit_adjusted"), ("cb_beta", "class_balanced")):
+            value = getattr(self, field_name)
+            if value is not None and self.name != owner:
+                raise ValueError(f"loss {self.name!r} takes no {field_name} (it belongs to loss {owner!r}), "
+                                 f"got {field_name}={value!r}")
+        if self.name == "logit_adjusted":
+            object.__setattr__(self, "tau", _check_tau(1.0 if self.tau is None else self.tau))
+        if self.name == "class_balanced":
+            b = 0.9999 if self.cb_beta is None else self.cb_beta
+            if isinstance(b, bool) or not (isinstance(b, (int, float)) and 0.0 <= b < 1.0):
+                raise ValueError(f"cb_beta must be a number in [0, 1), got {b!r}")
+            object.__setattr__(self, "cb_beta", float(b))
+
+    @classmethod
+    def of(cls, loss) -> "FinetuneLoss":
+        if isinstance(loss, cls):
+            return loss
+        if isinstance(loss, str):
+            return cls(loss)
+        if isinstance(loss, dict):
+            return cls(**loss)
+        raise TypeError(f"loss must be a name {FINETUNE_LOSSES}, a FinetuneLoss or its dict, got {type(loss).__name__}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready: ``{"name"}`` plus the loss's own parameter (``tau`` or ``cb_beta``)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def label(self) -> str:
+        """Short human-readable name, e.g. ``"logit-adjusted tau=1"``."""
+        if self.name == "logit_adjusted":
+            return f"logit-adjusted tau={self.tau:g}"
+        return f"class-balanced b={self.cb_beta:g}" if self.name == "class_balanced" else "CE"
+
+    def point_loss(self, counts):
+        """``f(logits [B, C], y [B]) -> L [B]`` for this loss with training counts [C], or None for "ce" (the fused
+        op computes it there). A class without training examples is a ValueError naming the counts."""
+        if self.name == "ce":
+            return None
+        if min(counts) <= 0:
+            raise ValueError(f"train: the {self.name} loss needs at least one example of every class, "
+                             f"got class counts {list(counts)}")
+        counts = torch.tensor(list(counts), dtype=torch.float64)  # once, not per batch
+        if self.name == "logit_adjusted":
+            return lambda z, y: logit_adjusted_cross_entropy(z, y, counts, self.tau, reduction="none")
+        return lambda z, y: class_balanced_cross_entropy(z, y, counts, self.cb_beta, reduction="none")
 
 
 @dataclass(frozen=True)
@@ -104,6 +186,7 @@ class FinetuneResult:
     beta: float
     beta_effective: float
     energies: list[torch.Tensor] = field(default_factory=list)
+    loss: dict = field(default_factory=lambda: {"name": "ce"})  # FinetuneLoss.to_dict() of the training loss L_i
 
 
 def energy_coefficients(influence: torch.Tensor, beta: float) -> torch.Tensor:
@@ -120,6 +203,36 @@ def energy_coefficients(influence: torch.Tensor, beta: float) -> torch.Tensor:
     if float(i_max) == 0.0:
         raise ValueError("influence is zero for every training point (I_max = 0): nothing to regularize")
     return (-float(beta) * influence.double() / i_max.double()).float()
+
+
+def class_level_influence(influence: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Each training point's influence replaced by the mean influence of its class (paper Fig. 3's conjecture that
+    the influence is mostly a per-class quantity, as an ablation). influence [n], labels [n] -> [n], influence's dtype.
+
+    Usable as the ``influence`` of :func:`finetune` / :func:`select_beta`. Note the scale: the coefficients are then
+    normalised by the largest |class mean| (not the largest single point), so at the same beta the class-level run
+    has larger coefficients on average; beta is chosen on validation for each variant separately.
+    """
+    if not isinstance(influence, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError(f"influence and labels must be torch.Tensors, got {type(influence).__name__}, "
+                        f"{type(labels).__name__}")
+    if influence.dim() != 1 or influence.numel() == 0 or not influence.is_floating_point():
+        raise ValueError(f"influence must be a non-empty floating 1-D tensor [n_train], got {tuple(influence.shape)}")
+    if labels.shape != influence.shape or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor of the influence's shape {tuple(influence.shape)}, "
+                         f"got {labels.dtype} {tuple(labels.shape)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not bool(torch.isfinite(influence).all()):
+        raise ValueError("influence contains NaN or inf")
+    labels = labels.to(influence.device)
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+    # float64 sums: a class mean over thousands of float32 values would otherwise carry their rounding
+    sums = torch.zeros(num_classes, dtype=torch.float64, device=influence.device).index_add_(0, labels,
+                                                                                           influence.double())
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1)
+    return (sums / counts)[labels].to(influence.dtype)
 
 
 def _model_ready(model: nn.Module, data: TensorDataset, name: str) -> TensorDataset:
@@ -155,14 +268,18 @@ def _trainable(model: nn.Module, train_params) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def _energy_and_ce(model: nn.Module, data: TensorDataset, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _energy_and_ce(model: nn.Module, data: TensorDataset, batch_size: int, device,
+                   point_loss=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-set energies [n] and per-point training losses L_i [n] (CE, or ``point_loss``'s)."""
     logits = predict_logits(model, data, batch_size=max(batch_size, 256), device=device)
-    return energy(logits).float(), F.cross_entropy(logits, data.labels, reduction="none")
+    loss = F.cross_entropy(logits, data.labels, reduction="none") if point_loss is None else \
+        point_loss(logits, data.labels)
+    return energy(logits).float(), loss
 
 
 def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | None = None, *, beta: float = 1.0,
-             config: FinetuneConfig | None = None, device=None, progress: bool = True, inplace: bool = False,
-             **overrides) -> FinetuneResult:
+             config: FinetuneConfig | None = None, loss: str | FinetuneLoss | dict = "ce", device=None,
+             progress: bool = True, inplace: bool = False, **overrides) -> FinetuneResult:
     """Algorithm 1: fine-tune ``model`` on ``train`` with c_i = -beta I_val(x_i) / I_max (beta = 0: plain CE control).
 
     Args:
@@ -173,12 +290,18 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
         influence: I_val [n] from :func:`iaerf.energy_influence`; None only with ``beta == 0``.
         beta: energy weight; the paper searches {0.1, 0.5, 1, 10} (:func:`select_beta`).
         config: :class:`FinetuneConfig`; keyword ``overrides`` replace its fields.
+        loss: the training loss L_i (:class:`FinetuneLoss` or its name): "ce" (default), "logit_adjusted" or
+            "class_balanced", with the prior / counts of ``train``. beta = 0 with a baseline loss is that baseline's
+            fine-tuning on the control's schedule (same seed, batch order, epochs, lr, scope, frozen batch norm);
+            beta > 0 adds the energy term to it: l_i = L_i + c_i E_i.
     Returns :class:`FinetuneResult`. Batch-norm statistics and affine parameters are left exactly as they were.
     """
     config = replace(config or FinetuneConfig(), **overrides)
+    spec = FinetuneLoss.of(loss)
     _check_dataset(train, "train")
     train = _model_ready(model, train, "train")
     _check_model_classes(model, train)
+    point_loss = spec.point_loss(train.class_counts())  # None: plain CE through the fused op
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
     if beta > 0:
@@ -200,7 +323,7 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
 
     beta_eff = float(beta)
     if beta > 0 and config.energy_cap == "global":
-        e0, ce0 = _energy_and_ce(model, train, config.batch_size, device)
+        e0, ce0 = _energy_and_ce(model, train, config.batch_size, device, point_loss)
         term = (e0 * coef / beta).abs().mean()
         if float(term) > 0:
             beta_eff = min(float(beta), float(ce0.mean() / term))
@@ -223,10 +346,18 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
         x, y = x_all[idx].to(device), y_all[idx].to(device)
         c = coef_dev[idx.to(device)]
         logits = model(x)
+        if point_loss is None:  # plain CE: the fused energy-CE op, one pass over the logits
+            if beta > 0 and config.energy_cap == "per_sample":
+                c = _cap_per_sample(logits.detach(), y, c)
+            parts = energy_regularized_cross_entropy(logits, y, c, reduction="mean", return_parts=True)
+            return parts.loss, {"ce": parts.cross_entropy.detach().sum(), "energy": parts.energy.detach().sum()}
+        base = point_loss(logits, y)  # L_i [B]
+        e = energy(logits)  # of the raw logits: the E whose influence I_val measured
         if beta > 0 and config.energy_cap == "per_sample":
-            c = _cap_per_sample(logits.detach(), y, c)
-        parts = energy_regularized_cross_entropy(logits, y, c, reduction="mean", return_parts=True)
-        return parts.loss, {"ce": parts.cross_entropy.detach().sum(), "energy": parts.energy.detach().sum()}
+            c = _cap_per_sample(logits.detach(), y, c, base.detach())
+        with torch.no_grad():  # the history keeps plain CE too, so every variant's history reads alike
+            ce = F.cross_entropy(logits, y, reduction="sum")
+        return (base + c.to(e.dtype) * e).mean(), {"ce": ce, spec.name: base.detach().sum(), "energy": e.detach().sum()}
 
     def record_energy(epoch):
         if config.record_energy:
@@ -237,19 +368,22 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
                              epochs=config.epochs, lr=config.lr, momentum=config.momentum,
                              weight_decay=config.weight_decay, model=model, mode="frozen_bn", record=True,
                              on_epoch=record_energy, progress=progress,
-                             desc="finetune" + (f" beta={beta:g}" if beta else " (CE control)"),
+                             desc="finetune" + (f" {spec.label()}" if point_loss is not None else "")
+                             + (f" beta={beta:g}" if beta else " (CE control)" if point_loss is None else ""),
                              hint="lower beta or lr, or use energy_cap='per_sample'")
     finally:
         for p in model.parameters():
             p.requires_grad_(requires_grad[id(p)])
     model.eval()
-    return FinetuneResult(model, history, coef, float(beta), beta_eff, energies)
+    return FinetuneResult(model, history, coef, float(beta), beta_eff, energies, spec.to_dict())
 
 
-def _cap_per_sample(logits: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Scale c_i so that |c_i E_i| <= CE_i (App. B, per-sample reading); logits [B, K], y [B], c [B] -> [B]."""
+def _cap_per_sample(logits: torch.Tensor, y: torch.Tensor, c: torch.Tensor,
+                    base: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale c_i so that |c_i E_i| <= L_i (App. B, per-sample reading); logits [B, K], y [B], c [B] -> [B].
+    L_i: ``base`` [B] (the training loss of a baseline, detached) or, when None, CE_i."""
     e = energy(logits).to(logits.dtype)
-    ce = F.cross_entropy(logits, y, reduction="none")
+    ce = F.cross_entropy(logits, y, reduction="none") if base is None else base.to(logits.dtype)
     c = c.to(logits.dtype)
     term = (c * e).abs()
     scale = torch.where(term > ce, ce / term.clamp_min(torch.finfo(term.dtype).tiny), torch.ones_like(term))
@@ -257,13 +391,15 @@ def _cap_per_sample(logits: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> t
 
 
 def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, influence: torch.Tensor, *,
-                betas=BETAS, config: FinetuneConfig | None = None, metric: str = "loss", device=None,
+                betas=BETAS, config: FinetuneConfig | None = None, metric: str = "loss",
+                loss: str | FinetuneLoss | dict = "ce", device=None,
                 progress: bool = True) -> tuple[float, FinetuneResult, list[dict]]:
     """Fine-tune once per beta and keep the one with the lowest validation ``metric`` ("loss" or "error").
 
     Only ``val`` is looked at (the test set never is). Ties go to the smaller beta. A beta of 0 is the plain CE
     control (same seed and batch order), so with 0 among the candidates the choice is never worse than the control
-    on the validation set. Returns
+    on the validation set. ``loss`` is the training loss of every candidate (:func:`finetune`), beta = 0 included:
+    with a baseline loss, beta = 0 is that baseline and beta > 0 is IAERF on top of it. Returns
     ``(best_beta, best_result, table)`` with table rows ``{"beta", "val_loss", "val_error"}``.
     """
     if metric not in ("loss", "error"):
@@ -271,13 +407,15 @@ def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, infl
     betas = sorted(float(b) for b in betas)
     if not betas or any(not (b >= 0 and math.isfinite(b)) for b in betas):
         raise ValueError(f"betas must be finite numbers >= 0 (0 is the plain CE control), got {betas!r}")
+    loss = FinetuneLoss.of(loss)  # a bad name fails here, before any run
     _check_dataset(val, "val")
     val = _model_ready(model, val, "val")
     counts = train.class_counts()
     best, table = None, []
     for b in betas:
         try:
-            result = finetune(model, train, influence, beta=b, config=config, device=device, progress=progress)
+            result = finetune(model, train, influence, beta=b, config=config, loss=loss, device=device,
+                              progress=progress)
         except FloatingPointError:  # the unbounded energy term diverged: this beta is simply not a candidate
             table.append({"beta": b, "val_loss": None, "val_error": None, "diverged": True})
             continue
