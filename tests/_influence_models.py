@@ -42,3 +42,15 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(1 + 0.2 * torch.randn(m.num_features, generator=g))
                 m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
     return model
+
+
+def indefinite_mlp():
+    """``(net, x, y)``: a float64 tanh MLP whose Hessian (not its Gauss-Newton matrix) has lambda_min about -0.06 at
+    these data (P = 59, more than exact's 30-step Lanczos pre-check), for the solvers' indefiniteness refusals."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(4)
+    x, y = torch.randn(30, 3, dtype=torch.float64), torch.randint(0, 3, (30,))
+    return net, x, y

@@ -342,17 +342,10 @@ def test_class_level_influence_drives_finetune_and_select_beta():
 def test_finetune_baselines_docs_example_runs(tmp_path, monkeypatch):
     """The python example of docs/baselines.md's "Fine-tuning baselines" section runs as written (only that
     section's blocks: the post-hoc section's example is tests/test_posthoc.py's)."""
-    import re
-
-    from _docs import doc_path, python_blocks
+    from _docs import doc_path, section_python_blocks
 
     doc = doc_path("docs/baselines.md")
-    with open(doc) as f:
-        text = f.read()
-    section = re.search(r"^## Fine-tuning baselines\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
-    assert section, "docs/baselines.md has no '## Fine-tuning baselines' section"
-    blocks = python_blocks(section.group(1))
-    assert blocks, "the fine-tuning baselines section has no python example"
+    blocks = section_python_blocks("docs/baselines.md", "Fine-tuning baselines")
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, doc, "exec"), {"__name__": "__docs__"})  # noqa: S102 - our own documentation

@@ -171,12 +171,9 @@ def test_divergence_error_names_the_fix():
 
 
 def test_cg_rejects_indefinite():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(4)
-    x, y = torch.randn(30, 3, dtype=torch.float64), torch.randint(0, 3, (30,))
+    from tests._influence_models import indefinite_mlp
+
+    net, x, y = indefinite_mlp()
     op = ModuleHessian(net, (x, y))
     assert torch.linalg.eigvalsh(op.dense())[0] < 0
     with pytest.raises(ValueError, match="positive definite"):

@@ -4,13 +4,12 @@ bad input, and the docs/baselines.md example."""
 import copy
 import json
 import math
-import re
 
 import pytest
 import torch
 import torch.nn as nn
 
-from _docs import doc_path, python_blocks
+from _docs import doc_path, section_python_blocks
 from iaerf.data import TensorDataset
 from iaerf.heads import find_classifier_head
 from iaerf.losses import log_prior
@@ -250,12 +249,7 @@ def test_baselines_docs_example_runs(monkeypatch, tmp_path):
     """The python example of docs/baselines.md's "Post-hoc adjustment" section runs as written (only that section's
     blocks: the fine-tuning section's example is tests/test_finetune_baselines.py's)."""
     doc = doc_path("docs/baselines.md")
-    with open(doc) as f:
-        text = f.read()
-    section = re.search(r"^## Post-hoc adjustment\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
-    assert section, "docs/baselines.md has no '## Post-hoc adjustment' section"
-    blocks = python_blocks(section.group(1))
-    assert blocks, "the post-hoc section has no python example"
+    blocks = section_python_blocks("docs/baselines.md", "Post-hoc adjustment")
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, doc, "exec"), {"__name__": "__docs__"})  # noqa: S102 - our own documentation

@@ -13,20 +13,9 @@ import iaerf
 from iaerf.hessian import ModuleHessian, inverse_hvp
 from iaerf.hessian.inverse import clear_exact_cache
 from iaerf.hessian.kfac import KFACOperator, UnsupportedLayerError, kfac_parameters
-from tests._influence_models import MLP, SmallCNN, randomize_batchnorm
+from tests._influence_models import MLP, SmallCNN, indefinite_mlp, randomize_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _indefinite():
-    """A tanh MLP whose Hessian (not Gauss-Newton) has lambda_min about -0.06 (P = 59 > the 30-step pre-check)."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(4)
-    x, y = torch.randn(30, 3, dtype=torch.float64), torch.randint(0, 3, (30,))
-    return net, x, y
 
 
 def _counting_dense(op):
@@ -50,7 +39,7 @@ def _fresh_exact_cache():
 
 
 def test_exact_refuses_an_indefinite_hessian_as_cg_and_lissa_do_before_the_dense_build():
-    net, x, y = _indefinite()
+    net, x, y = indefinite_mlp()
     op = ModuleHessian(net, (x, y))
     lam_min = float(torch.linalg.eigvalsh(op.dense())[0])
     damping = 0.01
@@ -75,7 +64,7 @@ def test_exact_refuses_an_indefinite_hessian_as_cg_and_lissa_do_before_the_dense
 
 
 def test_exact_refuses_from_a_kept_eigendecomposition_without_building_again():
-    net, x, y = _indefinite()
+    net, x, y = indefinite_mlp()
     op = ModuleHessian(net, (x, y))
     builds = _counting_dense(op)
     V = torch.randn(op.num_params, dtype=torch.float64)
