@@ -77,10 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("influence", help="energy influence I_val of every training point (Eq. 9)")
     _add_settings(p)
     p.add_argument("--method", required=True, choices=["erm", "ldam_drw", "crt", "lws"])
-    p = sub.add_parser("finetune", help="fine-tune: IAERF (beta chosen on validation) or the plain CE control")
+    p = sub.add_parser("finetune", help="fine-tune: IAERF (beta chosen on validation), the plain CE control, or a "
+                       "variant on the control's schedule")
     _add_settings(p)
     p.add_argument("--method", required=True, choices=["erm", "ldam_drw", "crt", "lws"])
-    p.add_argument("--variant", default="iaerf", choices=["iaerf", "ce"])
+    p.add_argument("--variant", default="iaerf", choices=["iaerf", "ce", "iaerf-class", "iaerf-la", "la", "cb"],
+                   help="iaerf (default) | ce (the control) | iaerf-class (class-level influence) | iaerf-la (IAERF "
+                        "on the logit-adjusted loss) | la / cb (logit-adjusted / class-balanced loss fine-tuning)")
     p = sub.add_parser("evaluate", help="test error overall and per shot group for every model of the run")
     _add_settings(p)
     p = sub.add_parser("plot", help="figures 2, 3, 5 (and 1 with --fig1)")
@@ -89,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "response (PBRF), on --pbrf-points training points")
     _add_settings(p)
     p.add_argument("--method", required=True, choices=["erm", "ldam_drw", "crt", "lws"])
-    p = sub.add_parser("demo", help="the whole pipeline on long-tailed digits (ratio 10); prints the table")
+    p = sub.add_parser("demo", help="the whole pipeline on long-tailed digits (ratio 10) under protocol "
+                       "'recommended' (--protocol paper / none for others); prints the table")
     _add_settings(p)
     p.add_argument("--quick", action="store_true", help="tiny schedules (a smoke test, not a result)")
     return parser
@@ -112,6 +116,9 @@ def _config(args, defaults=None):
         elif f.metadata["cli"] == "key_value":  # options add to the stored ones
             value = {**(base.get(name) or {}), **dict(_parse_option(o) for o in value)}
         given[name] = value
+    if given.get("protocol") == "none":  # no preset: the settings as given (the demo's default is 'recommended')
+        given["protocol"] = None
+        base.pop("protocol", None)
     if given.get("protocol") is not None and given["protocol"] != base.get("protocol"):
         from iaerf.pipeline.settings import protocol_settings
 
@@ -177,10 +184,14 @@ def _run(args) -> int:
     if args.command == "demo":
         seed = args.seed if args.seed is not None else 0
         args.out = args.out or os.path.join("runs", f"demo-{seed}")
-        defaults = {"seed": seed, "threads": 1}  # a new demo run: one thread is fastest for its tiny models
+        # a new demo run: the protocol the measurements support, one thread (fastest for its tiny models)
+        defaults = {"seed": seed, "threads": 1, "protocol": "recommended"}
         if args.quick:
-            defaults.update(train_epochs=4, finetune_epochs=1, betas=[0.1, 1.0])
+            defaults.update(train_epochs=4, finetune_epochs=1, betas=[0.0, 1.0])
         config = _config(args, defaults)
+        from iaerf.pipeline.settings import describe_protocol
+
+        print(f"iaerf demo: {describe_protocol(config)}", flush=True)  # the first line, before any stage
     else:
         if args.out is None:
             raise ValueError("--out (the run directory) is required")
@@ -212,12 +223,15 @@ def _command(args, pipe) -> int:
               f"I_max {float(infl.abs().max()):.4g} -> {pipe.influence_path(args.method)}")
     elif args.command == "finetune":
         pipe.finetune(args.method, args.variant)
-        if args.variant == "iaerf":
-            info = pipe.finetune_info(args.method)
+        info = pipe.finetune_info(args.method, args.variant)
+        if "selection" in info:
             for row in info["beta_search"]:
-                loss = "diverged" if row["diverged"] else f"val loss {row['val_loss']:.4g}, val error {row['val_error']:.2f}%"
-                print(f"beta {row['beta']:g}: {loss}")
-            print(f"chosen on validation: beta {info['beta']:g} (effective {info['beta_effective']:.4g})")
+                loss = "diverged" if row["diverged"] else (
+                    f"val loss {row['val_loss']:.4g}, val error {row['val_error']:.2f}%, gain over the control "
+                    f"{row['gain']:+.4g} [{row['low']:+.4g}, {row['high']:+.4g}]")
+                print(f"beta {row['beta']:g}{' (grid extended)' if row['extended'] else ''}: {loss}")
+            print(f"chosen on validation: beta {info['beta']:g} (effective {info['beta_effective']:.4g}): "
+                  f"{info['selection']['summary']}")
         print(f"checkpoint: {pipe.checkpoint(args.method, args.variant)}")
     elif args.command in ("evaluate", "demo"):
         pipe.data()
@@ -225,11 +239,14 @@ def _command(args, pipe) -> int:
         if args.command == "demo":
             pipe.plots()
         from iaerf.pipeline import format_table
+        from iaerf.pipeline.report import format_lead
 
         protocol = f"protocol {pipe.config.protocol}" if pipe.config.protocol else "settings as given (no --protocol)"
         print(f"\n{metrics['dataset']['name']}, seed {pipe.config.seed}, {protocol}: test error (%), shot groups "
-              f"{metrics['dataset']['shot_groups']}\n")
+              f"{metrics['dataset']['shot_groups']}")
+        print(format_lead(metrics["lead"]) + "\n")
         print(format_table(metrics["results"]))
+        print(f"\n{metrics['note']}")
         print(f"\nrun directory: {pipe.out}  ({time.perf_counter() - t0:.1f}s)")
     elif args.command == "evaluate-influence":
         from iaerf.pipeline.stages import pbrf_path

@@ -54,6 +54,7 @@ __all__ = [
     "freeze_batchnorm",
     "finetune",
     "select_beta",
+    "SELECT_RULES",
     "cifar_finetune_config",
     "classifier_retrain_config",
     "BETAS",
@@ -61,6 +62,7 @@ __all__ = [
 
 BETAS = (0.1, 0.5, 1.0, 10.0)
 CAPS = ("none", "per_sample", "global")
+SELECT_RULES = ("noise_aware", "lowest")
 FINETUNE_LOSSES = ("ce", "logit_adjusted", "class_balanced")
 
 
@@ -187,6 +189,8 @@ class FinetuneResult:
     beta_effective: float
     energies: list[torch.Tensor] = field(default_factory=list)
     loss: dict = field(default_factory=lambda: {"name": "ce"})  # FinetuneLoss.to_dict() of the training loss L_i
+    # select_beta's choice (its Selection.to_dict() plus the rule): candidates, the interval beside the choice
+    selection: dict | None = None
 
 
 def energy_coefficients(influence: torch.Tensor, beta: float) -> torch.Tensor:
@@ -392,44 +396,116 @@ def _cap_per_sample(logits: torch.Tensor, y: torch.Tensor, c: torch.Tensor,
 
 def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, influence: torch.Tensor, *,
                 betas=BETAS, config: FinetuneConfig | None = None, metric: str = "loss",
-                loss: str | FinetuneLoss | dict = "ce", device=None,
-                progress: bool = True) -> tuple[float, FinetuneResult, list[dict]]:
-    """Fine-tune once per beta and keep the one with the lowest validation ``metric`` ("loss" or "error").
+                loss: str | FinetuneLoss | dict = "ce", device=None, progress: bool = True,
+                rule: str = "noise_aware", control: FinetuneResult | None = None, extend: bool | None = None,
+                max_extensions: int = 4, balanced: bool = True, n_boot: int = 2000, confidence: float = 0.95,
+                seed: int = 0) -> tuple[float, FinetuneResult, list[dict]]:
+    """Algorithm 1's beta, chosen on ``val`` only: fine-tune once per beta and compare each with the control.
 
-    Only ``val`` is looked at (the test set never is). Ties go to the smaller beta. A beta of 0 is the plain CE
-    control (same seed and batch order), so with 0 among the candidates the choice is never worse than the control
-    on the validation set. ``loss`` is the training loss of every candidate (:func:`finetune`), beta = 0 included:
-    with a baseline loss, beta = 0 is that baseline and beta > 0 is IAERF on top of it. Returns
-    ``(best_beta, best_result, table)`` with table rows ``{"beta", "val_loss", "val_error"}``.
+    The control is beta = 0 with the same training ``loss``, schedule, seed and batch order (``control``: its
+    :class:`FinetuneResult`, e.g. from an earlier :func:`finetune` call; None: fine-tuned here). Every candidate is
+    scored by its per-point validation losses (:func:`iaerf.selection.pointwise_loss`, ``metric`` "loss" (CE) or
+    "error", class-balanced when ``balanced``) and compared with the control's by a paired bootstrap over the
+    validation points (:func:`iaerf.selection.select_on_validation`; ``n_boot``, ``confidence``, ``seed``).
+
+    ``rule``:
+
+    - ``"noise_aware"`` (default): a beta replaces the control only when the lower end of the interval of its
+      validation gain is above 0 (among those, the largest gain); otherwise the control is kept and the returned beta
+      is 0, whether or not 0 is in ``betas``. When the largest beta is the best, the grid grows x10 (up to
+      ``max_extensions`` values) until validation stops improving or a run diverges (``extend``; None: on).
+    - ``"lowest"``: the paper's rule: the beta of ``betas`` with the lowest mean validation metric, however small its
+      gain (no grid extension unless ``extend=True``); ties go to the smaller beta.
+
+    A run that diverges (``FloatingPointError``, or non-finite validation losses) is reported and never chosen; under
+    "lowest" every beta diverging is a FloatingPointError, under "noise_aware" the control is kept. With a baseline
+    ``loss`` the control is that baseline's fine-tuning and beta > 0 is IAERF on top of it. The chosen beta's run is
+    returned as it was trained (no re-run); every candidate's model is held until the choice is made.
+
+    Returns ``(beta, result, table)``: ``result.selection`` holds the choice, the rule and every candidate's gain
+    interval (:meth:`iaerf.selection.Selection.to_dict`, whose ``interval`` is the evidence beside the choice); table
+    rows ``{"beta", "val_loss", "val_error", "diverged", "gain", "low", "high", "significant", "extended",
+    "chosen"}``, one per beta tried (extensions included), ``val_loss`` / ``val_error`` the plain mean CE and error (%).
     """
-    if metric not in ("loss", "error"):
+    from iaerf.selection import METRICS, pointwise_loss, select_on_validation
+
+    if metric not in METRICS:
         raise ValueError(f"metric must be 'loss' or 'error', got {metric!r}")
-    betas = sorted(float(b) for b in betas)
+    if rule not in SELECT_RULES:
+        raise ValueError(f"rule must be one of {SELECT_RULES}, got {rule!r}")
+    try:
+        betas = sorted(float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise ValueError(f"betas must be finite numbers >= 0 (0 is the control), got {betas!r}") from None
     if not betas or any(not (b >= 0 and math.isfinite(b)) for b in betas):
         raise ValueError(f"betas must be finite numbers >= 0 (0 is the plain CE control), got {betas!r}")
     loss = FinetuneLoss.of(loss)  # a bad name fails here, before any run
     _check_dataset(val, "val")
     val = _model_ready(model, val, "val")
-    counts = train.class_counts()
-    best, table = None, []
-    for b in betas:
-        try:
-            result = finetune(model, train, influence, beta=b, config=config, loss=loss, device=device,
-                              progress=progress)
-        except FloatingPointError:  # the unbounded energy term diverged: this beta is simply not a candidate
-            table.append({"beta": b, "val_loss": None, "val_error": None, "diverged": True})
-            continue
-        ev = evaluate(result.model, val, counts, ShotGroups(), device=device)
-        if not math.isfinite(ev["loss"]):
-            table.append({"beta": b, "val_loss": None, "val_error": ev["error"], "diverged": True})
-            continue
-        score = ev["loss"] if metric == "loss" else (ev["error"], ev["loss"])
-        table.append({"beta": b, "val_loss": ev["loss"], "val_error": ev["error"], "diverged": False})
-        if best is None or score < best[0]:
-            best = (score, b, result)
-    if best is None:
-        raise FloatingPointError(f"fine-tuning diverged for every beta in {betas}; lower the lr or use an energy_cap")
-    return best[1], best[2], table
+    if control is not None:
+        if not isinstance(control, FinetuneResult):
+            raise TypeError(f"control must be the FinetuneResult of the beta = 0 run, got {type(control).__name__}")
+        if control.beta != 0 or FinetuneLoss.of(control.loss) != loss:
+            raise ValueError(f"control must be the beta = 0 run with the candidates' loss {loss.to_dict()}, got "
+                             f"beta {control.beta:g} with loss {control.loss}")
+    labels = val.labels
+    results: dict[float, FinetuneResult] = {} if control is None else {0.0: control}
+    plain: dict[float, dict] = {}
+    losses: dict[float, torch.Tensor] = {}
+
+    def score(b: float) -> torch.Tensor:
+        if b in losses:  # beta 0 is both the reference and, when in the grid, a candidate: one run
+            return losses[b]
+        if b not in results:
+            results[b] = finetune(model, train, influence, beta=b, config=config, loss=loss, device=device,
+                                  progress=progress)
+        logits = predict_logits(results[b].model, val, device=device).double()
+        finite = bool(torch.isfinite(logits).all())
+        plain[b] = {"val_loss": float(F.cross_entropy(logits, labels)) if finite else None,
+                    "val_error": 100.0 * float((logits.argmax(1) != labels).double().mean()) if finite else None}
+        losses[b] = pointwise_loss(logits, labels, metric, balanced)
+        return losses[b]
+
+    try:
+        reference = score(0.0)
+    except FloatingPointError as exc:
+        raise FloatingPointError(f"the control (beta = 0, loss {loss.label()}) diverged: {exc}") from exc
+    grow = (rule == "noise_aware") if extend is None else bool(extend)
+    sel = select_on_validation(score, betas, reference=reference, reference_value=0.0,
+                               extend="multiply" if grow else None, factor=10.0, max_extensions=max_extensions,
+                               n_boot=n_boot, confidence=confidence, seed=seed)
+    if rule == "lowest":
+        if sel.best is None:
+            raise FloatingPointError(f"fine-tuning diverged for every beta in {betas}; lower the lr or use an "
+                                     f"energy_cap")
+        chosen = sel.best
+    else:
+        chosen = float(sel.chosen)
+    table = []
+    for row in sel.candidates:
+        b = row["value"]
+        table.append({"beta": b, **plain.get(b, {"val_loss": None, "val_error": None}), "diverged": row["diverged"],
+                      **{k: row[k] for k in ("gain", "low", "high", "significant", "extended")},
+                      "chosen": b == chosen})
+        if row["diverged"]:
+            table[-1]["val_loss"] = None
+    selection = {**sel.to_dict(), "rule": rule, "metric": metric, "balanced": balanced, "loss": loss.to_dict(),
+                 "chosen": chosen, "replaced": chosen != 0.0, "summary": _selection_summary(sel, rule, chosen)}
+    for row in selection["candidates"]:
+        row["chosen"] = row["value"] == chosen
+    if rule == "lowest":  # the evidence beside the choice is the chosen beta's, significant or not
+        selection["interval"] = {k: sel.row(chosen)[k] for k in ("value", "gain", "low", "high")}
+    return chosen, replace(results[chosen], selection=selection), table
+
+
+def _selection_summary(sel, rule: str, chosen: float) -> str:
+    """One line on the beta choice and its evidence (the gain over the control, with its interval)."""
+    if rule == "noise_aware":
+        return sel.summary().replace("the reference", "the control (beta 0)")
+    r = sel.row(chosen)
+    return (f"chose {chosen:g}, the lowest mean validation score of the grid (gain {r['gain']:+.4g} "
+            f"[{r['low']:+.4g}, {r['high']:+.4g}] over the control, {sel.confidence:.0%} paired bootstrap"
+            f"{'' if r['significant'] else '; not above the validation noise'})")
 
 
 @torch.no_grad()

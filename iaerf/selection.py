@@ -215,6 +215,7 @@ def select_on_validation(score: Callable[[float], torch.Tensor], grid, *, refere
 
     Returns a :class:`Selection`. Among the candidates whose interval lies above 0 the one with the largest mean gain
     replaces the reference (ties: the smaller value); with none, the reference stays (``chosen = reference_value``).
+    "Above 0" means above a millionth of the reference's mean loss: smaller gains are float rounding.
     """
     if not callable(score):
         raise TypeError(f"score must be a callable value -> per-point validation losses, got {type(score).__name__}")
@@ -307,9 +308,12 @@ def select_on_validation(score: Callable[[float], torch.Tensor], grid, *, refere
         alpha = 1.0 - confidence
         low = torch.quantile(gains, alpha / 2, dim=1)
         high = torch.quantile(gains, 1 - alpha / 2, dim=1)
+        # a gain below a millionth of the reference's mean loss is rounding (float32 logits of a model the candidate
+        # leaves unchanged, e.g. tau-normalising a cosine head): never above the noise, however tight its interval
+        tol = 1e-6 * float(ref.abs().mean())
         for i, v in enumerate(finite):
             rows[v].update(val_loss=float(losses[v].mean()), gain=float(diffs[i].mean()), low=float(low[i]),
-                           high=float(high[i]), diverged=False, significant=bool(low[i] > 0))
+                           high=float(high[i]), diverged=False, significant=bool(low[i] > tol))
     winners = [rows[v] for v in finite if rows[v]["significant"]]
     # -gain first, then the value: the largest gain, ties to the smaller value
     winner = min(winners, key=lambda r: (-r["gain"], r["value"])) if winners else None

@@ -196,7 +196,9 @@ def test_select_beta_uses_validation_and_skips_divergence():
     model = LinearClassifier(5, 3)
     infl = torch.randn(len(train), generator=torch.Generator().manual_seed(6))
     cfg = FinetuneConfig(epochs=3, batch_size=16, lr=0.5)
-    best, result, table = select_beta(model, train, val, infl, betas=(0.1, 1.0, 1e30), config=cfg, progress=False)
+    # the paper's rule: the lowest validation loss of the grid, whatever its gain over the control
+    best, result, table = select_beta(model, train, val, infl, betas=(0.1, 1.0, 1e30), config=cfg, progress=False,
+                                      rule="lowest")
     assert [row["beta"] for row in table] == [0.1, 1.0, 1e30]
     assert table[2]["diverged"] and table[2]["val_loss"] is None
     finite = [r for r in table if not r["diverged"]]
@@ -204,8 +206,83 @@ def test_select_beta_uses_validation_and_skips_divergence():
     # the returned model is the chosen beta's fine-tuning: same as running it directly
     direct = finetune(model, train, infl, beta=best, config=cfg, progress=False)
     assert torch.equal(direct.model.fc.weight, result.model.fc.weight)
+    assert result.selection["rule"] == "lowest" and result.selection["interval"]["value"] == best
+    # the noise-aware rule (default): a beta replaces the control only on a gain above the validation noise
+    chosen, kept, table = select_beta(model, train, val, infl, betas=(0.1, 1.0, 1e30), config=cfg, progress=False)
+    row = next((r for r in table if r["beta"] == chosen), None)
+    if chosen == 0.0:  # kept: the control's own run, not any candidate's
+        control = finetune(model, train, infl, beta=0.0, config=cfg, progress=False)
+        assert torch.equal(control.model.fc.weight, kept.model.fc.weight)
+        assert not any(r["significant"] for r in table)
+    else:
+        assert row["significant"] and row["low"] > 0
+    assert kept.selection["rule"] == "noise_aware" and table[2]["diverged"] and not table[2]["chosen"]
     with pytest.raises(ValueError, match="metric"):
         select_beta(model, train, val, infl, metric="test_error", progress=False)
+    with pytest.raises(ValueError, match="rule"):
+        select_beta(model, train, val, infl, rule="best", progress=False)
+
+
+class _Scaled(nn.Module):
+    """logits = scale * x: a stand-in for a fine-tuned model whose validation loss depends on beta as chosen."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def forward(self, x):
+        return self.scale * x
+
+
+def _fake_finetune(monkeypatch, scale_of, calls):
+    """``iaerf.finetuning.finetune`` replaced by one whose model scales the validation inputs by ``scale_of(beta)``
+    (a NaN scale: the run diverged), recording each beta it is called with."""
+    import iaerf.finetuning as ft
+
+    def fake(model, train, influence, *, beta, loss="ce", **kw):
+        calls.append(beta)
+        s = scale_of(beta)
+        if s != s:
+            raise FloatingPointError("diverged")
+        return ft.FinetuneResult(_Scaled(s), [], torch.zeros(len(train)), beta, beta,
+                                 loss=ft.FinetuneLoss.of(loss).to_dict())
+
+    monkeypatch.setattr(ft, "finetune", fake)
+
+
+def test_select_beta_extends_the_grid_and_reuses_the_control(monkeypatch):
+    """The largest beta wins: the grid grows x10 until validation stops improving (the diverged candidate is
+    reported, never chosen); a control given is used as it is, never fine-tuned again."""
+    import iaerf.finetuning as ft
+
+    y = torch.arange(40) % 4
+    val = TensorDataset(torch.nn.functional.one_hot(y, 4).float(), y, 4)  # a larger scale: a lower CE, every point
+    model = nn.Linear(4, 4)
+    calls = []
+    _fake_finetune(monkeypatch, lambda b: {0.0: 0.5, 1000.0: 0.1}.get(b, 1.0 + b), calls)
+    control = ft.FinetuneResult(_Scaled(0.5), [{"loss": 1.0}], torch.zeros(40), 0.0, 0.0)
+    beta, result, table = select_beta(model, val, val, torch.ones(40), betas=(0.1, 1.0, 10.0), control=control,
+                                      device="cpu", progress=False)
+    assert calls == [0.1, 1.0, 10.0, 100.0, 1000.0]  # no run of beta 0: the control given is the reference
+    assert [r["beta"] for r in table] == [0.1, 1.0, 10.0, 100.0, 1000.0]
+    assert [r["extended"] for r in table] == [False, False, False, True, True]
+    assert beta == 100.0 and result.beta == 100.0 and float(result.model.scale) == 101.0
+    assert result.selection["stop_reason"] == "not_improving" and result.selection["interval"]["low"] > 0
+    # a diverging extension stops the growth and is never chosen; no significant gain keeps the control itself
+    calls.clear()
+    hot = torch.where(torch.arange(40) < 17, y, (y + 1) % 4)  # 17 points right, 23 wrong: a larger scale helps a
+    mixed = TensorDataset(torch.nn.functional.one_hot(hot, 4).float(), y, 4)  # little on average, within the noise
+    _fake_finetune(monkeypatch, lambda b: float("nan") if b > 10 else 0.5 + b / 100, calls)
+    beta, result, table = select_beta(model, mixed, mixed, torch.ones(40), betas=(1.0, 10.0), control=control,
+                                      device="cpu", progress=False)
+    assert table[1]["gain"] > 0 and table[1]["low"] < 0 and not table[1]["significant"]
+    assert table[-1]["beta"] == 100.0 and table[-1]["diverged"] and result.selection["stop_reason"] == "diverged"
+    assert beta == 0.0 and result.model is control.model and result.history == control.history
+    with pytest.raises(ValueError, match="control must be the beta = 0 run"):
+        select_beta(model, val, val, torch.ones(40), control=ft.FinetuneResult(_Scaled(1), [], torch.zeros(40), 1.0,
+                                                                               1.0), progress=False)
+    with pytest.raises(ValueError, match="control must be the beta = 0 run"):
+        select_beta(model, val, val, torch.ones(40), control=control, loss="logit_adjusted", progress=False)
 
 
 def test_package_level_finetune_is_the_function():

@@ -48,13 +48,20 @@ def test_run_directory_contents(finished_run):
                 "finetune/erm-iaerf.json", "finetune/ldam_drw-iaerf.pt", "plots/fig2_erm.png", "plots/fig3_erm.png",
                 "plots/fig5_ldam_drw.png"]:
         assert os.path.isfile(os.path.join(out, rel)), rel
+    from iaerf.pipeline.report import table_rows
+    from iaerf.pipeline.settings import ROWS
+
     labels = [r["model"] for r in metrics["results"]]
-    assert labels == ["ERM", "ERM + CE fine-tuning", "ERM + IAERF", "LDAM-DRW", "LDAM-DRW + CE fine-tuning",
-                      "LDAM-DRW + IAERF"]
+    assert labels == [row.label for row in table_rows(("erm", "ldam_drw"), ROWS)]  # the new rows by default
+    assert labels[:3] == ["ERM", "ERM + CE fine-tuning", "ERM + IAERF"] and "LDAM-DRW + IAERF" in labels
     for r in metrics["results"]:
         assert 0 <= r["error"] <= 100 and {"many_error", "medium_error", "few_error"} <= set(r)
     info = json.load(open(os.path.join(out, "finetune", "erm-iaerf.json")))
-    assert [row["beta"] for row in info["beta_search"]] == [0.1, 1.0] and info["beta"] in (0.1, 1.0)
+    tried = [row["beta"] for row in info["beta_search"]]  # the grid, then x10 while its largest beta wins
+    assert tried[:2] == [0.1, 1.0] and info["beta"] in [0.0] + tried and "interval" in info["selection"]
+    for rel in ["posthoc/erm.json", "posthoc/erm-iaerf.json", "finetune/erm-la.pt", "finetune/erm-cb.pt",
+                "finetune/erm-iaerf-class.pt", "finetune/ldam_drw-iaerf-la.pt"]:
+        assert os.path.isfile(os.path.join(out, rel)), rel
     infl = torch.load(os.path.join(out, "influence", "erm.pt"))["values"]
     assert infl.shape == (503,) and bool(torch.isfinite(infl).all())
     assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(".tmp-")]  # no temporary leftovers
@@ -78,7 +85,9 @@ def test_resume_skips_done_stages_and_reruns_changed_ones(finished_run, tmp_path
     logs = []
     Pipeline(copy, _quick(damping=1e-2), progress=False, log=logs.append).evaluate()
     ran = {line.split(":")[0].replace("[iaerf] ", "") for line in logs if "skipped" not in line}
-    assert ran == {"influence-erm", "influence-ldam_drw", "finetune-erm-iaerf", "finetune-ldam_drw-iaerf", "evaluate"}
+    # (and the stages downstream of the influence that issue 29 added: IAERF's variants, post-hoc on IAERF)
+    assert ran == {"evaluate"} | {name.format(m) for m in ("erm", "ldam_drw") for name in (
+        "influence-{}", "finetune-{}-iaerf", "finetune-{}-iaerf-class", "finetune-{}-iaerf-la", "posthoc-{}-iaerf")}
 
 
 def test_same_seed_same_results(finished_run, tmp_path):
@@ -300,7 +309,8 @@ def test_feature_files_with_crt_and_lws(tmp_path):
     assert (ft.batch_size, ft.lr, ft.train_params) == (512, 0.2, ("fc",))  # paper's classifier re-training preset
     metrics = Pipeline(str(tmp_path / "run"), cfg, progress=False, log=lambda s: None).evaluate()
     labels = [r["model"] for r in metrics["results"]]
-    assert labels[3:6] == ["cRT", "cRT + CE fine-tuning", "cRT + IAERF"] and labels[-1] == "LWS + IAERF"
+    assert labels[11:14] == ["cRT", "cRT + CE fine-tuning", "cRT + IAERF"] and labels[22:25] == \
+        ["LWS", "LWS + CE fine-tuning", "LWS + IAERF"] and len(labels) == 33
     assert all(0 <= r["error"] <= 100 for r in metrics["results"])
 
 
@@ -325,7 +335,7 @@ def test_cifar_path_end_to_end_on_synthetic_pickles(tmp_path):
 
     assert pipe.data()["train_counts"] == imbalance_counts(10, 10, 5)
     metrics = pipe.evaluate()
-    assert len(metrics["results"]) == 6 and pipe.arch("ldam_drw") == {"name": "resnet32", "num_classes": 10,
+    assert len(metrics["results"]) == 22 and pipe.arch("ldam_drw") == {"name": "resnet32", "num_classes": 10,
                                                                        "normed_fc": True}
 
 
@@ -398,7 +408,7 @@ def test_heldout_validation_option(tmp_path):
     assert info["train_counts"][0] == 112 and pipe.val().class_counts() == [12] * 10
     train_rows = {bytes(r.numpy().tobytes()) for r in pipe.split().train.inputs}
     assert sum(bytes(r.numpy().tobytes()) in train_rows for r in pipe.val().inputs) <= 2  # not training images
-    assert len(pipe.evaluate()["results"]) == 3
+    assert len(pipe.evaluate()["results"]) == 11  # baseline, control, IAERF and the 8 rows of issue 29
 
 
 def test_thread_count_is_in_the_key_of_every_computing_stage(tmp_path):
@@ -447,7 +457,8 @@ def test_fork_run_shares_finished_stages(finished_run, tmp_path):
     logs = []
     Pipeline(fork, _quick(damping=1e-2, methods=("erm",)), progress=False, log=logs.append).evaluate()
     ran = {line.split(":")[0].replace("[iaerf] ", "") for line in logs if "skipped" not in line}
-    assert ran == {"influence-erm", "finetune-erm-iaerf", "evaluate"}
+    assert ran == {"influence-erm", "finetune-erm-iaerf", "finetune-erm-iaerf-class", "finetune-erm-iaerf-la",
+                   "posthoc-erm-iaerf", "evaluate"}
     assert _stage_keys(src) == before
     assert torch.load(os.path.join(src, "influence", "erm.pt"))["values"].shape == (503,)
     with pytest.raises(FileExistsError, match="not empty"):

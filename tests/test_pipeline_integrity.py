@@ -196,10 +196,12 @@ def test_resume_after_any_kill_matches_a_fresh_run(files, references, tmp_path, 
 
 def _cli_args(files, out, name):
     options = {**COMMON, **SETTINGS[name]}
-    return ["demo", "--quiet", "--out", str(out), "--dataset", "features", "--train-features", files["train_features"],
-            "--test-features", files["test_features"], "--methods", *options["methods"], "--train-epochs",
-            str(options["train_epochs"]), "--finetune-epochs", str(options["finetune_epochs"]), "--betas",
-            *map(str, options["betas"]), "--damping", str(options["damping"]), "--threads", str(options["threads"])]
+    # --protocol none: the settings as given (the demo's default protocol holds 10 images per class out)
+    return ["demo", "--quiet", "--out", str(out), "--protocol", "none", "--dataset", "features", "--train-features",
+            files["train_features"], "--test-features", files["test_features"], "--methods", *options["methods"],
+            "--train-epochs", str(options["train_epochs"]), "--finetune-epochs", str(options["finetune_epochs"]),
+            "--betas", *map(str, options["betas"]), "--damping", str(options["damping"]), "--threads",
+            str(options["threads"])]
 
 
 def _sigkill_when_replaced(args, path: str) -> str:

@@ -214,3 +214,13 @@ def test_bad_arguments_are_named(kwargs, match):
         select_on_validation(lambda v: torch.ones(3, dtype=torch.float64) * v, args.pop("grid"), **args)
     with pytest.raises(TypeError, match="score"):
         select_on_validation(None, [1.0], reference_value=0.0)
+
+
+def test_a_rounding_sized_gain_is_not_above_the_noise():
+    """A candidate that leaves the model unchanged up to float32 rounding (tau-normalising a cosine head) has a
+    gain a millionth of the loss: its interval lies above 0 but it never replaces the reference."""
+    ref = torch.rand(50, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    sel = select_on_validation(lambda v: ref - 1e-9 * (1 + v), [1.0, 2.0], reference=ref, reference_value=0.0)
+    assert all(r["low"] > 0 and not r["significant"] for r in sel.candidates) and not sel.replaced
+    sel = select_on_validation(lambda v: ref - 1e-3 * v, [1.0, 2.0], reference=ref, reference_value=0.0)
+    assert sel.replaced and sel.chosen == 2.0

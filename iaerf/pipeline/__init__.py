@@ -13,12 +13,14 @@ Layout of ``<run>/``::
     data.json                     class counts, shot groups, split sizes
     models/<method>.pt            baseline checkpoints (erm, ldam_drw, crt, lws)
     influence/<method>.pt         {"values": I_val [n_train]} (Eq. 9) in training-set order
-    finetune/<method>-<variant>.pt    fine-tuned checkpoints, variant "ce" (control) or "iaerf"
-    finetune/<method>-<variant>.json  beta search table (validation only), history, fine-tuning config
+    finetune/<method>-<variant>.pt    fine-tuned checkpoints, variant "ce" (the control), "iaerf", "iaerf-class",
+                                  "iaerf-la" (IAERF on the logit-adjusted loss), "la", "cb" (loss baselines)
+    finetune/<method>-<variant>.json  beta search table and selection (validation only), history, config, loss
     finetune/<method>-<variant>-energy.pt  {"values": training-set energies [1 + epochs, n_train]}, before and
                                   after each fine-tuning epoch
     (every .pt file also records the SHA-256 of its content, checked on every read)
-    metrics.json, table.md        test error overall and per shot group for every model
+    posthoc/<method>[-<variant>].json  post-hoc taus chosen on validation (logit adjustment, tau-normalisation)
+    metrics.json, table.md        validation score, test error overall and per shot group for every model
     plots/fig{1,2,3,5}_<method>.png, plots/pbrf_<method>.png
     evaluation/pbrf_<method>.json energy influence vs its PBRF ground truth (``iaerf evaluate-influence``)
     stages/<stage>.json           completion marker: the stage's settings key and the SHA-256 of every output it

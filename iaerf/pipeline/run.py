@@ -146,7 +146,7 @@ class Pipeline:
                                                    f"the Hessian itself")
         # last, because it creates the folders: a run that fails an earlier check leaves nothing behind
         ensure_writable_dir(self.out, "run directory")
-        for sub in ("stages", "models", "influence", "finetune", "plots", "evaluation"):
+        for sub in ("stages", "models", "influence", "finetune", "posthoc", "plots", "evaluation"):
             ensure_writable_dir(self.path(sub), f"run directory's {sub}/ folder")
         checkpoint = (c.influence.solver_options or {}).get("checkpoint_path")
         if checkpoint is not None:
@@ -322,11 +322,18 @@ class Pipeline:
         self.ensure(S.finetune_stage(self, method, variant))
 
     def finetune_info(self, method: str, variant: str = "iaerf") -> dict:
-        """``finetune/<method>-<variant>.json`` (run :meth:`finetune` first): beta, beta search table, history."""
+        """``finetune/<method>-<variant>.json`` (run :meth:`finetune` first): beta, beta search table (every
+        candidate's validation gain interval), the selection, history."""
         return S.read_finetune_info(S.finetune_info_path(self, method, variant))
 
+    def posthoc(self, method: str, variant: str | None = None) -> dict:
+        """``posthoc/<method>[-<variant>].json``: the post-hoc taus of that model, chosen on validation."""
+        self.ensure(S.posthoc_stage(self, method, variant))
+        return S.read_posthoc(S.posthoc_path(self, method, variant))
+
     def evaluate(self) -> dict:
-        """``metrics.json``: test error of every model (each baseline, its CE control, IAERF)."""
+        """``metrics.json``: validation score and test error of every model of the table (each baseline, its CE
+        control, IAERF and the rows of ``config.baselines.rows``), and the one that did best on validation."""
         self.ensure(S.evaluate_stage(self))
         return read_json(self.path("metrics.json"))
 

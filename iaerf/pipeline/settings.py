@@ -11,14 +11,19 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from iaerf.finetuning import BETAS, CAPS, FinetuneConfig, cifar_finetune_config, classifier_retrain_config
+from iaerf.finetuning import BETAS, CAPS, SELECT_RULES, FinetuneConfig, cifar_finetune_config, classifier_retrain_config
 
-__all__ = ["BASE_METHODS", "DERIVED_METHODS", "DataSettings", "BaselineSettings", "InfluenceSettings",
+__all__ = ["BASE_METHODS", "DERIVED_METHODS", "ROWS", "DataSettings", "BaselineSettings", "InfluenceSettings",
            "FineTuningSettings", "FigureSettings", "PipelineConfig", "SettingError", "protocol_settings",
-           "setting_fields"]
+           "describe_protocol", "setting_fields"]
 
 BASE_METHODS = ("erm", "ldam_drw")
 DERIVED_METHODS = ("crt", "lws")  # classifier re-training on the frozen ERM backbone
+# the table's rows beside each baseline, its CE control and IAERF (iaerf.pipeline.report.table_rows):
+# posthoc: logit adjustment (tau on validation, and tau = 1) and tau-normalisation of the baseline model;
+# la / cb: logit-adjusted / class-balanced loss fine-tuning on the control's schedule; iaerf-class: class-level
+# IAERF; iaerf-la: IAERF on the logit-adjusted loss; iaerf-posthoc: IAERF's model + post-hoc logit adjustment
+ROWS = ("posthoc", "la", "cb", "iaerf-class", "iaerf-la", "iaerf-posthoc")
 DATASETS = ("digits", "cifar10", "cifar100", "features")
 SOLVERS = ("exact", "cg", "lissa", "kfac", "ekfac")
 VALIDATIONS = ("train_subset", "heldout")
@@ -106,6 +111,16 @@ def _methods(name, value):
     return value
 
 
+def _rows(name, value):
+    if value in ((), []):
+        return ()
+    value = _names()(name, value)
+    unknown = [r for r in value if r not in ROWS]
+    if unknown or len(set(value)) != len(value):
+        raise SettingError(name, f"rows must be distinct names among {ROWS} (or none), got {list(value)}")
+    return tuple(r for r in ROWS if r in value)  # one order, so equal sets are equal settings
+
+
 def _betas(name, value):
     value = _names(kind=(int, float), what="finite numbers >= 0 (0: the CE control)")(name, value)
     for b in value:
@@ -183,6 +198,9 @@ class BaselineSettings:
                                        cli="list")
     train_epochs: int | None = setting(None, _int(1, MAX_EPOCHS, optional=True), "--train-epochs",
                                        "baseline epochs (milestones scale with it)", type=int)
+    rows: tuple[str, ...] = setting(ROWS, _rows, "--rows", "table rows beside each baseline, its CE control and "
+                                    "IAERF: posthoc la cb iaerf-class iaerf-la iaerf-posthoc (default: all; 'none': "
+                                    "no more)", cli="list", words={"none": (), "all": ROWS})
 
     def __post_init__(self):
         _check_fields(self)
@@ -253,7 +271,12 @@ class FineTuningSettings:
     betas: tuple[float, ...] = setting(BETAS, _betas, "--betas", "beta grid (paper: 0.1 0.5 1 10)", cli="list",
                                        type=float)
     select_metric: str = setting("loss", _choice("loss", "error"), "--select-metric",
-                                 "validation metric that picks beta: loss | error")
+                                 "validation metric that picks beta and tau: loss | error")
+    select_rule: str = setting("noise_aware", _choice(*SELECT_RULES), "--select-rule",
+                               "how beta and tau are chosen on validation: noise_aware (a candidate replaces the "
+                               "control only when the paired-bootstrap interval of its gain lies above 0; the grid "
+                               "grows while its largest value wins) | lowest (the paper's: the lowest validation "
+                               "metric of the grid)")
 
     def __post_init__(self):
         _check_fields(self)
@@ -290,7 +313,8 @@ class PipelineConfig:
     fine_tuning: FineTuningSettings = field(default_factory=FineTuningSettings)
     figures: FigureSettings = field(default_factory=FigureSettings)
     protocol: str | None = setting(None, lambda n, v: v if v is None else _choice(*PROTOCOLS)(n, v), "--protocol",
-                                   "preset of the validation, beta, App. B and scope settings: paper | recommended "
+                                   "preset of the validation, beta, App. B and scope settings: paper | recommended | none (iaerf demo: "
+                                   "recommended unless given) "
                                    "(iaerf.pipeline.settings.protocol_settings); options given with it still win")
     seed: int = setting(0, _int(0, 2**32 - 1), "--seed", "seed of data split, initialisation, batches", type=int)
     device: str | None = setting(None, _device, "--device", "cpu | cuda (default: cuda when available)")
@@ -371,13 +395,14 @@ def protocol_settings(name: str, dataset: str) -> dict:
     decide what Algorithm 1 is compared on:
 
     - ``paper``: the paper as written. Validation = the class-balanced subset of the *training* set, beta from
-      {0.1, 0.5, 1, 10} chosen on it, App. B's rule in its per-sample reading, the paper's fine-tuning schedule (images:
+      {0.1, 0.5, 1, 10} chosen on it by the lowest validation loss (``select_rule="lowest"``), App. B's rule in its per-sample reading, the paper's fine-tuning schedule (images:
       whole network, 5 epochs, lr 1e-4, batch 128; feature files: classifier re-training), and the influence over the
       parameters that fine-tuning moves (images: the whole network but batch norm, Gauss-Newton + CG, the stable stand-in
       for the paper's LiSSA on a non-convex network; feature files: the classifier).
     - ``recommended``: what the measurements here support for a practitioner. A validation set held out of training
-      (12 images per class for digits, 10 otherwise), beta = 0 (the control itself) among the candidates so the choice
-      can never be worse than the control on validation, and influence scope = fine-tuned scope = the classifier (exact
+      (12 images per class for digits, 10 otherwise), beta = 0 (the control itself) among the candidates and the
+      noise-aware rule (``select_rule="noise_aware"``: a beta replaces the control only when its validation gain clears
+      the validation set's noise), so the choice is never worse than the control on validation, and influence scope = fine-tuned scope = the classifier (exact
       solve on the frozen features). The energy term is left unbounded (``energy_cap="none"``): with 0 among the betas,
       a beta whose energy term hurts loses on validation instead of being clipped to the control's behaviour.
 
@@ -388,14 +413,30 @@ def protocol_settings(name: str, dataset: str) -> dict:
     features = dataset == "features"
     if name == "paper":
         out = dict(heldout_val=0, validation="train_subset", betas=(0.1, 0.5, 1.0, 10.0), energy_cap="per_sample",
-                   finetune_epochs=None, finetune_batch_size=None, finetune_lr=None, finetune_params="auto",
+                   select_rule="lowest", finetune_epochs=None, finetune_batch_size=None, finetune_lr=None, finetune_params="auto",
                    influence_params="finetuned")
         if not features:
             out.update(gauss_newton=True, solver="cg", solver_options=None)
         return out
     return dict(heldout_val=12 if dataset == "digits" else 10, validation="heldout", betas=(0.0, 0.1, 0.5, 1.0, 10.0),
-                energy_cap="none", finetune_params=("fc",), influence_params="finetuned", solver="exact",
-                solver_options=None)
+                select_rule="noise_aware", energy_cap="none", finetune_params=("fc",), influence_params="finetuned",
+                solver="exact", solver_options=None)
+
+
+def describe_protocol(config: "PipelineConfig") -> str:
+    """One line on what a run compares on: its protocol (or none) and the settings that decide the choices, read
+    from ``config`` itself (options given with a protocol included)."""
+    d, f = config.data, config.fine_tuning
+    head = f"protocol {config.protocol}" if config.protocol else "no protocol (the settings as given)"
+    val = (f"validation held out of training ({d.heldout_val} images per class)" if d.validation_set == "heldout"
+           else "validation = a class-balanced subset of the training set")
+    betas = " ".join(f"{b:g}" for b in f.betas)
+    rule = (f"beta from {betas}, the CE control (beta 0) kept unless a beta's validation gain clears the validation "
+            f"noise (paired bootstrap; the grid grows x10 while its largest beta wins)"
+            if f.select_rule == "noise_aware" else f"beta from {betas} by the lowest validation {f.select_metric}")
+    scope = config.finetune_config().train_params
+    scope = "the whole network but batch norm" if scope is None else " ".join(scope)
+    return f"{head}: {val}; {rule}; fine-tuning {scope}, App. B cap {f.energy_cap}"
 
 
 def _field_names(cls) -> set[str]:

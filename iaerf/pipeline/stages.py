@@ -9,17 +9,18 @@ reads must be among its needs, directly or through them.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from iaerf._io import read_json, settings_key, write_json, write_text
-from iaerf.finetuning import config_dict, finetune, select_beta
+from iaerf.finetuning import FinetuneLoss, FinetuneResult, class_level_influence, config_dict, finetune, select_beta
 from iaerf.heads import classifier_head
 from iaerf.pipeline.files import (build_from_arch, check_png, load_checkpoint, read_table, read_vector,
                                   save_checkpoint, save_vector)
-from iaerf.pipeline.report import format_table, read_metrics, table_rows
+from iaerf.pipeline.report import FINETUNE_VARIANTS, format_lead, format_table, read_metrics, table_rows
 from iaerf.pipeline.settings import DERIVED_METHODS
 from iaerf.training import ClassifierConfig, TrainConfig, cifar_config, digits_config, evaluate, retrain_classifier, \
     train_baseline
@@ -27,9 +28,10 @@ from iaerf.training import ClassifierConfig, TrainConfig, cifar_config, digits_c
 if TYPE_CHECKING:
     from iaerf.pipeline.run import Pipeline
 
-__all__ = ["Stage", "data_stage", "train_stage", "influence_stage", "finetune_stage", "evaluate_stage",
-           "plots_stage", "fig1_stage", "pbrf_stage", "model_arch", "train_config", "influence_task", "checkpoint_path",
-           "influence_path", "finetune_info_path", "read_influence", "read_finetune_info"]
+__all__ = ["Stage", "data_stage", "train_stage", "influence_stage", "finetune_stage", "posthoc_stage",
+           "evaluate_stage", "plots_stage", "fig1_stage", "pbrf_stage", "model_arch", "train_config", "influence_task",
+           "finetune_loss", "checkpoint_path", "influence_path", "finetune_info_path", "posthoc_path",
+           "read_influence", "read_finetune_info", "read_posthoc"]
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,8 @@ def exact_falls_back(run: Pipeline, model: torch.nn.Module, selection) -> bool:
 
 
 def checkpoint_path(run: Pipeline, method: str, variant: str | None = None) -> str:
-    """``models/<method>.pt`` (baseline) or ``finetune/<method>-<variant>.pt`` (variant "ce" or "iaerf")."""
+    """``models/<method>.pt`` (baseline) or ``finetune/<method>-<variant>.pt`` (a fine-tuning variant,
+    :data:`iaerf.pipeline.report.FINETUNE_VARIANTS`)."""
     return run.path("models", f"{method}.pt") if variant is None else run.path("finetune", f"{method}-{variant}.pt")
 
 
@@ -154,6 +157,11 @@ def finetune_info_path(run: Pipeline, method: str, variant: str = "iaerf") -> st
 
 def _energy_path(run: Pipeline, method: str, variant: str) -> str:
     return run.path("finetune", f"{method}-{variant}-energy.pt")
+
+
+def posthoc_path(run: Pipeline, method: str, variant: str | None = None) -> str:
+    """``posthoc/<method>.json`` (on the baseline) or ``posthoc/<method>-<variant>.json`` (on a fine-tuned model)."""
+    return run.path("posthoc", f"{method}.json" if variant is None else f"{method}-{variant}.json")
 
 
 def load_model(run: Pipeline, method: str, variant: str | None = None) -> torch.nn.Module:
@@ -176,10 +184,29 @@ def _read_energies(run: Pipeline, path: str) -> torch.Tensor:
 
 
 def read_finetune_info(path: str) -> dict:
+    """``finetune/<method>-<variant>.json``; ``loss`` is {"name": "ce"} in a control written before it was recorded."""
     info = read_json(path, ("beta", "beta_effective", "beta_search", "history", "config"))
-    if not (isinstance(info["beta"], (int, float)) and isinstance(info["beta_search"], list)):
-        raise ValueError(f"{path} is damaged: beta must be a number and beta_search a list")
+    info.setdefault("loss", {"name": "ce"})
+    if not (isinstance(info["beta"], (int, float)) and isinstance(info["beta_search"], list)
+            and isinstance(info["history"], list) and isinstance(info["loss"], dict)):
+        raise ValueError(f"{path} is damaged: beta must be a number, beta_search and history lists, loss a dict")
     return info
+
+
+def read_posthoc(path: str) -> dict:
+    """``posthoc/*.json``: {"logit_adjustment": {"tau", "selection"}, optionally "tau_normalization"}; the taus
+    chosen on validation (tau-normalisation's None: the unadjusted model kept)."""
+    out = read_json(path, ("logit_adjustment", "rule"))
+    for name, optional in (("logit_adjustment", False), ("tau_normalization", True)):
+        if name not in out:
+            continue
+        part = out[name]
+        tau = part.get("tau") if isinstance(part, dict) else "missing"
+        if not (isinstance(part, dict) and "selection" in part and (
+                (isinstance(tau, (int, float)) and not isinstance(tau, bool) and math.isfinite(tau) and tau >= 0)
+                or (optional and tau is None))):
+            raise ValueError(f"{path} is damaged: '{name}' must hold a tau >= 0 and its selection")
+    return out
 
 
 def _read_data_info(path: str) -> dict:
@@ -279,38 +306,79 @@ def influence_stage(run: Pipeline, method: str) -> Stage:
                  {influence_path(run, method): lambda p: read_influence(run, p)}, write, (train,))
 
 
+def finetune_loss(run: Pipeline, variant: str) -> FinetuneLoss:
+    """The training loss of a fine-tuning variant: cross-entropy, or the logit-adjusted loss (tau = 1, Balanced
+    Softmax) for "la" and "iaerf-la", or the class-balanced one for "cb" with the dataset preset's DRW beta (digits
+    0.996, CIFAR and feature files 0.9999)."""
+    if variant in ("la", "iaerf-la"):
+        return FinetuneLoss("logit_adjusted")
+    if variant == "cb":
+        return FinetuneLoss("class_balanced", cb_beta=train_config(run, "ldam_drw").cb_beta)
+    return FinetuneLoss("ce")
+
+
+# the control each beta search compares with (its beta = 0 run, the same loss)
+_CONTROL = {"iaerf": "ce", "iaerf-class": "ce", "iaerf-la": "la"}
+# the selection code's version: a stage whose choices it makes re-runs when the rule changes
+_SELECTION = "noise-aware-1"
+
+
+def _selection_settings(run: Pipeline) -> dict:
+    c = run.config.fine_tuning
+    return {"metric": c.select_metric, "rule": c.select_rule, "version": _SELECTION}
+
+
 def finetune_stage(run: Pipeline, method: str, variant: str) -> Stage:
-    """``finetune/<method>-<variant>.{pt,json}`` and ``-energy.pt``: Algorithm 1 (variant "iaerf", beta chosen on
-    validation) or the same fine-tuning with plain cross-entropy (variant "ce", the control)."""
-    if variant not in ("ce", "iaerf"):
-        raise ValueError(f"variant must be 'ce' (control) or 'iaerf', got {variant!r}")
+    """``finetune/<method>-<variant>.{pt,json}`` and ``-energy.pt``, every variant on the CE control's schedule
+    (same seed, batch order, epochs, lr, trained parameters, frozen batch norm):
+
+    - "ce": the control, plain CE fine-tuning (beta = 0); "la" / "cb": the logit-adjusted / class-balanced loss
+      fine-tuning (beta = 0 with that loss, :func:`finetune_loss`);
+    - "iaerf": Algorithm 1, beta chosen on validation against the "ce" control (:func:`iaerf.finetuning.select_beta`
+      with the run's ``select_rule``; the JSON records every candidate's validation gain interval and the choice);
+      "iaerf-class": the same with each point's influence replaced by its class's mean; "iaerf-la": IAERF on the
+      logit-adjusted loss, against the "la" run.
+
+    A beta search receives its control's run as written (no re-run): when the control is kept, the variant's files
+    hold the control's model, history and energies."""
+    if variant not in FINETUNE_VARIANTS:
+        raise ValueError(f"variant must be one of {FINETUNE_VARIANTS}, got {variant!r}")
     c = run.config
     ft = config_dict(c.finetune_config())
     train = train_stage(run, method)
-    if variant == "ce":
+    loss = finetune_loss(run, variant)
+    searched = variant in _CONTROL
+    if not searched:
         ft.pop("energy_cap")
-        needs, key = (train,), _key("finetune-ce", train.key, ft)
+        parts = [train.key, ft] if variant == "ce" else [train.key, ft, loss.to_dict()]  # "ce": the key it always had
+        needs, key = (train,), _key(f"finetune-{variant}", *parts)
     else:
-        infl = influence_stage(run, method)
-        needs = (train, infl, finetune_stage(run, method, "ce"))  # the control: its validation loss is compared
-        key = _key("finetune-iaerf", infl.key, ft, c.fine_tuning.betas, c.fine_tuning.select_metric)
+        infl, control = influence_stage(run, method), finetune_stage(run, method, _CONTROL[variant])
+        needs = (train, infl, control)  # the control: its validation losses are the reference of every beta
+        key = _key(f"finetune-{variant}", infl.key, control.key, ft, c.fine_tuning.betas, _selection_settings(run))
     info_path, energy_path = finetune_info_path(run, method, variant), _energy_path(run, method, variant)
 
     def write():
         split, base = run.split(), load_model(run, method)
         cfg = c.finetune_config(record_energy=True)
-        if variant == "ce":
-            result, table = finetune(base, split.train, None, beta=0.0, config=cfg, device=run.device,
+        if not searched:
+            result, table = finetune(base, split.train, None, beta=0.0, config=cfg, loss=loss, device=run.device,
                                      progress=run.progress), []
         else:
             influence = read_influence(run, influence_path(run, method))
-            _, result, table = select_beta(base, split.train, run.val(), influence, betas=c.fine_tuning.betas,
-                                           config=cfg, metric=c.fine_tuning.select_metric, device=run.device,
-                                           progress=run.progress)
+            if variant == "iaerf-class":
+                influence = class_level_influence(influence, split.train.labels, split.num_classes)
+            f = c.fine_tuning
+            _, result, table = select_beta(base, split.train, run.val(), influence, betas=f.betas, config=cfg,
+                                           metric=f.select_metric, loss=loss, device=run.device,
+                                           progress=run.progress, rule=f.select_rule,
+                                           control=_control_result(run, method, _CONTROL[variant], loss),
+                                           seed=c.seed)
         info = {"beta": result.beta, "beta_effective": result.beta_effective, "beta_search": table,
-                "history": result.history, "config": config_dict(cfg)}
-        if variant == "iaerf":
-            info["diagnostics"], info["warnings"] = _diagnose(run, method, base, result, table)
+                "history": result.history, "config": config_dict(cfg), "loss": loss.to_dict()}
+        if searched:
+            info["selection"] = result.selection
+            info["diagnostics"], info["warnings"] = _diagnose(run, method, variant, base, result)
         save_vector(energy_path, torch.stack(result.energies) if result.energies else torch.empty(0))
         save_checkpoint(checkpoint_path(run, method, variant), result.model, model_arch(run, method),
                         {"method": method, "variant": variant, "beta": result.beta})
@@ -321,33 +389,48 @@ def finetune_stage(run: Pipeline, method: str, variant: str) -> Stage:
     return Stage(f"finetune-{method}-{variant}", key, outputs, write, needs)
 
 
+def _control_result(run: Pipeline, method: str, variant: str, loss: FinetuneLoss) -> FinetuneResult:
+    """The beta = 0 run a beta search compares with, rebuilt from what its stage wrote: model, history, energies."""
+    info = read_finetune_info(finetune_info_path(run, method, variant))
+    energies = _read_energies(run, _energy_path(run, method, variant))
+    return FinetuneResult(load_model(run, method, variant), info["history"], torch.zeros(len(run.split().train)),
+                          0.0, 0.0, list(energies), loss.to_dict())
+
+
 class IAERFWarning(UserWarning):
     """Algorithm 1 did something a user should look at: worse than its control on validation, or an energy term
     that outweighs the cross-entropy on most training points."""
 
 
-def _diagnose(run: Pipeline, method: str, base, result, table) -> tuple[dict, list[str]]:
-    """Training-set diagnostics of the IAERF run (:func:`iaerf.finetuning.finetune_diagnostics`), the validation
-    losses of the chosen beta and of the control, and the warnings they call for (also issued)."""
+def _diagnose(run: Pipeline, method: str, variant: str, base, result) -> tuple[dict, list[str]]:
+    """Training-set diagnostics of a beta search's chosen run (:func:`iaerf.finetuning.finetune_diagnostics`), the
+    validation losses of the chosen beta and of its control, and the warnings they call for (issued for IAERF
+    itself; for its ablation variants only recorded, so that one run does not repeat a warning three times)."""
     import warnings
 
-    from iaerf.data import ShotGroups
     from iaerf.finetuning import finetune_diagnostics
 
     diag = finetune_diagnostics(base, result, run.split().train, device=run.device)
-    control = evaluate(load_model(run, method, "ce"), run.val(), run.split().counts(), ShotGroups(), device=run.device)
-    diag["val_loss"] = next(row["val_loss"] for row in table if row["beta"] == result.beta)
+    sel = result.selection
+    chosen = next((r for r in sel["candidates"] if r["value"] == result.beta), None)
+    # the plain mean validation CE (whatever the selection metric), as the stage always recorded it
+    control = evaluate(load_model(run, method, _CONTROL[variant]), run.val(), run.split().counts(), device=run.device)
     diag["control_val_loss"] = control["loss"]
+    diag["val_loss"] = control["loss"] if result.beta == 0 else evaluate(
+        result.model, run.val(), run.split().counts(), device=run.device)["loss"]
+    diag["selection"] = sel["summary"]
+    name = f"{method}" if variant == "iaerf" else f"{method} ({variant})"
     out = []
-    if diag["val_loss"] > diag["control_val_loss"]:
-        out.append(f"{method}: IAERF's validation loss {diag['val_loss']:.4g} (beta {result.beta:g}) is worse than "
-                   f"the CE control's {diag['control_val_loss']:.4g}; add 0 to the betas (protocol 'recommended') "
-                   f"so the selection can keep the control")
+    if chosen is not None and chosen["gain"] is not None and chosen["gain"] < 0:
+        out.append(f"{name}: IAERF's validation {sel['metric']} is worse than its control's (beta "
+                   f"{result.beta:g}, gain {chosen['gain']:+.4g}); with select_rule 'noise_aware' (protocol "
+                   f"'recommended') the control is kept unless a beta's gain clears the validation noise")
     if diag["energy_dominated"] > 0.5:
-        out.append(f"{method}: the energy term outweighs the cross-entropy on {100 * diag['energy_dominated']:.0f}% "
+        out.append(f"{name}: the energy term outweighs the cross-entropy on {100 * diag['energy_dominated']:.0f}% "
                    f"of the training points (beta {result.beta:g}): the fine-tuning mostly moves energies")
-    for text in out:
-        warnings.warn(text, IAERFWarning, stacklevel=2)
+    if variant == "iaerf":  # the ablations' (class-level, on the LA loss) are recorded in their JSON, not issued
+        for text in out:
+            warnings.warn(text, IAERFWarning, stacklevel=2)
     return diag, out
 
 
@@ -355,27 +438,149 @@ def _row_stage(run: Pipeline, method: str, variant: str | None) -> Stage:
     return train_stage(run, method) if variant is None else finetune_stage(run, method, variant)
 
 
-def evaluate_stage(run: Pipeline) -> Stage:
-    """``metrics.json`` and ``table.md``: test error overall and per shot group of every model of the run."""
-    rows = table_rows(run.config.baselines.methods)
-    needs = tuple(_row_stage(run, m, v) for _, m, v in rows)
+def posthoc_stage(run: Pipeline, method: str, variant: str | None = None) -> Stage:
+    """``posthoc/<method>[-<variant>].json``: the post-hoc taus of one model, chosen on the run's validation set
+    only (the test set is not read): logit adjustment (:func:`iaerf.posthoc.select_logit_adjustment`) and, on a
+    baseline (``variant`` None), tau-normalisation (:func:`iaerf.posthoc.select_tau_normalization`), each with the
+    run's ``select_rule`` (noise_aware: the unadjusted model is kept unless a tau's validation gain clears the
+    noise, the grid growing by its step while its largest tau wins; lowest: the best tau of the grid) and metric."""
+    from iaerf.posthoc import LA_TAUS, TAU_NORM_TAUS
+
+    source = _row_stage(run, method, variant)
+    c = run.config
+    path = posthoc_path(run, method, variant)
+    kinds = ("logit_adjustment",) if variant is not None else ("logit_adjustment", "tau_normalization")
+    key = _key("posthoc", source.key, kinds, LA_TAUS, TAU_NORM_TAUS, _selection_settings(run),
+               {"validation": run.config.data.validation_set})
 
     def write():
-        split = run.split()
-        results = []
-        for label, m, v in rows:
-            ev = evaluate(load_model(run, m, v), split.test, split.counts(), split.shot_groups, device=run.device)
-            row = {"model": label, "method": m, "variant": v or "baseline", **ev}
-            if v == "iaerf":
-                row["beta"] = read_finetune_info(finetune_info_path(run, m))["beta"]
-            results.append(row)
+        from iaerf.posthoc import select_logit_adjustment, select_tau_normalization
+
+        model, val, counts = load_model(run, method, variant), run.val(), run.split().counts()
+        rule = c.fine_tuning.select_rule
+        kw = dict(metric=c.fine_tuning.select_metric, extend=rule == "noise_aware", seed=c.seed, device=run.device)
+        results = {"logit_adjustment": select_logit_adjustment(model, val, counts, **kw)}
+        if "tau_normalization" in kinds:
+            results["tau_normalization"] = select_tau_normalization(model, val, **kw)
+        out = {"rule": rule}
+        for name, res in results.items():
+            sel = res.selection
+            # lowest: the best tau of the grid whatever its gain (None only when every tau diverged)
+            tau = res.tau if rule == "noise_aware" else (sel.best if sel.best is not None else res.tau)
+            iv = sel.interval if rule == "noise_aware" else _row_interval(sel, tau)
+            summary = sel.summary().replace("the reference", "the unadjusted model") if rule == "noise_aware" else (
+                f"chose {tau:g}, the lowest mean validation score of the grid (gain {iv['gain']:+.4g} "
+                f"[{iv['low']:+.4g}, {iv['high']:+.4g}] over the unadjusted model)" if iv["gain"] is not None
+                else "kept the unadjusted model (every tau diverged)")
+            out[name] = {"tau": tau, "replaced": sel.replaced if rule == "noise_aware" else tau is not None,
+                         "interval": iv, "summary": summary, "selection": sel.to_dict()}
+        write_json(path, out)
+
+    return Stage(f"posthoc-{method}" + (f"-{variant}" if variant else ""), key, {path: read_posthoc}, write,
+                 (source,))
+
+
+def _row_interval(sel, value) -> dict:
+    r = sel.row(value)
+    return {k: (r[k] if r else None) for k in ("value", "gain", "low", "high")}
+
+
+def _row_needs(run: Pipeline, row) -> Stage:
+    """The stage whose output a table row's model is made from: the post-hoc choice, or the model's own stage."""
+    return posthoc_stage(run, row.method, row.variant) if row.adjust in ("la", "tn") else \
+        _row_stage(run, row.method, row.variant)
+
+
+def _row_model(run: Pipeline, row, models: dict) -> tuple[torch.nn.Module, dict | None]:
+    """A table row's model (its checkpoint, then its post-hoc step) and what was chosen on validation for it."""
+    from iaerf.posthoc import logit_adjusted_model, tau_normalized_model
+
+    if (row.method, row.variant) not in models:
+        models[row.method, row.variant] = load_model(run, row.method, row.variant)
+    model, val, counts = models[row.method, row.variant], run.val(), run.split().counts()
+    if row.adjust is None:
+        if row.variant is None or row.variant not in _CONTROL:
+            return model, None
+        info = read_finetune_info(finetune_info_path(run, row.method, row.variant))
+        sel = info["selection"]
+        return model, {"param": "beta", "value": info["beta"], "rule": sel["rule"], "replaced": sel["replaced"],
+                       "interval": sel["interval"]}
+    if row.adjust == "la1":
+        return logit_adjusted_model(model, counts, 1.0, val), {"param": "tau", "value": 1.0, "fixed": True}
+    posthoc = read_posthoc(posthoc_path(run, row.method, row.variant))
+    part = posthoc["logit_adjustment" if row.adjust == "la" else "tau_normalization"]
+    choice = {"param": "tau", "value": part["tau"], "rule": posthoc["rule"], "replaced": part["replaced"],
+              "interval": part["interval"]}
+    if part["tau"] is None:
+        return model, choice
+    if row.adjust == "la":
+        return logit_adjusted_model(model, counts, part["tau"], val), choice
+    return tau_normalized_model(model, part["tau"], val), choice
+
+
+def evaluate_stage(run: Pipeline) -> Stage:
+    """``metrics.json`` and ``table.md``: every model of the run (:func:`iaerf.pipeline.report.table_rows`) on the
+    validation set (the run's own, behind every choice) and the test set: test error overall and per shot group, its
+    difference against ERM and against the CE control of the same baseline, what was chosen on validation, and the
+    model that did best on validation ("lead"; the table is sorted by validation, best first). The test set chooses
+    nothing."""
+    from iaerf.selection import pointwise_loss
+
+    c = run.config
+    rows = table_rows(c.baselines.methods, c.baselines.rows)
+    needs = tuple(dict((s.name, s) for s in (_row_needs(run, r) for r in rows)).values())
+    metric = c.fine_tuning.select_metric
+
+    def write():
+        from iaerf.selection import paired_bootstrap
+        from iaerf.training import predict_logits
+
+        split, val = run.split(), run.val()
+        results, per_point, models = [], [], {}
+        for row in rows:
+            model, choice = _row_model(run, row, models)
+            # validation first, for the lead; then the test set, which only reports
+            logits = predict_logits(model, val, device=run.device).double()
+            per_point.append(pointwise_loss(logits, val.labels, metric))
+            ev = evaluate(model, split.test, split.counts(), split.shot_groups, device=run.device)
+            results.append({"model": row.label, "method": row.method, "variant": row.key, **ev,
+                            "val_metric": float(per_point[-1].mean()), "val_metric_name": metric,
+                            "val_loss": float(torch.nn.functional.cross_entropy(logits, val.labels)),
+                            "val_error": 100.0 * float((logits.argmax(1) != val.labels).double().mean()),
+                            "choice": choice})
+            if choice is not None and choice["param"] == "beta":
+                results[-1]["beta"] = choice["value"]
+        by_key = {(r["method"], r["variant"]): i for i, r in enumerate(results)}
+        erm = by_key.get(("erm", "baseline"))
+        for r in results:
+            control = results[by_key[r["method"], "ce"]]
+            for name, ref in (("vs_erm", results[erm] if erm is not None else None), ("vs_control", control)):
+                r[name] = None if ref is None else r["error"] - ref["error"]
+                r[name + "_groups"] = None if ref is None else {
+                    g: (None if r[g] is None or ref[g] is None or math.isnan(r[g]) or math.isnan(ref[g])
+                        else r[g] - ref[g]) for g in ("many_error", "medium_error", "few_error")}
+        # the lead: the lowest validation score (ties: the earlier row), against ERM (else the first baseline)
+        best = min(range(len(results)), key=lambda i: (results[i]["val_metric"], i))
+        ref = erm if erm is not None else 0
+        boot = paired_bootstrap(per_point[ref], per_point[best], seed=c.seed)
+        lead = {"model": results[best]["model"], "method": results[best]["method"],
+                "variant": results[best]["variant"], "metric": f"validation {metric}",
+                "val": results[best]["val_metric"], "reference": results[ref]["model"],
+                "reference_val": results[ref]["val_metric"], **boot, "confidence": 0.95, "n_val": len(val),
+                "error": results[best]["error"], "vs_erm": results[best]["vs_erm"]}
+        note = (f"Rows sorted by validation {metric} (best first); beta and tau were chosen on validation, the test "
+                f"set only evaluated. vs ERM / vs control: test error minus ERM's / minus the CE control's of the same "
+                f"baseline, in points. One seed: no interval over seeds (an interval in brackets is a paired bootstrap "
+                f"over the validation points of that choice's validation gain).")
         write_json(run.path("metrics.json"),
-                   {"dataset": split.describe(), "settings": run.config.to_json(), "results": results})
-        write_text(run.path("table.md"), format_table(results) + "\n")
+                   {"dataset": split.describe(), "settings": c.to_json(), "results": results, "lead": lead,
+                    "seeds": 1, "note": note})
+        write_text(run.path("table.md"), format_table(results, metric) + "\n\n" + format_lead(lead) + "\n\n"
+                   + note + "\n")
 
     outputs = {run.path("metrics.json"): lambda p: read_metrics(p, len(rows)), run.path("table.md"): read_table}
     # metrics.json records every setting of the run, so any changed setting re-runs it (a test pass per model)
-    return Stage("evaluate", _key("evaluate", [s.key for s in needs], run.config.to_json()), outputs, write, needs)
+    return Stage("evaluate", _key("evaluate", [s.key for s in needs], c.to_json()), outputs, write, needs)
 
 
 def plots_stage(run: Pipeline, method: str) -> Stage:
