@@ -624,3 +624,24 @@ def test_tied_head_is_not_taken_for_frozen_features():
     assert not _selects_head_only(_TiedHead(), ["fc"], probe)
     untied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))
     assert _selects_head_only(untied, ["2"], probe)
+
+
+def test_model_setting_trains_the_chosen_network(tmp_path):
+    """--model convnet on digits: the checkpoints hold a ConvNet over the data's one channel; the default arch (and
+    so every default key) is unchanged; feature files refuse a network."""
+    from iaerf.models import ConvNet
+    from iaerf.pipeline import SettingError
+
+    cfg = _quick(methods=("erm",), model="convnet", train_epochs=1, rows=())
+    pipe = Pipeline(str(tmp_path / "r"), cfg, progress=False, log=lambda line: None)
+    assert pipe.arch("erm") == {"name": "convnet", "num_classes": 10, "in_channels": 1}
+    pipe.train("erm")
+    assert isinstance(pipe.model("erm"), ConvNet)
+    pipe.close()
+    default = Pipeline(str(tmp_path / "d"), _quick(methods=("erm",)), progress=False, log=lambda line: None)
+    assert default.arch("erm") == {"name": "small_cnn", "num_classes": 10}
+    default.close()
+    with pytest.raises(SettingError, match="model"):
+        PipelineConfig.from_options(dataset="features", train_features="a.pt", test_features="b.pt", model="convnet")
+    with pytest.raises(SettingError, match="model must be one of"):
+        PipelineConfig.from_options(model="vgg")

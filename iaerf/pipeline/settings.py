@@ -27,6 +27,7 @@ ROWS = ("posthoc", "la", "cb", "iaerf-class", "iaerf-la", "iaerf-posthoc")
 DATASETS = ("digits", "cifar10", "cifar100", "features")
 SOLVERS = ("exact", "cg", "lissa", "kfac", "ekfac")
 VALIDATIONS = ("train_subset", "heldout")
+IMAGE_MODELS = ("small_cnn", "convnet")  # networks a run can train on images of any channel count (iaerf.models)
 PROTOCOLS = ("paper", "recommended")
 # torch accepts any thread count but crashes (segfault) on very large ones; far above any machine's core count
 MAX_THREADS = 1024
@@ -198,6 +199,9 @@ class BaselineSettings:
                                        cli="list")
     train_epochs: int | None = setting(None, _int(1, MAX_EPOCHS, optional=True), "--train-epochs",
                                        "baseline epochs (milestones scale with it)", type=int)
+    model: str | None = setting(None, lambda n, v: v if v is None else _choice(*IMAGE_MODELS)(n, v), "--model",
+                                "network for image data: small_cnn | convnet (default: the dataset's, small_cnn "
+                                "for digits, resnet32 for CIFAR; feature files always use a linear classifier)")
     rows: tuple[str, ...] = setting(ROWS, _rows, "--rows", "table rows beside each baseline, its CE control and "
                                     "IAERF: posthoc la cb iaerf-class iaerf-la iaerf-posthoc (default: all; 'none': "
                                     "no more)", cli="list", words={"none": (), "all": ROWS})
@@ -335,6 +339,9 @@ class PipelineConfig:
             raise SettingError("validation", "validation='heldout' needs heldout_val > 0 images per class held out")
         if d.dataset == "features" and not (d.train_features and d.test_features):
             raise SettingError("train_features", "dataset='features' needs train_features and test_features file paths")
+        if d.dataset == "features" and self.baselines.model is not None:
+            raise SettingError("model", f"model={self.baselines.model!r} is for image data; dataset='features' trains "
+                                        "a linear classifier on the given features")
         if d.dataset.startswith("cifar") and not d.data_root:
             raise SettingError("data_root", f"dataset={d.dataset!r} needs data_root (the folder holding the CIFAR "
                                             "pickles)")

@@ -58,11 +58,14 @@ def _key(*parts) -> str:
 def model_arch(run: Pipeline, method: str) -> dict:
     """The checkpoint architecture of ``method``'s model: {"name", "num_classes", **kwargs}."""
     split = run.split()
-    name = {"digits": "small_cnn", "cifar10": "resnet32", "cifar100": "resnet32",
-            "features": "linear"}[run.config.data.dataset]
+    dataset = run.config.data.dataset
+    name = run.config.baselines.model or {"digits": "small_cnn", "cifar10": "resnet32", "cifar100": "resnet32",
+                                          "features": "linear"}[dataset]
     arch = {"name": name, "num_classes": split.num_classes}
     if name == "linear":
         arch["in_features"] = int(split.train.inputs.shape[1])
+    if run.config.baselines.model is not None:  # a chosen network takes the data's channels (the presets know theirs)
+        arch["in_channels"] = int(split.train.inputs.shape[1])
     if method == "ldam_drw":
         arch["normed_fc"] = True
     return arch
