@@ -1,4 +1,4 @@
-// Row kernels shared by the fused CPU ops (csrc/cpu/logsumexp.cpp, csrc/cpu/energy_ce.cpp): the vectorised exp,
+// Row kernels shared by the fused CPU ops (csrc/cpu/logsumexp_kernels.h, csrc/cpu/energy_ce_kernels.h): the vectorised exp,
 // the shift-free forward core, argument checks and buffers.
 //
 // Rows are split across threads by at::parallel_for; each row is read once from memory (the later passes over
@@ -28,6 +28,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "capability.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -44,9 +46,11 @@
 
 namespace iaerf {
 namespace cpu {
+// compiled once per capability: see capability.h
+inline namespace CPU_CAPABILITY {
 
 
-// exp for float with ~2 ulp error, written so that gcc vectorises loops calling it (-O3 -march=native): std::exp
+// exp for float with ~2 ulp error, written so that gcc vectorises loops calling it (-O3, at the vector width of the capability it is compiled for, capability.h): std::exp
 // is a libm call per element and dominates the runtime of a scalar loop. Cody-Waite range reduction
 // x = n ln2 + r, |r| <= ln2/2, then the Cephes minimax polynomial for exp(r), then scaling by 2^n via the
 // exponent bits. n is rounded with the 1.5 * 2^23 magic constant rather than std::floor + int conversion,
@@ -441,5 +445,6 @@ struct RowWriter {
   std::vector<acc_t> buf_;
 };
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace iaerf
