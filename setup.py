@@ -5,10 +5,10 @@ C++ launch bindings csrc/cuda/*.cpp) are added when the installed torch has CUDA
 FORCE_CUDA=1 (TORCH_CUDA_ARCH_LIST picks the targets on a machine without a driver). IAERF_NO_EXTENSION=1 skips
 the extension entirely: iaerf then runs on its pure-torch paths.
 
-The build is portable (no -march=native): the CPU kernels are compiled once per CPU capability, as ATen's own are
-(csrc/cpu/capability.h): csrc/cpu/isa/kernels_default.cpp for the x86-64 baseline (or any other CPU), and on x86-64
-csrc/cpu/isa/kernels_avx2.cpp and kernels_avx512.cpp with their ISA flags (those of ATen's own AVX2 / AVX512 kernels); the copy that
-runs is chosen at run time by at::get_cpu_capability() (ATEN_CPU_CAPABILITY=default|avx2|avx512 overrides it).
+The build is portable (no -march=native): the CPU kernels are compiled once per CPU capability, as ATen's own
+are (csrc/cpu/capability.h): csrc/cpu/isa/kernels_default.cpp for the x86-64 baseline (or any other CPU), and on
+x86-64 csrc/cpu/isa/kernels_avx2.cpp and kernels_avx512.cpp with ATen's AVX2 / AVX512 flags. The copy that runs
+is chosen at run time by at::get_cpu_capability() (ATEN_CPU_CAPABILITY=default|avx2|avx512 overrides it).
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the torch that is already installed.
 """
@@ -67,7 +67,7 @@ def _extensions():
     return [ext], {"build_ext": _build_ext_class(BuildExtension)}
 
 
-# The copies of the CPU kernels (csrc/cpu/capability.h): (source, extra compiler flags, whether x86-64 only). The AVX-512 set
+# The copies of the CPU kernels (csrc/cpu/capability.h): (source, extra compiler flags, x86-64 only?). The AVX-512 set
 # is the one ATen's AVX512 capability requires (f, bw, vl, dq), the AVX2 one ATen's AVX2 flags.
 # -fno-trapping-math: without it gcc 12 leaves every loop calling fast_exp / fast_log scalar ("control flow in
 # loop": it will not if-convert the range selects of a comparison that could trap) except where AVX-512 masks
@@ -75,7 +75,8 @@ def _extensions():
 # inf and signed zeros keep their IEEE meaning); only floating-point exception flags, which nothing reads, may differ.
 KERNEL_FLAGS = ["-fno-trapping-math"]
 ISA_KERNELS = [
-    ("csrc/cpu/isa/kernels_default.cpp", KERNEL_FLAGS + ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"], False),
+    ("csrc/cpu/isa/kernels_default.cpp",
+     KERNEL_FLAGS + ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"], False),
     ("csrc/cpu/isa/kernels_avx2.cpp",
      KERNEL_FLAGS + ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"], True),
     (

@@ -12,7 +12,7 @@ inline namespace CPU_CAPABILITY {
 // energy-regularized cross-entropy
 
 // (loss, ce, lse, probs or undefined, number of rows not ignored as a 0-dim tensor of the accumulation dtype)
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> energy_ce_forward_impl(
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> energy_ce_forward_impl(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& energy_coef, int64_t ignore_index,
     bool with_probs, const char* op) {
   check_logits(logits, op);
@@ -49,8 +49,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> energy_ce
 
 // grad_logits_i = g_i * ((1 - c_i) softmax(z_i) - onehot(y_i)); the true-class entry is formed in fp32 before
 // the store so that bf16/fp16 gradients of confident rows (p_y ~ 1) keep their relative accuracy.
-at::Tensor energy_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                                  const at::Tensor& energy_coef, const at::Tensor& lse, int64_t ignore_index) {
+inline at::Tensor energy_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                         const at::Tensor& target, const at::Tensor& energy_coef,
+                                         const at::Tensor& lse, int64_t ignore_index) {
   const char* op = "iaerf::energy_ce_backward";
   check_logits(logits, op);
   const int64_t N = logits.size(0), K = logits.size(1);
@@ -93,8 +94,9 @@ at::Tensor energy_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor&
 }
 
 // The same gradient formed in place from the softmax kept by energy_ce_forward_with_probs.
-void energy_ce_backward_from_probs_cpu(const at::Tensor& grad_loss, const at::Tensor& probs, const at::Tensor& target,
-                                       const at::Tensor& energy_coef, int64_t ignore_index) {
+inline void energy_ce_backward_from_probs_cpu(const at::Tensor& grad_loss, const at::Tensor& probs,
+                                              const at::Tensor& target, const at::Tensor& energy_coef,
+                                              int64_t ignore_index) {
   const char* op = "iaerf::energy_ce_backward_from_probs_";
   check_logits(probs, op);
   TORCH_CHECK_VALUE(probs.is_contiguous(), op, ": probs must be contiguous (the buffer made by the forward)");

@@ -11,7 +11,7 @@ inline namespace CPU_CAPABILITY {
 // ---------------------------------------------------------------------------------------------------------
 // logsumexp: [N, K] -> [N]
 
-std::tuple<at::Tensor, at::Tensor> logsumexp_impl(const at::Tensor& logits, bool with_probs, const char* op) {
+inline std::tuple<at::Tensor, at::Tensor> logsumexp_impl(const at::Tensor& logits, bool with_probs, const char* op) {
   check_logits(logits, op);
   at::Tensor lse = at::empty({logits.size(0)}, logits.options().dtype(acc_dtype(logits)));
   at::Tensor probs = with_probs ? new_probs(logits) : at::Tensor();
@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> logsumexp_impl(const at::Tensor& logits, bool
 }
 
 // d lse_i / d z_ik = softmax(z_i)_k, so grad_logits = grad[:, None] * exp(z - lse[:, None]).
-at::Tensor logsumexp_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& lse) {
+inline at::Tensor logsumexp_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& lse) {
   const char* op = "iaerf::logsumexp_backward";
   check_logits(logits, op);
   const int64_t N = logits.size(0), K = logits.size(1);
@@ -51,7 +51,7 @@ at::Tensor logsumexp_backward_cpu(const at::Tensor& grad, const at::Tensor& logi
 }
 
 // probs[i, :] *= grad[i]: turns the softmax kept by logsumexp_with_probs into the gradient, in place.
-void logsumexp_backward_from_probs_cpu(const at::Tensor& grad, const at::Tensor& probs) {
+inline void logsumexp_backward_from_probs_cpu(const at::Tensor& grad, const at::Tensor& probs) {
   const char* op = "iaerf::logsumexp_backward_from_probs_";
   check_logits(probs, op);
   TORCH_CHECK_VALUE(probs.is_contiguous(), op, ": probs must be contiguous (the buffer made by the forward)");

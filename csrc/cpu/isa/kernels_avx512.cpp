@@ -3,6 +3,6 @@
 // requires, so it runs wherever at::get_cpu_capability() says AVX512. See ../capability.h.
 #if !defined(CPU_CAPABILITY_AVX512) || !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || \
     !defined(__AVX512DQ__)
-#error "kernels_avx512.cpp must be compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c -DCPU_CAPABILITY=AVX512 -DCPU_CAPABILITY_AVX512"
+#error "kernels_avx512.cpp needs -mavx512f -mavx512bw -mavx512vl -mavx512dq -DCPU_CAPABILITY=AVX512 -DCPU_CAPABILITY_AVX512"
 #endif
 #include "../kernels_isa.inc"
