@@ -6,7 +6,9 @@ Cases, at N = 8192 rows and K in {10, 100, 1000, 8192} classes, fp32:
   - logsumexp forward+backward and energy forward, against torch.logsumexp.
 Each row has the median time of both (timed in alternating blocks, so that load from other processes on a shared
 machine hits both alike), the speedup, the max relative error of the fused result (loss and logits gradient) against
-float64, and the peak extra memory of one forward+backward for both.
+float64, and the peak extra memory of one forward+backward for both. On CPU every row also records the CPU's vector
+extensions and the kernel copy in use (ATen's and iaerf's capability: ATEN_CPU_CAPABILITY=default|avx2|avx512 forces
+both, and torch.compile's vector ISA, so an AVX-512 machine can stand in for an AVX2 one).
 Every case also has torch.compile of the eager composition as a peer (compiled once per size and warmed up before
 any timing; a failed compile puts the reason in the row), and the fraction of the machine's copy bandwidth (one
 512 MiB tensor copy, read + write bytes over its median time, measured once) that iaerf reaches for the case's
@@ -224,6 +226,10 @@ def run(quick: bool = False, device: str = "cpu", threads: int | None = None, ks
                                       lambda f: (lambda: f(z))), reps, device)
         rows.append(peer_row("energy forward", "energy_fwd", "-torch.logsumexp", t, comp_energy, "report"))
         del z, zg
+    if torch.device(device).type == "cpu":
+        isa = common.describe_cpu_capability(common.cpu_capability())
+        for r in rows:
+            r["cpu_isa"] = isa
     return rows
 
 

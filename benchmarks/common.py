@@ -19,6 +19,45 @@ from typing import Callable, NamedTuple
 import torch
 
 
+# The vector extensions that decide which copy of a CPU kernel runs (iaerf's and ATen's: csrc/cpu/capability.h).
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
+                "avx512_fp16", "amx_tile", "asimd", "sve")
+
+
+def cpu_vector_extensions(*, read: Callable[[str], str] | None = None) -> list[str]:
+    """The CPU's vector extensions among VECTOR_FLAGS, from /proc/cpuinfo's flags (x86) or Features (Arm) line; []
+    where it cannot be read."""
+    try:
+        text = (read or _read_text)("/proc/cpuinfo")
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags = set(line.split(":", 1)[1].split())
+            return [f for f in VECTOR_FLAGS if f in flags]
+    return []
+
+
+def cpu_capability() -> dict:
+    """The CPU kernel copy in use: ATen's (torch.backends.cpu.get_cpu_capability, which honours
+    ATEN_CPU_CAPABILITY) and iaerf's (torch.ops.iaerf.cpu_capability; None without the extension), and the CPU's
+    vector extensions."""
+    try:
+        from iaerf import _extension
+
+        iaerf_cap = torch.ops.iaerf.cpu_capability() if _extension.has_native_op("cpu_capability") else None
+    except Exception:  # an extension built before the per-ISA kernels
+        iaerf_cap = None
+    return {"vector_extensions": cpu_vector_extensions(), "aten_capability": torch.backends.cpu.get_cpu_capability(),
+            "iaerf_capability": iaerf_cap}
+
+
+def describe_cpu_capability(cap: dict) -> str:
+    """One short line for a result row: "avx2 fma avx512f ... | ATen AVX2, iaerf AVX2"."""
+    ext = " ".join(f for f in cap["vector_extensions"] if f not in ("sse4_2", "avx")) or "no AVX2/AVX-512"
+    return f"{ext} | ATen {cap['aten_capability']}, iaerf {cap['iaerf_capability'] or '-'}"
+
+
 def machine_description() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -38,6 +77,7 @@ def machine_description() -> dict:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "cpu_capability": cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
@@ -473,5 +513,10 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {_fmt_bytes(r.get('iaerf_peak_bytes'))} / {_fmt_bytes(r.get('baseline_peak_bytes'))} "
             f"| {'-' if fraction is None else f'{100 * fraction:.0f}%'} | {r.get('target') or '-'} |"
         )
+    if any(r.get("cpu_isa") for r in rows):  # CPU rows that record the vector extensions and capability in use
+        lines[0] += " CPU vector extensions \\| capability |"
+        lines[1] += "---|"
+        for i, r in enumerate(rows):
+            lines[2 + i] += f" {(r.get('cpu_isa') or '-').replace('|', chr(92) + '|')} |"
     notes = [f"- {r['case']} ({r['shape']}): {r['note']}" for r in rows if r.get("note")]
     return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")

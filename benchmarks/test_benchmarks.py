@@ -434,3 +434,20 @@ def test_memory_budget_reads_mem_available():
     assert common.memory_budget_bytes(0.5, read=lambda path: meminfo) == 1000 * 1024
     with pytest.raises(RuntimeError, match="MemAvailable"):
         common.memory_budget_bytes(0.5, read=lambda path: "MemTotal: 1 kB\n")
+
+
+def test_cpu_vector_extensions_and_capability_are_recorded():
+    cpuinfo = "processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma f16c avx512f avx512bw avx512vl avx512dq\n"
+    assert common.cpu_vector_extensions(read=lambda _: cpuinfo) == [
+        "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"]
+    assert common.cpu_vector_extensions(read=lambda _: "Features\t: fp asimd sve\n") == ["asimd", "sve"]
+    cap = common.cpu_capability()
+    assert cap["aten_capability"] == torch.backends.cpu.get_cpu_capability()
+    line = common.describe_cpu_capability({"vector_extensions": ["avx", "avx2", "fma"], "aten_capability": "AVX2",
+                                           "iaerf_capability": "AVX2"})
+    assert line == "avx2 fma | ATen AVX2, iaerf AVX2"
+    row = common.row("c", "s", "fp32", "b", {"median": 2.0, "iqr": 0.1}, {"median": 1.0, "iqr": 0.1})
+    table = common.markdown_table([{**row, "cpu_isa": line}])
+    assert "CPU vector extensions \\| capability" in table.splitlines()[0]
+    assert table.splitlines()[2].endswith("avx2 fma \\| ATen AVX2, iaerf AVX2 |")
+    assert "capability" not in common.markdown_table([row])  # other benchmarks' tables are unchanged

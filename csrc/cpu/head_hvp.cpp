@@ -22,8 +22,7 @@ at::Tensor head_hvp_cpu(const at::Tensor& features, const at::Tensor& probs, con
   // the GEMM rate to the thin second GEMM, 400+ rows do not; memory stays bounded for any n.
   return head_hvp_tiled(features, probs, v, indices, has_bias, tile_rows, int64_t(1) << 22,
                         [](const at::Tensor& pt, at::Tensor& u, const at::Tensor& vb) {
-                          AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "head_hvp_mix_cpu",
-                                                     [&] { head_hvp_mix_cpu<scalar_t>(pt, u, vb); });
+                          cpu::kernels().head_hvp_mix(pt, u, vb);  // the copy of the running CPU capability
                         });
 }
 

@@ -18,6 +18,10 @@
 #include <optional>
 
 namespace iaerf {
+// Everything here is compiled once per CPU capability (capability.h): the CPU mix is one of the kernels that
+// kernels() picks at run time (head_hvp.cpp calls it through the table), and an inline namespace keeps each
+// copy's symbols apart.
+inline namespace CPU_CAPABILITY {
 
 inline void head_hvp_check(const at::Tensor& features, const at::Tensor& probs, const at::Tensor& v,
                            const std::optional<at::Tensor>& indices, bool has_bias) {
@@ -168,4 +172,5 @@ at::Tensor head_hvp_tiled(const at::Tensor& features_in, const at::Tensor& probs
   return has_bias ? at::cat({out_w.view({r, b, K * D}), out_b}, 2) : out_w.view({r, b, K * D});
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace iaerf

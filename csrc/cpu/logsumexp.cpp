@@ -1,77 +1,28 @@
 // Fused CPU kernels of the logsumexp op (torch.ops.iaerf.logsumexp*; the Python side is iaerf/ops/logsumexp.py):
 //   lse_i = logsumexp_k z_ik (E_i = -lse_i), d lse_i / d z_ik = softmax(z_i)_k.
-// Row kernels, conventions and the two ways to form the gradient: csrc/cpu/softmax_rows.h.
-#include "softmax_rows.h"
+// The kernels (one copy per CPU capability, picked at run time): csrc/cpu/logsumexp_kernels.h; row kernels,
+// conventions and the two ways to form the gradient: csrc/cpu/softmax_rows.h.
+#include "capability.h"
+
+#include <torch/library.h>
 
 namespace iaerf {
 namespace {
 
-using namespace cpu;
-
-// ---------------------------------------------------------------------------------------------------------
-// logsumexp: [N, K] -> [N]
-
-std::tuple<at::Tensor, at::Tensor> logsumexp_impl(const at::Tensor& logits, bool with_probs, const char* op) {
-  check_logits(logits, op);
-  at::Tensor lse = at::empty({logits.size(0)}, logits.options().dtype(acc_dtype(logits)));
-  at::Tensor probs = with_probs ? new_probs(logits) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "iaerf_logsumexp", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
-    forward_rows<scalar_t>(logits, lse, with_probs ? &probs : nullptr, [](int64_t, const acc_t*, acc_t) {});
-  });
-  return {lse, probs};
+at::Tensor logsumexp_cpu(const at::Tensor& logits) {
+  return std::get<0>(cpu::kernels().logsumexp(logits, false, "iaerf::logsumexp"));
 }
-
-at::Tensor logsumexp_cpu(const at::Tensor& logits) { return std::get<0>(logsumexp_impl(logits, false, "iaerf::logsumexp")); }
 
 std::tuple<at::Tensor, at::Tensor> logsumexp_with_probs_cpu(const at::Tensor& logits) {
-  return logsumexp_impl(logits, true, "iaerf::logsumexp_with_probs");
+  return cpu::kernels().logsumexp(logits, true, "iaerf::logsumexp_with_probs");
 }
 
-
-// d lse_i / d z_ik = softmax(z_i)_k, so grad_logits = grad[:, None] * exp(z - lse[:, None]).
 at::Tensor logsumexp_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& lse) {
-  const char* op = "iaerf::logsumexp_backward";
-  check_logits(logits, op);
-  const int64_t N = logits.size(0), K = logits.size(1);
-  const auto acc = acc_dtype(logits);
-  at::Tensor g = check_rows(grad, N, acc, op, "grad");
-  at::Tensor l = check_rows(lse, N, acc, op, "lse");
-  at::Tensor out = new_rows_buffer(logits, logits.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "iaerf_logsumexp_bwd", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
-    const acc_t* gp = g.data_ptr<acc_t>();
-    const acc_t* lp = l.data_ptr<acc_t>();
-    const int64_t gs = g.stride(0), ls = l.stride(0);
-    scalar_t* op_ = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
-      RowReader<scalar_t> reader(logits);
-      RowWriter<scalar_t> writer(K);
-      for (int64_t i = begin; i < end; ++i) {
-        scalar_t* dst = op_ + i * K;
-        scaled_softmax_row(reader.row(i), K, lp[i * ls], gp[i * gs], writer.target(dst));
-        writer.store(dst);
-      }
-    });
-  });
-  return out;
+  return cpu::kernels().logsumexp_backward(grad, logits, lse);
 }
 
-// probs[i, :] *= grad[i]: turns the softmax kept by logsumexp_with_probs into the gradient, in place.
 void logsumexp_backward_from_probs_cpu(const at::Tensor& grad, const at::Tensor& probs) {
-  const char* op = "iaerf::logsumexp_backward_from_probs_";
-  check_logits(probs, op);
-  TORCH_CHECK_VALUE(probs.is_contiguous(), op, ": probs must be contiguous (the buffer made by the forward)");
-  const int64_t N = probs.size(0), K = probs.size(1);
-  at::Tensor g = check_rows(grad, N, probs.scalar_type(), op, "grad");
-  AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "iaerf_logsumexp_bwd_probs", [&] {
-    scalar_t* pp = probs.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const int64_t gs = g.stride(0);
-    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) scale_row(pp + i * K, K, gp[i * gs]);
-    });
-  });
+  cpu::kernels().logsumexp_backward_from_probs(grad, probs);
 }
 
 }  // namespace

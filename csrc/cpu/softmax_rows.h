@@ -1,5 +1,6 @@
-// Row kernels shared by the fused CPU ops (csrc/cpu/logsumexp.cpp, csrc/cpu/energy_ce.cpp): the vectorised exp,
-// the shift-free forward core, argument checks and buffers.
+// Row kernels shared by the fused CPU ops (csrc/cpu/logsumexp_kernels.h, csrc/cpu/energy_ce_kernels.h): the
+// vectorised exp, the shift-free forward core, argument checks and buffers. Compiled once per CPU capability
+// (capability.h).
 //
 // Rows are split across threads by at::parallel_for; each row is read once from memory (the later passes over
 // the same row hit cache). Two ways to get the gradient, both with at most one [N, K] buffer:
@@ -28,6 +29,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "capability.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -44,10 +47,14 @@
 
 namespace iaerf {
 namespace cpu {
+// compiled once per capability: see capability.h
+inline namespace CPU_CAPABILITY {
 
 
-// exp for float with ~2 ulp error, written so that gcc vectorises loops calling it (-O3 -march=native): std::exp
-// is a libm call per element and dominates the runtime of a scalar loop. Cody-Waite range reduction
+// exp for float with ~2 ulp error, written so that gcc vectorises loops calling it (-O3 -fno-trapping-math, at the
+// vector width of each capability: capability.h; without -fno-trapping-math gcc 12 vectorises them only with
+// AVX-512 masks, and left the AVX2 forward 4x slower than the AVX-512 one): std::exp is a libm call per element
+// and dominates the runtime of a scalar loop. Cody-Waite range reduction
 // x = n ln2 + r, |r| <= ln2/2, then the Cephes minimax polynomial for exp(r), then scaling by 2^n via the
 // exponent bits. n is rounded with the 1.5 * 2^23 magic constant rather than std::floor + int conversion,
 // because gcc does not vectorise the latter. NaN stays NaN (every comparison with NaN is false),
@@ -441,5 +448,6 @@ struct RowWriter {
   std::vector<acc_t> buf_;
 };
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace iaerf
