@@ -42,6 +42,7 @@ MODULES = [
     ("What the ground-truth evaluations cost (iaerf.evaluation)", "benchmarks.bench_evaluation"),
     ("Loss influence end to end against the influence libraries (dattri, pyDVL)", "benchmarks.bench_peers"),
     ("EK-FAC influence against kronfluence", "benchmarks.bench_kfac"),
+    ("Curvature-preconditioned CG against plain CG", "benchmarks.bench_pcg"),
     ("Scale on one machine: ResNet-32 energy influence of every training point", "benchmarks.bench_scale"),
 ]
 

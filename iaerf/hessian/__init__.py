@@ -4,7 +4,8 @@
 - :class:`HessianOperator`: the interface (``matvec``, ``minibatch_matvec``, ``dense``)
 - :class:`ModuleHessian`: any ``nn.Module`` (torch.func forward-over-reverse, or GGN)
 - :class:`HeadHessian`: a linear softmax classifier on fixed features (native C++/CUDA kernel)
-- :func:`inverse_hvp`: ``(H + damping I)^{-1} V`` by LiSSA, CG or a dense float64 solve
+- :func:`inverse_hvp`: ``(H + damping I)^{-1} V`` by LiSSA, CG (optionally preconditioned by K-FAC / EK-FAC / the
+  Gauss-Newton diagonal, :mod:`~iaerf.hessian.preconditioners`) or a dense float64 solve
 """
 from iaerf.hessian.head import HeadHessian
 from iaerf.hessian.inverse import (

@@ -15,7 +15,11 @@ Three methods share one meaning of ``damping``:
   eigenvalue bounds the full-data one on average, lambda_max being convex). The same products carry a Lanczos
   estimate of the smallest eigenvalue, and LiSSA refuses when H + damping I is not positive definite: the
   recursion then grows along the negative directions and would return a plausible, wrong answer.
-- ``"cg"``: conjugate gradients on the full-data operator, batched over vectors, stopped at a relative residual.
+- ``"cg"``: conjugate gradients on the full-data operator, batched over vectors, stopped at a relative residual;
+  with ``preconditioner="kfac" | "ekfac" | "diagonal"`` (:class:`CGOptions`) preconditioned by a curvature
+  approximation fitted on the operator's own model and data (:mod:`iaerf.hessian.preconditioners`): the same
+  system, answer and stopping rule, in fewer operator products where the approximation fits (on an
+  over-parameterised network at small damping it takes more: docs/hessian.md).
 - ``"exact"``: dense float64 solve by one Cholesky factorisation (an eigendecomposition, kept for further dampings,
   when the same operator is solved again); the reference for the others (P <= 20,000 by default).
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -159,16 +164,50 @@ class LissaOptions:
 
 @dataclass
 class CGOptions:
-    """Conjugate gradients: stop when every vector's ||r|| / ||v|| <= tol, or after max_iter iterations."""
+    """Conjugate gradients: stop when every vector's ||r|| / ||v|| <= tol, or after max_iter iterations.
+
+    Attributes:
+        tol, max_iter: the stopping rule (the same with and without a preconditioner: r is always the residual
+            ``v - (H + damping I) x`` of the system itself).
+        preconditioner: None (plain CG), or ``"kfac"``, ``"ekfac"``, ``"diagonal"``: preconditioned CG with a
+            curvature approximation ``M`` of the Gauss-Newton matrix fitted on the operator's own model, loss, data
+            and parameters, applied as ``(M + weight_decay I + damping I)^{-1}`` in closed form
+            (:mod:`iaerf.hessian.preconditioners`). The answer is the same system's, to the same ``tol``; only the
+            number of operator products changes (fewer where curvature scales differ between parameters and n K
+            >> P; more on an over-parameterised network at small damping, see docs/hessian.md). K-FAC / EK-FAC cover ``nn.Linear`` / ``nn.Conv2d`` (groups=1)
+            weights and biases; every other selected parameter (batch norm's, ...) gets the Gauss-Newton diagonal
+            block instead, so no parameter leaves the solve. ``"diagonal"``: the Gauss-Newton diagonal for all of
+            them, from per-example gradients (not a Hutchinson estimate). Needs an :class:`iaerf.ModuleHessian` or
+            :class:`iaerf.HeadHessian`.
+        preconditioner_fisher: how the preconditioner's curvature is sampled: ``"sampled"`` (labels drawn from
+            the model's softmax, one per example and pass; default), ``"expected"`` (the exact Gauss-Newton output
+            factor, K backward passes per batch) or ``"empirical"`` (the training labels).
+        preconditioner_batch_size: examples per batch of the preconditioner's fitting passes.
+    """
 
     tol: float = 1e-8
     max_iter: int = 1000
+    preconditioner: str | None = None
+    preconditioner_fisher: str = "sampled"
+    preconditioner_batch_size: int = 256
 
     def validate(self):
+        from iaerf.hessian.kfac_factors import FISHER_MODES
+        from iaerf.hessian.preconditioners import PRECONDITIONERS
+
         if check_nonnegative(self.tol, "tol") <= 0:
             raise ValueError("CG option tol must be > 0")
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise ValueError(f"CG option max_iter must be a positive int, got {self.max_iter!r}")
+        if self.preconditioner is not None and self.preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"CG option preconditioner must be one of {PRECONDITIONERS} or None, got "
+                             f"{self.preconditioner!r}")
+        if self.preconditioner_fisher not in FISHER_MODES:
+            raise ValueError(f"CG option preconditioner_fisher must be one of {FISHER_MODES}, got "
+                             f"{self.preconditioner_fisher!r}")
+        size = self.preconditioner_batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"CG option preconditioner_batch_size must be a positive int, got {size!r}")
 
 
 @dataclass
@@ -216,12 +255,21 @@ def make_solver_options(method: str, options=None, kwargs=None, *, name: str = "
     keyword overrides; raises TypeError / ValueError naming a bad option before any solve runs. ``name`` is the
     argument the options came in (``options`` here, ``solver_options`` in the influence functions)."""
     cls = _OPTIONS[method]
+    if method != "cg":
+        # a preconditioner belongs to CG alone: say so, rather than only "unknown option"
+        names = list(options) if isinstance(options, dict) else []
+        names += list(kwargs or {})
+        misplaced = [k for k in names if isinstance(k, str) and k.startswith("preconditioner")]
+        if misplaced:
+            raise TypeError(f"{name}: {misplaced[0]!r} is an option of the 'cg' solver (preconditioned conjugate "
+                            f"gradients) only, not of {method!r}; solve with 'cg' to use it, or leave it out")
     given = next((f" (the options of {m!r})" for m, c in _OPTIONS.items() if isinstance(options, c)), "")
     return build_options(cls, options, kwargs, name=name, what=repr(method), other=given)
 
 
 def inverse_hvp(operator: HessianOperator, vectors: torch.Tensor, method: str = "lissa", *, damping: float = 0.0,
-                seed: int = 0, progress: bool = True, options=None, return_info: bool = False, **method_options):
+                seed: int = 0, progress: bool = True, options=None, return_info: bool = False, callback=None,
+                **method_options):
     """Solve ``(H + damping I) x = v`` for a batch of vectors.
 
     Args:
@@ -230,11 +278,21 @@ def inverse_hvp(operator: HessianOperator, vectors: torch.Tensor, method: str = 
         method: ``"lissa"``, ``"cg"``, ``"exact"``, or ``"kfac"`` / ``"ekfac"`` (:mod:`iaerf.hessian.kfac`: the
             Kronecker-factored Gauss-Newton approximation of the operator's model and loss, fitted on its data).
         damping: >= 0, added to H (same meaning for every method).
-        seed: seeds LiSSA's minibatch generators and the power iteration (and the Lanczos start of exact's check).
+        seed: seeds LiSSA's minibatch generators and the power iteration (and the Lanczos start of exact's check),
+            and the labels a CG preconditioner samples.
         progress: show a tqdm bar (LiSSA: ||x|| of the running estimate; CG: the largest relative residual).
         options: a :class:`LissaOptions` / :class:`CGOptions` / :class:`ExactOptions` or a dict of their fields;
-            keyword arguments (``depth=...``) override it.
-        return_info: also return a dict of diagnostics (scale, steps, converged, residuals).
+            keyword arguments (``depth=...``) override it. ``preconditioner="kfac" | "ekfac" | "diagonal"`` (CG
+            only) runs preconditioned CG: see :class:`CGOptions`.
+        return_info: also return a dict of diagnostics (scale, steps, converged, residuals). CG's holds
+            ``iterations``, ``hvps`` (operator products: iterations x vectors, every iteration multiplies all
+            vectors at once), ``preconditioner``, ``preconditioner_fit_seconds`` (0 without one),
+            ``preconditioner_blocks`` (which parameters got K-FAC / diagonal blocks) and
+            ``preconditioner_apply_seconds``.
+        callback: CG only: ``callback(iteration, x, relative_residual)`` after every iteration, with the iterate
+            ``x [b, P]`` (the live tensor: read it, do not modify it) and the relative residuals ``[b]``. Returning
+            ``True`` ends the solve there (``info["stopped_by_callback"]``, no max_iter warning; e.g. to stop at an
+            accuracy measured against a reference); an exception it raises propagates.
 
     Returns:
         ``x`` with the shape of ``vectors`` (and the info dict when ``return_info``).
@@ -250,6 +308,9 @@ def inverse_hvp(operator: HessianOperator, vectors: torch.Tensor, method: str = 
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     opts = make_solver_options(method, options, method_options)
+    if callback is not None and (method != "cg" or not callable(callback)):
+        raise TypeError(f"callback must be a callable and is taken by method='cg' only, got "
+                        f"{type(callback).__name__} with method={method!r}")
     if method in ("kfac", "ekfac"):
         return kfac_inverse_hvp(operator, vectors, method, damping=damping, seed=seed, progress=progress,
                                 options=opts, return_info=return_info)
@@ -258,7 +319,7 @@ def inverse_hvp(operator: HessianOperator, vectors: torch.Tensor, method: str = 
     if method == "exact":
         x, info = _exact(operator, V, damping, seed, opts)
     elif method == "cg":
-        x, info = _cg(operator, V, damping, opts, progress)
+        x, info = _cg(operator, V, damping, opts, progress, seed=seed, callback=callback)
     else:
         x, info = _lissa(operator, V, damping, seed, opts, progress)
     x = x[0] if single else x
@@ -444,19 +505,45 @@ def _exact(op, V, damping, seed, opts: ExactOptions):
 
 
 # -- conjugate gradients ----------------------------------------------------------------------------------------------
-def _cg(op, V, damping, opts: CGOptions, progress):
+def _cg(op, V, damping, opts: CGOptions, progress, *, seed: int = 0, callback=None):
+    """(Preconditioned) conjugate gradients, batched over the b vectors of ``V [b, P]``.
+
+    With ``M^{-1}`` the preconditioner's inverse (the identity without one), the classical recursion
+    ``z = M^{-1} r, beta = (r, z)_new / (r, z), p = z + beta p``; the stopping rule ``||r|| / ||v|| <= tol`` and the
+    refusals are the same either way (r is always the residual of ``(H + damping I) x = v`` itself)."""
     def A(X):
         return op.matvec(X) + damping * X if damping else op.matvec(X)
 
+    precondition, fit_s, blocks, name = None, 0.0, None, opts.preconditioner
+    if name is not None:
+        from iaerf.hessian.preconditioners import CurvaturePreconditioner
+
+        fitted = CurvaturePreconditioner(op, name, fisher=opts.preconditioner_fisher,
+                                         batch_size=opts.preconditioner_batch_size, seed=seed, progress=progress)
+        precondition, fit_s, blocks = fitted.inverse(damping), fitted.fit_seconds, fitted.blocks
+    apply_s = 0.0
+
+    def preconditioned(R):
+        nonlocal apply_s
+        if precondition is None:
+            return R
+        t0 = time.perf_counter()
+        Z = precondition(R)
+        apply_s += time.perf_counter() - t0
+        return Z
+
+    tiny = torch.finfo(V.dtype).tiny
     x = torch.zeros_like(V)
     r = V.clone()
-    p = r.clone()
+    z = preconditioned(r)
+    p = z.clone()
     rs = (r * r).sum(1)
+    rz = rs if precondition is None else (r * z).sum(1)
     vnorm = rs.sqrt()
     active = vnorm > 0
     relres = torch.zeros_like(vnorm)
-    it = 0
-    with progress_bar(total=opts.max_iter, desc="CG", enabled=progress) as bar:
+    it, stopped = 0, False
+    with progress_bar(total=opts.max_iter, desc="CG" if name is None else f"PCG ({name})", enabled=progress) as bar:
         while bool(active.any()) and it < opts.max_iter:
             Ap = A(p)
             pAp = (p * Ap).sum(1)
@@ -465,23 +552,36 @@ def _cg(op, V, damping, opts: CGOptions, progress):
                 raise _not_finite_error(f"CG (iteration {it})")
             if bool((pAp[active] <= 0).any()):
                 raise _not_positive_definite("CG", f"p^T A p <= 0 at iteration {it}", op, damping)
-            alpha = torch.where(active, rs / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rs))
+            alpha = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rz))
             x += alpha[:, None] * p
             r -= alpha[:, None] * Ap
             rs_new = (r * r).sum(1)
-            relres = rs_new.sqrt() / vnorm.clamp_min(torch.finfo(V.dtype).tiny)
+            relres = rs_new.sqrt() / vnorm.clamp_min(tiny)
             active = active & (relres > opts.tol)
-            beta = torch.where(active, rs_new / rs.clamp_min(torch.finfo(V.dtype).tiny), torch.zeros_like(rs))
-            p = r + beta[:, None] * p
-            rs = rs_new
+            if precondition is None:
+                z, rz_new = r, rs_new
+            else:
+                z = preconditioned(r)
+                rz_new = (r * z).sum(1)
+                if not bool(torch.isfinite(rz_new).all()):
+                    raise _not_finite_error(f"CG's preconditioner {name!r} (iteration {it})")
+            beta = torch.where(active, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
+            p = z + beta[:, None] * p
+            rz = rz_new
             it += 1
             bar.update(1)
             bar.set_postfix(rel_residual=f"{float(relres.max()):.2e}", refresh=False)
+            if callback is not None and callback(it, x, relres) is True:
+                stopped = True
+                break
     converged = not bool(active.any())
-    if not converged:
+    if not converged and not stopped:
         warnings.warn(f"CG stopped after max_iter={opts.max_iter} iterations with relative residual "
                       f"{float(relres.max()):.3e} > tol={opts.tol}; raise max_iter or damping", RuntimeWarning, stacklevel=3)
-    return x, {"method": "cg", "iterations": it, "converged": converged, "relative_residual": relres.tolist()}
+    return x, {"method": "cg", "iterations": it, "converged": converged, "relative_residual": relres.tolist(),
+               "hvps": it * V.shape[0], "preconditioner": name, "preconditioner_fit_seconds": fit_s,
+               "preconditioner_blocks": blocks, "preconditioner_apply_seconds": apply_s,
+               "stopped_by_callback": stopped}
 
 
 # -- LiSSA ------------------------------------------------------------------------------------------------------

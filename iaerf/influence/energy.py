@@ -63,7 +63,11 @@ def energy_influence(model, train, val, *, params=None, weight_decay=0.0, dampin
             need ``gauss_newton=True`` (except over the classifier head, where the two matrices are one) and a
             selection of ``nn.Linear`` / ``nn.Conv2d`` weights and biases only (``params=None`` on a model with
             batch norm is refused: :func:`iaerf.hessian.kfac.kfac_parameters` lists the covered ones). "cg" /
-            "lissa" over the classifier head need a float32 or float64 model.
+            "lissa" over the classifier head need a float32 or float64 model. "cg" with
+            ``solver_options={"preconditioner": "kfac" | "ekfac" | "diagonal"}`` is preconditioned CG: the exact
+            influence (the same system and tolerance as plain CG, every selected parameter included; batch norm
+            gets diagonal blocks) in fewer products where the curvature approximation fits (see
+            :class:`iaerf.CGOptions` and docs/hessian.md: on over-parameterised networks it can take more).
         solver_options: that solver's options, typed -- :class:`iaerf.LissaOptions` for "lissa",
             :class:`iaerf.CGOptions` for "cg", :class:`iaerf.ExactOptions` for "exact" (another solver's class is
             a TypeError) -- or a dict of their fields (None: the defaults); validated before any pass and handed
