@@ -1,4 +1,4 @@
-"""What each ground-truth evaluation of ``iaerf.evaluation`` costs on this machine, per unit of work.
+"""What each ground-truth evaluation of ``iaerf.groundtruth`` costs on this machine, per unit of work.
 
 An evaluation is a number of independent re-optimisations (units); its cost is set-up + units x cost per unit, so
 each row times a few units and reports both, from which the full runs' times follow:
@@ -48,7 +48,7 @@ def _row(case: str, shape: str, dtype: str, seconds: float, units: int, unit: st
 
 
 def _small_cnn(train, epochs: int):
-    from iaerf.models import SmallCNN
+    from iaerf.longtail.models import SmallCNN
 
     torch.manual_seed(0)
     model = SmallCNN()
@@ -64,9 +64,9 @@ def _small_cnn(train, epochs: int):
 
 def run(quick: bool = False, device: str = "cpu") -> list[dict]:
     from iaerf import energy_influence, loss_influence
-    from iaerf.evaluation import lds, loo_correlation, pbrf_effect
-    from iaerf.evaluation.lds import energy_lds, fit_tanh_mlp, mlp_trainer, softmax_regression_trainer
-    from iaerf.evaluation.loo import softmax_regression_model
+    from iaerf.groundtruth import lds, loo_correlation, pbrf_effect
+    from iaerf.groundtruth.lds import energy_lds, fit_tanh_mlp, mlp_trainer, softmax_regression_trainer
+    from iaerf.groundtruth.loo import softmax_regression_model
     from iaerf.influence.validation import fit_softmax_regression
 
     if device != "cpu":

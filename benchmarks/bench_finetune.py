@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import row, time_fn
-from iaerf.finetuning import freeze_batchnorm
-from iaerf.models import ResNet32, SmallCNN
+from iaerf.longtail.finetuning import freeze_batchnorm
+from iaerf.longtail.models import ResNet32, SmallCNN
 from iaerf.ops import energy_regularized_cross_entropy
 
 

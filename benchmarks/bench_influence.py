@@ -3,7 +3,7 @@ per-example-gradient loop that influence libraries use today, and the stages of 
 
 Cases (fp32, eval mode, random CIFAR-sized inputs 3x32x32 unless noted):
   - JVP pass cost: ``directional_derivatives`` (one forward-mode pass, all parameters get the tangent s) vs one
-    plain no-grad forward over the same n inputs, for iaerf.models.SmallCNN and ResNet32. Target: JVP / forward
+    plain no-grad forward over the same n inputs, for iaerf.longtail.models.SmallCNN and ResNet32. Target: JVP / forward
     <= 4 (the floor is about 3: the primal plus the tangent of every layer).
   - All-training-point influence: the JVP pass vs torch-influence's loop (batch size 1: forward, backward, flatten
     the per-example gradient, dot with s). SmallCNN on n = 5,000 digits-sized 1x8x8 inputs (its use in this
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
-from iaerf.indexed_data import IndexedData
+from iaerf.core.indexed_data import IndexedData
 from iaerf.influence.gradients import directional_derivatives, energy_from_logits
-from iaerf.models import ResNet32, SmallCNN
+from iaerf.longtail.models import ResNet32, SmallCNN
 
 
 # Batch size of the forward-mode pass per input size. On a CPU, conv activations and their tangents should stay in
@@ -162,7 +162,7 @@ def _all_points_rows(quick, device):
         t_jvp = common.time_fn(jvp_all, warmup=0, reps=2, device=device)
         t_jvp = t_jvp if t_jvp["median"] <= t["jvp"]["median"] else t["jvp"]
         # float64 reference on the looped points: the forward-mode pass in float64 (equal to the explicit
-        # per-example definition to 1e-10 in tests/test_influence_gradients.py)
+        # per-example definition to 1e-10 in tests/influence/test_influence_gradients.py)
         m64 = _model(name, device, in_channels=shape[0]).double()
         p64 = dict(m64.named_parameters())
         s64 = {k: v.double() for k, v in s.items()}
@@ -189,7 +189,7 @@ def _all_points_rows(quick, device):
 @contextlib.contextmanager
 def _stage_timers(device):
     """Time the three stages of energy_influence by wrapping the functions it calls (no change to the code)."""
-    from iaerf.influence import energy as energy_mod
+    from iaerf.influence import scores as energy_mod
 
     times = {"validation gradient": 0.0, "solve": 0.0, "JVP pass": 0.0}
     saved = (energy_mod.loss_gradients, energy_mod.directional_derivatives, energy_mod._solve)
@@ -217,7 +217,7 @@ def _stage_timers(device):
 
 
 def _pretrained_digits(device):
-    from iaerf.data import load_digits_lt
+    from iaerf.longtail.data import load_digits_lt
 
     torch.manual_seed(0)
     split = load_digits_lt(ratio=10.0, seed=0)

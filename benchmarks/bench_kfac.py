@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
-from iaerf._io import write_json
+from iaerf.core.io import write_json
 from iaerf.hessian import ModuleHessian, inverse_hvp
 from iaerf.hessian.kfac import KFACOperator, kfac_parameters
 from iaerf.hessian.params import flatten, unflatten
-from iaerf.indexed_data import IndexedData
+from iaerf.core.indexed_data import IndexedData
 from iaerf.influence.gradients import directional_derivatives, loss_from_logits, loss_gradients
-from iaerf.models import ResNet32, SmallCNN
+from iaerf.longtail.models import ResNet32, SmallCNN
 
 
 def _pearson(a, b) -> float:

@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import common
-from iaerf._io import write_json
+from iaerf.core.io import write_json
 from iaerf.hessian import ModuleHessian, inverse_hvp
-from iaerf.models import ResNet32, SmallCNN
+from iaerf.longtail.models import ResNet32, SmallCNN
 
 METHODS = (None, "kfac", "ekfac", "diagonal")
 TARGET = 1e-4
@@ -88,7 +88,7 @@ def _train(model, x, y, epochs, batch, lr, seed):
 
 
 def _digits_case(quick):
-    from iaerf.data import load_digits_lt
+    from iaerf.longtail.data import load_digits_lt
 
     split = load_digits_lt(ratio=10.0, seed=0)
     x, y = split.train.tensors()

@@ -128,7 +128,7 @@ def _reference(model64: nn.Module, x, y, xv, yv, wd: float):
 
 
 def _make_problem(name: str, quick: bool) -> Problem:
-    from iaerf.evaluation import fit_tanh_mlp
+    from iaerf.groundtruth import fit_tanh_mlp
     from iaerf.influence.validation import fit_softmax_regression
 
     n, m = (300, 50) if quick else (1000, 200)

@@ -1,6 +1,6 @@
 """Classifier-only energy influence computed through the whole network vs on the extracted head.
 
-``iaerf.pipeline.classifier_head`` maps the data to the frozen eval-mode features once and hands ``fc`` alone to
+``iaerf.longtail.pipeline.classifier_head`` maps the data to the frozen eval-mode features once and hands ``fc`` alone to
 ``iaerf.energy_influence``; the result is mathematically the same (the influence of ``params=["fc"]`` depends on the
 backbone only through those features). It matters for LDAM's cosine classifier (``NormedLinear``), which the
 closed-form linear-head path does not cover, so every Hessian-vector product otherwise runs through the backbone.
@@ -13,9 +13,9 @@ import torch
 
 import iaerf.influence as influence_mod
 from benchmarks.common import max_rel_error, row, time_fn
-from iaerf.data import TensorDataset
-from iaerf.models import ResNet32, SmallCNN
-from iaerf.pipeline import classifier_head
+from iaerf.longtail.data import TensorDataset
+from iaerf.longtail.models import ResNet32, SmallCNN
+from iaerf.longtail.pipeline import classifier_head
 
 
 def _case(name, model, input_shape, n, num_classes, solver, options, reps):

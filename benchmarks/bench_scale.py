@@ -78,9 +78,9 @@ class ScaleCase:
 
 
 def long_tailed_counts(n: int) -> list[int]:
-    """Per-class counts [10] summing to ``n``: the CIFAR-10-LT profile (``iaerf.data.imbalance_counts(10, 5000,
+    """Per-class counts [10] summing to ``n``: the CIFAR-10-LT profile (``iaerf.longtail.data.imbalance_counts(10, 5000,
     100)``, 12,406 images) scaled to n, rounded by largest remainder; every class keeps at least one point."""
-    from iaerf.data import imbalance_counts
+    from iaerf.longtail.data import imbalance_counts
 
     if isinstance(n, bool) or not isinstance(n, int) or n < NUM_CLASSES:
         raise ValueError(f"n must be an int >= {NUM_CLASSES} (one point per class at least), got {n!r}")
@@ -208,7 +208,7 @@ def measure_case(case: ScaleCase) -> dict:
     fresh process: see the module docstring). Returns the total and per-stage seconds, the memory figures and a
     check of the result (its shape and how many values are finite)."""
     import iaerf
-    from iaerf.models import build_model
+    from iaerf.longtail.models import build_model
 
     device = torch.device(case.device)
     torch.manual_seed(case.seed)

@@ -43,7 +43,7 @@ def cpu_capability() -> dict:
     ATEN_CPU_CAPABILITY) and iaerf's (torch.ops.iaerf.cpu_capability; None without the extension), and the CPU's
     vector extensions."""
     try:
-        from iaerf import _extension
+        from iaerf.core import extension as _extension
 
         iaerf_cap = torch.ops.iaerf.cpu_capability() if _extension.has_native_op("cpu_capability") else None
     except Exception:  # an extension built before the per-ISA kernels

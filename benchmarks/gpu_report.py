@@ -32,7 +32,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from iaerf._io import write_text  # noqa: E402
+from iaerf.core.io import write_text  # noqa: E402
 
 # torch is imported inside the functions that use it: --summarize must start in a fraction of a second.
 
@@ -191,7 +191,7 @@ def head_hvp(device: str, dry: bool) -> dict:
 
     from benchmarks.common import device_time, max_rel_error
     from iaerf.hessian import HeadHessian
-    from iaerf.hessian.head import head_hvp as op, head_hvp_reference
+    from iaerf.hessian.head_hessian import head_hvp as op, head_hvp_reference
 
     n, d, k, b = (512, 32, 10, 4) if dry else (100_000, 512, 1000, 10)
     gen = torch.Generator().manual_seed(0)
@@ -223,9 +223,9 @@ def influence(device: str, dry: bool) -> dict:
     import torch
 
     from benchmarks.common import device_time, max_rel_error
-    from iaerf.indexed_data import IndexedData
+    from iaerf.core.indexed_data import IndexedData
     from iaerf.influence.gradients import directional_derivatives, energy_from_logits
-    from iaerf.models import ResNet32
+    from iaerf.longtail.models import ResNet32
 
     # dry run: the smallest sizes that still run every line (a ResNet-32 backward takes ~0.5 s on a small CPU)
     n, bs, m, checked = (8, 4, 2, 8) if dry else (12_406, 512, 256, 64)

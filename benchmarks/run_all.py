@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import machine_description, markdown_table  # noqa: E402
-from iaerf._io import atomic_write, write_text  # noqa: E402
+from iaerf.core.io import atomic_write, write_text  # noqa: E402
 
 MODULES = [
     ("Fused energy / energy-regularized cross-entropy ops", "benchmarks.bench_ops"),
@@ -39,7 +39,7 @@ MODULES = [
     ("Energy influence of every training point", "benchmarks.bench_influence"),
     ("Classifier-only influence: head vs whole network", "benchmarks.bench_pipeline"),
     ("IAERF fine-tuning epoch", "benchmarks.bench_finetune"),
-    ("What the ground-truth evaluations cost (iaerf.evaluation)", "benchmarks.bench_evaluation"),
+    ("What the ground-truth evaluations cost (iaerf.groundtruth)", "benchmarks.bench_evaluation"),
     ("Loss influence end to end against the influence libraries (dattri, pyDVL)", "benchmarks.bench_peers"),
     ("EK-FAC influence against kronfluence", "benchmarks.bench_kfac"),
     ("Curvature-preconditioned CG against plain CG", "benchmarks.bench_pcg"),

@@ -32,7 +32,7 @@ echo "[setup_peers] kronfluence==1.0.1 (no dependencies) and its requirements bu
 site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 echo "$root" > "$site/iaerf-checkout.pth"
 "$py" -c "
-import importlib.metadata as md, torch, dattri, pydvl, kronfluence, iaerf, iaerf._extension as e
+import importlib.metadata as md, torch, dattri, pydvl, kronfluence, iaerf, iaerf.core.extension as e
 assert torch.__version__ == '$torch_version', torch.__version__
 assert e.extension_loaded(), e.extension_error()
 print('[setup_peers] ready: torch', torch.__version__, '| dattri', md.version('dattri'),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import bench_scale
-from iaerf.data import imbalance_counts
+from iaerf.longtail.data import imbalance_counts
 
 
 def test_long_tailed_counts_full_size_is_cifar10_lt():

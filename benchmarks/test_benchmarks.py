@@ -17,7 +17,7 @@ import torch
 
 from benchmarks import bench_hessian, bench_influence, bench_ops, bench_peers, common, run_all
 from iaerf.hessian import HeadHessian, ModuleHessian, inverse_hvp
-from iaerf.indexed_data import IndexedData
+from iaerf.core.indexed_data import IndexedData
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_pytest_benchmark = pytest.mark.skipif(importlib.util.find_spec("pytest_benchmark") is None,

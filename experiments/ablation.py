@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from iaerf._io import write_json, write_text  # noqa: E402
-from iaerf.pipeline import Pipeline, PipelineConfig, fork_run  # noqa: E402
-from iaerf.pipeline.settings import protocol_settings  # noqa: E402
-from iaerf.stats import format_paired, paired_difference  # noqa: E402
+from iaerf.core.io import write_json, write_text  # noqa: E402
+from iaerf.longtail.pipeline import Pipeline, PipelineConfig, fork_run  # noqa: E402
+from iaerf.longtail.pipeline.settings import protocol_settings  # noqa: E402
+from iaerf.longtail.stats import format_paired, paired_difference  # noqa: E402
 
 NAMES = {"erm": "ERM", "ldam_drw": "LDAM-DRW"}
 GROUPS = ("error", "many_error", "medium_error", "few_error")

@@ -23,9 +23,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from iaerf._io import read_json, write_json, write_text  # noqa: E402
-from iaerf.pipeline import Pipeline, PipelineConfig  # noqa: E402
-from iaerf.stats import format_paired, paired_difference  # noqa: E402
+from iaerf.core.io import read_json, write_json, write_text  # noqa: E402
+from iaerf.longtail.pipeline import Pipeline, PipelineConfig  # noqa: E402
+from iaerf.longtail.stats import format_paired, paired_difference  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL_NAMES = {"small_cnn": "SmallCNN", "convnet": "ConvNet"}

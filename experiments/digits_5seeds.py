@@ -11,9 +11,9 @@ protocol: 12 images per class are held out first (n_max 112), and IAERF driven b
 training set (paper) is compared with IAERF driven by the held-out images. LDAM-DRW's influence uses the Hessian of
 its own LDAM-DRW loss (the pipeline's ``influence_task``).
 
-Every model comes from the pipeline's stages (:mod:`iaerf.pipeline.stages`): one run directory per (seed, block)
+Every model comes from the pipeline's stages (:mod:`iaerf.longtail.pipeline.stages`): one run directory per (seed, block)
 trains the baselines and the control, and each (validation, App. B reading, damping) cell is a fork of it
-(:func:`iaerf.pipeline.fork_run`) in which only the influence and IAERF stages run. Interrupted, the same command
+(:func:`iaerf.longtail.pipeline.fork_run`) in which only the influence and IAERF stages run. Interrupted, the same command
 resumes from the finished stages.
 
     python experiments/digits_5seeds.py            # ~10 min on 1 CPU thread; writes the JSON and markdown next to it
@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from iaerf._io import write_json, write_text  # noqa: E402
-from iaerf.finetuning import BETAS  # noqa: E402
-from iaerf.pipeline import Pipeline, PipelineConfig, fork_run  # noqa: E402
-from iaerf.training import evaluate  # noqa: E402
+from iaerf.core.io import write_json, write_text  # noqa: E402
+from iaerf.longtail.finetuning import BETAS  # noqa: E402
+from iaerf.longtail.pipeline import Pipeline, PipelineConfig, fork_run  # noqa: E402
+from iaerf.longtail.training import evaluate  # noqa: E402
 
 METHODS = {"erm": "ERM", "ldam_drw": "LDAM-DRW"}
 CAPS = ("none", "per_sample", "global")

@@ -21,9 +21,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from iaerf._io import write_json, write_text  # noqa: E402
-from iaerf.pipeline import Pipeline, PipelineConfig, fork_run  # noqa: E402
-from iaerf.plots import class_mean_influence, pearson_r  # noqa: E402
+from iaerf.core.io import write_json, write_text  # noqa: E402
+from iaerf.longtail.pipeline import Pipeline, PipelineConfig, fork_run  # noqa: E402
+from iaerf.core.plotting import pearson_r  # noqa: E402
+from iaerf.longtail.figures import class_mean_influence  # noqa: E402
 
 NAMES = {"erm": "ERM", "ldam_drw": "LDAM-DRW"}
 SCOPES = {"classifier": dict(influence_params=("fc",), solver="exact", gauss_newton=False),

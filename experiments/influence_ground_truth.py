@@ -27,10 +27,10 @@ from scipy.stats import spearmanr
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from iaerf import energy_influence, loss_influence  # noqa: E402
-from iaerf._io import write_json, write_text  # noqa: E402
-from iaerf.evaluation import loo_correlation  # noqa: E402
-from iaerf.evaluation.lds import energy_lds, fit_tanh_mlp, lds, mlp_trainer, softmax_regression_trainer  # noqa: E402
-from iaerf.evaluation.loo import softmax_regression_model  # noqa: E402
+from iaerf.core.io import write_json, write_text  # noqa: E402
+from iaerf.groundtruth import loo_correlation  # noqa: E402
+from iaerf.groundtruth.lds import energy_lds, fit_tanh_mlp, lds, mlp_trainer, softmax_regression_trainer  # noqa: E402
+from iaerf.groundtruth.loo import softmax_regression_model  # noqa: E402
 from iaerf.influence.validation import fit_softmax_regression  # noqa: E402
 
 N_TRAIN, N_VAL, N_VAL_PER_POINT = 500, 300, 40

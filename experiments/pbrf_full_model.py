@@ -2,7 +2,7 @@
 
 For each seed: the ERM SmallCNN of the pipeline (long-tailed digits, ratio 10), influence over every parameter but
 batch norm's with the Gauss-Newton matrix and damping lambda (the pipeline's stage: CG to relative residual 1e-4),
-and :func:`iaerf.evaluation.pbrf_effect` with the same lambda (chord method: the exact Woodbury factor of
+and :func:`iaerf.groundtruth.pbrf_effect` with the same lambda (chord method: the exact Woodbury factor of
 G + lambda I, then gradient-only steps; a solve stops on the gradient or when the measurement settles) on the 20
 training points of largest |I| and 50 at random. Two perturbation sizes:
 
@@ -31,12 +31,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from iaerf import energy_influence, loss_influence  # noqa: E402
-from iaerf._io import read_json, write_json, write_text  # noqa: E402
-from iaerf.evaluation import pbrf_effect, scatter_predicted_vs_actual  # noqa: E402
+from iaerf.core.io import read_json, write_json, write_text  # noqa: E402
+from iaerf.groundtruth import pbrf_effect, scatter_predicted_vs_actual  # noqa: E402
 from iaerf.influence.validation import actual_energy_effect  # noqa: E402
-from iaerf.pipeline import Pipeline, PipelineConfig, fork_run  # noqa: E402
-from iaerf.pipeline.stages import influence_selection, load_model  # noqa: E402
-from iaerf.plots import pearson_r  # noqa: E402
+from iaerf.longtail.pipeline import Pipeline, PipelineConfig, fork_run  # noqa: E402
+from iaerf.longtail.pipeline.stages import influence_selection, load_model  # noqa: E402
+from iaerf.core.plotting import pearson_r  # noqa: E402
 
 FULL = dict(influence_params="finetuned", finetune_params=None, solver="cg", gauss_newton=True,
             solver_options={"tol": 1e-4, "max_iter": 200})

@@ -5,7 +5,6 @@ Public API (imported lazily so that ``import iaerf`` stays cheap):
 - fused ops: :func:`logsumexp`, :func:`energy`, :func:`energy_regularized_cross_entropy`
 - Hessian engine: :class:`ModuleHessian`, :class:`HeadHessian`, :func:`inverse_hvp`
 - influence (paper Eq. 7-9): :func:`energy_influence`, :func:`energy_influence_on_test`, :func:`loss_influence`
-- Algorithm 1: :func:`finetune`
 - :func:`backend_info`: which implementation each op uses on which device, and why
 """
 from __future__ import annotations
@@ -21,7 +20,7 @@ _EXPORTS = {
     "EnergyRegularizedCrossEntropy": "iaerf.ops",
     "Energy": "iaerf.ops",
     "EnergyCEParts": "iaerf.ops",
-    "backend_info": "iaerf._backend",
+    "backend_info": "iaerf.ops.backend",
     "ModuleHessian": "iaerf.hessian",
     "HeadHessian": "iaerf.hessian",
     "inverse_hvp": "iaerf.hessian",
@@ -32,7 +31,6 @@ _EXPORTS = {
     "energy_influence_on_test": "iaerf.influence",
     "loss_influence": "iaerf.influence",
     "InfluenceTask": "iaerf.influence",
-    "finetune": "iaerf.finetuning",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,6 +1,6 @@
 """``python -m iaerf`` = the ``iaerf`` command."""
 import sys
 
-from iaerf.cli import main
+from iaerf.longtail.cli import main
 
 sys.exit(main())

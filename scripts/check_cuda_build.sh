@@ -23,7 +23,7 @@ CUDA_HOME=$cuda_home FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=2 IAER
     "$venv/bin/python" setup.py -q build_ext --inplace 2>&1 | grep -v -E "^(running|copying|creating)" | tail -n 20
 "$venv/bin/python" - <<'PY'
 import glob, torch
-import iaerf._extension as ext
+import iaerf.core.extension as ext
 assert ext.extension_loaded(), ext.extension_error()
 assert ext.built_with_cuda(), "extension was built without its CUDA kernels"
 cuda_ops = []

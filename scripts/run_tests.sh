@@ -54,8 +54,8 @@ else
   echo "$site" > "$npsite/zz_iaerf_main_venv.pth"
   "$npvenv/bin/python" -m pip install -q --disable-pip-version-check numpy==1.23.5 2>&1 | grep -v -E "requires numpy|incompatible" || true
   "$npvenv/bin/python" -c 'import numpy; assert numpy.__version__ == "1.23.5", numpy.__version__'
-  "$npvenv/bin/python" -m pytest -q -p no:cacheprovider tests/test_inverse_hvp.py tests/test_hessian_hostile.py \
-    tests/test_hessian_module.py tests/test_hessian_params.py tests/test_hessian_head.py
+  "$npvenv/bin/python" -m pytest -q -p no:cacheprovider tests/hessian/test_inverse_hvp.py tests/hessian/test_hessian_hostile.py \
+    tests/hessian/test_hessian_module.py tests/hessian/test_hessian_params.py tests/hessian/test_hessian_head.py
 fi
 
 echo "== [6/6] pytest"

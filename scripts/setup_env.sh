@@ -14,4 +14,4 @@ echo "[setup] installing dependencies into .venv ($torch_spec)"
 "$py" -c "import torch, triton" || { echo "[setup] dependency install failed" >&2; exit 1; }
 echo "[setup] building iaerf and its native extension"
 "$py" -m pip install -q --disable-pip-version-check --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
-"$py" -c "import iaerf, iaerf._extension as e; assert e.extension_loaded(), e.extension_error(); print('[setup] iaerf', iaerf.__version__, 'ready (native extension loaded)')"
+"$py" -c "import iaerf, iaerf.core.extension as e; assert e.extension_loaded(), e.extension_error(); print('[setup] iaerf', iaerf.__version__, 'ready (native extension loaded)')"

@@ -1,4 +1,4 @@
-"""Worker for tests/test_influence_distributed.py, launched by torch.distributed.run (gloo, CPU).
+"""Worker for tests/influence/test_influence_distributed.py, launched by torch.distributed.run (gloo, CPU).
 
 Every rank passes the full data with process_group="auto"; each rank saves what it got to <out>/rank<r>.pt so the
 test can check that every rank holds the full, identical result.

@@ -1,7 +1,7 @@
 """Runs every CPU kernel of iaerf._C against float64 references on the hostile inputs of the op tests, under the
 CPU capability this process was started with (ATEN_CPU_CAPABILITY, read by ATen and by iaerf's dispatcher:
 csrc/cpu/capability.h). Prints one JSON line {"capability", "torch_capability", "checks", "failures"}.
-Run by tests/test_ops_isa.py once per capability, so the AVX2 copy is checked on an AVX-512 machine too."""
+Run by tests/ops/test_ops_isa.py once per capability, so the AVX2 copy is checked on an AVX-512 machine too."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from iaerf import _extension
+from iaerf.core import extension as _extension
 from iaerf.ops.reference import reference_energy_ce, reference_logsumexp
 
 assert _extension.extension_loaded(), _extension.extension_error()  # loads iaerf._C

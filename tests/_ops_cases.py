@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from _cuda import cuda_path_missing, needs_cuda
-from iaerf import _extension
+from iaerf.core import extension as _extension
 from iaerf.ops import _checks
 
 HAS_CPP = _extension.has_native_op("energy_ce_forward") and _extension.has_native_op("logsumexp")

@@ -6,7 +6,7 @@
 //   AVX-512). Everything they define lives in an inline namespace named after the capability
 //   (iaerf::cpu::AVX2::...), so the copies never share a symbol of their own, and they are linked after the
 //   portable objects, so that where a torch / standard-library inline function is instantiated in several objects
-//   the linker keeps a portable copy (tests/test_ops_isa.py checks that no other code uses AVX registers).
+//   the linker keeps a portable copy (tests/ops/test_ops_isa.py checks that no other code uses AVX registers).
 //   The ops (logsumexp.cpp, energy_ce.cpp, head_hvp.cpp; compiled once, for the x86-64 baseline) call through
 //   kernels(), which picks the table of the capability ATen itself uses: at::get_cpu_capability(), which
 //   honours ATEN_CPU_CAPABILITY=default|avx2|avx512 (so one machine can run and test every path it supports).

@@ -7,17 +7,17 @@
 - :func:`inverse_hvp`: ``(H + damping I)^{-1} V`` by LiSSA, CG (optionally preconditioned by K-FAC / EK-FAC / the
   Gauss-Newton diagonal, :mod:`~iaerf.hessian.preconditioners`) or a dense float64 solve
 """
-from iaerf.hessian.head import HeadHessian
+from iaerf.hessian._checks import HessianNotFiniteError
+from iaerf.hessian.head_hessian import HeadHessian
 from iaerf.hessian.inverse import (
     CGOptions,
     ExactOptions,
-    HessianNotFiniteError,
     LissaDivergenceError,
     LissaOptions,
     estimate_lambda_max,
     inverse_hvp,
 )
-from iaerf.heads import eval_mode
+from iaerf.core.heads import eval_mode
 from iaerf.hessian.operators import HessianOperator, ModuleHessian
 from iaerf.hessian.params import flatten, select_parameters, unflatten
 

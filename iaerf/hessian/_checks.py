@@ -86,3 +86,15 @@ def build_options(cls, options, kwargs, *, name: str, what: str, other: str = ""
     opts = cls(**fields)
     opts.validate()
     return opts
+
+
+class HessianNotFiniteError(FloatingPointError):
+    """A Hessian-vector product of finite vectors came out NaN/Inf: the data, weights or loss are not finite."""
+
+
+def not_finite_error(where: str) -> HessianNotFiniteError:
+    """The error a solver raises when a product of finite vectors came out NaN/Inf (``where``: which product)."""
+    return HessianNotFiniteError(
+        f"{where}: a Hessian-vector product came out NaN/Inf from finite vectors, so the operator itself is not "
+        "finite: check the training data (inputs, features), the model's weights and buffers, and the loss for "
+        "NaN/Inf or overflow")

@@ -40,15 +40,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from iaerf._distributed import collective_device
-from iaerf._identity import UnidentifiableCallableError
-from iaerf._io import load_checked, save_checked
-from iaerf._progress import progress_bar
-from iaerf.hessian._checks import build_options, check_nonnegative, check_vectors
-from iaerf.hessian.head import HeadHessian
+from iaerf.core.distributed import collective_device
+from iaerf.core.identity import UnidentifiableCallableError
+from iaerf.core.io import load_checked, save_checked
+from iaerf.core.progress import progress_bar
+from iaerf.hessian._checks import build_options, check_nonnegative, check_vectors, not_finite_error
+from iaerf.hessian.head_hessian import HeadHessian
 from iaerf.hessian.kfac import KFACOptions, kfac_inverse_hvp
 from iaerf.hessian.operators import HessianOperator
-from iaerf.indexed_data import named_digest
+from iaerf.core.indexed_data import named_digest
 
 
 class LissaDivergenceError(FloatingPointError):
@@ -57,10 +57,6 @@ class LissaDivergenceError(FloatingPointError):
 
 class LissaAccuracyWarning(RuntimeWarning):
     """A LiSSA run with automatic settings stopped with an estimated relative error above ``target_error``."""
-
-
-class HessianNotFiniteError(FloatingPointError):
-    """A Hessian-vector product of finite vectors came out NaN/Inf: the data, weights or loss are not finite."""
 
 
 @dataclass
@@ -110,8 +106,8 @@ class LissaOptions:
             resumes only when the key matches (a larger depth continues the run); otherwise, or when the file is
             damaged, it warns with the reason and starts afresh, overwriting the file. The file is read with
             ``torch.load(weights_only=True)``, which cannot run code, and carries a SHA-256 of its content
-            (``iaerf._io.save_checked``), checked on every read, so a flipped bit counts as damage. The loss of a
-            ``ModuleHessian`` enters the key by :func:`iaerf._identity.callable_identity`; a loss holding an object
+            (``iaerf.core.io.save_checked``), checked on every read, so a flipped bit counts as damage. The loss of a
+            ``ModuleHessian`` enters the key by :func:`iaerf.core.identity.callable_identity`; a loss holding an object
             whose content cannot be read is refused with checkpoints. Under a process group each rank writes
             ``<path>.rank<r>`` and the ranks resume only when all are at the same step.
     """
@@ -234,7 +230,7 @@ class ExactOptions:
             often still less than building H), later ones reuse it. False: never keep
             anything between calls. The kept matrix (8 P^2 bytes) is freed by :func:`clear_exact_cache` or by the
             next decomposition of another operator; operators without ``fingerprint()`` (or whose loss cannot be
-            identified, see :func:`iaerf._identity.callable_identity`) are never cached.
+            identified, see :func:`iaerf.core.identity.callable_identity`) are never cached.
     """
 
     max_exact_params: int = 20000
@@ -462,7 +458,7 @@ def _exact(op, V, damping, seed, opts: ExactOptions):
     _exact_precheck(op, damping, seed)
     H = op.dense()
     if not bool(torch.isfinite(H).all()):
-        raise _not_finite_error("method='exact' (the dense Hessian)")
+        raise not_finite_error("method='exact' (the dense Hessian)")
     B = V.T.to(device=H.device, dtype=torch.float64)                       # [P, b]; any strides
     last = _EXACT_CACHE.get("last")
     if fp is not None and last is not None and last[0] == fp and last[1] != damping:
@@ -549,7 +545,7 @@ def _cg(op, V, damping, opts: CGOptions, progress, *, seed: int = 0, callback=No
             pAp = (p * Ap).sum(1)
             # NaN fails every comparison: without this it would pass the test below and end the run "converged"
             if not bool(torch.isfinite(pAp).all()):
-                raise _not_finite_error(f"CG (iteration {it})")
+                raise not_finite_error(f"CG (iteration {it})")
             if bool((pAp[active] <= 0).any()):
                 raise _not_positive_definite("CG", f"p^T A p <= 0 at iteration {it}", op, damping)
             alpha = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rz))
@@ -564,7 +560,7 @@ def _cg(op, V, damping, opts: CGOptions, progress, *, seed: int = 0, callback=No
                 z = preconditioned(r)
                 rz_new = (r * z).sum(1)
                 if not bool(torch.isfinite(rz_new).all()):
-                    raise _not_finite_error(f"CG's preconditioner {name!r} (iteration {it})")
+                    raise not_finite_error(f"CG's preconditioner {name!r} (iteration {it})")
             beta = torch.where(active, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
             p = z + beta[:, None] * p
             rz = rz_new
@@ -597,13 +593,6 @@ def _rank(op) -> int:
     import torch.distributed as dist
 
     return dist.get_rank(op.process_group)
-
-
-def _not_finite_error(where: str) -> HessianNotFiniteError:
-    return HessianNotFiniteError(
-        f"{where}: a Hessian-vector product came out NaN/Inf from finite vectors, so the operator itself is not "
-        "finite: check the training data (inputs, features), the model's weights and buffers, and the loss for "
-        "NaN/Inf or overflow")
 
 
 def _spectrum(op: HessianOperator, *, batch_size: int, seed: int, iters: int, probes: int, want_max: bool,
@@ -643,7 +632,7 @@ def _spectrum(op: HessianOperator, *, batch_size: int, seed: int, iters: int, pr
         X = torch.cat(parts, dim=1)
         HX = op.matvec(X[0])[None] if full else op.minibatch_matvec(X.contiguous(), idx)
         if not bool(torch.isfinite(HX).all()):
-            raise _not_finite_error("the spectrum estimate (power iteration / Lanczos)")
+            raise not_finite_error("the spectrum estimate (power iteration / Lanczos)")
         if want_max:
             U = HX[:, :1]
             norms = U.norm(dim=2)[:, 0].double().cpu()
@@ -919,7 +908,7 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
             # reported as such, not as the operator refusing a NaN iterate on the next step
             finite_product, finite_h = torch.stack([torch.isfinite(Hh).all(), torch.isfinite(h_new).all()]).tolist()
             if not finite_product:
-                raise _not_finite_error(f"LiSSA (step {step})")
+                raise not_finite_error(f"LiSSA (step {step})")
             if not finite_h:
                 raise LissaDivergenceError(
                     f"LiSSA's iterate overflowed at step {step} (scale={scale:.4g}, damping={damping}): the update is "

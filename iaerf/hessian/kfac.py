@@ -55,7 +55,7 @@ from iaerf.hessian.kfac_factors import (
     selected_parameters,
 )
 from iaerf.hessian.operators import HessianOperator
-from iaerf.indexed_data import IndexedData, named_digest
+from iaerf.core.indexed_data import IndexedData, named_digest
 
 __all__ = ["KFACOperator", "KFACOptions", "UnsupportedLayerError", "kfac_inverse_hvp", "kfac_parameters"]
 
@@ -98,7 +98,7 @@ class KFACOperator(HessianOperator):
 
     Args:
         model: classifier ``f(x) -> logits [m, K]`` (its current parameters; train/eval flags restored).
-        data: training data (any form :class:`iaerf.indexed_data.IndexedData` takes: tensor pair, dataset,
+        data: training data (any form :class:`iaerf.core.indexed_data.IndexedData` takes: tensor pair, dataset,
             DataLoader read in dataset order).
         loss_fn: per-example training loss ``(logits [m, K], labels [m]) -> [m]`` (:attr:`iaerf.InfluenceTask.
             train_loss`); default cross-entropy.
@@ -117,7 +117,7 @@ class KFACOperator(HessianOperator):
         progress: progress bars.
 
     The factor cache is ``<cache_dir>/kfac-<key>.safetensors`` (+ ``.json``), keyed by the settings, the model's
-    architecture and parameter / buffer values and the data (see :mod:`iaerf.influence.cache`): an entry whose
+    architecture and parameter / buffer values and the data (see :mod:`iaerf.core.cache`): an entry whose
     content does not match is reported with a warning and recomputed.
     """
 
@@ -168,8 +168,8 @@ class KFACOperator(HessianOperator):
 
     # -- fitting -------------------------------------------------------------------------------------------------
     def _settings(self) -> dict:
-        from iaerf._identity import callable_identity
-        from iaerf.influence.cache import model_fingerprint
+        from iaerf.core.identity import callable_identity
+        from iaerf.core.identity import model_fingerprint
 
         rank, world = self._rank_world()
         return {"format": _CACHE_FORMAT, "method": self.method, "fisher": self.fisher, "seed": self.seed,
@@ -179,7 +179,7 @@ class KFACOperator(HessianOperator):
                 "model": model_fingerprint(self.model), "data": self._data.fingerprint()}
 
     def _rank_world(self):
-        from iaerf._distributed import rank_and_world
+        from iaerf.core.distributed import rank_and_world
 
         return rank_and_world(self.process_group)
 
@@ -195,8 +195,8 @@ class KFACOperator(HessianOperator):
         return out
 
     def _fit(self, cache_dir, progress: bool) -> None:
-        from iaerf.influence.cache import ResultCache
-        from iaerf.influence.distributed import agree
+        from iaerf.core.cache import ResultCache
+        from iaerf.core.distributed import agree
 
         cache = ResultCache(cache_dir, "kfac", self._settings() if cache_dir is not None else {})
         stored = cache.load(self._expected())
@@ -330,7 +330,7 @@ def _per_example(loss_fn):
     """The per-example loss behind a :class:`iaerf.ModuleHessian` batch-mean ``loss_fn``."""
     if loss_fn is F.cross_entropy:
         return per_example_cross_entropy
-    inner = getattr(loss_fn, "per_example", None)       # iaerf.influence.energy's _MeanLoss
+    inner = getattr(loss_fn, "per_example", None)       # iaerf.influence.scores's _MeanLoss
     if callable(inner):
         return inner
 
@@ -349,7 +349,7 @@ def from_operator(operator: HessianOperator, method: str, options: KFACOptions, 
         ValueError: a ModuleHessian of the Hessian itself (``gauss_newton=False``) over a model that is not one
             supported layer: K-FAC approximates the Gauss-Newton matrix, another matrix there.
     """
-    from iaerf.hessian.head import HeadHessian
+    from iaerf.hessian.head_hessian import HeadHessian
     from iaerf.hessian.operators import ModuleHessian
 
     if isinstance(operator, ModuleHessian) and not operator.gauss_newton and layer_problem(operator.model) is not None:

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iaerf._distributed import all_reduce_sum, rank_and_world
-from iaerf._progress import progress_bar
-from iaerf.indexed_data import IndexedData
+from iaerf.core.distributed import all_reduce_sum, rank_and_world
+from iaerf.core.progress import progress_bar
+from iaerf.core.indexed_data import IndexedData
 
 FISHER_MODES = ("sampled", "empirical", "expected")
 
@@ -347,7 +347,7 @@ def run_pass(model: nn.Module, layers: list[KFACLayer], data: IndexedData, setti
     ``torch.autograd.grad`` per direction (nothing is accumulated in ``.grad``). A layer that runs more than once
     per forward (a shared module) is refused: its positions would mix calls.
     """
-    from iaerf.heads import eval_mode
+    from iaerf.core.heads import eval_mode
 
     caught: dict[int, list] = {}
     workspace: dict = {}     # patch buffers reused across layers and batches (see KFACLayer.inputs)
@@ -443,7 +443,7 @@ def fit_corrections(model, layers, data, settings: PassSettings, generator, base
 def _reduce(t: torch.Tensor, settings: PassSettings) -> torch.Tensor:
     if settings.process_group is None:
         return t
-    from iaerf._distributed import collective_device
+    from iaerf.core.distributed import collective_device
 
     where = collective_device(settings.process_group, t.device)
     return all_reduce_sum(t.to(where), settings.process_group).to(t.device)

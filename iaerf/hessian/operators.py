@@ -6,7 +6,7 @@ H is the Hessian of the mean training loss plus an optional L2 term (paper Eq. 7
 
 An operator maps ``V [b, P] -> H V [b, P]`` for b vectors at once. :class:`HessianOperator` is the interface the
 solvers in :mod:`iaerf.hessian.inverse` use; :class:`ModuleHessian` implements it for any ``nn.Module`` with
-torch.func (forward-over-reverse, vmapped over the vectors); :class:`iaerf.hessian.head.HeadHessian` implements it
+torch.func (forward-over-reverse, vmapped over the vectors); :class:`iaerf.hessian.head_hessian.HeadHessian` implements it
 analytically for a linear softmax classifier on fixed features.
 """
 from __future__ import annotations
@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
-from iaerf._distributed import all_reduce_sum, rank_and_world
-from iaerf._distributed import collective_device as _collective_device
-from iaerf._identity import UnidentifiableCallableError, callable_identity
+from iaerf.core.distributed import all_reduce_sum, rank_and_world
+from iaerf.core.distributed import collective_device as _collective_device
+from iaerf.core.identity import UnidentifiableCallableError, callable_identity
 from iaerf.hessian._checks import check_indices, check_nonnegative, check_vectors
 from iaerf.hessian.params import select_parameters, unflatten
-from iaerf.heads import eval_mode
-from iaerf.indexed_data import IndexedData, named_digest
+from iaerf.core.heads import eval_mode
+from iaerf.core.indexed_data import IndexedData, named_digest
 
 
 class HessianOperator(abc.ABC):
@@ -154,7 +154,7 @@ class ModuleHessian(HessianOperator):
     Args:
         model: the network; its current parameter values are used (no copy).
         data: ``(inputs [n, ...], labels [n, ...])``, a map-style Dataset of ``(input, label, ...)``, a DataLoader
-            over one (read in dataset order), or an :class:`iaerf.indexed_data.IndexedData`.
+            over one (read in dataset order), or an :class:`iaerf.core.indexed_data.IndexedData`.
         loss_fn: ``loss_fn(outputs [m, ...], labels [m, ...]) -> scalar``, the MEAN loss over the batch
             (default ``F.cross_entropy``).
         params: parameter names/prefixes (see :func:`select_parameters`); None = all with requires_grad.
@@ -281,8 +281,8 @@ class ModuleHessian(HessianOperator):
     def fingerprint(self) -> dict:
         """See :meth:`HessianOperator.fingerprint`; the parameters part covers the selected parameters and every
         other parameter and buffer (all of them shape H), the data part every example held, the loss
-        :func:`iaerf._identity.callable_identity` (its code and every tensor, module state and value it holds; raises
-        :class:`iaerf._identity.UnidentifiableCallableError` for a loss holding an object whose content cannot be
+        :func:`iaerf.core.identity.callable_identity` (its code and every tensor, module state and value it holds; raises
+        :class:`iaerf.core.identity.UnidentifiableCallableError` for a loss holding an object whose content cannot be
         read). The HVP mode is not part of it (both modes compute the same H)."""
         settings = {"type": "ModuleHessian", "model": repr(self.model),
                     "loss_fn": callable_identity(self.loss_fn, "loss_fn"),

@@ -85,3 +85,16 @@ def unflatten(vec: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, 
         out[name] = vec[..., offset: offset + t.numel()].reshape(lead + tuple(t.shape))
         offset += t.numel()
     return out
+
+
+def trainable_selection(model: nn.Module, params) -> dict[str, torch.Tensor]:
+    """The parameters an influence computation differentiates: :func:`select_parameters` of ``params`` that require
+    grad and are non-empty, ``{name: parameter}``; a ValueError naming ``params`` when none is left."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if params is None and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("params=None: no trainable parameter (requires_grad=True) in the model")
+    chosen = {name: p for name, p in select_parameters(model, params).items() if p.requires_grad and p.numel() > 0}
+    if not chosen:
+        raise ValueError(f"params={params!r}: no trainable parameter (requires_grad=True) in the chosen subset")
+    return chosen

@@ -44,9 +44,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from iaerf._distributed import all_reduce_sum
-from iaerf._progress import progress_bar
-from iaerf.heads import eval_mode
+from iaerf.core.distributed import all_reduce_sum
+from iaerf.core.progress import progress_bar
+from iaerf.core.heads import eval_mode
+from iaerf.hessian._checks import not_finite_error
 from iaerf.hessian.kfac_factors import (
     FISHER_MODES,
     PassSettings,
@@ -69,7 +70,7 @@ class _Source:
     the selected names in the flat layout, weight decay, dtype, device and process group."""
 
     def __init__(self, operator):
-        from iaerf.hessian.head import HeadHessian
+        from iaerf.hessian.head_hessian import HeadHessian
         from iaerf.hessian.kfac import _per_example, per_example_cross_entropy
         from iaerf.hessian.operators import ModuleHessian
 
@@ -89,7 +90,7 @@ class _Source:
                 head.weight.copy_(operator.weight.reshape(K, D))
                 if operator.has_bias:
                     head.bias.copy_(operator.bias)
-            from iaerf.indexed_data import IndexedData
+            from iaerf.core.indexed_data import IndexedData
 
             self.model = head
             self.data = IndexedData((operator.features, operator.labels), "features")
@@ -163,9 +164,7 @@ class CurvaturePreconditioner:
                                                                        self._kfac.eigenvalues(kind))),
                          ("Gauss-Newton diagonal", self._diagonal is None or bool(torch.isfinite(self._diagonal).all()))):
             if not ok:
-                from iaerf.hessian.inverse import _not_finite_error
-
-                raise _not_finite_error(f"the CG preconditioner ({what})")
+                raise not_finite_error(f"the CG preconditioner ({what})")
         self.fit_seconds = time.perf_counter() - t0
 
     def inverse(self, damping: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -241,7 +240,7 @@ def fisher_diagonal(source: _Source, names: list[str], *, fisher: str, batch_siz
     flat = torch.cat([total[k].reshape(-1) for k in names])
     n = torch.tensor([float(len(data))], dtype=torch.float64)
     if source.process_group is not None:
-        from iaerf._distributed import collective_device
+        from iaerf.core.distributed import collective_device
 
         where = collective_device(source.process_group, source.device)
         flat = all_reduce_sum(flat.to(where), source.process_group).to(source.device)

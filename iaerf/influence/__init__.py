@@ -6,7 +6,7 @@
 - :class:`InfluenceTask`: the training loss, measurement, regularized quantity and item layout (default: the paper's).
 - :mod:`iaerf.influence.validation`: re-optimisation checks (the Eq. 7 convex check, the paper's Fig. 1 protocol).
 """
-from iaerf.influence.energy import energy_influence, energy_influence_on_test, loss_influence
+from iaerf.influence.scores import energy_influence, energy_influence_on_test, loss_influence
 from iaerf.influence.task import InfluenceTask
 
 __all__ = ["InfluenceTask", "energy_influence", "energy_influence_on_test", "loss_influence"]

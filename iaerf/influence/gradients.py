@@ -18,8 +18,8 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.func import functional_call, jvp, vmap
 
-from iaerf.indexed_data import IndexedData
-from iaerf.influence.distributed import all_reduce_sum
+from iaerf.core.indexed_data import IndexedData
+from iaerf.core.distributed import all_reduce_sum
 
 
 def energy_from_logits(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

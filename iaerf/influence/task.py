@@ -18,10 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from iaerf._identity import callable_identity
-from iaerf.indexed_data import tuple_item
+from iaerf.core.identity import callable_identity
+from iaerf.core.indexed_data import tuple_item
 from iaerf.influence.gradients import energy_from_logits, loss_from_logits
 
 
@@ -43,37 +42,6 @@ class DictKeys:
 
     def __repr__(self) -> str:
         return f"DictKeys({self.input_key!r}, {self.label_key!r})"
-
-
-class PerExampleLDAM(nn.Module):
-    """Per-example LDAM loss ``[b, K], [b] -> [b]``: :class:`iaerf.losses.LDAMLoss` on each example, times the
-    DRW class weight of its label.
-
-    LDAMLoss with DRW weights averages as sum_i w_{y_i} l_i / sum_i w_{y_i}; the mean of the per-example form
-    w_{y_i} l_i differs from it on the full training set by the constant factor n / sum_i w_{y_i}. Without
-    weight_decay and damping that factor only rescales every influence; with them, multiply them by
-    sum_i w_{y_i} / n to take H of the exact DRW objective.
-    """
-
-    def __init__(self, class_counts, max_m: float = 0.5, s: float = 30.0, drw_weights=None):
-        super().__init__()
-        from iaerf.losses import LDAMLoss
-
-        self.ldam = LDAMLoss(class_counts, max_m=max_m, s=s)  # unweighted: the DRW weight multiplies below
-        num_classes = self.ldam.margins.numel()
-        if drw_weights is not None:
-            drw_weights = torch.as_tensor(drw_weights, dtype=torch.float32)
-            if drw_weights.shape != (num_classes,) or not bool(torch.isfinite(drw_weights).all()):
-                raise ValueError(f"drw_weights must be {num_classes} finite per-class weights (one per class of "
-                                 f"class_counts), got shape {tuple(drw_weights.shape)}")
-        self.register_buffer("drw_weights", drw_weights)
-
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # vmap over examples: LDAMLoss reduces over its batch, a batch of one is the per-example loss
-        per_example = torch.func.vmap(lambda z, y: self.ldam(z[None], y[None]))(logits, labels)
-        if self.drw_weights is None:
-            return per_example
-        return per_example * self.drw_weights.to(logits.device, logits.dtype)[labels]
 
 
 @dataclass(frozen=True)
@@ -105,14 +73,6 @@ class InfluenceTask:
                 raise TypeError(f"{name} must be a str, got {type(key).__name__}")
         return cls(unpack=DictKeys(input_key, label_key), **fields)
 
-    @classmethod
-    def ldam(cls, class_counts, max_m: float = 0.5, s: float = 30.0, drw_weights=None, **fields) -> "InfluenceTask":
-        """The task of an LDAM(-DRW) model: H and the loss influence use its own training loss
-        (:class:`PerExampleLDAM`; ``drw_weights [K]`` e.g. :func:`iaerf.losses.class_balanced_weights`), the
-        measurement stays the plain cross-entropy (what the model is evaluated on)."""
-        fields.setdefault("measurement", loss_from_logits)
-        return cls(train_loss=PerExampleLDAM(class_counts, max_m=max_m, s=s, drw_weights=drw_weights), **fields)
-
     @property
     def measure(self) -> Callable:
         """The measurement actually used: ``measurement``, or the training loss when it is None."""
@@ -127,8 +87,8 @@ class InfluenceTask:
         """The cache-key entries of this task for a solve (``kind="solve"``) or a result (``"energy"``,
         ``"energy_on_test"``, ``"loss"``); None when they are those of the default task, so results cached before
         tasks existed keep their keys. ``unpack`` is not part of it: the data fingerprints cover what it returns.
-        Each callable enters by :func:`iaerf._identity.callable_identity` (raises
-        :class:`iaerf._identity.UnidentifiableCallableError` for one holding an object whose content cannot be
+        Each callable enters by :func:`iaerf.core.identity.callable_identity` (raises
+        :class:`iaerf.core.identity.UnidentifiableCallableError` for one holding an object whose content cannot be
         read), so call it only where results are stored."""
         used = {"train_loss": self.train_loss, "measurement": self.measure}
         if kind in ("energy", "energy_on_test"):
@@ -151,3 +111,12 @@ class InfluenceTask:
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ValueError(f"task.{name} must return one value per example, shape [{b}] on a batch of {b}, "
                                  f"got {got} (a reduced loss? use reduction='none')")
+
+
+def resolve_task(task) -> InfluenceTask:
+    """``task`` itself, or the paper's default :class:`InfluenceTask` for None; a TypeError naming ``task`` else."""
+    if task is None:
+        return InfluenceTask()
+    if not isinstance(task, InfluenceTask):
+        raise TypeError(f"task must be an iaerf.InfluenceTask or None, got {type(task).__name__}")
+    return task

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from scipy.special import logsumexp as np_logsumexp
 
-from iaerf._progress import progress_bar
-from iaerf.heads import check_finite_state, check_logits, model_dtype
-from iaerf.indexed_data import IndexedData
-from iaerf.influence.energy import _find_head, _features, _trainable_selection, eval_mode
-from iaerf.training_loop import shuffled_batches, train_loop
+from iaerf.core.progress import progress_bar
+from iaerf.core.heads import check_finite_state, check_logits, model_dtype
+from iaerf.core.indexed_data import IndexedData
+from iaerf.core.heads import affine_head, eval_mode, head_inputs
+from iaerf.hessian.params import trainable_selection
+from iaerf.core.train_loop import shuffled_batches, train_loop
 
 # --------------------------------------------------------------------------------------------------------------
 # Convex check (Eq. 7): multinomial logistic regression, float64 numpy
@@ -158,7 +159,7 @@ def actual_energy_effect(model, train, val, indices, *, eps: float, params=None,
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     settings = FinetuneSettings(epochs, float(lr), batch_size, float(momentum), float(weight_decay), seed)
-    chosen = _trainable_selection(model, params)
+    chosen = trainable_selection(model, params)
     check_finite_state(model)
     dtype = model_dtype(model)  # inputs cast to it when exact, as the influence does
     train_d, val_d = IndexedData(train, "train", dtype=dtype), IndexedData(val, "val", dtype=dtype)
@@ -175,15 +176,15 @@ def actual_energy_effect(model, train, val, indices, *, eps: float, params=None,
             num_classes = check_logits(model(probe)).shape[1]
         train_d.check_labels(num_classes)
         val_d.check_labels(num_classes)
-        head = _find_head(model, chosen, probe)
+        head = affine_head(model, chosen, probe)
         runs = [(None, 0.0)] if not symmetric else []
         for i in indices:
             runs += [(i, eps), (i, -eps)] if symmetric else [(i, eps)]
         if head is not None:
             layer = head[1]
             bar = progress_bar(total=0, desc="", enabled=False)
-            train_x = _features(model, layer, train_d, range(len(train_d)), 512, device, bar)
-            val_x = _features(model, layer, val_d, range(len(val_d)), 512, device, bar)
+            train_x = head_inputs(model, layer, train_d, range(len(train_d)), 512, device, bar)
+            val_x = head_inputs(model, layer, val_d, range(len(val_d)), 512, device, bar)
             losses = _head_runs(layer, train_x, train_d.labels().to(device), val_x, val_d.labels().to(device), runs,
                                 settings)
         else:

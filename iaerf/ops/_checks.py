@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from iaerf import _extension
+from iaerf.core import extension as _extension
 from iaerf.ops._library import TRITON_KERNELS, acc_dtype
 
 LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -218,7 +218,7 @@ def select_backend(logits: torch.Tensor, backend: str | None, native_op: str) ->
 
     "triton" (on CUDA), "cpp" and "cuda" all call torch.ops.iaerf.<native_op>, whose registered kernel for the
     device runs; "triton" on CPU tensors (the interpreter) calls the Triton launcher directly. backend=None/"auto"
-    follows :func:`iaerf._extension.kernel_choice` (the rule backend_info reports), with two refinements: under
+    follows :func:`iaerf.core.extension.kernel_choice` (the rule backend_info reports), with two refinements: under
     torch.func transforms or forward-mode AD the differentiable reference runs (documented fallback), and float64
     logits, which the Triton kernels do not take, run the reference on CUDA. A forced backend that cannot run raises ValueError. Traceable by Dynamo (kernel
     lookups are cached at import), so the default call compiles with fullgraph=True.

@@ -17,7 +17,8 @@ from typing import Callable
 
 import torch
 
-from iaerf import _backend, _extension
+from iaerf.ops import backend as _backend
+from iaerf.core import extension as _extension
 
 _LIB = torch.library.Library("iaerf", "FRAGMENT")
 

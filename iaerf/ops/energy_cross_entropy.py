@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from iaerf.ops import _checks, _library
-from iaerf.ops.reference import _upcast, reference_energy_ce, reference_logsumexp
+from iaerf.ops.reference import upcast, reference_energy_ce, reference_logsumexp
 
 __all__ = ["EnergyCEParts", "EnergyRegularizedCrossEntropy", "energy_regularized_cross_entropy"]
 
@@ -162,7 +162,7 @@ class _EnergyCE(torch.autograd.Function):
             # zeroed first so that NaN/-inf there cannot leak into second-order terms.
             valid = target != ctx.ignore_index
             grad = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-            z = torch.where(valid[:, None], _upcast(logits), torch.zeros((), dtype=lse.dtype, device=lse.device))
+            z = torch.where(valid[:, None], upcast(logits), torch.zeros((), dtype=lse.dtype, device=lse.device))
             probs = torch.softmax(z, dim=1)
             if ctx.needs_input_grad[0]:
                 onehot = torch.nn.functional.one_hot(torch.where(valid, target, 0).long(), z.shape[1]).to(z.dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from iaerf.ops import _checks, _library
-from iaerf.ops.reference import _upcast, reference_logsumexp
+from iaerf.ops.reference import upcast, reference_logsumexp
 
 __all__ = ["logsumexp"]
 
@@ -105,7 +105,7 @@ class _LogSumExp(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: build the gradient from differentiable ops on logits so that double backward
             # (and forward-mode over it) sees the dependence of softmax on the logits.
-            grad_logits = grad[:, None] * torch.softmax(_upcast(logits), dim=1)
+            grad_logits = grad[:, None] * torch.softmax(upcast(logits), dim=1)
             return grad_logits.to(logits.dtype), None, None
         if ctx.keep_probs:
             grad_logits, ctx.probs = ctx.probs, None

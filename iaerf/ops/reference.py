@@ -12,7 +12,7 @@ import torch
 from iaerf.ops._library import acc_dtype
 
 
-def _upcast(logits: torch.Tensor) -> torch.Tensor:
+def upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
@@ -30,7 +30,7 @@ def _row_shift(z: torch.Tensor) -> torch.Tensor:
 
 def reference_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     """lse_i = log sum_k exp(z_ik). logits [N, K] -> [N] (float32, or float64 for float64 logits)."""
-    z = _upcast(logits)
+    z = upcast(logits)
     m = _row_shift(z)
     return m.squeeze(1) + torch.logsumexp(z - m, dim=1)
 
@@ -64,7 +64,7 @@ def reference_energy_ce(
         two are detached (logging values, as in the fused kernels) and are None when with_parts is False.
         Energy = -lse.
     """
-    z = _upcast(logits)
+    z = upcast(logits)
     valid = target != ignore_index
     # Ignored rows are replaced by zeros before the loss so that they get exactly zero gradient even when they
     # hold NaN or all -inf (0 * NaN would otherwise leak through logsumexp's backward).

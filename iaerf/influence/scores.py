@@ -1,0 +1,523 @@
+"""Influence of energy regularization on every training point (paper Eq. 7-9) and the classic loss influence (Eq. 4).
+
+    I_val(x_i)  = -(1/m sum_j grad L(x_val_j))^T (H + damping I)^{-1} grad E(x_i)          (Eq. 9)
+    I_test(x_i) = -grad L(x_test)^T (H + damping I)^{-1} grad E(x_i)                        (Eq. 8)
+    I_loss(x_i) = -(1/m sum_j grad L(x_val_j))^T (H + damping I)^{-1} grad L(x_i, y_i)      (Eq. 4, averaged)
+
+H is the Hessian of (1/n) sum_i CE(f(x_i), y_i) + (weight_decay / 2) ||theta||^2 over the chosen parameters;
+L is the plain cross-entropy, E(x) = -logsumexp f(x). Sign: a positive I_val(x_i) means that adding energy
+regularization eps * E(x_i) to the training objective raises the validation loss (d L_val / d eps = I_val).
+
+The validation side is solved once, s = (H + damping I)^{-1} g_val, and every training point's influence is then one
+forward-mode directional derivative, -(d/de) E_{theta + e s}(x_i) (see :mod:`iaerf.influence.gradients`).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import nn
+
+from iaerf.core.io import ensure_writable_dir
+from iaerf.core.progress import progress_bar
+from iaerf.core.heads import affine_head, check_finite_state, check_logits, eval_mode, head_inputs, model_dtype
+from iaerf.hessian.inverse import CGOptions, ExactOptions, LissaOptions, make_solver_options
+from iaerf.core.indexed_data import IndexedData
+from iaerf.hessian.params import trainable_selection
+from iaerf.core import distributed as D
+from iaerf.core.cache import ResultCache
+from iaerf.core.identity import model_fingerprint
+from iaerf.influence.gradients import directional_derivatives, loss_gradients
+from iaerf.influence.task import InfluenceTask, resolve_task
+
+_SOLVERS = ("lissa", "cg", "exact", "kfac", "ekfac")
+
+
+def energy_influence(model, train, val, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
+                     solver_options=None, batch_size=256, device=None, cache_dir=None, process_group=None,
+                     progress=True, seed=0, gauss_newton=False, task=None) -> torch.Tensor:
+    """Influence of energy regularization of each training point on the mean validation loss (paper Eq. 9).
+
+    Args:
+        model: classifier ``f(x) -> logits [b, K]`` (a tensor; a dict output is a TypeError) with finite
+            parameters and buffers (else a ValueError naming the first bad one); evaluated in eval mode (batch-norm
+            running statistics, no dropout), its train/eval flags are restored afterwards.
+        train: ``n`` training points: map-style dataset yielding ``(input, label)``, ``(inputs, labels)`` tensors,
+            or a DataLoader over a dataset (its ``collate_fn`` builds the batches; a sampler, batch sampler or
+            ``drop_last`` that would leave out or repeat examples is refused; see :mod:`iaerf.core.indexed_data`).
+            Floating inputs must be finite (else a ValueError naming the example) and are cast to the model's dtype
+            when that is exact (float32 data, float64 model); a cast that would round is a TypeError.
+        val: ``m >= 1`` validation points, same forms.
+        params: parameter names or prefixes the influence is taken over (None: every parameter with
+            requires_grad); frozen parameters in the selection are left out. When the selection is exactly the
+            weight and bias of the classifier head (:func:`iaerf.core.heads.find_classifier_head`: the ``nn.Linear``
+            that produces the logits, whatever its name, e.g. ``"fc"``, ``"head"``, ``"classifier"``), that layer
+            computes ``W x + b`` (not a subclass with its own forward) and its parameters are not also used before
+            it (:func:`iaerf.core.heads.head_is_separable`: no tied weights), the native head Hessian is used on the
+            frozen features.
+        weight_decay: L2 term of the training objective, (weight_decay / 2) ||theta||^2 (as torch.optim.SGD).
+        damping: added to H before the solve.
+        solver: "lissa", "cg", "exact", "kfac" or "ekfac" (:func:`iaerf.inverse_hvp`). All of them need H + damping
+            I positive definite and refuse it otherwise. "kfac" / "ekfac" approximate the Gauss-Newton matrix: they
+            need ``gauss_newton=True`` (except over the classifier head, where the two matrices are one) and a
+            selection of ``nn.Linear`` / ``nn.Conv2d`` weights and biases only (``params=None`` on a model with
+            batch norm is refused: :func:`iaerf.hessian.kfac.kfac_parameters` lists the covered ones). "cg" /
+            "lissa" over the classifier head need a float32 or float64 model. "cg" with
+            ``solver_options={"preconditioner": "kfac" | "ekfac" | "diagonal"}`` is preconditioned CG: the exact
+            influence (the same system and tolerance as plain CG, every selected parameter included; batch norm
+            gets diagonal blocks) in fewer products where the curvature approximation fits (see
+            :class:`iaerf.CGOptions` and docs/hessian.md: on over-parameterised networks it can take more).
+        solver_options: that solver's options, typed -- :class:`iaerf.LissaOptions` for "lissa",
+            :class:`iaerf.CGOptions` for "cg", :class:`iaerf.ExactOptions` for "exact" (another solver's class is
+            a TypeError) -- or a dict of their fields (None: the defaults); validated before any pass and handed
+            to the solver. ``damping`` and ``seed`` are this function's own arguments, never options.
+        batch_size: batch size of the data passes.
+        device: where to compute (default: the model's device; the model must already live there).
+        cache_dir: when given, results (and the inverse-HVP solution s) are stored there with their settings and
+            reused when model, data and settings match; a LiSSA run keeps its checkpoint there.
+        process_group: a torch.distributed group, "auto" (the default group when initialised) or None; see
+            :mod:`iaerf.core.distributed`.
+        progress: tqdm progress bars (rank 0 only).
+        seed: seed of the stochastic solver.
+        gauss_newton: use the Gauss-Newton matrix (positive semi-definite) instead of the exact Hessian, for
+            non-convex models where LiSSA or CG meet negative curvature (for a linear head over frozen features
+            the two are the same matrix). Works with any ``task.train_loss`` torch.func can differentiate twice
+            w.r.t. the logits (H_out is taken by forward-over-reverse on it).
+        task: an :class:`iaerf.InfluenceTask` (None: ``InfluenceTask()``, cross-entropy training loss and
+            measurement, the energy, tuple items): the per-example training loss whose Hessian is H, the
+            measurement whose mean over ``val`` gives g_val, the regularized quantity E, and how items are
+            unpacked (e.g. ``InfluenceTask.from_dict_keys("image", "label")``). Each callable is checked on a probe
+            batch to return ``[b]`` before any pass. The native head Hessian computes only the softmax
+            cross-entropy Hessian: with another training loss a head-only selection still runs on the frozen
+            features, with :class:`iaerf.ModuleHessian` over the head's weight and bias.
+
+    Returns:
+        ``[n]`` tensor (the parameters' dtype, on ``device``) in training-set order: I_val(x_i) = -s . grad E(x_i).
+        Never non-finite: a model whose outputs overflow raises a ValueError naming the first such train example.
+    """
+    return _influence("energy", model, train, val,
+                      params=params, weight_decay=weight_decay, damping=damping, solver=solver,
+                      solver_options=solver_options, batch_size=batch_size, device=device, cache_dir=cache_dir,
+                      process_group=process_group, progress=progress, seed=seed, gauss_newton=gauss_newton,
+                      task=task)
+
+
+def energy_influence_on_test(model, train, test, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
+                             solver_options=None, batch_size=256, device=None, cache_dir=None, process_group=None,
+                             progress=True, seed=0, gauss_newton=False, task=None) -> torch.Tensor:
+    """Influence of energy regularization of each training point on each test point's loss (paper Eq. 8).
+
+    Same arguments as :func:`energy_influence` with ``test`` (k points) in place of ``val`` (``solver_options``:
+    the typed options of ``solver``, e.g. ``solver="cg", solver_options=iaerf.CGOptions(tol=1e-10)``, or a dict of
+    their fields). The k right-hand sides grad L(x_test_j) are solved together (one batched inverse-HVP) and the k
+    directional derivatives of every training point's energy come from one vmapped JVP pass.
+
+    Returns:
+        ``[k, n]``: entry (j, i) is I_{x_test_j}(x_i). Its row mean equals :func:`energy_influence` with val=test.
+    """
+    return _influence("energy_on_test", model, train, test,
+                      params=params, weight_decay=weight_decay, damping=damping, solver=solver,
+                      solver_options=solver_options, batch_size=batch_size, device=device, cache_dir=cache_dir,
+                      process_group=process_group, progress=progress, seed=seed, gauss_newton=gauss_newton,
+                      task=task)
+
+
+def loss_influence(model, train, val, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
+                   solver_options=None, batch_size=256, device=None, cache_dir=None, process_group=None,
+                   progress=True, seed=0, gauss_newton=False, task=None) -> torch.Tensor:
+    """Classic influence of upweighting each training point on the mean validation loss (Koh & Liang, Eq. 4).
+
+    I_loss(x_i) = -g_val^T (H + damping I)^{-1} grad L(x_i, y_i) = -(d/de) CE(f_{theta + e s}(x_i), y_i): the same
+    solve and forward-mode pass as :func:`energy_influence`, with the loss in place of the energy. Returns ``[n]``.
+    With a ``task``, the upweighted loss is ``task.train_loss`` (``task.regularized`` is not used). Same
+    arguments as :func:`energy_influence`; ``solver_options`` is the typed options of ``solver``
+    (:class:`iaerf.LissaOptions` / :class:`iaerf.CGOptions` / :class:`iaerf.ExactOptions`) or a dict of their fields.
+    """
+    return _influence("loss", model, train, val,
+                      params=params, weight_decay=weight_decay, damping=damping, solver=solver,
+                      solver_options=solver_options, batch_size=batch_size, device=device, cache_dir=cache_dir,
+                      process_group=process_group, progress=progress, seed=seed, gauss_newton=gauss_newton,
+                      task=task)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _MeanLoss:
+    """``ModuleHessian``'s batch-mean loss from a per-example one (the operator's fingerprint identifies it by its
+    attribute ``per_example``, see :func:`iaerf.core.identity.callable_identity`)."""
+
+    def __init__(self, per_example):
+        self.per_example = per_example
+
+    def __call__(self, logits, labels):
+        return self.per_example(logits, labels).mean()
+
+
+@dataclass(frozen=True)
+class SolveSettings:
+    """The settings that decide s and the influence (see :func:`energy_influence` for their meaning), validated
+    once by :meth:`parse`; :meth:`describe` is their part of every cache key."""
+
+    params: tuple[str, ...] | None = None
+    weight_decay: float = 0.0
+    damping: float = 0.0
+    solver: str = "lissa"
+    # the options as given (a typed one: its fields that differ from the defaults), the cache-key part, so that
+    # LissaOptions(depth=50) and {"depth": 50} share a key and keys stored before typed options existed still match
+    solver_options: tuple[tuple[str, object], ...] = ()
+    batch_size: int = 256
+    seed: int = 0
+    gauss_newton: bool = False
+    # the validated options the solver runs with (make_solver_options of solver and solver_options)
+    options: LissaOptions | CGOptions | ExactOptions | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def parse(cls, *, params, weight_decay, damping, solver, solver_options, batch_size, seed,
+              gauss_newton) -> SolveSettings:
+        for name, value in (("weight_decay", weight_decay), ("damping", damping)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if solver not in _SOLVERS:
+            raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+        if isinstance(solver_options, dict):
+            for key in ("damping", "seed", "progress", "method"):
+                if key in solver_options:
+                    raise ValueError(f"solver_options must not contain {key!r}: pass it as the keyword argument "
+                                     f"instead")
+        options = make_solver_options(solver, solver_options, name="solver_options")
+        if solver_options is None or isinstance(solver_options, dict):
+            given = dict(solver_options or {})
+        else:
+            given = {f.name: getattr(options, f.name) for f in fields(options)
+                     if getattr(options, f.name) != f.default}
+        if isinstance(params, str):
+            params = (params,)
+        elif params is not None:
+            params = tuple(params)
+        if not isinstance(gauss_newton, bool):
+            raise TypeError(f"gauss_newton must be a bool, got {type(gauss_newton).__name__}")
+        return cls(params, float(weight_decay), float(damping), solver, tuple(sorted(given.items())),
+                   batch_size, seed, gauss_newton, options)
+
+    def describe(self) -> dict:
+        return {
+            "params": list(self.params) if self.params is not None else None,
+            "weight_decay": self.weight_decay,
+            "damping": self.damping,
+            "solver": self.solver,
+            "solver_options": dict(self.solver_options),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "gauss_newton": self.gauss_newton,
+        }
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where and how a run happens; none of it changes the result, so none of it enters a cache key."""
+
+    device: torch.device | None = None
+    cache_dir: object = None
+    process_group: object = None
+    progress: bool = True
+
+    @classmethod
+    def parse(cls, *, device, cache_dir, process_group, progress) -> RunSettings:
+        if cache_dir is not None:
+            # before any pass over the data: an unwritable cache would otherwise fail only when the result is stored
+            ensure_writable_dir(cache_dir, "cache_dir")
+        return cls(torch.device(device) if device is not None else None, cache_dir, process_group, bool(progress))
+
+
+def _influence(kind: str, model, train, val, *, params, weight_decay, damping, solver, solver_options, batch_size,
+               device, cache_dir, process_group, progress, seed, gauss_newton, task) -> torch.Tensor:
+    """The three public functions' common body: validate, then prepare -> (cached) solve -> (cached) score."""
+    settings = SolveSettings.parse(params=params, weight_decay=weight_decay, damping=damping, solver=solver,
+                                   solver_options=solver_options, batch_size=batch_size, seed=seed,
+                                   gauss_newton=gauss_newton)
+    task = resolve_task(task)
+    run = RunSettings.parse(device=device, cache_dir=cache_dir, process_group=process_group, progress=progress)
+    problem = prepare(kind, model, train, val, settings, task, run)
+    with eval_mode(model):
+        problem.probe_model()
+        hit = problem.result_cache.load({"influence": problem.expected_influence})
+        if D.agree(hit is not None, problem.group, problem.device):
+            return hit["influence"].to(problem.device)
+        s = solve(problem)
+        return score(problem, s)
+
+
+@dataclass
+class _Problem:
+    """Everything :func:`solve` and :func:`score` read: the validated inputs, this rank's shards and the cache
+    keys. ``kind`` is "energy" (Eq. 9), "energy_on_test" (Eq. 8) or "loss" (Eq. 4)."""
+
+    kind: str
+    model: nn.Module
+    settings: SolveSettings
+    task: InfluenceTask
+    run: RunSettings
+    train: IndexedData
+    val: IndexedData
+    chosen: dict[str, torch.Tensor]
+    device: torch.device
+    group: object
+    rank: int
+    world: int
+    # set by probe_model (it needs the model in eval mode, which prepare does not enter)
+    probe: torch.Tensor = field(init=False, repr=False)
+    result_cache: ResultCache = field(init=False, repr=False)
+    solve_cache: ResultCache = field(init=False, repr=False)
+    expected_s: tuple = field(init=False, repr=False)
+    expected_influence: tuple = field(init=False, repr=False)
+
+    @property
+    def val_name(self) -> str:
+        return self.val.name
+
+    @property
+    def show(self) -> bool:
+        return self.run.progress and self.rank == 0
+
+    @property
+    def train_idx(self) -> range:
+        return D.shard_range(len(self.train), self.rank, self.world)
+
+    @property
+    def val_idx(self) -> range:
+        return D.shard_range(len(self.val), self.rank, self.world)
+
+    def probe_model(self) -> None:
+        """One forward on the first validation point (in eval mode): checks the logits [b, K], the labels and the
+        task's outputs, and sets the cache keys and expected shapes."""
+        probe, probe_label = self.val.batch([0], self.device)
+        with torch.no_grad():
+            logits = check_logits(self.model(probe))
+        num_classes = logits.shape[1]
+        self.train.check_labels(num_classes)
+        self.val.check_labels(num_classes)
+        with torch.no_grad():
+            self.task.check_outputs(logits, probe_label, self.kind)
+        self.probe = probe
+
+        cache_dir = self.run.cache_dir
+        base = {
+            **self.settings.describe(),
+            "chosen_params": list(self.chosen),
+            "model": model_fingerprint(self.model) if cache_dir is not None else None,
+            "dtype": str(next(iter(self.chosen.values())).dtype),
+        }
+        if cache_dir is not None:
+            base["train"], base[self.val_name] = self.train.fingerprint(), self.val.fingerprint()
+        result_settings = {**base, "kind": self.kind}
+        # only a non-default task enters the keys, so entries cached before tasks existed are still found; and only
+        # when results are stored (a task holding an object that cannot be identified is refused there)
+        if cache_dir is not None and self.task.describe("solve") is not None:
+            base["task"] = self.task.describe("solve")
+        if cache_dir is not None and self.task.describe(self.kind) is not None:
+            result_settings["task"] = self.task.describe(self.kind)
+        self.result_cache = ResultCache(cache_dir, self.kind, result_settings)
+        self.solve_cache = ResultCache(cache_dir, "solve_test" if self.kind == "energy_on_test" else "solve", base)
+        n, m = len(self.train), len(self.val)
+        p_total = sum(p.numel() for p in self.chosen.values())
+        s_dtype = functools.reduce(torch.promote_types, [p.dtype for p in self.chosen.values()])
+        if self.kind == "energy_on_test":
+            self.expected_s, self.expected_influence = ((m, p_total), s_dtype), ((m, n), logits.dtype)
+        else:
+            self.expected_s, self.expected_influence = ((p_total,), s_dtype), ((n,), logits.dtype)
+
+    @functools.cached_property
+    def head(self):
+        """``(layer_name, layer)`` when the influence is over the classifier head alone (see :func:`affine_head`)."""
+        return affine_head(self.model, self.chosen, self.probe)
+
+    @functools.cached_property
+    def local(self) -> _Local:
+        """What the passes run on: the frozen head features when :attr:`head` is set (one features pass, only on a
+        result-cache miss), else the model and data themselves."""
+        train_idx, val_idx = self.train_idx, self.val_idx
+        if self.head is None:
+            return _Local(self.model, self.chosen, self.train, self.val, train_idx, val_idx)
+        layer = self.head[1]
+        bar = progress_bar(total=len(train_idx) + len(val_idx), desc="features", enabled=self.show)
+        batch_size = self.settings.batch_size
+        train_feats = head_inputs(self.model, layer, self.train, train_idx, batch_size, self.device, bar)
+        val_feats = head_inputs(self.model, layer, self.val, val_idx, batch_size, self.device, bar)
+        bar.close()
+        train_labels = self.train.labels()[torch.as_tensor(list(train_idx), dtype=torch.long)].to(self.device)
+        val_labels = self.val.labels()[torch.as_tensor(list(val_idx), dtype=torch.long)].to(self.device)
+        # inputs and weights are finite (checked), so a non-finite feature is an overflow inside the model
+        where = f"(the features the model computes at its head {self.head[0]!r})"
+        return _Local(layer, {"weight": layer.weight, "bias": layer.bias},
+                      IndexedData((train_feats, train_labels), f"train {where}"),
+                      IndexedData((val_feats, val_labels), f"{self.val_name} {where}"),
+                      range(len(train_idx)), range(len(val_idx)))
+
+
+@dataclass(frozen=True)
+class _Local:
+    """The function (``func_model`` with ``func_params``) and this rank's data the passes differentiate."""
+
+    func_model: nn.Module
+    func_params: dict[str, torch.Tensor]
+    train: IndexedData
+    val: IndexedData
+    train_idx: range
+    val_idx: range
+
+
+def prepare(kind: str, model, train, val, settings: SolveSettings, task: InfluenceTask,
+            run: RunSettings) -> _Problem:
+    """Checks the data, the parameter selection and the device, and resolves the process group (no model pass:
+    :meth:`_Problem.probe_model` runs in eval mode, head detection and the features pass when first needed)."""
+    val_name = "test" if kind == "energy_on_test" else "val"
+    chosen = trainable_selection(model, settings.params)  # the same selection for every solver
+    if settings.solver in ("kfac", "ekfac"):
+        from iaerf.hessian.kfac_factors import resolve_layers
+
+        resolve_layers(model, chosen, f"params={settings.params!r}")  # refuses, naming them, what K-FAC cannot cover
+    check_finite_state(model)
+    # floating inputs in the model's dtype when that cast is exact (float32 data, float64 model), else an error
+    dtype = model_dtype(model)
+    train_d, val_d = IndexedData(train, "train", task.unpack, dtype), IndexedData(val, val_name, task.unpack, dtype)
+    if len(val_d) == 0:
+        raise ValueError(f"{val_name} is empty: the influence needs at least one {val_name} point")
+    if len(train_d) == 0:
+        raise ValueError("train is empty")
+    device = next(iter(chosen.values())).device
+    if run.device is not None:
+        wanted = run.device
+        if wanted.type != device.type or (wanted.index is not None and wanted.index != device.index):
+            raise ValueError(f"device={wanted} but the model's parameters are on {device}; move the model first")
+    group = D.resolve_group(run.process_group)
+    rank, world = D.rank_and_world(group)
+    return _Problem(kind, model, settings, task, run, train_d, val_d, chosen, device, group, rank, world)
+
+
+def solve(problem: _Problem) -> torch.Tensor:
+    """s = (H + damping I)^{-1} g: one vector [P] for Eq. 9 / Eq. 4, k vectors [k, P] for Eq. 8; read from the
+    solve cache when stored there, else computed (and stored by rank 0)."""
+    stored = problem.solve_cache.load({"s": problem.expected_s})
+    if D.agree(stored is not None, problem.group, problem.device):
+        return stored["s"].to(problem.device)
+    s = _solve(problem)
+    if problem.rank == 0:
+        problem.solve_cache.store({"s": s})
+    return s
+
+
+def _solve(problem: _Problem) -> torch.Tensor:
+    from iaerf.hessian import inverse_hvp
+    from iaerf.hessian.params import flatten
+
+    _check_solver_dtype(problem)  # before the features pass that problem.local runs
+    settings, task, local, group, m = problem.settings, problem.task, problem.local, problem.group, len(problem.val)
+    bar = progress_bar(total=len(local.val_idx), desc="validation gradient", enabled=problem.show)
+    if problem.kind == "energy_on_test":
+        grads = loss_gradients(local.func_model, local.func_params, local.val, local.val_idx, total=m,
+                               batch_size=settings.batch_size, device=problem.device, per_index=True, progress=bar,
+                               loss_fn=task.measure)
+        g = D.all_gather_shards(torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1), m, group,
+                                dim=0)
+    else:
+        g = flatten(loss_gradients(local.func_model, local.func_params, local.val, local.val_idx, total=m,
+                                   batch_size=settings.batch_size, device=problem.device, group=group, progress=bar,
+                                   loss_fn=task.measure))
+    bar.close()
+    if not bool(torch.isfinite(g).all()):  # the weights and inputs are finite (checked): the forward overflowed
+        raise ValueError(f"the gradient of the measurement over {problem.val_name} is not finite although the model "
+                         f"and the {problem.val_name} inputs are: the model's outputs or task.measurement overflow "
+                         f"in {g.dtype}")
+
+    options = settings.options
+    given = dict(settings.solver_options)
+    if settings.solver in ("kfac", "ekfac") and problem.solve_cache.enabled and "cache_dir" not in given:
+        options = replace(options, cache_dir=problem.run.cache_dir)  # the fitted factors beside the results
+    if settings.solver == "lissa" and problem.solve_cache.enabled and "checkpoint_path" not in given:
+        # inverse_hvp appends ".rank<r>" under a process group: each rank keeps its own generator states
+        options = replace(options, checkpoint_path=problem.solve_cache.path(".lissa.pt"))
+    s = inverse_hvp(_operator(problem), g, method=settings.solver, damping=settings.damping, seed=settings.seed,
+                    progress=problem.show, options=options)
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(
+            f"the inverse-HVP solution s from solver={settings.solver!r} is not finite; increase damping "
+            f"(now {settings.damping}) or adjust solver_options {dict(settings.solver_options)} (e.g. a larger "
+            f"LiSSA scale)"
+        )
+    return s.to(g.dtype)
+
+
+def _native_head(problem: _Problem) -> bool:
+    """Whether H is the native head Hessian (:class:`iaerf.HeadHessian`): a head-only selection with the default
+    (softmax cross-entropy) training loss."""
+    return problem.head is not None and problem.task.default_train_loss
+
+
+def _check_solver_dtype(problem: _Problem) -> None:
+    """Refuse, before any pass, a half-precision model whose solver would run the native head Hessian's products
+    (CG, LiSSA): its kernel computes in float32 or float64 only, and would fail after the features pass."""
+    dtype, solver = next(iter(problem.chosen.values())).dtype, problem.settings.solver
+    if solver in ("cg", "lissa") and dtype not in (torch.float32, torch.float64) and _native_head(problem):
+        raise TypeError(
+            f"model's parameters are {dtype}, and solver={solver!r} over the classifier head runs the native head "
+            f"Hessian's products, which compute in float32 or float64 only. Convert the model (model.float()), or "
+            f"use solver='exact', 'kfac' or 'ekfac', which do not use those products")
+
+
+def _operator(problem: _Problem):
+    """H over the selection: the native head Hessian on the features, else :class:`iaerf.ModuleHessian`."""
+    from iaerf.hessian import HeadHessian, ModuleHessian
+
+    settings, task, head, group = problem.settings, problem.task, problem.head, problem.group
+    # None keeps ModuleHessian's own F.cross_entropy, so the default task's H is computed exactly as before
+    loss_fn = None if task.default_train_loss else _MeanLoss(task.train_loss)
+    if _native_head(problem):
+        feats, labels = problem.local.train.as_tensors()
+        layer = head[1]
+        return HeadHessian(feats, labels, layer.weight.detach(), layer.bias.detach(),
+                           weight_decay=settings.weight_decay, process_group=group)
+    if head is not None:
+        # HeadHessian is the softmax cross-entropy Hessian only: any other loss goes through torch.func on the head
+        return ModuleHessian(head[1], problem.local.train.as_tensors(), loss_fn=loss_fn, params=["weight", "bias"],
+                             weight_decay=settings.weight_decay, gauss_newton=settings.gauss_newton,
+                             batch_size=settings.batch_size, device=problem.device, process_group=group)
+    return ModuleHessian(problem.model, problem.train.subset(problem.train_idx), loss_fn=loss_fn,
+                         params=list(problem.chosen), weight_decay=settings.weight_decay,
+                         gauss_newton=settings.gauss_newton, batch_size=settings.batch_size, device=problem.device,
+                         process_group=group)
+
+
+def score(problem: _Problem, s: torch.Tensor) -> torch.Tensor:
+    """The influence -(d/de) q_{theta + e s}(x_i) of every training point ([n], or [k, n] for Eq. 8), q the loss
+    (Eq. 4) or the regularized quantity; gathered over ranks and stored in the result cache by rank 0."""
+    from iaerf.hessian.params import unflatten
+
+    kind, task, local = problem.kind, problem.task, problem.local
+    directions = unflatten(s, local.func_params)
+    if kind == "loss":
+        fn = task.train_loss
+    else:
+        def fn(logits, labels):
+            return task.regularized(logits)
+    bar = progress_bar(total=len(local.train_idx), desc=f"{kind} influence (JVP)", enabled=problem.show)
+    out = directional_derivatives(local.func_model, local.func_params, directions, local.train, local.train_idx,
+                                  fn=fn, batch_size=problem.settings.batch_size, device=problem.device,
+                                  batched=kind == "energy_on_test", progress=bar)
+    bar.close()
+    influence = D.all_gather_shards(-out, len(problem.train), problem.group, dim=-1)
+    bad = ~torch.isfinite(influence)
+    if bool(bad.any()):  # never a NaN influence without a word; weights and inputs are finite, so an overflow
+        i = int(bad.nonzero()[0][-1])
+        raise ValueError(f"the influence of train example {i} is not finite although the model and the inputs are: "
+                         f"the model's outputs or the task's {'train_loss' if kind == 'loss' else 'regularized'} "
+                         f"overflow on it")
+    if problem.rank == 0:
+        problem.result_cache.store({"influence": influence})
+    return influence

@@ -1,0 +1,45 @@
+"""The IAERF pipeline in one run directory: data -> baselines -> influence -> fine-tuning -> evaluation -> plots.
+
+- :mod:`~iaerf.longtail.pipeline.settings`: :class:`PipelineConfig` and its groups (each field's check and option), the
+  named protocols.
+- :mod:`~iaerf.longtail.pipeline.stages`: the stages as functions declaring needs, settings key and outputs.
+- :mod:`~iaerf.longtail.pipeline.run`: :class:`Pipeline`, the run directory and the stage runner with resume.
+- :mod:`~iaerf.longtail.pipeline.files`: checkpoints and the readers that check every output.
+- :mod:`~iaerf.longtail.pipeline.report`: the results table.
+
+Layout of ``<run>/``::
+
+    settings.json                 the PipelineConfig (every stage's inputs), flat
+    data.json                     class counts, shot groups, split sizes
+    models/<method>.pt            baseline checkpoints (erm, ldam_drw, crt, lws)
+    influence/<method>.pt         {"values": I_val [n_train]} (Eq. 9) in training-set order
+    finetune/<method>-<variant>.pt    fine-tuned checkpoints, variant "ce" (the control), "iaerf", "iaerf-class",
+                                  "iaerf-la" (IAERF on the logit-adjusted loss), "la", "cb" (loss baselines)
+    finetune/<method>-<variant>.json  beta search table and selection (validation only), history, config, loss
+    finetune/<method>-<variant>-energy.pt  {"values": training-set energies [1 + epochs, n_train]}, before and
+                                  after each fine-tuning epoch
+    (every .pt file also records the SHA-256 of its content, checked on every read)
+    posthoc/<method>[-<variant>].json  post-hoc taus chosen on validation (logit adjustment, tau-normalisation)
+    metrics.json, table.md        validation score, test error overall and per shot group for every model
+    plots/fig{1,2,3,5}_<method>.png, plots/pbrf_<method>.png
+    evaluation/pbrf_<method>.json energy influence vs its PBRF ground truth (``iaerf evaluate-influence``)
+    stages/<stage>.json           completion marker: the stage's settings key and the SHA-256 of every output it
+                                  wrote and every input it read (removed when the stage starts, written last)
+    .lock                         held (``fcntl.flock``) by the one Pipeline writing the run; holds its pid
+
+A key hashes the stage's own settings and its inputs' keys, so changing e.g. the damping re-runs influence,
+fine-tuning and evaluation but not training; a stage whose outputs or inputs (upstream outputs, the user's data
+files) differ from the digests its marker recorded runs again too.
+"""
+from iaerf.core.io import read_json, write_json
+from iaerf.longtail.models import classifier_head
+from iaerf.longtail.pipeline.files import load_checkpoint, read_settings, save_checkpoint, save_vector
+from iaerf.longtail.pipeline.report import format_table
+from iaerf.longtail.pipeline.run import DamagedOutputWarning, Pipeline, RunLockedError, fork_run
+from iaerf.longtail.pipeline.settings import (BaselineSettings, DataSettings, FigureSettings, FineTuningSettings,
+                                     InfluenceSettings, PipelineConfig, SettingError)
+
+__all__ = ["PipelineConfig", "DataSettings", "BaselineSettings", "InfluenceSettings", "FineTuningSettings",
+           "FigureSettings", "Pipeline", "SettingError", "DamagedOutputWarning", "RunLockedError", "fork_run",
+           "save_checkpoint", "load_checkpoint", "save_vector", "read_json", "write_json", "read_settings",
+           "classifier_head", "format_table"]
