@@ -225,6 +225,17 @@ def _correlate(scores, subsets, mean_measured, factor):
     return pred_mean, pred_mean, None, None
 
 
+def _results_folder(out_dir, evaluation: str, settings: dict, rerun: bool, train_fn, task, **more) -> ResultsFolder:
+    """The results folder of one LDS evaluation: its data settings, ``more`` and the identities of the re-training
+    function and the measurement (whose change must not reuse stored re-trainings)."""
+    if out_dir is None:
+        return ResultsFolder(None, evaluation, {})
+    return ResultsFolder(out_dir, evaluation, {
+        **settings, **more, "train_fn": callable_identity(train_fn, "train_fn"),
+        "measurement": callable_identity(task.measure, "task.measure"),
+    }, rerun=rerun)
+
+
 def lds(train, val, scores, train_fn, *, alpha: float = 0.5, num_subsets: int = 20, seeds=(0,), seed: int = 0,
         task=None, out_dir=None, rerun: bool = False, progress: bool = True) -> dict:
     """LDS of ``scores`` ``[m, n]`` (per validation point) or ``[n]`` (the mean validation loss only).
@@ -244,11 +255,8 @@ def lds(train, val, scores, train_fn, *, alpha: float = 0.5, num_subsets: int = 
     """
     alpha, seeds = _check(alpha, num_subsets, seeds, train_fn)
     task, train_d, val_d, scores, subsets, settings = _prepare(train, val, scores, alpha, num_subsets, seed, task)
-    store = ResultsFolder(out_dir, "lds", {
-        **settings, "alpha": alpha, "num_subsets": num_subsets, "seeds": seeds, "seed": seed,
-        "train_fn": callable_identity(train_fn, "train_fn"),
-        "measurement": callable_identity(task.measure, "task.measure"),
-    }, rerun=rerun) if out_dir is not None else ResultsFolder(None, "lds", {})
+    store = _results_folder(out_dir, "lds", settings, rerun, train_fn, task, alpha=alpha, num_subsets=num_subsets,
+                            seeds=seeds, seed=seed)
     start = time.perf_counter()
     vx, vy = val_d.as_tensors()
     bar = progress_bar(total=num_subsets * len(seeds), desc="LDS re-training", enabled=progress)
@@ -291,11 +299,8 @@ def energy_lds(train, val, scores, train_fn, *, eps: float, alpha: float = 0.5, 
     alpha, seeds = _check(alpha, num_subsets, seeds, train_fn)
     task, train_d, val_d, scores, subsets, settings = _prepare(train, val, scores, alpha, num_subsets, seed, task)
     n = len(train_d)
-    store = ResultsFolder(out_dir, "energy_lds", {
-        **settings, "eps": eps, "alpha": alpha, "num_subsets": num_subsets, "seeds": seeds, "seed": seed,
-        "train_fn": callable_identity(train_fn, "train_fn"),
-        "measurement": callable_identity(task.measure, "task.measure"),
-    }, rerun=rerun) if out_dir is not None else ResultsFolder(None, "energy_lds", {})
+    store = _results_folder(out_dir, "energy_lds", settings, rerun, train_fn, task, eps=eps, alpha=alpha,
+                            num_subsets=num_subsets, seeds=seeds, seed=seed)
     start = time.perf_counter()
     vx, vy = val_d.as_tensors()
 

@@ -116,7 +116,17 @@ class ResNet32(nn.Module):
         return self.fc(self.features(x))
 
 
-class SmallCNN(nn.Module):
+class _PooledConvNet(nn.Module):
+    """A conv ``body`` then global average pooling (the features [N, D]) then the classifier ``fc``."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.body(_as_float(x)), 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+class SmallCNN(_PooledConvNet):
     """Small CNN with batch norm for 8x8 digits: [conv3x3-BN-ReLU] x2 (16, 32), maxpool, conv3x3-BN-ReLU (64), GAP, fc.
 
     Input float [N, 1, 8, 8] in [0, 1]; output logits [N, C]. ~24k parameters.
@@ -134,14 +144,8 @@ class SmallCNN(nn.Module):
         )
         self.fc = _classifier(4 * w, num_classes, normed_fc, scale)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.body(_as_float(x)), 1).flatten(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
-
-
-class ConvNet(nn.Module):
+class ConvNet(_PooledConvNet):
     """A small network for images users bring (single-channel or colour, about 16-64 pixels a side): three stages
     of two conv3x3-BN-ReLU each (``width``, 2 ``width``, 4 ``width`` channels), max-pooling between stages, GAP, fc.
 
@@ -162,12 +166,6 @@ class ConvNet(nn.Module):
                 c_in = c_out
         self.body = nn.Sequential(*layers)
         self.fc = _classifier(4 * width, num_classes, normed_fc, scale)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.body(_as_float(x)), 1).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
 
 
 class LinearClassifier(nn.Module):
