@@ -67,6 +67,11 @@ def _busy_proc(other_ticks: int, own_ticks: int = 20) -> FakeProc:
 def no_marker(monkeypatch):
     monkeypatch.setattr(common, "_load_marker", None)
     monkeypatch.delenv(common.ALLOW_BUSY_ENV, raising=False)
+    # a module run_all knows and skips, so that a run measures nothing (run_all refuses unknown names)
+    monkeypatch.setattr(run_all, "MODULES", run_all.MODULES + [("Nothing to run", "benchmarks.no_such_module")])
+    real_skip = run_all._skip_reason
+    monkeypatch.setattr(run_all, "_skip_reason",
+                        lambda name: "added by the test" if name == "benchmarks.no_such_module" else real_skip(name))
 
 
 def test_measure_load_subtracts_own_cpu_time():
