@@ -12,8 +12,10 @@ def check_number(name: str, value, *, positive: bool = False) -> float:
     return float(value)
 
 
-def check_count(name: str, value) -> int:
-    """``value`` when it is an int >= 1 (a bool is not), else ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def check_count(name: str, value, minimum: int = 1, why: str = "") -> int:
+    """``value`` when it is an int >= ``minimum`` (a bool is not), else ValueError naming ``name`` (and ``why``,
+    e.g. " (resamples for the interval)")."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        want = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {want}{why}, got {value!r}")
     return value

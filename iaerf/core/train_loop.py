@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from iaerf.core.checks import check_count
 from iaerf.core.progress import progress_bar
 
 __all__ = ["train_loop", "shuffled_batches", "freeze_batchnorm", "is_batchnorm", "MODES"]
@@ -85,8 +86,7 @@ def train_loop(params: Sequence, loss_fn: Callable, batches: Callable[[int], Ite
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    check_count("epochs", epochs)
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = scheduler(opt) if scheduler is not None else None
     history: list[dict] = []

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from iaerf.core.checks import check_count
 from iaerf.core.progress import progress_bar
 from iaerf.groundtruth.store import ResultsFolder
 from iaerf.core.checks import check_number
@@ -47,9 +48,7 @@ def softmax_regression_model(W: np.ndarray) -> torch.nn.Linear:
 def _num_classes(num_classes, *labels) -> int:
     if num_classes is None:
         return int(max(int(lab.max()) for lab in labels)) + 1
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    return num_classes
+    return check_count("num_classes", num_classes, 2)
 
 
 def loo_correlation(train, val, *, weight_decay: float, indices=None, num_classes: int | None = None,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from scipy.special import logsumexp as np_logsumexp
 
+from iaerf.core.checks import check_count
 from iaerf.core.progress import progress_bar
 from iaerf.core.heads import check_finite_state, check_logits, model_dtype
 from iaerf.core.indexed_data import IndexedData
@@ -156,8 +157,7 @@ def actual_energy_effect(model, train, val, indices, *, eps: float, params=None,
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"eps must be a number > 0, got {eps!r}")
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_count(name, value)
     settings = FinetuneSettings(epochs, float(lr), batch_size, float(momentum), float(weight_decay), seed)
     chosen = trainable_selection(model, params)
     check_finite_state(model)

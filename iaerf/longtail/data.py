@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from iaerf.core.checks import check_count
 from iaerf.core.io import first_sentence, load_tensor_file
 
 __all__ = [
@@ -257,8 +258,7 @@ def hold_out_validation(split: ImbalancedSplit, per_class: int, seed: int = 0) -
     """``split`` with ``per_class`` images of every class moved out of its training set into ``heldout_val`` (a
     balanced validation set never trained on), seeded; the in-training validation subset is drawn again from what
     remains. Every class must keep at least one training image, so each needs more than ``per_class``."""
-    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-        raise ValueError(f"per_class must be a whole number >= 1, got {per_class!r}")
+    check_count("per_class", per_class)
     counts = split.counts()
     small = [c for c, n in enumerate(counts) if n <= per_class]
     if small:

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from iaerf.core.checks import check_count
 from iaerf.longtail.data import ShotGroups, TensorDataset
 from iaerf.core.heads import check_finite_state, model_dtype
 from iaerf.core.indexed_data import check_finite_rows, match_input_dtype
@@ -225,8 +226,7 @@ def class_level_influence(influence: torch.Tensor, labels: torch.Tensor, num_cla
     if labels.shape != influence.shape or labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor of the influence's shape {tuple(influence.shape)}, "
                          f"got {labels.dtype} {tuple(labels.shape)}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    check_count("num_classes", num_classes)
     if not bool(torch.isfinite(influence).all()):
         raise ValueError("influence contains NaN or inf")
     labels = labels.to(influence.device)

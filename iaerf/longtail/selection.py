@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from iaerf.core.checks import check_count
+
 __all__ = ["METRICS", "pointwise_loss", "paired_bootstrap", "Selection", "select_on_validation"]
 
 METRICS = ("loss", "error")
@@ -119,8 +121,7 @@ def _check_losses(losses, name: str, n: int | None = None) -> torch.Tensor:
 
 
 def _check_bootstrap(n_boot, confidence) -> None:
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 100:
-        raise ValueError(f"n_boot must be an int >= 100 (resamples for the interval), got {n_boot!r}")
+    check_count("n_boot", n_boot, 100, " (resamples for the interval)")
     if not (isinstance(confidence, (int, float)) and 0.5 <= confidence < 1):
         raise ValueError(f"confidence must be in [0.5, 1), got {confidence!r}")
 
@@ -242,8 +243,7 @@ def select_on_validation(score: Callable[[float], torch.Tensor], grid, *, refere
         step = _finite_number(step, "step")
         if step <= 0:
             raise ValueError(f"step must be > 0, got {step}")
-    if isinstance(max_extensions, bool) or not isinstance(max_extensions, int) or max_extensions < 0:
-        raise ValueError(f"max_extensions must be an int >= 0, got {max_extensions!r}")
+    check_count("max_extensions", max_extensions, 0)
     _check_bootstrap(n_boot, confidence)
     if reference_value is not None:
         reference_value = _finite_number(reference_value, "reference_value")
