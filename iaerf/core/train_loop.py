@@ -64,7 +64,7 @@ def train_loop(params: Sequence, loss_fn: Callable, batches: Callable[[int], Ite
                lr_at: Callable[[int], float] | None = None, scheduler: Callable | None = None,
                model: nn.Module | None = None, mode: str = "train", record: bool = False,
                on_epoch: Callable[[int], None] | None = None, desc: str = "", hint: str = "lower the lr",
-               progress: bool = False) -> list[dict]:
+               progress: bool = False, history: list | None = None) -> list[dict]:
     """Run ``epochs`` epochs of SGD over ``batches(epoch)``, the loss of each batch given by ``loss_fn``.
 
     Args:
@@ -82,6 +82,7 @@ def train_loop(params: Sequence, loss_fn: Callable, batches: Callable[[int], Ite
             loss is not finite (reading the loss every batch costs a device sync, so runs that need no history
             skip it).
         on_epoch: ``on_epoch(epoch)``, called after each epoch (after its history entry).
+        history: the list the entries are appended to (default: a new one), so that ``on_epoch`` can read them.
     Returns the history (empty unless ``record``).
     """
     if mode not in MODES:
@@ -89,7 +90,7 @@ def train_loop(params: Sequence, loss_fn: Callable, batches: Callable[[int], Ite
     check_count("epochs", epochs)
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = scheduler(opt) if scheduler is not None else None
-    history: list[dict] = []
+    history = [] if history is None else history
     frozen: list[nn.Parameter] = []
     bar = progress_bar(range(epochs), desc=desc, enabled=progress)
     try:

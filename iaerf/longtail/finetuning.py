@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -49,6 +50,7 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "FinetuneLoss",
+    "FinetuneDivergenceWarning",
     "FINETUNE_LOSSES",
     "class_level_influence",
     "energy_coefficients",
@@ -192,6 +194,20 @@ class FinetuneResult:
     loss: dict = field(default_factory=lambda: {"name": "ce"})  # FinetuneLoss.to_dict() of the training loss L_i
     # select_beta's choice (its Selection.to_dict() plus the rule): candidates, the interval beside the choice
     selection: dict | None = None
+    # {"epoch", "reason"} of the first epoch that looked like divergence (see FinetuneDivergenceWarning), else None
+    diverged: dict | None = None
+
+
+class FinetuneDivergenceWarning(RuntimeWarning):
+    """A fine-tuning run's training-set cross-entropy or energy grew far beyond the pretrained model's: the energy
+    term (beta) or the lr is too large and the returned model is likely ruined (test it before use)."""
+
+
+# An epoch diverges when its mean CE exceeds DIVERGED_CE_FACTOR x the pretrained model's (on the first batch) + 1
+# nat, or its |mean energy| exceeds DIVERGED_ENERGY_FACTOR x the pretrained one's + 10: far outside what a useful
+# fine-tuning does (beta in the paper's grid moves CE by percents), cheap to test (no extra pass over the data).
+DIVERGED_CE_FACTOR = 5.0
+DIVERGED_ENERGY_FACTOR = 10.0
 
 
 def energy_coefficients(influence: torch.Tensor, beta: float) -> torch.Tensor:
@@ -345,11 +361,16 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
     for p in params:
         p.requires_grad_(True)
     coef_dev = coef.to(device)
+    start = {}  # the pretrained model's mean CE and |mean energy| on the first batch, before any step
+    diverged = []
 
     def loss_fn(epoch, idx):
         x, y = x_all[idx].to(device), y_all[idx].to(device)
         c = coef_dev[idx.to(device)]
         logits = model(x)
+        if not start:
+            with torch.no_grad():
+                start.update(ce=float(F.cross_entropy(logits, y)), energy=abs(float(energy(logits).mean())))
         if point_loss is None:  # plain CE: the fused energy-CE op, one pass over the logits
             if beta > 0 and config.energy_cap == "per_sample":
                 c = _cap_per_sample(logits.detach(), y, c)
@@ -363,23 +384,43 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
             ce = F.cross_entropy(logits, y, reduction="sum")
         return (base + c.to(e.dtype) * e).mean(), {"ce": ce, spec.name: base.detach().sum(), "energy": e.detach().sum()}
 
-    def record_energy(epoch):
+    def after_epoch(epoch):
         if config.record_energy:
             energies.append(_energy_and_ce(model, train, config.batch_size, device)[0])
+        if not diverged:
+            diverged.extend(_divergence(history[-1], start, epoch, beta, config.lr))
 
+    history = []
     try:
-        history = train_loop(params, loss_fn, shuffled_batches(len(train), config.batch_size, gen),
-                             epochs=config.epochs, lr=config.lr, momentum=config.momentum,
-                             weight_decay=config.weight_decay, model=model, mode="frozen_bn", record=True,
-                             on_epoch=record_energy, progress=progress,
-                             desc="finetune" + (f" {spec.label()}" if point_loss is not None else "")
-                             + (f" beta={beta:g}" if beta else " (CE control)" if point_loss is None else ""),
-                             hint="lower beta or lr, or use energy_cap='per_sample'")
+        train_loop(params, loss_fn, shuffled_batches(len(train), config.batch_size, gen),
+                   epochs=config.epochs, lr=config.lr, momentum=config.momentum,
+                   weight_decay=config.weight_decay, model=model, mode="frozen_bn", record=True,
+                   on_epoch=after_epoch, progress=progress, history=history,
+                   desc="finetune" + (f" {spec.label()}" if point_loss is not None else "")
+                   + (f" beta={beta:g}" if beta else " (CE control)" if point_loss is None else ""),
+                   hint="lower beta or lr, or use energy_cap='per_sample'")
     finally:
         for p in model.parameters():
             p.requires_grad_(requires_grad[id(p)])
     model.eval()
-    return FinetuneResult(model, history, coef, float(beta), beta_eff, energies, spec.to_dict())
+    return FinetuneResult(model, history, coef, float(beta), beta_eff, energies, spec.to_dict(),
+                          diverged=diverged[0] if diverged else None)
+
+
+def _divergence(entry: dict, start: dict, epoch: int, beta: float, lr: float) -> list[dict]:
+    """``[{"epoch", "reason"}]`` (and a :class:`FinetuneDivergenceWarning`) when the epoch's history ``entry``
+    (mean "ce" and "energy" over the epoch) is far from the pretrained model's ``start``; else ``[]``."""
+    ce, e = entry["ce"], abs(entry["energy"])
+    if ce > DIVERGED_CE_FACTOR * start["ce"] + 1.0:
+        reason = f"mean cross-entropy {ce:.3g}, from {start['ce']:.3g} before fine-tuning"
+    elif e > DIVERGED_ENERGY_FACTOR * start["energy"] + 10.0:
+        reason = f"mean |energy| {e:.3g}, from {start['energy']:.3g} before fine-tuning"
+    else:
+        return []
+    warnings.warn(f"finetune with beta={beta:g}, lr={lr:g} is diverging at epoch {epoch}: {reason}; the returned "
+                  f"model is likely ruined (lower beta or lr, or use energy_cap='per_sample')",
+                  FinetuneDivergenceWarning, stacklevel=3)
+    return [{"epoch": epoch, "reason": reason}]
 
 
 def _cap_per_sample(logits: torch.Tensor, y: torch.Tensor, c: torch.Tensor,

@@ -349,3 +349,33 @@ def test_bit_identical_to_the_loop_before_the_core(cap):
     for k, v in ref.state_dict().items():
         assert torch.equal(v, got.model.state_dict()[k]), k
     assert len(got.energies) == 4 and all(torch.equal(a, b) for a, b in zip(got.energies, energies))
+
+
+def _pretrained_toy():
+    """A linear classifier trained to low CE on a separable toy problem, its data, and an influence vector [n]."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(96, 5, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    train = TensorDataset(x, y, 3)
+    model = finetune(LinearClassifier(5, 3), train, None, beta=0.0, epochs=30, lr=0.5, progress=False).model
+    return model, train, torch.randn(96, generator=g)
+
+
+def test_a_diverging_run_warns_naming_beta_and_the_epoch():
+    from iaerf.longtail.finetuning import FinetuneDivergenceWarning
+
+    model, train, influence = _pretrained_toy()
+    with pytest.warns(FinetuneDivergenceWarning, match=r"beta=10000, lr=0\.5 is diverging at epoch 1: mean"):
+        res = finetune(model, train, influence, beta=1e4, epochs=3, lr=0.5, progress=False)
+    assert res.diverged["epoch"] == 1 and "before fine-tuning" in res.diverged["reason"]
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_an_ordinary_run_does_not_warn(beta):
+    import warnings
+
+    model, train, influence = _pretrained_toy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = finetune(model, train, influence, beta=beta, epochs=3, lr=0.05, progress=False)
+    assert res.diverged is None
