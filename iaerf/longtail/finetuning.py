@@ -466,7 +466,9 @@ def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, infl
     Returns ``(beta, result, table)``: ``result.selection`` holds the choice, the rule and every candidate's gain
     interval (:meth:`iaerf.longtail.selection.Selection.to_dict`, whose ``interval`` is the evidence beside the choice); table
     rows ``{"beta", "val_loss", "val_error", "diverged", "gain", "low", "high", "significant", "extended",
-    "chosen"}``, one per beta tried (extensions included), ``val_loss`` / ``val_error`` the plain mean CE and error (%).
+    "unstable", "chosen"}``, one per beta tried (extensions included), ``val_loss`` / ``val_error`` the plain mean CE
+    and error (%), ``unstable`` the reason a finite run was flagged as blown up (:class:`FinetuneDivergenceWarning`;
+    recorded, not warned, for candidates; warned when the chosen run is one).
     """
     from iaerf.longtail.selection import METRICS, pointwise_loss, select_on_validation
 
@@ -498,8 +500,10 @@ def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, infl
         if b in losses:  # beta 0 is both the reference and, when in the grid, a candidate: one run
             return losses[b]
         if b not in results:
-            results[b] = finetune(model, train, influence, beta=b, config=config, loss=loss, device=device,
-                                  progress=progress)
+            with warnings.catch_warnings():  # a candidate that blew up is recorded; warned of below if chosen
+                warnings.simplefilter("ignore", FinetuneDivergenceWarning)
+                results[b] = finetune(model, train, influence, beta=b, config=config, loss=loss, device=device,
+                                      progress=progress)
         logits = predict_logits(results[b].model, val, device=device).double()
         finite = bool(torch.isfinite(logits).all())
         plain[b] = {"val_loss": float(F.cross_entropy(logits, labels)) if finite else None,
@@ -525,9 +529,10 @@ def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, infl
     table = []
     for row in sel.candidates:
         b = row["value"]
+        unstable = results[b].diverged if b in results else None
         table.append({"beta": b, **plain.get(b, {"val_loss": None, "val_error": None}), "diverged": row["diverged"],
                       **{k: row[k] for k in ("gain", "low", "high", "significant", "extended")},
-                      "chosen": b == chosen})
+                      "unstable": unstable["reason"] if unstable else None, "chosen": b == chosen})
         if row["diverged"]:
             table[-1]["val_loss"] = None
     selection = {**sel.to_dict(), "rule": rule, "metric": metric, "balanced": balanced, "loss": loss.to_dict(),
@@ -536,6 +541,11 @@ def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, infl
         row["chosen"] = row["value"] == chosen
     if rule == "lowest":  # the evidence beside the choice is the chosen beta's, significant or not
         selection["interval"] = {k: sel.row(chosen)[k] for k in ("value", "gain", "low", "high")}
+    if results[chosen].diverged:
+        warnings.warn(f"select_beta chose beta={chosen:g}, whose fine-tuning blew up at epoch "
+                      f"{results[chosen].diverged['epoch']} ({results[chosen].diverged['reason']}); every candidate "
+                      f"did as badly on validation: lower the lr or use an energy_cap", FinetuneDivergenceWarning,
+                      stacklevel=2)
     return chosen, replace(results[chosen], selection=selection), table
 
 
