@@ -655,9 +655,9 @@ def test_a_field_added_to_a_group_enters_the_key_of_every_stage_reading_it(quick
         ctx = RunContext(str(tmp_path), dataclasses.replace(config, **{group: knobbed(knob=knob)}), progress=False,
                          log=lambda line: None)
         stages = [S.data_stage(ctx), S.train_stage(ctx, "erm"), S.influence_stage(ctx, "erm"),
-                  S.finetune_stage(ctx, "erm", "ce"), S.finetune_stage(ctx, "erm", "iaerf"), S.posthoc_stage(ctx, "erm"),
-                  S.posthoc_stage(ctx, "erm", "iaerf"), S.plots_stage(ctx, "erm"), S.pbrf_stage(ctx, "erm"),
-                  S.fig1_stage(ctx, "erm"), S.evaluate_stage(ctx)]
+                  S.finetune_stage(ctx, "erm", "ce"), S.finetune_stage(ctx, "erm", "iaerf"),
+                  S.posthoc_stage(ctx, "erm"), S.posthoc_stage(ctx, "erm", "iaerf"), S.plots_stage(ctx, "erm"),
+                  S.pbrf_stage(ctx, "erm"), S.fig1_stage(ctx, "erm"), S.evaluate_stage(ctx)]
         return {stage.name: stage.key for stage in stages}
 
     zero, one = keys(0), keys(1)

@@ -246,8 +246,8 @@ def test_resume_after_sigkill_matches_a_fresh_run(config_of, files, tmp_path, ca
 @pytest.mark.parametrize("suffix,stage", [("influence/erm.pt", "influence-erm"),
                                           ("finetune/erm-iaerf.pt", "finetune-erm-iaerf"),
                                           ("plots/fig2_erm.png", "plots-erm")])
-def test_output_of_other_settings_left_by_a_kill_is_not_kept(config_of, files, references, tmp_path, monkeypatch, suffix,
-                                                             stage):
+def test_output_of_other_settings_left_by_a_kill_is_not_kept(config_of, files, references, tmp_path, monkeypatch,
+                                                             suffix, stage):
     """Run A, then B killed right after it wrote one output (before its marker), then A again: the stage runs
     again and the output is A's, not B's."""
     _stub_figures(monkeypatch)

@@ -220,7 +220,8 @@ def train_stage(ctx: RunContext, method: str) -> Stage:
     if method in DERIVED_METHODS:  # the ERM backbone and a fixed classifier schedule: no baseline setting
         needs, reads, derived = (train_stage(ctx, "erm"),), (), (asdict(ClassifierConfig(method, seed=seed)),)
     else:  # which baselines and table rows the run holds changes no model
-        needs, reads = (data_stage(ctx),), (Reads(c.baselines, without=("methods", "rows")), Reads(c, only=("threads",)))
+        needs = (data_stage(ctx),)
+        reads = (Reads(c.baselines, without=("methods", "rows")), Reads(c, only=("threads",)))
         derived = (asdict(ctx.train_config(method)), ctx.arch(method))
 
     def write():
