@@ -35,7 +35,7 @@ from iaerf.core.io import read_json, write_json, write_text  # noqa: E402
 from iaerf.groundtruth import pbrf_effect, scatter_predicted_vs_actual  # noqa: E402
 from iaerf.influence.validation import actual_energy_effect  # noqa: E402
 from iaerf.longtail.pipeline import Pipeline, PipelineConfig, fork_run  # noqa: E402
-from iaerf.longtail.pipeline.stages import influence_selection, load_model  # noqa: E402
+from iaerf.longtail.pipeline.stages import influence_selection  # noqa: E402
 from iaerf.core.plotting import pearson_r  # noqa: E402
 
 FULL = dict(influence_params="finetuned", finetune_params=None, solver="cg", gauss_newton=True,
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             fork_run(base, cell)
         pipe = Pipeline(cell, PipelineConfig.from_options(**common, **FULL, damping=args.damping), progress=False,
                         log=lambda s: None)
-        split, model = pipe.split(), load_model(pipe, "erm")
+        split, model = pipe.split(), pipe.model("erm")
         train, val, n = split.train, pipe.val(), len(split.train)
         selection = influence_selection(pipe, model)
         t0 = time.perf_counter()

@@ -109,7 +109,7 @@ def _config(args, defaults=None):
     given = {}
     for name, f in setting_fields().items():
         value = getattr(args, name, None)
-        if value is None or f.metadata["cli"] == "none":
+        if value is None:
             continue
         if f.metadata["cli"] == "list" and len(value) == 1 and value[0] in f.metadata["words"]:
             value = f.metadata["words"][value[0]]
@@ -216,7 +216,7 @@ def _command(args, pipe) -> int:
         print("shot groups:", {k: v for k, v in info["groups"].items()})
     elif args.command == "train":
         pipe.train(args.method)
-        print(f"checkpoint: {pipe.checkpoint(args.method)}")
+        print(f"checkpoint: {pipe.checkpoint_path(args.method)}")
     elif args.command == "influence":
         infl = pipe.influence(args.method)
         print(f"influence [{len(infl)}]: min {float(infl.min()):.4g}, max {float(infl.max()):.4g}, "
@@ -232,7 +232,7 @@ def _command(args, pipe) -> int:
                 print(f"beta {row['beta']:g}{' (grid extended)' if row['extended'] else ''}: {loss}")
             print(f"chosen on validation: beta {info['beta']:g} (effective {info['beta_effective']:.4g}): "
                   f"{info['selection']['summary']}")
-        print(f"checkpoint: {pipe.checkpoint(args.method, args.variant)}")
+        print(f"checkpoint: {pipe.checkpoint_path(args.method, args.variant)}")
     elif args.command in ("evaluate", "demo"):
         pipe.data()
         metrics = pipe.evaluate()
@@ -249,13 +249,11 @@ def _command(args, pipe) -> int:
         print(f"\n{metrics['note']}")
         print(f"\nrun directory: {pipe.out}  ({time.perf_counter() - t0:.1f}s)")
     elif args.command == "evaluate-influence":
-        from iaerf.longtail.pipeline.stages import pbrf_path
-
         out = pipe.evaluate_influence(args.method)
         state = ("converged" if out["converged"] else "settled (the measurement stopped moving)"
                  if out["finished"] else f"NOT converged (gradient norm {out['max_grad_norm']:.2g})")
         print(f"{args.method}: Pearson R {out['pearson']:.4f} between energy influence and PBRF over "
-              f"{len(out['indices'])} training points; PBRF solves {state} -> {pbrf_path(pipe, args.method)}")
+              f"{len(out['indices'])} training points; PBRF solves {state} -> {pipe.pbrf_path(args.method)}")
     elif args.command == "plot":
         for path in pipe.plots():
             print(path)

@@ -1,4 +1,5 @@
 """iaerf.longtail.pipeline: the run directory, stage resume, seeds, atomic writes, checkpoint checks."""
+import functools
 import json
 import os
 import re
@@ -23,9 +24,11 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _quick(**kw):
-    base = dict(train_epochs=5, finetune_epochs=1, finetune_batch_size=64, betas=(0.1, 1.0))
-    return PipelineConfig.from_options(**{**base, **kw})
+@pytest.fixture(scope="module")
+def quick(tiny_config):
+    """The tiny run of these tests: both baselines, five training epochs, batch 64, betas 0.1 and 1."""
+    return functools.partial(tiny_config, methods=("erm", "ldam_drw"), train_epochs=5, finetune_batch_size=64,
+                             betas=(0.1, 1.0), threads=None)
 
 
 def _stage_keys(out):
@@ -34,10 +37,10 @@ def _stage_keys(out):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(quick, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run"))
     logs = []
-    metrics = Pipeline(out, _quick(), progress=False, log=logs.append).run_all()
+    metrics = Pipeline(out, quick(), progress=False, log=logs.append).run_all()
     return out, metrics, logs
 
 
@@ -69,7 +72,7 @@ def test_run_directory_contents(finished_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_resume_skips_done_stages_and_reruns_changed_ones(finished_run, tmp_path):
+def test_resume_skips_done_stages_and_reruns_changed_ones(quick, finished_run, tmp_path):
     out, metrics, _ = finished_run
     keys = _stage_keys(out)
     mtime = os.path.getmtime(os.path.join(out, "models", "erm.pt"))
@@ -83,26 +86,26 @@ def test_resume_skips_done_stages_and_reruns_changed_ones(finished_run, tmp_path
     copy = str(tmp_path / "copy")
     shutil.copytree(out, copy)
     logs = []
-    Pipeline(copy, _quick(damping=1e-2), progress=False, log=logs.append).evaluate()
+    Pipeline(copy, quick(damping=1e-2), progress=False, log=logs.append).evaluate()
     ran = {line.split(":")[0].replace("[iaerf] ", "") for line in logs if "skipped" not in line}
     # (and the stages downstream of the influence that issue 29 added: IAERF's variants, post-hoc on IAERF)
     assert ran == {"evaluate"} | {name.format(m) for m in ("erm", "ldam_drw") for name in (
         "influence-{}", "finetune-{}-iaerf", "finetune-{}-iaerf-class", "finetune-{}-iaerf-la", "posthoc-{}-iaerf")}
 
 
-def test_same_seed_same_results(finished_run, tmp_path):
+def test_same_seed_same_results(quick, finished_run, tmp_path):
     _, metrics, _ = finished_run
-    other = Pipeline(str(tmp_path / "b"), _quick(), progress=False, log=lambda s: None).evaluate()
+    other = Pipeline(str(tmp_path / "b"), quick(), progress=False, log=lambda s: None).evaluate()
     assert other["results"] == metrics["results"]
 
 
-def test_interrupted_stage_leaves_earlier_outputs(finished_run, tmp_path, monkeypatch):
+def test_interrupted_stage_leaves_earlier_outputs(quick, finished_run, tmp_path, monkeypatch):
     import shutil
 
     out = str(tmp_path / "c")
     shutil.copytree(finished_run[0], out)
     before = open(os.path.join(out, "influence", "erm.pt"), "rb").read()
-    pipe = Pipeline(out, _quick(damping=0.5), progress=False, log=lambda s: None)
+    pipe = Pipeline(out, quick(damping=0.5), progress=False, log=lambda s: None)
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -206,7 +209,7 @@ def test_config_rejects_bad_types_and_ranges(kwargs, field):
     (dict(device="banana"), "device", "banana"),
     (dict(device="cuda:999"), "device", "cuda"),
 ])
-def test_settings_fail_before_any_stage_and_are_not_stored(tmp_path, monkeypatch, kwargs, field, match):
+def test_settings_fail_before_any_stage_and_are_not_stored(quick, tmp_path, monkeypatch, kwargs, field, match):
     from iaerf.longtail.pipeline import stages as pipeline
     from iaerf.longtail.pipeline import SettingError
 
@@ -216,18 +219,18 @@ def test_settings_fail_before_any_stage_and_are_not_stored(tmp_path, monkeypatch
     monkeypatch.setattr(pipeline, "train_baseline", no_stage)
     out = tmp_path / "r"
     with pytest.raises(SettingError, match=match) as err:
-        Pipeline(str(out), _quick(**kwargs), progress=False, log=lambda s: None)
+        Pipeline(str(out), quick(**kwargs), progress=False, log=lambda s: None)
     assert err.value.field == field
     assert not out.exists()  # neither settings.json nor any folder
 
 
-def test_run_directory_must_be_a_writable_folder(tmp_path):
+def test_run_directory_must_be_a_writable_folder(quick, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="run directory"):
-        Pipeline(str(tmp_path / "file"), _quick(), progress=False, log=lambda s: None)
+        Pipeline(str(tmp_path / "file"), quick(), progress=False, log=lambda s: None)
     with pytest.raises(NotADirectoryError, match="checkpoint_path"):
         Pipeline(str(tmp_path / "r"),
-                 _quick(solver="lissa", solver_options={"checkpoint_path": str(tmp_path / "file" / "c.pt")}),
+                 quick(solver="lissa", solver_options={"checkpoint_path": str(tmp_path / "file" / "c.pt")}),
                  progress=False, log=lambda s: None)
     assert not (tmp_path / "r" / "settings.json").exists()
 
@@ -293,18 +296,9 @@ def test_damaged_settings_json_names_the_file(tmp_path, text, match):
     assert str(tmp_path / "settings.json") in str(err.value)
 
 
-def test_feature_files_with_crt_and_lws(tmp_path):
+def test_feature_files_with_crt_and_lws(tmp_path, tiny_config, write_features):
     """Classifier-only setting (ImageNet-LT style): feature files, ERM linear classifier, cRT and LWS, IAERF on fc."""
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(4, 8, generator=g) * 2
-    counts = [60, 25, 10, 4]
-    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
-    yt = torch.arange(80) % 4
-    torch.save({"features": centers[y] + torch.randn(len(y), 8, generator=g), "labels": y}, tmp_path / "train.pt")
-    torch.save({"features": centers[yt] + torch.randn(80, 8, generator=g), "labels": yt}, tmp_path / "test.pt")
-    cfg = PipelineConfig.from_options(dataset="features", train_features=str(tmp_path / "train.pt"),
-                         test_features=str(tmp_path / "test.pt"), methods=("erm", "crt", "lws"), train_epochs=5,
-                         finetune_epochs=2, betas=(0.5,))
+    cfg = tiny_config(write_features(tmp_path), methods=("erm", "crt", "lws"), train_epochs=5, finetune_epochs=2)
     ft = cfg.finetune_config()
     assert (ft.batch_size, ft.lr, ft.train_params) == (512, 0.2, ("fc",))  # paper's classifier re-training preset
     metrics = Pipeline(str(tmp_path / "run"), cfg, progress=False, log=lambda s: None).evaluate()
@@ -401,8 +395,8 @@ def test_classifier_head_of_a_model_without_fc():
         classifier_head(model)
 
 
-def test_heldout_validation_option(tmp_path):
-    cfg = _quick(heldout_val=12, methods=("erm",), betas=(0.5,))
+def test_heldout_validation_option(quick, tmp_path):
+    cfg = quick(heldout_val=12, methods=("erm",), betas=(0.5,))
     pipe = Pipeline(str(tmp_path / "h"), cfg, progress=False, log=lambda s: None)
     info = pipe.data()
     assert info["train_counts"][0] == 112 and pipe.val().class_counts() == [12] * 10
@@ -420,7 +414,7 @@ def test_thread_count_is_in_the_key_of_every_computing_stage(tmp_path):
     cfg = dict(train_epochs=3, finetune_epochs=1, betas=(0.1, 1.0), methods=("erm", "ldam_drw", "crt"))
     one, two = (Pipeline(str(tmp_path / str(n)), PipelineConfig.from_options(**cfg, threads=n), progress=False,
                          log=lambda s: None) for n in (1, 2))
-    assert S.data_stage(one).key == S.data_stage(two).key == "bc6ea0ee682ac337"  # the key of iaerf 0.1
+    assert S.data_stage(one).key == S.data_stage(two).key == "a67a8089e1f95573"  # keys from the settings groups
     for stage in (S.train_stage, S.influence_stage, S.plots_stage, S.pbrf_stage, S.fig1_stage):
         for method in ("erm", "crt"):
             assert stage(one, method).key != stage(two, method).key
@@ -445,7 +439,7 @@ def test_deleting_any_declared_output_reruns_its_stage(finished_run, tmp_path):
     assert open(os.path.join(out, "finetune", "erm-iaerf-energy.pt"), "rb").read() == before
 
 
-def test_fork_run_shares_finished_stages(finished_run, tmp_path):
+def test_fork_run_shares_finished_stages(quick, finished_run, tmp_path):
     """A fork with another damping runs only the stages downstream of the influence; the source is untouched."""
     from iaerf.longtail.pipeline import fork_run
 
@@ -455,7 +449,7 @@ def test_fork_run_shares_finished_stages(finished_run, tmp_path):
     fork_run(src, fork)
     assert not os.path.exists(os.path.join(fork, "settings.json"))
     logs = []
-    Pipeline(fork, _quick(damping=1e-2, methods=("erm",)), progress=False, log=logs.append).evaluate()
+    Pipeline(fork, quick(damping=1e-2, methods=("erm",)), progress=False, log=logs.append).evaluate()
     ran = {line.split(":")[0].replace("[iaerf] ", "") for line in logs if "skipped" not in line}
     assert ran == {"influence-erm", "finetune-erm-iaerf", "finetune-erm-iaerf-class", "finetune-erm-iaerf-la",
                    "posthoc-erm-iaerf", "evaluate"}
@@ -488,7 +482,7 @@ def test_validation_setting(tmp_path):
         PipelineConfig.from_options(dampng=1.0)
 
 
-def test_every_setting_has_one_option_and_round_trips():
+def test_every_setting_has_one_option_and_round_trips(quick):
     """The settings' metadata is the single source of the command line: every stored field but none has an
     option, options are unique, and the flat JSON form rebuilds the same config."""
     from iaerf.longtail.cli import build_parser
@@ -498,10 +492,10 @@ def test_every_setting_has_one_option_and_round_trips():
     assert all(options) and len(set(options)) == len(options)
     help_text = build_parser()._subparsers._group_actions[0].choices["influence"].format_help()
     assert all(opt in help_text for opt in options)
-    cfg = _quick(damping=0.5, validation="train_subset", finetune_params=("fc",), solver="cg",
+    cfg = quick(damping=0.5, validation="train_subset", finetune_params=("fc",), solver="cg",
                  solver_options={"tol": 1e-9})
     assert PipelineConfig.from_json(cfg.to_json()) == cfg
-    assert cfg.influence.damping == 0.5 and cfg.fine_tuning.finetune_params == ("fc",)
+    assert cfg.influence.damping == 0.5 and cfg.fine_tuning.train_params == ("fc",)
 
 
 def test_docs_pipeline_python_examples_run(tmp_path, monkeypatch):
@@ -515,21 +509,11 @@ def test_docs_pipeline_python_examples_run(tmp_path, monkeypatch):
         exec(compile(block, doc, "exec"), {"__name__": "__docs__"})  # noqa: S102 - our own documentation
 
 
-def _feature_files(tmp_path, counts=(60, 25, 10, 4)):
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(len(counts), 8, generator=g) * 2
-    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
-    yt = torch.arange(20 * len(counts)) % len(counts)
-    torch.save({"features": centers[y] + torch.randn(len(y), 8, generator=g), "labels": y}, tmp_path / "train.pt")
-    torch.save({"features": centers[yt] + torch.randn(len(yt), 8, generator=g), "labels": yt}, tmp_path / "test.pt")
-    return dict(dataset="features", train_features=str(tmp_path / "train.pt"), test_features=str(tmp_path / "test.pt"))
-
-
-def test_heldout_validation_for_feature_files(tmp_path):
+def test_heldout_validation_for_feature_files(tmp_path, write_features):
     """Any dataset can hold a validation set out of training; a class too small for it is refused by name."""
     from iaerf.longtail.pipeline import SettingError
 
-    files = _feature_files(tmp_path)
+    files = write_features(tmp_path)
     pipe = Pipeline(str(tmp_path / "r"), PipelineConfig.from_options(**files, heldout_val=3, methods=("erm",)),
                     progress=False, log=lambda s: None)
     assert pipe.split().counts() == [57, 22, 7, 1] and pipe.val().class_counts() == [3, 3, 3, 3]
@@ -560,12 +544,12 @@ def test_protocol_presets():
     assert err.value.field == "protocol"
 
 
-def test_finetuned_scope_and_diagnostics(tmp_path):
+def test_finetuned_scope_and_diagnostics(quick, tmp_path):
     """influence_params="finetuned" takes the influence over exactly what fine-tuning moves (here the classifier:
     the head path); the IAERF stage stores diagnostics and the control's validation loss; beta 0 is the control."""
     import warnings as W
 
-    cfg = _quick(protocol="recommended", methods=("erm",), betas=(0.0, 0.5))
+    cfg = quick(protocol="recommended", methods=("erm",), betas=(0.0, 0.5))
     pipe = Pipeline(str(tmp_path / "r"), cfg, progress=False, log=lambda s: None)
     with W.catch_warnings(record=True):
         W.simplefilter("always")
@@ -583,9 +567,9 @@ def test_finetuned_scope_and_diagnostics(tmp_path):
     assert all("worse than the CE control" not in w for w in info["warnings"])
 
 
-def test_full_model_exact_falls_back_to_ekfac_and_says_so(tmp_path):
+def test_full_model_exact_falls_back_to_ekfac_and_says_so(quick, tmp_path):
     logs = []
-    cfg = _quick(methods=("erm",), influence_params=None, train_epochs=2)
+    cfg = quick(methods=("erm",), influence_params=None, train_epochs=2)
     values = Pipeline(str(tmp_path / "r"), cfg, progress=False, log=logs.append).influence("erm")
     from iaerf.hessian.inverse import ExactOptions
 
@@ -594,12 +578,12 @@ def test_full_model_exact_falls_back_to_ekfac_and_says_so(tmp_path):
     assert values.shape == (503,) and bool(torch.isfinite(values).all())
 
 
-def test_ekfac_fallback_without_gauss_newton_is_refused_before_any_stage(tmp_path):
+def test_ekfac_fallback_without_gauss_newton_is_refused_before_any_stage(quick, tmp_path):
     """EK-FAC approximates the Gauss-Newton matrix: with gauss_newton=False the fallback would answer another
     question, so the run refuses at construction (nothing written) instead of after training."""
     from iaerf.longtail.pipeline import SettingError
 
-    cfg = _quick(methods=("erm",), influence_params=None, gauss_newton=False)
+    cfg = quick(methods=("erm",), influence_params=None, gauss_newton=False)
     with pytest.raises(SettingError, match="gauss_newton=False.*EK-FAC, approximates the Gauss-Newton") as err:
         Pipeline(str(tmp_path / "r"), cfg, progress=False, log=lambda line: None)
     assert err.value.field == "gauss_newton"
@@ -626,22 +610,55 @@ def test_tied_head_is_not_taken_for_frozen_features():
     assert _selects_head_only(untied, ["2"], probe)
 
 
-def test_model_setting_trains_the_chosen_network(tmp_path):
+def test_model_setting_trains_the_chosen_network(quick, tmp_path):
     """--model convnet on digits: the checkpoints hold a ConvNet over the data's one channel; the default arch (and
     so every default key) is unchanged; feature files refuse a network."""
     from iaerf.longtail.models import ConvNet
     from iaerf.longtail.pipeline import SettingError
 
-    cfg = _quick(methods=("erm",), model="convnet", train_epochs=1, rows=())
+    cfg = quick(methods=("erm",), model="convnet", train_epochs=1, rows=())
     pipe = Pipeline(str(tmp_path / "r"), cfg, progress=False, log=lambda line: None)
     assert pipe.arch("erm") == {"name": "convnet", "num_classes": 10, "in_channels": 1}
     pipe.train("erm")
     assert isinstance(pipe.model("erm"), ConvNet)
     pipe.close()
-    default = Pipeline(str(tmp_path / "d"), _quick(methods=("erm",)), progress=False, log=lambda line: None)
+    default = Pipeline(str(tmp_path / "d"), quick(methods=("erm",)), progress=False, log=lambda line: None)
     assert default.arch("erm") == {"name": "small_cnn", "num_classes": 10}
     default.close()
     with pytest.raises(SettingError, match="model"):
         PipelineConfig.from_options(dataset="features", train_features="a.pt", test_features="b.pt", model="convnet")
     with pytest.raises(SettingError, match="model must be one of"):
         PipelineConfig.from_options(model="vgg")
+
+
+@pytest.mark.parametrize("group,changed", [
+    ("influence", {"influence-erm", "finetune-erm-iaerf", "posthoc-erm-iaerf", "plots-erm", "pbrf-erm", "fig1-erm",
+                   "evaluate"}),
+    ("fine_tuning", {"finetune-erm-ce", "finetune-erm-iaerf", "posthoc-erm-iaerf", "plots-erm", "evaluate"}),
+    ("figures", {"evaluate"}),  # the figure stages read named fields of it, the evaluation every setting
+])
+def test_a_field_added_to_a_group_enters_the_key_of_every_stage_reading_it(quick, tmp_path, group, changed):
+    """A field added to a settings group (here by a subclass), listed nowhere else, changes the key of every stage
+    that reads the group and of the stages downstream of them, and of no other."""
+    import dataclasses
+
+    from iaerf.longtail.pipeline import RunContext
+    from iaerf.longtail.pipeline import stages as S
+    from iaerf.longtail.pipeline.settings import setting
+
+    config = quick(methods=("erm",))
+    base = type(getattr(config, group))
+    knobbed = dataclasses.make_dataclass("Knobbed", [("knob", int, setting(0, lambda name, value: value, "--knob"))],
+                                         bases=(base,))
+
+    def keys(knob):
+        ctx = RunContext(str(tmp_path), dataclasses.replace(config, **{group: knobbed(knob=knob)}), progress=False,
+                         log=lambda line: None)
+        stages = [S.data_stage(ctx), S.train_stage(ctx, "erm"), S.influence_stage(ctx, "erm"),
+                  S.finetune_stage(ctx, "erm", "ce"), S.finetune_stage(ctx, "erm", "iaerf"),
+                  S.posthoc_stage(ctx, "erm"), S.posthoc_stage(ctx, "erm", "iaerf"), S.plots_stage(ctx, "erm"),
+                  S.pbrf_stage(ctx, "erm"), S.fig1_stage(ctx, "erm"), S.evaluate_stage(ctx)]
+        return {stage.name: stage.key for stage in stages}
+
+    zero, one = keys(0), keys(1)
+    assert {name for name in zero if zero[name] != one[name]} == changed

@@ -1,6 +1,7 @@
 """Issue 29 in the pipeline: the baseline, post-hoc and composition rows, one table led by validation, and choices
 (beta, tau) that never look at the test set. Feature files and a linear model keep every run to seconds."""
 import dataclasses
+import functools
 import json
 import os
 
@@ -15,31 +16,23 @@ from iaerf.longtail.pipeline.settings import ROWS
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _feature_files(folder, counts=(60, 25, 10, 4)):
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(len(counts), 8, generator=g) * 1.5
-    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
-    yt = torch.arange(20 * len(counts)) % len(counts)
-    torch.save({"features": centers[y] + torch.randn(len(y), 8, generator=g), "labels": y}, folder / "train.pt")
-    torch.save({"features": centers[yt] + torch.randn(len(yt), 8, generator=g), "labels": yt}, folder / "test.pt")
-    return dict(dataset="features", train_features=str(folder / "train.pt"), test_features=str(folder / "test.pt"))
-
-
-def _config(files, **over):
-    base = dict(methods=("erm", "ldam_drw"), train_epochs=5, finetune_epochs=2, heldout_val=3, betas=(0.5, 5.0),
-                threads=1)
-    return PipelineConfig.from_options(**files, **{**base, **over})
+@pytest.fixture(scope="module")
+def config(tiny_config):
+    """``config(files, **settings)``: both baselines, five training and two fine-tuning epochs, 3 images per class
+    held out, betas 0.5 and 5."""
+    return functools.partial(tiny_config, methods=("erm", "ldam_drw"), train_epochs=5, finetune_epochs=2,
+                             heldout_val=3, betas=(0.5, 5.0))
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return _feature_files(tmp_path_factory.mktemp("features"))
+def files(tmp_path_factory, write_features):
+    return write_features(tmp_path_factory.mktemp("features"), spread=1.5)
 
 
 @pytest.fixture(scope="module")
-def finished(files, tmp_path_factory):
+def finished(config, files, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    with Pipeline(str(out), _config(files), progress=False, log=lambda s: None) as pipe:
+    with Pipeline(str(out), config(files), progress=False, log=lambda s: None) as pipe:
         return str(out), pipe.evaluate()
 
 
@@ -139,15 +132,15 @@ def _choices(out):
 
 
 @pytest.mark.parametrize("rule", ["noise_aware", "lowest"])
-def test_choices_never_look_at_the_test_set(files, tmp_path, monkeypatch, rule):
+def test_choices_never_look_at_the_test_set(config, files, tmp_path, monkeypatch, rule):
     """The test labels shuffled: every beta and tau choice, every validation score and the lead stay the same (the
     files that record them are byte-identical), while the test errors move."""
-    config = _config(files, methods=("erm",), select_rule=rule)
-    with Pipeline(str(tmp_path / "a"), config, progress=False, log=lambda s: None) as pipe:
+    run_config = config(files, methods=("erm",), select_rule=rule)
+    with Pipeline(str(tmp_path / "a"), run_config, progress=False, log=lambda s: None) as pipe:
         plain = pipe.evaluate()
     with monkeypatch.context() as mp:
         _shuffled_test_labels(mp)
-        with Pipeline(str(tmp_path / "b"), config, progress=False, log=lambda s: None) as pipe:
+        with Pipeline(str(tmp_path / "b"), run_config, progress=False, log=lambda s: None) as pipe:
             shuffled = pipe.evaluate()
             assert pipe._test_shuffled
     a, b = _choices(str(tmp_path / "a")), _choices(str(tmp_path / "b"))
@@ -160,18 +153,18 @@ def test_choices_never_look_at_the_test_set(files, tmp_path, monkeypatch, rule):
         assert json.loads(a["finetune/erm-iaerf.json"])["selection"]["rule"] == "lowest"
 
 
-def test_rows_setting(files, tmp_path):
+def test_rows_setting(config, files, tmp_path):
     """``rows`` picks the rows beyond baseline / control / IAERF; none runs none of their stages."""
     logs = []
-    with Pipeline(str(tmp_path / "r"), _config(files, methods=("erm",), rows=()), progress=False,
+    with Pipeline(str(tmp_path / "r"), config(files, methods=("erm",), rows=()), progress=False,
                   log=logs.append) as pipe:
         metrics = pipe.evaluate()
     assert [r["variant"] for r in metrics["results"]] == ["baseline", "ce", "iaerf"]
     assert not any("posthoc" in line or "-la" in line or "-cb" in line for line in logs), logs
-    cfg = _config(files, rows=["cb", "posthoc"])
+    cfg = config(files, rows=["cb", "posthoc"])
     assert cfg.baselines.rows == ("posthoc", "cb") and PipelineConfig.from_json(cfg.to_json()) == cfg
     from iaerf.longtail.pipeline import SettingError
 
     with pytest.raises(SettingError, match="rows must be") as err:
-        _config(files, rows=("lda",))
+        config(files, rows=("lda",))
     assert err.value.field == "rows"

@@ -7,6 +7,7 @@ the bytes of a fresh run of its final settings. Feature files and a linear model
 second (the in-process trials replace the matplotlib figures with a PNG stub whose bytes hash their inputs; the
 SIGKILL trials draw the real ones).
 """
+import functools
 import hashlib
 import json
 import os
@@ -33,28 +34,25 @@ from iaerf.longtail.pipeline.files import read_vector
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COMMON = dict(methods=("erm",), train_epochs=3, finetune_epochs=1, betas=(0.5,), threads=1)
 # two dampings (influence at 10 must never be kept for a 1e-3 run) and a thread count
 SETTINGS = {"A": dict(damping=1e-3), "B": dict(damping=10.0), "C": dict(damping=1e-3, threads=2)}
 
 
-def _write_features(folder, seed=0, counts=(40, 20, 10, 5)):
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(len(counts), 8, generator=g) * 2
-    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
-    yt = torch.arange(10 * len(counts)) % len(counts)
-    torch.save({"features": centers[y] + torch.randn(len(y), 8, generator=g), "labels": y}, folder / "train.pt")
-    torch.save({"features": centers[yt] + torch.randn(len(yt), 8, generator=g), "labels": yt}, folder / "test.pt")
-    return dict(dataset="features", train_features=str(folder / "train.pt"), test_features=str(folder / "test.pt"))
+@pytest.fixture(scope="module")
+def small_features(write_features):
+    """``small_features(folder, seed=0)``: feature files of 40, 20, 10, 5 training and 10 test points per class."""
+    return functools.partial(write_features, counts=(40, 20, 10, 5), test_per_class=10)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return _write_features(tmp_path_factory.mktemp("features"))
+def files(tmp_path_factory, small_features):
+    return small_features(tmp_path_factory.mktemp("features"))
 
 
-def _config(files, name="A", **over):
-    return PipelineConfig.from_options(**files, **{**COMMON, **SETTINGS[name], **over})
+@pytest.fixture(scope="module")
+def config_of(tiny_config):
+    """``config_of(files, name="A", **settings)``: the tiny run on ``files`` with the settings ``SETTINGS[name]``."""
+    return lambda files, name="A", **over: tiny_config(files, SETTINGS[name], **over)
 
 
 def _run(out, config, log=None):
@@ -157,17 +155,17 @@ def _kill_after_writing(mp, suffix: str):
 
 
 @pytest.fixture(scope="module")
-def references(files, tmp_path_factory):
+def references(config_of, files, tmp_path_factory):
     """A fresh, uninterrupted run of each settings (figures stubbed): name -> its tree."""
     root = tmp_path_factory.mktemp("fresh")
     with pytest.MonkeyPatch.context() as mp:
         _stub_figures(mp)
         for name in SETTINGS:
-            _run(root / name, _config(files, name))
+            _run(root / name, config_of(files, name))
     return {name: _tree(root / name) for name in SETTINGS}
 
 
-def test_resume_after_any_kill_matches_a_fresh_run(files, references, tmp_path, monkeypatch):
+def test_resume_after_any_kill_matches_a_fresh_run(config_of, files, references, tmp_path, monkeypatch):
     """The acceptance test: 40 random sequences of runs with settings A, B, C, each killed at a random write (before,
     during or after it), then one run of a final settings to the end: every file (data, checkpoints, influence,
     energies, JSON, table, figures, settings, stage markers) has the bytes of a fresh run of those settings."""
@@ -186,23 +184,24 @@ def test_resume_after_any_kill_matches_a_fresh_run(files, references, tmp_path, 
                 with monkeypatch.context() as mp:
                     _kill_at(mp, k, how)
                     try:
-                        _run(out, _config(files, name))
+                        _run(out, config_of(files, name))
                     except _Killed:
                         pass
-            _run(out, _config(files, final))
+            _run(out, config_of(files, final))
         tree = _tree(out)
         assert tree == references[final], f"trial {trial}: kills {kills}, then {final}: " \
                                           f"{_differences(tree, references[final])} differ"
 
 
-def _cli_args(files, out, name):
-    options = {**COMMON, **SETTINGS[name]}
+def _cli_args(config, out):
+    """The ``iaerf demo`` command line of a run of ``config`` on feature files in ``out``."""
+    d, b, f = config.data, config.baselines, config.fine_tuning
     # --protocol none: the settings as given (the demo's default protocol holds 10 images per class out)
     return ["demo", "--quiet", "--out", str(out), "--protocol", "none", "--dataset", "features", "--train-features",
-            files["train_features"], "--test-features", files["test_features"], "--methods", *options["methods"],
-            "--train-epochs", str(options["train_epochs"]), "--finetune-epochs", str(options["finetune_epochs"]),
-            "--betas", *map(str, options["betas"]), "--damping", str(options["damping"]), "--threads",
-            str(options["threads"])]
+            d.train_features, "--test-features", d.test_features, "--methods", *b.methods,
+            "--train-epochs", str(b.epochs), "--finetune-epochs", str(f.epochs),
+            "--betas", *map(str, f.betas), "--damping", str(config.influence.damping), "--threads",
+            str(config.threads)]
 
 
 def _sigkill_when_replaced(args, path: str) -> str:
@@ -231,14 +230,14 @@ def _sigkill_when_replaced(args, path: str) -> str:
     ("A", "B", "plots/fig2_erm.png"),  # B's first figure drawn over A's finished run, then back to A
     ("B", "A", "influence/erm.pt"),    # A's influence written over B's, then back to B
 ])
-def test_resume_after_sigkill_matches_a_fresh_run(files, tmp_path, capsys, before, killed, rel):
+def test_resume_after_sigkill_matches_a_fresh_run(config_of, files, tmp_path, capsys, before, killed, rel):
     """Real kills (SIGKILL of the ``iaerf`` command, real matplotlib figures) right after a stage wrote an output
     under other settings: the command with the first settings again leaves the bytes of a fresh run of them."""
     out, final = tmp_path / "run", before
-    assert main(_cli_args(files, out, before)) == 0
-    log = _sigkill_when_replaced(_cli_args(files, out, killed), str(out / rel))
-    assert main(_cli_args(files, out, final)) == 0, capsys.readouterr().err
-    assert main(_cli_args(files, tmp_path / "fresh", final)) == 0
+    assert main(_cli_args(config_of(files, before), out)) == 0
+    log = _sigkill_when_replaced(_cli_args(config_of(files, killed), out), str(out / rel))
+    assert main(_cli_args(config_of(files, final), out)) == 0, capsys.readouterr().err
+    assert main(_cli_args(config_of(files, final), tmp_path / "fresh")) == 0
     assert not [n for _, _, names in os.walk(out) for n in names if n.startswith(".tmp-")]
     tree, fresh = _tree(out), _tree(tmp_path / "fresh")
     assert tree == fresh, f"{_differences(tree, fresh)} differ (killed run's log: {log})"
@@ -247,32 +246,32 @@ def test_resume_after_sigkill_matches_a_fresh_run(files, tmp_path, capsys, befor
 @pytest.mark.parametrize("suffix,stage", [("influence/erm.pt", "influence-erm"),
                                           ("finetune/erm-iaerf.pt", "finetune-erm-iaerf"),
                                           ("plots/fig2_erm.png", "plots-erm")])
-def test_output_of_other_settings_left_by_a_kill_is_not_kept(files, references, tmp_path, monkeypatch, suffix,
-                                                             stage):
+def test_output_of_other_settings_left_by_a_kill_is_not_kept(config_of, files, references, tmp_path, monkeypatch,
+                                                             suffix, stage):
     """Run A, then B killed right after it wrote one output (before its marker), then A again: the stage runs
     again and the output is A's, not B's."""
     _stub_figures(monkeypatch)
     out = tmp_path / "run"
-    _run(out, _config(files, "A"))
+    _run(out, config_of(files, "A"))
     with monkeypatch.context() as mp:
         _kill_after_writing(mp, suffix)
         with pytest.raises(_Killed):
-            _run(out, _config(files, "B"))
+            _run(out, config_of(files, "B"))
     logs = []
-    _run(out, _config(files, "A"), logs.append)
+    _run(out, config_of(files, "A"), logs.append)
     assert f"[iaerf] {stage}: done already, skipped" not in logs, logs
     assert _tree(out) == references["A"]
 
 
-def test_a_second_writer_is_refused_naming_the_holder(files, tmp_path, capsys):
+def test_a_second_writer_is_refused_naming_the_holder(config_of, files, tmp_path, capsys):
     """While a Pipeline holds a run directory, a second one -- in this process, another command, another
     process -- gets RunLockedError (the command: one line, status 2) naming the holder's pid; settings.json keeps
     the holder's settings. Closing releases the lock; a closed Pipeline runs no stage."""
     out = str(tmp_path / "run")
-    holder = Pipeline(out, _config(files, "A"), progress=False, log=lambda s: None)
+    holder = Pipeline(out, config_of(files, "A"), progress=False, log=lambda s: None)
     pid = str(os.getpid())
     with pytest.raises(RunLockedError, match=f"process {pid}"):
-        Pipeline(out, _config(files, "B"), progress=False, log=lambda s: None)
+        Pipeline(out, config_of(files, "B"), progress=False, log=lambda s: None)
     assert main(["finetune", "--out", out, "--method", "erm", "--damping", "10", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"process {pid}" in err and "Traceback" not in err, err
@@ -283,22 +282,22 @@ def test_a_second_writer_is_refused_naming_the_holder(files, tmp_path, capsys):
     holder.close()
     with pytest.raises(RuntimeError, match="closed"):
         holder.data()
-    with Pipeline(out, _config(files, "B"), progress=False, log=lambda s: None) as second:
+    with Pipeline(out, config_of(files, "B"), progress=False, log=lambda s: None) as second:
         assert second.config.influence.damping == 10.0
     assert read_json(os.path.join(out, "settings.json"))["damping"] == 10.0
-    unreferenced = Pipeline(out, _config(files, "A"), progress=False, log=lambda s: None)  # the with block released it
+    unreferenced = Pipeline(out, config_of(files, "A"), progress=False, log=lambda s: None)  # the with block released it
     unreferenced.cycle = unreferenced  # only the cycle collector frees it, as stage closures and tracebacks can
     del unreferenced
-    Pipeline(out, _config(files, "A"), progress=False, log=lambda s: None).close()
+    Pipeline(out, config_of(files, "A"), progress=False, log=lambda s: None).close()
 
 
-def test_changed_upstream_output_reruns_what_read_it_and_says_why(files, tmp_path, monkeypatch):
+def test_changed_upstream_output_reruns_what_read_it_and_says_why(config_of, files, tmp_path, monkeypatch):
     """A damaged checkpoint re-made with other bytes (as under another thread count): every stage that read the
     old one runs again, and its log line names the file that changed."""
     import iaerf.longtail.pipeline.stages as S
 
     out = tmp_path / "run"
-    _run(out, _config(files, "A"))
+    _run(out, config_of(files, "A"))
     with open(out / "models" / "erm.pt", "wb") as f:
         f.write(b"damaged")
     real = S.train_baseline
@@ -312,51 +311,51 @@ def test_changed_upstream_output_reruns_what_read_it_and_says_why(files, tmp_pat
     monkeypatch.setattr(S, "train_baseline", other_bytes)
     logs = []
     with pytest.warns(DamagedOutputWarning, match="models/erm.pt"):
-        _run(out, _config(files, "A"), logs.append)
+        _run(out, config_of(files, "A"), logs.append)
     for stage in ("finetune-erm-ce", "influence-erm", "finetune-erm-iaerf", "evaluate", "plots-erm"):
         assert any(line.startswith(f"[iaerf] {stage}: running again: ") and "models/erm.pt" in line
                    for line in logs), (stage, logs)
     assert not [line for line in logs if "skipped" in line and "data" not in line], logs
 
 
-def test_replaced_user_file_reruns_every_stage_and_names_it(tmp_path):
+def test_replaced_user_file_reruns_every_stage_and_names_it(small_features, config_of, tmp_path):
     """A features file replaced by other data at the same path: the data stage's marker holds its digest, so
     every stage runs again, the log names the file, and metrics.json equals a fresh run's."""
     folder = tmp_path / "data"
     folder.mkdir()
-    files = _write_features(folder, seed=0)
+    files = small_features(folder, seed=0)
     out = tmp_path / "run"
-    first = _run(out, _config(files))
+    first = _run(out, config_of(files))
     train = torch.load(files["train_features"])
     torch.save({"features": -train["features"], "labels": train["labels"]}, files["train_features"])
     logs = []
-    again = _run(out, _config(files), logs.append)
+    again = _run(out, config_of(files), logs.append)
     assert f"[iaerf] data: running again: {files['train_features']} changed since it last ran" in logs, logs
     assert not [line for line in logs if "skipped" in line], logs
     assert again["results"] != first["results"]
-    fresh = _run(tmp_path / "fresh", _config(files))
+    fresh = _run(tmp_path / "fresh", config_of(files))
     assert again["results"] == fresh["results"]
 
 
-def test_user_file_replaced_while_read_shows_as_changed_next_time(tmp_path, monkeypatch):
+def test_user_file_replaced_while_read_shows_as_changed_next_time(small_features, config_of, tmp_path, monkeypatch):
     """User files are digested before they are read: one replaced between the two is caught by the next command."""
     import iaerf.longtail.data as D
 
     folder = tmp_path / "data"
     folder.mkdir()
-    files = _write_features(folder, seed=0)
+    files = small_features(folder, seed=0)
     real = D.load_feature_split
 
     def replaced_meanwhile(*a, **k):
-        _write_features(folder, seed=1)
+        small_features(folder, seed=1)
         return real(*a, **k)
 
     monkeypatch.setattr(D, "load_feature_split", replaced_meanwhile)
-    with Pipeline(str(tmp_path / "run"), _config(files), progress=False, log=lambda s: None) as pipe:
+    with Pipeline(str(tmp_path / "run"), config_of(files), progress=False, log=lambda s: None) as pipe:
         pipe.data()
     monkeypatch.setattr(D, "load_feature_split", real)
     logs = []
-    with Pipeline(str(tmp_path / "run"), _config(files), progress=False, log=logs.append) as pipe:
+    with Pipeline(str(tmp_path / "run"), config_of(files), progress=False, log=logs.append) as pipe:
         pipe.data()
     assert logs[0] == f"[iaerf] data: running again: {files['test_features']}, {files['train_features']} changed " \
                       f"since it last ran", logs
@@ -392,12 +391,12 @@ def test_cifar_batch_files_are_keyed_by_content(tmp_path):
     assert logs[0] == f"[iaerf] data: running again: {folder / 'data_batch_3'} changed since it last ran", logs
 
 
-def test_any_changed_setting_reruns_the_evaluation(files, tmp_path):
+def test_any_changed_setting_reruns_the_evaluation(config_of, files, tmp_path):
     """metrics.json records every setting, so a setting no other stage reads (here pbrf_points) re-runs the
     evaluation and the stored settings follow."""
     logs = []
-    _run(tmp_path / "run", _config(files))
-    _run(tmp_path / "run", _config(files, pbrf_points=7), logs.append)
+    _run(tmp_path / "run", config_of(files))
+    _run(tmp_path / "run", config_of(files, pbrf_points=7), logs.append)
     assert "[iaerf] evaluate: done already, skipped" not in logs and "[iaerf] plots-erm: done already, skipped" in logs
     assert read_json(str(tmp_path / "run" / "metrics.json"))["settings"]["pbrf_points"] == 7
 
@@ -417,12 +416,12 @@ def _flip_a_weight_bit(path):
         f.write(bytes([byte ^ 0x10]))
 
 
-def test_bit_flip_in_a_checkpoint_is_caught(files, tmp_path, capsys):
+def test_bit_flip_in_a_checkpoint_is_caught(config_of, files, tmp_path, capsys):
     """A flipped bit in finetune/erm-iaerf.pt: load_checkpoint refuses it ("damaged": the file records its
     SHA-256), ``iaerf evaluate`` warns in one line naming it, re-makes it and reports the same metrics; a flipped
     bit in an influence file is refused by its reader too."""
     out = tmp_path / "run"
-    metrics = _run(out, _config(files))
+    metrics = _run(out, config_of(files))
     path = str(out / "finetune" / "erm-iaerf.pt")
     before = open(path, "rb").read()
     _flip_a_weight_bit(path)
@@ -440,7 +439,7 @@ def test_bit_flip_in_a_checkpoint_is_caught(files, tmp_path, capsys):
         read_vector(influence, "influence file", None, 75)
 
 
-def test_deeply_nested_json_is_damage_not_a_crash(files, tmp_path, capsys):
+def test_deeply_nested_json_is_damage_not_a_crash(config_of, files, tmp_path, capsys):
     """JSON nested past the parser's recursion limit: read_json's ValueError "damaged"; in a stage marker a
     DamagedOutputWarning and the stage runs again; in settings.json one error line and status 2."""
     deep = "[" * 200_000 + "]" * 200_000
@@ -448,11 +447,11 @@ def test_deeply_nested_json_is_damage_not_a_crash(files, tmp_path, capsys):
     with pytest.raises(ValueError, match="damaged"):
         read_json(str(tmp_path / "deep.json"))
     out = tmp_path / "run"
-    _run(out, _config(files))
+    _run(out, config_of(files))
     (out / "stages" / "evaluate.json").write_text(deep)
     logs = []
     with pytest.warns(DamagedOutputWarning, match="evaluate.json"):
-        _run(out, _config(files), logs.append)
+        _run(out, config_of(files), logs.append)
     assert any(line.startswith("[iaerf] evaluate: ") and "skipped" not in line for line in logs), logs
     (out / "settings.json").write_text(deep)
     capsys.readouterr()
@@ -480,17 +479,17 @@ def test_fork_through_a_link_into_the_source_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("which,row", [("train", 7), ("test", 3)])
-def test_non_finite_features_are_refused_naming_file_and_row(tmp_path, capsys, which, row):
+def test_non_finite_features_are_refused_naming_file_and_row(small_features, config_of, tmp_path, capsys, which, row):
     folder = tmp_path / "data"
     folder.mkdir()
-    files = _write_features(folder)
+    files = small_features(folder)
     path = files[f"{which}_features"]
     obj = torch.load(path)
     obj["features"][row, 2] = float("nan") if which == "train" else float("inf")
     obj["features"][row + 5, 0] = float("-inf")
     torch.save(obj, path)
     with pytest.raises(ValueError, match=f"row {row} holds NaN or inf") as err:
-        Pipeline(str(tmp_path / "run"), _config(files), progress=False, log=lambda s: None)
+        Pipeline(str(tmp_path / "run"), config_of(files), progress=False, log=lambda s: None)
     assert path in str(err.value) and "2 of" in str(err.value)
     assert not (tmp_path / "run").exists()
     assert main(["data", "--out", str(tmp_path / "run"), "--quiet", *[a for k, v in files.items()
@@ -511,7 +510,7 @@ def test_epoch_counts_are_bounded(tmp_path, capsys):
     assert not (tmp_path / "r" / "settings.json").exists()
 
 
-def test_thread_count_is_a_setting_of_the_run(files, tmp_path, monkeypatch):
+def test_thread_count_is_a_setting_of_the_run(config_of, files, tmp_path, monkeypatch):
     """A new run stores torch's thread count at its start; later Pipelines without a count use the stored one,
     whatever torch's count is then; every stage computes with it and the caller's count is restored after."""
     import iaerf.longtail.pipeline.stages as S
@@ -520,7 +519,7 @@ def test_thread_count_is_a_setting_of_the_run(files, tmp_path, monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with Pipeline(out, _config(files, threads=None), progress=False, log=lambda s: None) as pipe:
+        with Pipeline(out, config_of(files, threads=None), progress=False, log=lambda s: None) as pipe:
             assert pipe.config.threads == 2
     finally:
         torch.set_num_threads(before)
@@ -528,7 +527,7 @@ def test_thread_count_is_a_setting_of_the_run(files, tmp_path, monkeypatch):
     seen = []
     real = S.train_baseline
     monkeypatch.setattr(S, "train_baseline", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
-    with Pipeline(out, _config(files, threads=None), progress=False, log=lambda s: None) as pipe:
+    with Pipeline(out, config_of(files, threads=None), progress=False, log=lambda s: None) as pipe:
         assert pipe.config.threads == 2
         pipe.train("erm")
     assert seen == [2] and torch.get_num_threads() == before == 1

@@ -1,4 +1,5 @@
-"""One run directory: its settings, the loaded split and device, and the stage runner with resume.
+"""One run directory: :class:`Pipeline`, the run's context (:class:`~iaerf.longtail.pipeline.context.RunContext`: settings,
+split, device, files) that also holds the directory's lock and runs the stages with resume.
 
 A stage (:mod:`iaerf.longtail.pipeline.stages`) is done when its marker ``stages/<name>.json`` holds the stage's key (its
 settings) and the SHA-256 of every output it wrote and of every input it read -- the outputs of every stage upstream
@@ -27,13 +28,12 @@ from typing import Callable
 
 import torch
 
-from iaerf.longtail import data as D
 from iaerf.core.identity import file_digest
 from iaerf.core.io import ensure_writable_dir, read_json, write_json
 from iaerf.longtail.pipeline import stages as S
+from iaerf.longtail.pipeline.context import RunContext
 from iaerf.longtail.pipeline.files import build_from_arch, read_settings
 from iaerf.longtail.pipeline.settings import PipelineConfig, SettingError, setting_fields
-from iaerf.longtail.training import resolve_device
 
 __all__ = ["Pipeline", "DamagedOutputWarning", "RunLockedError", "fork_run"]
 
@@ -49,9 +49,10 @@ class RunLockedError(RuntimeError):
     """Another Pipeline (in another process, or still open in this one) is writing the run directory."""
 
 
-class Pipeline:
+class Pipeline(RunContext):
     """The run in ``out``: each public method runs its stage and the stages it needs (or skips those already done)
-    and returns what the stage wrote.
+    and returns what the stage wrote; as the stages' :class:`RunContext`, it gives its split, validation set,
+    models and file paths too.
 
     ``methods``: methods the caller will run besides ``config.baselines.methods`` (their settings are checked too).
     Every setting is checked here, before any stage runs and before ``settings.json`` is written, so a bad setting
@@ -65,10 +66,7 @@ class Pipeline:
 
     def __init__(self, out: str, config: PipelineConfig | None = None, *, progress: bool = True,
                  log: Callable[[str], None] = print, methods: tuple[str, ...] = ()):
-        self.out = os.path.abspath(out)
-        self.progress = progress
-        self.log = log
-        settings_path = os.path.join(self.out, "settings.json")
+        settings_path = os.path.join(os.path.abspath(out), "settings.json")
         if config is None:
             if not os.path.isfile(settings_path):
                 raise FileNotFoundError(f"{settings_path} not found: start the run with `iaerf data` or `iaerf demo`")
@@ -76,13 +74,11 @@ class Pipeline:
                 config = PipelineConfig.from_json(read_settings(settings_path))
             except SettingError as exc:
                 raise SettingError(exc.field, f"{settings_path}: {exc}") from None
-        self.config = _resolve_threads(config, settings_path)
-        self._split = None
-        self._user_files: dict[str, str] = {}  # absolute path -> sha256 of each user file the split was read from
+        self._lock = None
+        super().__init__(out, _resolve_threads(config, settings_path), progress=progress, log=log)
         self._reported: set[str] = set()  # stages already logged as skipped (they are checked many times)
         self._checked: dict[str, tuple[int, int]] = {}  # output path -> (mtime_ns, size) when it last passed its check
-        self._lock = None
-        self.device = self._validate(tuple(methods))
+        self._validate(tuple(methods))
         # closing the lock file releases the lock: at close(), or when this Pipeline is collected
         self._lock = weakref.finalize(self, _lock_run(self.out).close)
         try:
@@ -103,8 +99,9 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _validate(self, methods: tuple[str, ...]) -> torch.device:
-        """Check what PipelineConfig cannot check alone (device, folders, data, parameter names); returns the device.
+    def _validate(self, methods: tuple[str, ...]) -> None:
+        """Check what PipelineConfig cannot check alone (folders, data, parameter names; the device is checked by
+        :class:`RunContext`).
 
         The data split is loaded here (the first stage needs it anyway) because whether every class keeps an image,
         and which parameter names exist, depend on it.
@@ -113,10 +110,6 @@ class Pipeline:
         from iaerf.hessian.params import select_parameters
 
         c = self.config
-        try:
-            device = resolve_device(c.device)
-        except (TypeError, ValueError) as exc:
-            raise SettingError("device", str(exc)) from None
         split = self.split()
         if c.data.dataset != "features":
             counts = split.counts()
@@ -129,7 +122,7 @@ class Pipeline:
         influence_params = c.influence.influence_params
         for method in dict.fromkeys(tuple(c.baselines.methods) + methods):
             with torch.random.fork_rng(devices=[]):  # building the skeleton must not move the seeded global RNG
-                skeleton = build_from_arch(S.model_arch(self, method))
+                skeleton = build_from_arch(self.arch(method))
             try:
                 if influence_params != "finetuned":  # else the fine-tuned selection, checked below
                     select_parameters(skeleton, list(influence_params) if influence_params is not None else None)
@@ -152,46 +145,6 @@ class Pipeline:
         checkpoint = (c.influence.solver_options or {}).get("checkpoint_path")
         if checkpoint is not None:
             ensure_writable_dir(os.path.dirname(os.path.abspath(checkpoint)), "folder of solver option checkpoint_path")
-        return device
-
-    # -- the run's shared state ------------------------------------------------------------------------------
-    def path(self, *parts) -> str:
-        return os.path.join(self.out, *parts)
-
-    def split(self) -> D.ImbalancedSplit:
-        if self._split is None:
-            c, d = self.config, self.config.data
-            if d.dataset == "digits":
-                self._split = D.load_digits_lt(d.ratio, d.imbalance, seed=c.seed, heldout_val_per_class=d.heldout_val)
-            elif d.dataset in ("cifar10", "cifar100"):
-                classes = 10 if d.dataset == "cifar10" else 100
-                self._digest_user_files(p for part in D.cifar_files(d.data_root, classes).values() for p in part)
-                self._split = D.load_cifar_lt(d.data_root, classes, d.ratio, d.imbalance, val_seed=c.seed)
-            else:
-                self._digest_user_files([d.train_features, d.test_features])
-                self._split = D.load_feature_split(d.train_features, d.test_features, seed=c.seed)
-            if d.heldout_val and d.dataset != "digits":  # digits holds out before the long tail is drawn
-                try:
-                    self._split = D.hold_out_validation(self._split, d.heldout_val, seed=c.seed)
-                except ValueError as exc:
-                    raise SettingError("heldout_val", str(exc)) from None
-        return self._split
-
-    def _digest_user_files(self, paths) -> None:
-        # before they are read: a file replaced while it is read then shows as changed at the next check, never as
-        # the content this run read (a missing file is left to the loader's error)
-        self._user_files = {os.path.abspath(p): file_digest(p) for p in paths if os.path.isfile(p)}
-
-    def user_files(self) -> dict[str, str]:
-        """The user's data files the split was read from (features files, CIFAR batches; none for the bundled
-        digits): absolute path -> SHA-256 of the content read."""
-        self.split()
-        return dict(self._user_files)
-
-    def val(self) -> D.TensorDataset:
-        """The validation set behind the influence (Eq. 9) and the beta choice (``DataSettings.validation``)."""
-        split = self.split()
-        return split.heldout_val if self.config.data.validation_set == "heldout" else split.val
 
     # -- running stages --------------------------------------------------------------------------------------
     def ensure(self, stage: S.Stage) -> bool:
@@ -271,13 +224,13 @@ class Pipeline:
     def _inputs(self, stage: S.Stage) -> dict[str, str]:
         """The SHA-256 of everything ``stage`` depends on: the outputs of every stage it needs, directly or through
         them (by :meth:`_name`), and the user files any of these stages or ``stage`` reads (by absolute path)."""
-        digests, seen = {}, set()
+        digests, seen, user_files = {}, set(), self.user_files()
 
         def visit(s: S.Stage, own: bool) -> None:
             if s.name in seen:
                 return
             seen.add(s.name)
-            digests.update((f, self._user_files[f]) for f in s.files)
+            digests.update((f, user_files[f]) for f in s.files)
             if not own:
                 digests.update((self._name(p), file_digest(p)) for p in s.outputs)
             for need in s.needs:
@@ -317,7 +270,7 @@ class Pipeline:
     def influence(self, method: str) -> torch.Tensor:
         """I_val [n_train] of ``method``'s baseline (Eq. 9)."""
         self.ensure(S.influence_stage(self, method))
-        return S.read_influence(self, S.influence_path(self, method))
+        return S.read_influence(self, self.influence_path(method))
 
     def finetune(self, method: str, variant: str) -> None:
         self.ensure(S.finetune_stage(self, method, variant))
@@ -325,12 +278,12 @@ class Pipeline:
     def finetune_info(self, method: str, variant: str = "iaerf") -> dict:
         """``finetune/<method>-<variant>.json`` (run :meth:`finetune` first): beta, beta search table (every
         candidate's validation gain interval), the selection, history."""
-        return S.read_finetune_info(S.finetune_info_path(self, method, variant))
+        return S.read_finetune_info(self.finetune_info_path(method, variant))
 
     def posthoc(self, method: str, variant: str | None = None) -> dict:
         """``posthoc/<method>[-<variant>].json``: the post-hoc taus of that model, chosen on validation."""
         self.ensure(S.posthoc_stage(self, method, variant))
-        return S.read_posthoc(S.posthoc_path(self, method, variant))
+        return S.read_posthoc(self.posthoc_path(method, variant))
 
     def evaluate(self) -> dict:
         """``metrics.json``: validation score and test error of every model of the table (each baseline, its CE
@@ -351,25 +304,13 @@ class Pipeline:
     def evaluate_influence(self, method: str) -> dict:
         """``evaluation/pbrf_<method>.json``: the energy influence against its PBRF ground truth (Pearson R)."""
         self.ensure(S.pbrf_stage(self, method))
-        return read_json(S.pbrf_path(self, method))
+        return read_json(self.pbrf_path(method))
 
     def run_all(self) -> dict:
         self.data()
         metrics = self.evaluate()
         self.plots()
         return metrics
-
-    def checkpoint(self, method: str, variant: str | None = None) -> str:
-        return S.checkpoint_path(self, method, variant)
-
-    def influence_path(self, method: str) -> str:
-        return S.influence_path(self, method)
-
-    def model(self, method: str, variant: str | None = None) -> torch.nn.Module:
-        return S.load_model(self, method, variant)
-
-    def arch(self, method: str) -> dict:
-        return S.model_arch(self, method)
 
 
 def fork_run(source: str, target: str) -> None:

@@ -1,9 +1,13 @@
 """A run's settings: five small groups (data, baselines, influence, fine-tuning, figures) plus the seed and device.
 
 Each field carries its own check and its command-line option in its metadata, so the ``iaerf`` command's options,
-the checks and the stored ``settings.json`` all come from this one place. Field names are unique across the
-groups: ``settings.json`` is one flat JSON object of them (the names the options set), and
-:meth:`PipelineConfig.from_options` builds a config from the same flat names.
+the checks and the stored ``settings.json`` all come from this one place. A group whose fields mirror a schedule
+dataclass uses that dataclass's field names (:class:`BaselineSettings` ``epochs`` is
+:class:`~iaerf.longtail.training.TrainConfig`'s, :class:`FineTuningSettings` ``epochs``, ``batch_size``, ``lr``,
+``train_params``, ``energy_cap`` are :class:`~iaerf.longtail.finetuning.FinetuneConfig`'s), so field names repeat
+across groups; each setting's flat name is its option's (``--finetune-lr`` -> ``finetune_lr``), unique across the
+run. ``settings.json`` is one flat JSON object of those names, and :meth:`PipelineConfig.from_options` builds a
+config from them.
 """
 from __future__ import annotations
 
@@ -143,20 +147,27 @@ def _device(name, value):
     return value
 
 
-def setting(default, check, option: str | None = None, help: str = "", *, cli: str = "value", type=str,
-            words: dict | None = None):
-    """A settings field. ``cli``: "value" (``--opt V``), "list" (``--opt V [V ...]``), "flag" (``--opt`` sets True),
-    "key_value" (repeatable ``--opt KEY=VALUE``) or "none" (not an option); ``type`` converts each command-line
-    value; ``words``: a list option given as this one word means the mapped value (``--influence-params all``)."""
+# the ``preset`` of a setting that always overrides its schedule dataclass's value
+ALWAYS_GIVEN = object()
+
+
+def setting(default, check, option: str, help: str = "", *, cli: str = "value", type=str,
+            words: dict | None = None, preset=ALWAYS_GIVEN, name: str | None = None):
+    """A settings field set by ``option`` (``--finetune-lr``), whose flat name is ``name``, by default the option's
+    (``finetune_lr``: ``settings.json``, :meth:`PipelineConfig.from_options`, :attr:`SettingError.field`).
+    ``cli``: "value" (``--opt V``), "list" (``--opt V [V ...]``), "flag" (``--opt`` sets True) or "key_value"
+    (repeatable ``--opt KEY=VALUE``); ``type`` converts each command-line value; ``words``: a list option given as
+    this one word means the mapped value (``--influence-params all``); ``preset``: the value that leaves the
+    dataset preset's value of the schedule dataclass field of the same name in place."""
     # defaults are immutable (None, numbers, strings, tuples), so one default object can serve every instance
-    meta = {"check": check, "option": option, "help": help, "cli": cli if option else "none", "type": type,
-            "words": words or {}}
+    meta = {"check": check, "option": option, "name": name or option[2:].replace("-", "_"), "help": help, "cli": cli,
+            "type": type, "words": words or {}, "preset": preset}
     return field(default=default, metadata=meta)
 
 
 def _check_fields(obj) -> None:
     for f in dataclasses.fields(obj):
-        setattr(obj, f.name, f.metadata["check"](f.name, getattr(obj, f.name)))
+        setattr(obj, f.name, f.metadata["check"](f.metadata["name"], getattr(obj, f.name)))
 
 
 @dataclass
@@ -192,13 +203,14 @@ class DataSettings:
 
 @dataclass
 class BaselineSettings:
-    """Which baselines to train and for how long (None: the dataset preset, :func:`iaerf.longtail.training.digits_config` /
-    :func:`iaerf.longtail.training.cifar_config`)."""
+    """Which baselines to train and for how long: ``epochs`` is :class:`~iaerf.longtail.training.TrainConfig`'s
+    (None: the dataset preset, :func:`iaerf.longtail.training.digits_config` /
+    :func:`iaerf.longtail.training.cifar_config`, whose milestones scale with it)."""
 
     methods: tuple[str, ...] = setting(BASE_METHODS, _methods, "--methods", "baselines: erm ldam_drw crt lws",
                                        cli="list")
-    train_epochs: int | None = setting(None, _int(1, MAX_EPOCHS, optional=True), "--train-epochs",
-                                       "baseline epochs (milestones scale with it)", type=int)
+    epochs: int | None = setting(None, _int(1, MAX_EPOCHS, optional=True), "--train-epochs",
+                                 "baseline epochs (milestones scale with it)", type=int)
     model: str | None = setting(None, lambda n, v: v if v is None else _choice(*IMAGE_MODELS)(n, v), "--model",
                                 "network for image data: small_cnn | convnet (default: the dataset's, small_cnn "
                                 "for digits, resnet32 for CIFAR; feature files always use a linear classifier)")
@@ -223,7 +235,7 @@ class InfluenceSettings:
                          "(exact over more than max_exact_params parameters falls back to ekfac)")
     solver_options: dict | None = setting(None, _options, "--solver-option",
                                           "inverse-HVP solver option, repeatable (LiSSA: depth=5000 repeats=10 "
-                                          "batch_size=128 ...)", cli="key_value")
+                                          "batch_size=128 ...)", cli="key_value", name="solver_options")
     damping: float = setting(1e-3, _real(0.0, "a finite number >= 0"), "--damping", "Hessian damping", type=float)
     gauss_newton: bool = setting(True, _bool, "--gauss-newton", "use the Gauss-Newton matrix (positive "
                                  "semi-definite; the default) or, with --no-gauss-newton, the Hessian itself, which "
@@ -256,21 +268,22 @@ class InfluenceSettings:
 
 @dataclass
 class FineTuningSettings:
-    """Algorithm 1's fine-tuning and its beta search. None / "auto" take the preset (images: 5 epochs, batch 128,
-    lr 1e-4, whole network; feature files: classifier re-training, 10 epochs, batch 512, lr 0.2, fc only);
-    ``finetune_params``: None = every non-batch-norm parameter, or a tuple of parameter-name prefixes."""
+    """Algorithm 1's fine-tuning and its beta search. ``epochs``, ``batch_size``, ``lr``, ``train_params`` and
+    ``energy_cap`` are :class:`~iaerf.longtail.finetuning.FinetuneConfig`'s fields (:meth:`PipelineConfig.finetune_config`
+    builds it); None / "auto" take the dataset preset (images: 5 epochs, batch 128, lr 1e-4, whole network; feature
+    files: classifier re-training, 10 epochs, batch 512, lr 0.2, fc only); ``train_params``: None = every
+    non-batch-norm parameter, or a tuple of parameter-name prefixes."""
 
-    finetune_epochs: int | None = setting(None, _int(1, MAX_EPOCHS, optional=True), "--finetune-epochs",
-                                          "fine-tuning epochs (paper: 5; feature files: 10)", type=int)
-    finetune_batch_size: int | None = setting(None, _int(1, optional=True), "--finetune-batch-size",
-                                              "fine-tuning batch size (paper: 128; feature files: 512)", type=int)
-    finetune_lr: float | None = setting(None, _real(0.0, "a finite number > 0", strict=True, optional=True),
-                                        "--finetune-lr", "fine-tuning SGD lr (paper: 1e-4; feature files: 0.2)",
-                                        type=float)
-    finetune_params: tuple[str, ...] | str | None = setting(
+    epochs: int | None = setting(None, _int(1, MAX_EPOCHS, optional=True), "--finetune-epochs",
+                                 "fine-tuning epochs (paper: 5; feature files: 10)", type=int, preset=None)
+    batch_size: int | None = setting(None, _int(1, optional=True), "--finetune-batch-size",
+                                     "fine-tuning batch size (paper: 128; feature files: 512)", type=int, preset=None)
+    lr: float | None = setting(None, _real(0.0, "a finite number > 0", strict=True, optional=True), "--finetune-lr",
+                               "fine-tuning SGD lr (paper: 1e-4; feature files: 0.2)", type=float, preset=None)
+    train_params: tuple[str, ...] | str | None = setting(
         "auto", _names(optional=True, keep=("auto",)), "--finetune-params",
         "parameter prefixes to fine-tune; 'all' = all but batch norm; default 'auto' = all for images, fc for "
-        "feature files", cli="list", words={"all": None, "auto": "auto"})
+        "feature files", cli="list", words={"all": None, "auto": "auto"}, preset="auto")
     energy_cap: str = setting("none", _choice(*CAPS), "--energy-cap", "App. B rule: none | per_sample | global")
     betas: tuple[float, ...] = setting(BETAS, _betas, "--betas", "beta grid (paper: 0.1 0.5 1 10)", cli="list",
                                        type=float)
@@ -331,9 +344,8 @@ class PipelineConfig:
         for name, cls in _GROUPS.items():
             if not isinstance(getattr(self, name), cls):
                 raise SettingError(name, f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
-        for f in dataclasses.fields(self):
-            if f.name not in _GROUPS:
-                setattr(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+        for f in _settings_of(self):
+            setattr(self, f.name, f.metadata["check"](f.metadata["name"], getattr(self, f.name)))
         d = self.data
         if d.validation == "heldout" and not d.heldout_val:
             raise SettingError("validation", "validation='heldout' needs heldout_val > 0 images per class held out")
@@ -345,22 +357,16 @@ class PipelineConfig:
         if d.dataset.startswith("cifar") and not d.data_root:
             raise SettingError("data_root", f"dataset={d.dataset!r} needs data_root (the folder holding the CIFAR "
                                             "pickles)")
-        FinetuneConfig(**self._finetune_kwargs())
-
-    def _finetune_kwargs(self) -> dict:
-        """The dataset's fine-tuning preset, then the explicit fields."""
-        f = self.fine_tuning
-        preset = classifier_retrain_config() if self.data.dataset == "features" else cifar_finetune_config()
-        kw = dict(epochs=preset.epochs, batch_size=preset.batch_size, lr=preset.lr, train_params=preset.train_params)
-        for key, value in (("epochs", f.finetune_epochs), ("batch_size", f.finetune_batch_size), ("lr", f.finetune_lr)):
-            if value is not None:
-                kw[key] = value
-        if f.finetune_params != "auto":
-            kw["train_params"] = f.finetune_params
-        return dict(kw, energy_cap=f.energy_cap, seed=self.seed)
+        self.finetune_config()  # FinetuneConfig's own checks of the combination
 
     def finetune_config(self, record_energy: bool = False) -> FinetuneConfig:
-        return FinetuneConfig(record_energy=record_energy, **self._finetune_kwargs())
+        """The fine-tuning schedule: the dataset's preset, with every field of ``fine_tuning`` that FinetuneConfig
+        has (same name) and that is not its ``preset`` value, and the run's seed."""
+        preset = classifier_retrain_config() if self.data.dataset == "features" else cifar_finetune_config()
+        own = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        given = {f.name: getattr(self.fine_tuning, f.name) for f in dataclasses.fields(self.fine_tuning)
+                 if f.name in own and getattr(self.fine_tuning, f.name) != f.metadata["preset"]}
+        return dataclasses.replace(preset, **given, seed=self.seed, record_energy=record_energy)
 
     @classmethod
     def from_options(cls, **options) -> "PipelineConfig":
@@ -371,20 +377,16 @@ class PipelineConfig:
             raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(setting_fields())}")
         if options.get("protocol") is not None:
             options = {**protocol_settings(options["protocol"], options.get("dataset", "digits")), **options}
-        groups = {name: group(**{k: v for k, v in options.items() if k in _field_names(group)})
-                  for name, group in _GROUPS.items()}
-        top = {k: options[k] for k in _field_names(cls) - set(_GROUPS) if k in options}
-        return cls(**groups, **top)
+        groups = {name: group(**_given(group, options)) for name, group in _GROUPS.items()}
+        return cls(**groups, **_given(cls, options))
 
     def to_json(self) -> dict:
         """The flat settings (``settings.json``): tuples as lists."""
         out = {}
         for holder in [getattr(self, g) for g in _GROUPS] + [self]:
-            for f in dataclasses.fields(holder):
-                if f.name in _GROUPS:
-                    continue
+            for f in _settings_of(holder):
                 value = getattr(holder, f.name)
-                out[f.name] = list(value) if isinstance(value, tuple) else value
+                out[f.metadata["name"]] = list(value) if isinstance(value, tuple) else value
         return out
 
     @classmethod
@@ -446,15 +448,17 @@ def describe_protocol(config: "PipelineConfig") -> str:
     return f"{head}: {val}; {rule}; fine-tuning {scope}, App. B cap {f.energy_cap}"
 
 
-def _field_names(cls) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+def _settings_of(holder) -> list[dataclasses.Field]:
+    """The setting fields of a group or of :class:`PipelineConfig` (whose groups are not settings themselves)."""
+    return [f for f in dataclasses.fields(holder) if "name" in f.metadata]
+
+
+def _given(cls, options: dict) -> dict:
+    """The fields of ``cls`` among the flat ``options``, by field name."""
+    return {f.name: options[f.metadata["name"]] for f in _settings_of(cls) if f.metadata["name"] in options}
 
 
 def setting_fields() -> dict[str, dataclasses.Field]:
-    """Every flat setting name -> its dataclass field (metadata: check, option, help, cli, type), in option order."""
-    out = {}
-    for cls in list(_GROUPS.values()) + [PipelineConfig]:
-        for f in dataclasses.fields(cls):
-            if f.name not in _GROUPS:
-                out[f.name] = f
-    return out
+    """Every flat setting name -> its dataclass field (metadata: check, option, name, help, cli, type, words,
+    preset), in option order."""
+    return {f.metadata["name"]: f for cls in list(_GROUPS.values()) + [PipelineConfig] for f in _settings_of(cls)}

@@ -1,45 +1,69 @@
-"""The stages of a run, as plain functions: each takes the :class:`~iaerf.longtail.pipeline.Pipeline` (the run directory) and returns a
-:class:`Stage` that declares the stages it needs, its settings key, the user files it reads, its outputs (path ->
-reader that raises ValueError when the file is damaged), and the function that writes them.
+"""The stages of a run, as plain functions: each takes the :class:`~iaerf.longtail.pipeline.context.RunContext` (the
+run's settings, data and files) and returns a :class:`Stage` that declares the stages it needs, the settings it reads
+(:class:`Reads`), the user files it reads, its outputs (path -> reader that raises ValueError when the file is
+damaged), and the function that writes them.
 
-A key hashes the stage's own settings and the keys of its inputs, so a changed setting re-runs exactly the stages
-downstream of it. What is on disk is checked by content besides: the runner records the SHA-256 of every output and
-input of a stage in its marker (:meth:`iaerf.longtail.pipeline.Pipeline.ensure`), so every stage whose outputs a stage
-reads must be among its needs, directly or through them.
+A stage's key hashes the fields of the settings it reads and the keys of the stages it needs, so a changed setting
+re-runs exactly the stages downstream of it, and a field added to a settings group enters the key of every stage
+that reads the group without being listed anywhere. What is on disk is checked by content besides: the runner records
+the SHA-256 of every output and input of a stage in its marker (:meth:`iaerf.longtail.pipeline.Pipeline.ensure`), so
+every stage whose outputs a stage reads must be among its needs, directly or through them.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
 from iaerf.core.io import read_json, settings_key, write_json, write_text
 from iaerf.longtail.finetuning import FinetuneLoss, FinetuneResult, class_level_influence, config_dict, finetune, select_beta
 from iaerf.longtail.models import classifier_head
+from iaerf.longtail.pipeline.context import RunContext
 from iaerf.longtail.pipeline.files import (build_from_arch, check_png, load_checkpoint, read_table, read_vector,
-                                  save_checkpoint, save_vector)
+                                           save_checkpoint, save_vector)
 from iaerf.longtail.pipeline.report import FINETUNE_VARIANTS, format_lead, format_table, read_metrics, table_rows
-from iaerf.longtail.pipeline.settings import DERIVED_METHODS
-from iaerf.longtail.training import ClassifierConfig, TrainConfig, cifar_config, digits_config, evaluate, retrain_classifier, \
-    train_baseline
+from iaerf.longtail.pipeline.settings import DERIVED_METHODS, PipelineConfig
+from iaerf.longtail.training import ClassifierConfig, evaluate, retrain_classifier, train_baseline
 
-if TYPE_CHECKING:
-    from iaerf.longtail.pipeline.run import Pipeline
+__all__ = ["Stage", "Reads", "data_stage", "train_stage", "influence_stage", "finetune_stage", "posthoc_stage",
+           "evaluate_stage", "plots_stage", "fig1_stage", "pbrf_stage", "influence_task", "influence_selection",
+           "exact_falls_back", "finetune_loss", "read_influence", "read_finetune_info", "read_posthoc"]
 
-__all__ = ["Stage", "data_stage", "train_stage", "influence_stage", "finetune_stage", "posthoc_stage",
-           "evaluate_stage", "plots_stage", "fig1_stage", "pbrf_stage", "model_arch", "train_config", "influence_task",
-           "finetune_loss", "checkpoint_path", "influence_path", "finetune_info_path", "posthoc_path",
-           "read_influence", "read_finetune_info", "read_posthoc"]
+
+@dataclass(frozen=True)
+class Reads:
+    """Settings a stage reads: every field of ``group`` (a settings dataclass: a group of
+    :class:`~iaerf.longtail.pipeline.PipelineConfig`, or the config itself for its own fields) but those named in
+    ``without``, or, with ``only``, just those fields. Name what a stage does *not* read with ``without``, so that a
+    field added to the group later is read (and keyed) by default."""
+
+    group: object
+    only: tuple[str, ...] | None = None
+    without: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        names = {f.name for f in dataclasses.fields(self.group)}
+        unknown = sorted((set(self.only or ()) | set(self.without)) - names)
+        if unknown:
+            raise ValueError(f"Reads: {type(self.group).__name__} has no field(s) {unknown}")
+
+    def values(self) -> dict:
+        """The read fields, by name (a group field of the config, itself a group, is read by its own Reads)."""
+        return {f.name: getattr(self.group, f.name) for f in dataclasses.fields(self.group)
+                if (f.name in self.only if self.only is not None else f.name not in self.without)
+                and not dataclasses.is_dataclass(getattr(self.group, f.name))}
 
 
 @dataclass(frozen=True)
 class Stage:
     """One step of a run. ``needs``: stages that must be done first (with their needs, every stage whose outputs it
-    reads); ``key``: hash of the settings the outputs depend on (its own and its inputs' keys); ``outputs``: path ->
-    reader raising ValueError on a damaged file; ``run``: writes the outputs (each atomically); ``files``: the
-    user's files it reads (absolute paths: features files, CIFAR batches), whose content the marker records."""
+    reads); ``key``: hash of what the outputs depend on (:meth:`declare`); ``outputs``: path -> reader raising
+    ValueError on a damaged file; ``run``: writes the outputs (each atomically); ``files``: the user's files it
+    reads (absolute paths: features files, CIFAR batches), whose content the marker records; ``reads``: the settings
+    in its key."""
 
     name: str
     key: str
@@ -47,67 +71,51 @@ class Stage:
     run: Callable[[], None]
     needs: tuple["Stage", ...] = ()
     files: tuple[str, ...] = ()
+    reads: tuple[Reads, ...] = ()
+
+    @classmethod
+    def declare(cls, name: str, outputs: dict, run: Callable[[], None], *, needs: tuple = (), reads: tuple = (),
+                derived: tuple = (), files: tuple = ()) -> "Stage":
+        """A stage whose key hashes its ``name``, the keys of its ``needs``, the values of its ``reads`` and
+        ``derived``: what it depends on beyond settings fields (the schedule dataclass built from them, code
+        constants such as a selection rule's version, the validation set resolved)."""
+        key = _key(name, [n.key for n in needs], [r.values() for r in reads], list(derived))
+        return cls(name, key, outputs, run, tuple(needs), tuple(files), tuple(reads))
 
 
 def _key(*parts) -> str:
     return settings_key(list(parts), 16)
 
 
+def reads_everything(config: PipelineConfig) -> tuple[Reads, ...]:
+    """Every setting of ``config``: each group's fields and the config's own."""
+    return tuple(Reads(getattr(config, f.name)) for f in dataclasses.fields(config)
+                 if dataclasses.is_dataclass(getattr(config, f.name))) + (Reads(config),)
+
+
 # -- what the stages share: architecture, schedules, paths ---------------------------------------------------------
 
-def model_arch(run: Pipeline, method: str) -> dict:
-    """The checkpoint architecture of ``method``'s model: {"name", "num_classes", **kwargs}."""
-    split = run.split()
-    dataset = run.config.data.dataset
-    name = run.config.baselines.model or {"digits": "small_cnn", "cifar10": "resnet32", "cifar100": "resnet32",
-                                          "features": "linear"}[dataset]
-    arch = {"name": name, "num_classes": split.num_classes}
-    if name == "linear":
-        arch["in_features"] = int(split.train.inputs.shape[1])
-    if run.config.baselines.model is not None:  # a chosen network takes the data's channels (the presets know theirs)
-        arch["in_channels"] = int(split.train.inputs.shape[1])
-    if method == "ldam_drw":
-        arch["normed_fc"] = True
-    return arch
-
-
-def train_config(run: Pipeline, method: str) -> TrainConfig:
-    """The baseline schedule: the dataset preset, its milestones scaled to ``train_epochs`` when that is set."""
-    c = run.config
-    preset = digits_config if c.data.dataset == "digits" else cifar_config
-    over = {"seed": c.seed}
-    if c.data.dataset == "features":
-        over["augment"] = "none"
-    if c.baselines.train_epochs is not None:
-        e = int(c.baselines.train_epochs)
-        base = preset(method)
-        scale = e / base.epochs  # shrink the milestones with the schedule so a short run still decays
-        over.update(epochs=e, warmup_epochs=min(base.warmup_epochs, max(e // 10, 0)),
-                    milestones=tuple(int(m * scale) for m in base.milestones), drw_epoch=int(base.drw_epoch * scale))
-    return preset(method, **over)
-
-
-def influence_task(run: Pipeline, method: str):
+def influence_task(ctx: RunContext, method: str):
     """The :class:`iaerf.InfluenceTask` of ``method``'s model: an LDAM-DRW model's Hessian is that of its own
     training loss (LDAM margins, the DRW weights it ended training with) unless ``influence_loss="cross_entropy"``;
     every other model's is cross-entropy's. The measurement is the validation cross-entropy either way."""
     from iaerf.longtail.losses import class_balanced_weights, ldam_task
 
-    if method != "ldam_drw" or run.config.influence.influence_loss == "cross_entropy":
+    if method != "ldam_drw" or ctx.config.influence.influence_loss == "cross_entropy":
         return None
-    cfg, counts = train_config(run, method), run.split().counts()
+    cfg, counts = ctx.train_config(method), ctx.split().counts()
     return ldam_task(counts, max_m=cfg.max_m, s=cfg.s, drw_weights=class_balanced_weights(counts, cfg.cb_beta))
 
 
-def influence_selection(run: Pipeline, model: torch.nn.Module) -> list[str] | None:
+def influence_selection(ctx: RunContext, model: torch.nn.Module) -> list[str] | None:
     """The parameter names (or prefixes) the influence is taken over; None = every trainable parameter.
     ``influence_params="finetuned"`` resolves to exactly the parameters the fine-tuning moves."""
     from iaerf.longtail.finetuning import trainable_parameters
 
-    chosen = run.config.influence.influence_params
+    chosen = ctx.config.influence.influence_params
     if chosen != "finetuned":
         return list(chosen) if chosen is not None else None
-    moved = {id(p) for p in trainable_parameters(model, run.config.finetune_config().train_params)}
+    moved = {id(p) for p in trainable_parameters(model, ctx.config.finetune_config().train_params)}
     return [name for name, p in model.named_parameters() if id(p) in moved]
 
 
@@ -131,58 +139,30 @@ def _selection_size(model: torch.nn.Module, selection) -> int:
     return sum(p.numel() for p in select_parameters(model, selection).values())
 
 
-def _exact_limit(run: Pipeline) -> int:
+def _exact_limit(ctx: RunContext) -> int:
     from iaerf.hessian.inverse import ExactOptions
 
-    return (run.config.influence.solver_options or {}).get("max_exact_params", ExactOptions().max_exact_params)
+    return (ctx.config.influence.solver_options or {}).get("max_exact_params", ExactOptions().max_exact_params)
 
 
-def exact_falls_back(run: Pipeline, model: torch.nn.Module, selection) -> bool:
+def exact_falls_back(ctx: RunContext, model: torch.nn.Module, selection) -> bool:
     """Whether the run's influence of ``model`` over ``selection`` (:func:`influence_selection`) asks for the exact
     solve over more than ``max_exact_params`` parameters, which the influence stage replaces by EK-FAC."""
-    return run.config.influence.solver == "exact" and _selection_size(model, selection) > _exact_limit(run)
+    return ctx.config.influence.solver == "exact" and _selection_size(model, selection) > _exact_limit(ctx)
 
 
-def checkpoint_path(run: Pipeline, method: str, variant: str | None = None) -> str:
-    """``models/<method>.pt`` (baseline) or ``finetune/<method>-<variant>.pt`` (a fine-tuning variant,
-    :data:`iaerf.longtail.pipeline.report.FINETUNE_VARIANTS`)."""
-    return run.path("models", f"{method}.pt") if variant is None else run.path("finetune", f"{method}-{variant}.pt")
+def _checkpoint_reader(ctx: RunContext, method: str) -> Callable[[str], object]:
+    return lambda path: load_checkpoint(path, ctx.arch(method))
 
 
-def influence_path(run: Pipeline, method: str) -> str:
-    return run.path("influence", f"{method}.pt")
-
-
-def finetune_info_path(run: Pipeline, method: str, variant: str = "iaerf") -> str:
-    return run.path("finetune", f"{method}-{variant}.json")
-
-
-def _energy_path(run: Pipeline, method: str, variant: str) -> str:
-    return run.path("finetune", f"{method}-{variant}-energy.pt")
-
-
-def posthoc_path(run: Pipeline, method: str, variant: str | None = None) -> str:
-    """``posthoc/<method>.json`` (on the baseline) or ``posthoc/<method>-<variant>.json`` (on a fine-tuned model)."""
-    return run.path("posthoc", f"{method}.json" if variant is None else f"{method}-{variant}.json")
-
-
-def load_model(run: Pipeline, method: str, variant: str | None = None) -> torch.nn.Module:
-    model, _ = load_checkpoint(checkpoint_path(run, method, variant), model_arch(run, method))
-    return model.to(run.device)
-
-
-def _checkpoint_reader(run: Pipeline, method: str) -> Callable[[str], object]:
-    return lambda path: load_checkpoint(path, model_arch(run, method))
-
-
-def read_influence(run: Pipeline, path: str) -> torch.Tensor:
+def read_influence(ctx: RunContext, path: str) -> torch.Tensor:
     """I_val [n_train] float32, finite (the stage refuses to write anything else)."""
-    return read_vector(path, "influence file", None, len(run.split().train), finite=True)
+    return read_vector(path, "influence file", None, len(ctx.split().train), finite=True)
 
 
-def _read_energies(run: Pipeline, path: str) -> torch.Tensor:
+def _read_energies(ctx: RunContext, path: str) -> torch.Tensor:
     """Training-set energies [1 + epochs run, n_train]: before fine-tuning and after each epoch."""
-    return read_vector(path, "energy file", (1, run.config.finetune_config().epochs + 1), len(run.split().train))
+    return read_vector(path, "energy file", (1, ctx.config.finetune_config().epochs + 1), len(ctx.split().train))
 
 
 def read_finetune_info(path: str) -> dict:
@@ -217,72 +197,73 @@ def _read_data_info(path: str) -> dict:
 
 # -- the stages ----------------------------------------------------------------------------------------------------
 
-def data_stage(run: Pipeline) -> Stage:
+def data_stage(ctx: RunContext) -> Stage:
     """``data.json``: class counts, shot groups, split sizes. Its files are the user's data files the split was read
-    from (:meth:`Pipeline.user_files`), so every stage downstream re-runs when their content changes."""
-    d = run.config.data
-    key = _key("data", d.dataset, d.data_root, d.train_features, d.test_features, d.imbalance, d.ratio,
-               run.config.seed, d.heldout_val)
-    return Stage("data", key, {run.path("data.json"): _read_data_info},
-                 lambda: write_json(run.path("data.json"), run.split().describe()), files=tuple(run.user_files()))
+    from (:meth:`RunContext.user_files`), so every stage downstream re-runs when their content changes."""
+    c = ctx.config
+    # the validation choice reaches the stages that use the validation set (influence, selections), not the split
+    return Stage.declare("data", {ctx.path("data.json"): _read_data_info},
+                         lambda: write_json(ctx.path("data.json"), ctx.split().describe()),
+                         reads=(Reads(c.data, without=("validation",)), Reads(c, only=("seed",))),
+                         files=tuple(ctx.user_files()))
 
 
-def train_stage(run: Pipeline, method: str) -> Stage:
+def train_stage(ctx: RunContext, method: str) -> Stage:
     """``models/<method>.pt``: a baseline trained on the split (erm, ldam_drw), or the ERM backbone with its
     classifier re-trained (crt, lws).
 
     The thread count is part of the key: float reductions split differently over threads, so it changes the bytes of
     every computed output. Every stage that computes needs a train stage, directly or not, and its key holds that
     stage's key, so this one entry re-runs them all."""
-    seed = run.config.seed
-    if method in DERIVED_METHODS:
-        erm = train_stage(run, "erm")
-        needs, key = (erm,), _key("train", method, erm.key, asdict(ClassifierConfig(method, seed=seed)))
-    else:
-        data = data_stage(run)
-        needs, key = (data,), _key("train", method, data.key, asdict(train_config(run, method)),
-                                   model_arch(run, method), {"threads": run.config.threads})
+    c = ctx.config
+    seed = c.seed
+    if method in DERIVED_METHODS:  # the ERM backbone and a fixed classifier schedule: no baseline setting
+        needs, reads, derived = (train_stage(ctx, "erm"),), (), (asdict(ClassifierConfig(method, seed=seed)),)
+    else:  # which baselines and table rows the run holds changes no model
+        needs = (data_stage(ctx),)
+        reads = (Reads(c.baselines, without=("methods", "rows")), Reads(c, only=("threads",)))
+        derived = (asdict(ctx.train_config(method)), ctx.arch(method))
 
     def write():
-        split = run.split()
+        split = ctx.split()
         if method in DERIVED_METHODS:
-            base, _ = load_checkpoint(checkpoint_path(run, "erm"), model_arch(run, "erm"))
-            model = retrain_classifier(base, split.train, ClassifierConfig(method, seed=seed), device=run.device,
-                                       progress=run.progress)
+            base, _ = load_checkpoint(ctx.checkpoint_path("erm"), ctx.arch("erm"))
+            model = retrain_classifier(base, split.train, ClassifierConfig(method, seed=seed), device=ctx.device,
+                                       progress=ctx.progress)
             history = []
         else:
             torch.manual_seed(seed)  # model initialisation is part of the seeded run
-            model, history = train_baseline(build_from_arch(model_arch(run, method)), split.train,
-                                            train_config(run, method), device=run.device, progress=run.progress)
-        save_checkpoint(checkpoint_path(run, method), model, model_arch(run, method),
+            model, history = train_baseline(build_from_arch(ctx.arch(method)), split.train,
+                                            ctx.train_config(method), device=ctx.device, progress=ctx.progress)
+        save_checkpoint(ctx.checkpoint_path(method), model, ctx.arch(method),
                         {"method": method, "history": history})
 
-    return Stage(f"train-{method}", key, {checkpoint_path(run, method): _checkpoint_reader(run, method)}, write,
-                 needs)
+    return Stage.declare(f"train-{method}", {ctx.checkpoint_path(method): _checkpoint_reader(ctx, method)}, write,
+                         needs=needs, reads=reads, derived=derived)
 
 
-def influence_stage(run: Pipeline, method: str) -> Stage:
+def influence_stage(ctx: RunContext, method: str) -> Stage:
     """``influence/<method>.pt``: I_val [n_train] (Eq. 9) in training-set order, on the run's validation set."""
-    c = run.config.influence
-    train = train_stage(run, method)
-    parts = [train.key, c.influence_params, c.solver, c.solver_options, c.damping, c.weight_decay, c.gauss_newton]
-    if run.config.data.validation is not None:  # an explicit choice; None keeps the 0.1 key
-        parts.append({"validation": run.config.data.validation_set})
-    task = influence_task(run, method)
+    c = ctx.config.influence
+    train = train_stage(ctx, method)
+    task = influence_task(ctx, method)
+    derived = [{"validation": ctx.config.data.validation_set}]
+    if c.influence_params == "finetuned":  # the parameters fine-tuning moves are the ones the influence is over
+        derived.append({"finetuned": ctx.config.finetune_config().train_params})
     if task is not None:
-        parts.append({"task": task.describe("energy")})
+        derived.append({"task": task.describe("energy")})
 
     def write():
         import iaerf.influence as infl
 
-        split = run.split()
-        model, train_set, val = load_model(run, method), split.train, run.val()
-        selection = influence_selection(run, model)
-        if _selects_head_only(model, selection, train_set.inputs[:1].to(run.device)):
-            model, train_set, val = classifier_head(model, train_set, val, device=run.device)
+        split = ctx.split()
+        model, train_set, val = ctx.model(method), split.train, ctx.val()
+        selection = influence_selection(ctx, model)
+        if _selects_head_only(model, selection, train_set.inputs[:1].to(ctx.device)):
+            model, train_set, val = classifier_head(model, train_set, val, device=ctx.device)
             selection = ["fc"]
         solver, options = c.solver, dict(c.solver_options) if c.solver_options else None
-        if exact_falls_back(run, model, selection):
+        if exact_falls_back(ctx, model, selection):
             # a dense P x P solve would be refused: the Kronecker-factored one scales. EK-FAC approximates the
             # Gauss-Newton matrix (Pipeline refuses the fallback without gauss_newton) over Linear and Conv2d layers
             from iaerf.hessian.kfac import kfac_parameters
@@ -290,32 +271,33 @@ def influence_stage(run: Pipeline, method: str) -> Stage:
 
             covered = list(kfac_parameters(model, selection))
             left_out = [n for n in select_parameters(model, selection) if n not in covered]
-            run.log(f"[iaerf] influence-{method}: the exact solve over {_selection_size(model, selection)} "
-                    f"parameters exceeds max_exact_params={_exact_limit(run)}; using EK-FAC over its Linear and "
+            ctx.log(f"[iaerf] influence-{method}: the exact solve over {_selection_size(model, selection)} "
+                    f"parameters exceeds max_exact_params={_exact_limit(ctx)}; using EK-FAC over its Linear and "
                     f"Conv2d parameters" + (f" (leaving out {', '.join(left_out)})" if left_out else "")
                     + " (give --solver cg / lissa / kfac to choose another)")
             solver, options, selection = "ekfac", None, covered
         values = infl.energy_influence(
             model, train_set, val, params=selection,
             weight_decay=c.weight_decay, damping=c.damping, gauss_newton=c.gauss_newton, solver=solver,
-            solver_options=options, device=run.device,
-            progress=run.progress, seed=run.config.seed, task=task)
+            solver_options=options, device=ctx.device,
+            progress=ctx.progress, seed=ctx.config.seed, task=task)
         if values.shape != (len(split.train),) or not bool(torch.isfinite(values).all()):
             raise FloatingPointError(f"influence for {method} is not a finite [n_train] vector; raise the damping")
-        save_vector(influence_path(run, method), values)
+        save_vector(ctx.influence_path(method), values)
 
-    return Stage(f"influence-{method}", _key("influence", *parts),
-                 {influence_path(run, method): lambda p: read_influence(run, p)}, write, (train,))
+    # influence_loss reaches the key through the task, which only an LDAM-DRW model has
+    return Stage.declare(f"influence-{method}", {ctx.influence_path(method): lambda p: read_influence(ctx, p)},
+                         write, needs=(train,), reads=(Reads(c, without=("influence_loss",)),), derived=derived)
 
 
-def finetune_loss(run: Pipeline, variant: str) -> FinetuneLoss:
+def finetune_loss(ctx: RunContext, variant: str) -> FinetuneLoss:
     """The training loss of a fine-tuning variant: cross-entropy, or the logit-adjusted loss (tau = 1, Balanced
     Softmax) for "la" and "iaerf-la", or the class-balanced one for "cb" with the dataset preset's DRW beta (digits
     0.996, CIFAR and feature files 0.9999)."""
     if variant in ("la", "iaerf-la"):
         return FinetuneLoss("logit_adjusted")
     if variant == "cb":
-        return FinetuneLoss("class_balanced", cb_beta=train_config(run, "ldam_drw").cb_beta)
+        return FinetuneLoss("class_balanced", cb_beta=ctx.train_config("ldam_drw").cb_beta)
     return FinetuneLoss("ce")
 
 
@@ -325,12 +307,12 @@ _CONTROL = {"iaerf": "ce", "iaerf-class": "ce", "iaerf-la": "la"}
 _SELECTION = "noise-aware-1"
 
 
-def _selection_settings(run: Pipeline) -> dict:
-    c = run.config.fine_tuning
-    return {"metric": c.select_metric, "rule": c.select_rule, "version": _SELECTION}
+def _selection_reads(ctx: RunContext) -> Reads:
+    """The settings of every choice made on validation (beta, tau): its metric and rule."""
+    return Reads(ctx.config.fine_tuning, only=("select_metric", "select_rule"))
 
 
-def finetune_stage(run: Pipeline, method: str, variant: str) -> Stage:
+def finetune_stage(ctx: RunContext, method: str, variant: str) -> Stage:
     """``finetune/<method>-<variant>.{pt,json}`` and ``-energy.pt``, every variant on the CE control's schedule
     (same seed, batch order, epochs, lr, trained parameters, frozen batch norm):
 
@@ -345,57 +327,57 @@ def finetune_stage(run: Pipeline, method: str, variant: str) -> Stage:
     hold the control's model, history and energies."""
     if variant not in FINETUNE_VARIANTS:
         raise ValueError(f"variant must be one of {FINETUNE_VARIANTS}, got {variant!r}")
-    c = run.config
+    c = ctx.config
     ft = config_dict(c.finetune_config())
-    train = train_stage(run, method)
-    loss = finetune_loss(run, variant)
+    train = train_stage(ctx, method)
+    loss = finetune_loss(ctx, variant)
     searched = variant in _CONTROL
-    if not searched:
+    if not searched:  # beta = 0: the energy term, its cap and the beta search play no part
         ft.pop("energy_cap")
-        parts = [train.key, ft] if variant == "ce" else [train.key, ft, loss.to_dict()]  # "ce": the key it always had
-        needs, key = (train,), _key(f"finetune-{variant}", *parts)
+        needs, derived = (train,), (ft, loss.to_dict())
+        reads = (Reads(c.fine_tuning, without=("energy_cap", "betas", "select_metric", "select_rule")),)
     else:
-        infl, control = influence_stage(run, method), finetune_stage(run, method, _CONTROL[variant])
+        infl, control = influence_stage(ctx, method), finetune_stage(ctx, method, _CONTROL[variant])
         needs = (train, infl, control)  # the control: its validation losses are the reference of every beta
-        key = _key(f"finetune-{variant}", infl.key, control.key, ft, c.fine_tuning.betas, _selection_settings(run))
-    info_path, energy_path = finetune_info_path(run, method, variant), _energy_path(run, method, variant)
+        reads, derived = (Reads(c.fine_tuning),), (ft, loss.to_dict(), {"selection": _SELECTION})
+    info_path, energy_path = ctx.finetune_info_path(method, variant), ctx.energy_path(method, variant)
 
     def write():
-        split, base = run.split(), load_model(run, method)
+        split, base = ctx.split(), ctx.model(method)
         cfg = c.finetune_config(record_energy=True)
         if not searched:
-            result, table = finetune(base, split.train, None, beta=0.0, config=cfg, loss=loss, device=run.device,
-                                     progress=run.progress), []
+            result, table = finetune(base, split.train, None, beta=0.0, config=cfg, loss=loss, device=ctx.device,
+                                     progress=ctx.progress), []
         else:
-            influence = read_influence(run, influence_path(run, method))
+            influence = read_influence(ctx, ctx.influence_path(method))
             if variant == "iaerf-class":
                 influence = class_level_influence(influence, split.train.labels, split.num_classes)
             f = c.fine_tuning
-            _, result, table = select_beta(base, split.train, run.val(), influence, betas=f.betas, config=cfg,
-                                           metric=f.select_metric, loss=loss, device=run.device,
-                                           progress=run.progress, rule=f.select_rule,
-                                           control=_control_result(run, method, _CONTROL[variant], loss),
+            _, result, table = select_beta(base, split.train, ctx.val(), influence, betas=f.betas, config=cfg,
+                                           metric=f.select_metric, loss=loss, device=ctx.device,
+                                           progress=ctx.progress, rule=f.select_rule,
+                                           control=_control_result(ctx, method, _CONTROL[variant], loss),
                                            seed=c.seed)
         info = {"beta": result.beta, "beta_effective": result.beta_effective, "beta_search": table,
                 "history": result.history, "config": config_dict(cfg), "loss": loss.to_dict()}
         if searched:
             info["selection"] = result.selection
-            info["diagnostics"], info["warnings"] = _diagnose(run, method, variant, base, result)
+            info["diagnostics"], info["warnings"] = _diagnose(ctx, method, variant, base, result)
         save_vector(energy_path, torch.stack(result.energies) if result.energies else torch.empty(0))
-        save_checkpoint(checkpoint_path(run, method, variant), result.model, model_arch(run, method),
+        save_checkpoint(ctx.checkpoint_path(method, variant), result.model, ctx.arch(method),
                         {"method": method, "variant": variant, "beta": result.beta})
         write_json(info_path, info)
 
-    outputs = {checkpoint_path(run, method, variant): _checkpoint_reader(run, method), info_path: read_finetune_info,
-               energy_path: lambda p: _read_energies(run, p)}
-    return Stage(f"finetune-{method}-{variant}", key, outputs, write, needs)
+    outputs = {ctx.checkpoint_path(method, variant): _checkpoint_reader(ctx, method), info_path: read_finetune_info,
+               energy_path: lambda p: _read_energies(ctx, p)}
+    return Stage.declare(f"finetune-{method}-{variant}", outputs, write, needs=needs, reads=reads, derived=derived)
 
 
-def _control_result(run: Pipeline, method: str, variant: str, loss: FinetuneLoss) -> FinetuneResult:
+def _control_result(ctx: RunContext, method: str, variant: str, loss: FinetuneLoss) -> FinetuneResult:
     """The beta = 0 run a beta search compares with, rebuilt from what its stage wrote: model, history, energies."""
-    info = read_finetune_info(finetune_info_path(run, method, variant))
-    energies = _read_energies(run, _energy_path(run, method, variant))
-    return FinetuneResult(load_model(run, method, variant), info["history"], torch.zeros(len(run.split().train)),
+    info = read_finetune_info(ctx.finetune_info_path(method, variant))
+    energies = _read_energies(ctx, ctx.energy_path(method, variant))
+    return FinetuneResult(ctx.model(method, variant), info["history"], torch.zeros(len(ctx.split().train)),
                           0.0, 0.0, list(energies), loss.to_dict())
 
 
@@ -404,7 +386,7 @@ class IAERFWarning(UserWarning):
     that outweighs the cross-entropy on most training points."""
 
 
-def _diagnose(run: Pipeline, method: str, variant: str, base, result) -> tuple[dict, list[str]]:
+def _diagnose(ctx: RunContext, method: str, variant: str, base, result) -> tuple[dict, list[str]]:
     """Training-set diagnostics of a beta search's chosen run (:func:`iaerf.longtail.finetuning.finetune_diagnostics`), the
     validation losses of the chosen beta and of its control, and the warnings they call for (issued for IAERF
     itself; for its ablation variants only recorded, so that one run does not repeat a warning three times)."""
@@ -412,14 +394,14 @@ def _diagnose(run: Pipeline, method: str, variant: str, base, result) -> tuple[d
 
     from iaerf.longtail.finetuning import finetune_diagnostics
 
-    diag = finetune_diagnostics(base, result, run.split().train, device=run.device)
+    diag = finetune_diagnostics(base, result, ctx.split().train, device=ctx.device)
     sel = result.selection
     chosen = next((r for r in sel["candidates"] if r["value"] == result.beta), None)
     # the plain mean validation CE (whatever the selection metric), as the stage always recorded it
-    control = evaluate(load_model(run, method, _CONTROL[variant]), run.val(), run.split().counts(), device=run.device)
+    control = evaluate(ctx.model(method, _CONTROL[variant]), ctx.val(), ctx.split().counts(), device=ctx.device)
     diag["control_val_loss"] = control["loss"]
     diag["val_loss"] = control["loss"] if result.beta == 0 else evaluate(
-        result.model, run.val(), run.split().counts(), device=run.device)["loss"]
+        result.model, ctx.val(), ctx.split().counts(), device=ctx.device)["loss"]
     diag["selection"] = sel["summary"]
     name = f"{method}" if variant == "iaerf" else f"{method} ({variant})"
     out = []
@@ -436,11 +418,11 @@ def _diagnose(run: Pipeline, method: str, variant: str, base, result) -> tuple[d
     return diag, out
 
 
-def _row_stage(run: Pipeline, method: str, variant: str | None) -> Stage:
-    return train_stage(run, method) if variant is None else finetune_stage(run, method, variant)
+def _row_stage(ctx: RunContext, method: str, variant: str | None) -> Stage:
+    return train_stage(ctx, method) if variant is None else finetune_stage(ctx, method, variant)
 
 
-def posthoc_stage(run: Pipeline, method: str, variant: str | None = None) -> Stage:
+def posthoc_stage(ctx: RunContext, method: str, variant: str | None = None) -> Stage:
     """``posthoc/<method>[-<variant>].json``: the post-hoc taus of one model, chosen on the run's validation set
     only (the test set is not read): logit adjustment (:func:`iaerf.longtail.posthoc.select_logit_adjustment`) and, on a
     baseline (``variant`` None), tau-normalisation (:func:`iaerf.longtail.posthoc.select_tau_normalization`), each with the
@@ -448,19 +430,18 @@ def posthoc_stage(run: Pipeline, method: str, variant: str | None = None) -> Sta
     noise, the grid growing by its step while its largest tau wins; lowest: the best tau of the grid) and metric."""
     from iaerf.longtail.posthoc import LA_TAUS, TAU_NORM_TAUS
 
-    source = _row_stage(run, method, variant)
-    c = run.config
-    path = posthoc_path(run, method, variant)
+    source = _row_stage(ctx, method, variant)
+    c = ctx.config
+    path = ctx.posthoc_path(method, variant)
     kinds = ("logit_adjustment",) if variant is not None else ("logit_adjustment", "tau_normalization")
-    key = _key("posthoc", source.key, kinds, LA_TAUS, TAU_NORM_TAUS, _selection_settings(run),
-               {"validation": run.config.data.validation_set})
+    derived = (kinds, LA_TAUS, TAU_NORM_TAUS, {"selection": _SELECTION, "validation": c.data.validation_set})
 
     def write():
         from iaerf.longtail.posthoc import select_logit_adjustment, select_tau_normalization
 
-        model, val, counts = load_model(run, method, variant), run.val(), run.split().counts()
+        model, val, counts = ctx.model(method, variant), ctx.val(), ctx.split().counts()
         rule = c.fine_tuning.select_rule
-        kw = dict(metric=c.fine_tuning.select_metric, extend=rule == "noise_aware", seed=c.seed, device=run.device)
+        kw = dict(metric=c.fine_tuning.select_metric, extend=rule == "noise_aware", seed=c.seed, device=ctx.device)
         results = {"logit_adjustment": select_logit_adjustment(model, val, counts, **kw)}
         if "tau_normalization" in kinds:
             results["tau_normalization"] = select_tau_normalization(model, val, **kw)
@@ -478,8 +459,8 @@ def posthoc_stage(run: Pipeline, method: str, variant: str | None = None) -> Sta
                          "interval": iv, "summary": summary, "selection": sel.to_dict()}
         write_json(path, out)
 
-    return Stage(f"posthoc-{method}" + (f"-{variant}" if variant else ""), key, {path: read_posthoc}, write,
-                 (source,))
+    return Stage.declare(f"posthoc-{method}" + (f"-{variant}" if variant else ""), {path: read_posthoc}, write,
+                         needs=(source,), reads=(_selection_reads(ctx),), derived=derived)
 
 
 def _row_interval(sel, value) -> dict:
@@ -487,29 +468,29 @@ def _row_interval(sel, value) -> dict:
     return {k: (r[k] if r else None) for k in ("value", "gain", "low", "high")}
 
 
-def _row_needs(run: Pipeline, row) -> Stage:
+def _row_needs(ctx: RunContext, row) -> Stage:
     """The stage whose output a table row's model is made from: the post-hoc choice, or the model's own stage."""
-    return posthoc_stage(run, row.method, row.variant) if row.adjust in ("la", "tn") else \
-        _row_stage(run, row.method, row.variant)
+    return posthoc_stage(ctx, row.method, row.variant) if row.adjust in ("la", "tn") else \
+        _row_stage(ctx, row.method, row.variant)
 
 
-def _row_model(run: Pipeline, row, models: dict) -> tuple[torch.nn.Module, dict | None]:
+def _row_model(ctx: RunContext, row, models: dict) -> tuple[torch.nn.Module, dict | None]:
     """A table row's model (its checkpoint, then its post-hoc step) and what was chosen on validation for it."""
     from iaerf.longtail.posthoc import logit_adjusted_model, tau_normalized_model
 
     if (row.method, row.variant) not in models:
-        models[row.method, row.variant] = load_model(run, row.method, row.variant)
-    model, val, counts = models[row.method, row.variant], run.val(), run.split().counts()
+        models[row.method, row.variant] = ctx.model(row.method, row.variant)
+    model, val, counts = models[row.method, row.variant], ctx.val(), ctx.split().counts()
     if row.adjust is None:
         if row.variant is None or row.variant not in _CONTROL:
             return model, None
-        info = read_finetune_info(finetune_info_path(run, row.method, row.variant))
+        info = read_finetune_info(ctx.finetune_info_path(row.method, row.variant))
         sel = info["selection"]
         return model, {"param": "beta", "value": info["beta"], "rule": sel["rule"], "replaced": sel["replaced"],
                        "interval": sel["interval"]}
     if row.adjust == "la1":
         return logit_adjusted_model(model, counts, 1.0, val), {"param": "tau", "value": 1.0, "fixed": True}
-    posthoc = read_posthoc(posthoc_path(run, row.method, row.variant))
+    posthoc = read_posthoc(ctx.posthoc_path(row.method, row.variant))
     part = posthoc["logit_adjustment" if row.adjust == "la" else "tau_normalization"]
     choice = {"param": "tau", "value": part["tau"], "rule": posthoc["rule"], "replaced": part["replaced"],
               "interval": part["interval"]}
@@ -520,7 +501,7 @@ def _row_model(run: Pipeline, row, models: dict) -> tuple[torch.nn.Module, dict 
     return tau_normalized_model(model, part["tau"], val), choice
 
 
-def evaluate_stage(run: Pipeline) -> Stage:
+def evaluate_stage(ctx: RunContext) -> Stage:
     """``metrics.json`` and ``table.md``: every model of the run (:func:`iaerf.longtail.pipeline.report.table_rows`) on the
     validation set (the run's own, behind every choice) and the test set: test error overall and per shot group, its
     difference against ERM and against the CE control of the same baseline, what was chosen on validation, and the
@@ -528,23 +509,23 @@ def evaluate_stage(run: Pipeline) -> Stage:
     nothing."""
     from iaerf.longtail.selection import pointwise_loss
 
-    c = run.config
+    c = ctx.config
     rows = table_rows(c.baselines.methods, c.baselines.rows)
-    needs = tuple(dict((s.name, s) for s in (_row_needs(run, r) for r in rows)).values())
+    needs = tuple(dict((s.name, s) for s in (_row_needs(ctx, r) for r in rows)).values())
     metric = c.fine_tuning.select_metric
 
     def write():
         from iaerf.longtail.selection import paired_bootstrap
         from iaerf.longtail.training import predict_logits
 
-        split, val = run.split(), run.val()
+        split, val = ctx.split(), ctx.val()
         results, per_point, models = [], [], {}
         for row in rows:
-            model, choice = _row_model(run, row, models)
+            model, choice = _row_model(ctx, row, models)
             # validation first, for the lead; then the test set, which only reports
-            logits = predict_logits(model, val, device=run.device).double()
+            logits = predict_logits(model, val, device=ctx.device).double()
             per_point.append(pointwise_loss(logits, val.labels, metric))
-            ev = evaluate(model, split.test, split.counts(), split.shot_groups, device=run.device)
+            ev = evaluate(model, split.test, split.counts(), split.shot_groups, device=ctx.device)
             results.append({"model": row.label, "method": row.method, "variant": row.key, **ev,
                             "val_metric": float(per_point[-1].mean()), "val_metric_name": metric,
                             "val_loss": float(torch.nn.functional.cross_entropy(logits, val.labels)),
@@ -574,37 +555,34 @@ def evaluate_stage(run: Pipeline) -> Stage:
                 f"set only evaluated. vs ERM / vs control: test error minus ERM's / minus the CE control's of the same "
                 f"baseline, in points. One seed: no interval over seeds (an interval in brackets is a paired bootstrap "
                 f"over the validation points of that choice's validation gain).")
-        write_json(run.path("metrics.json"),
+        write_json(ctx.path("metrics.json"),
                    {"dataset": split.describe(), "settings": c.to_json(), "results": results, "lead": lead,
                     "seeds": 1, "note": note})
-        write_text(run.path("table.md"), format_table(results, metric) + "\n\n" + format_lead(lead) + "\n\n"
+        write_text(ctx.path("table.md"), format_table(results, metric) + "\n\n" + format_lead(lead) + "\n\n"
                    + note + "\n")
 
-    outputs = {run.path("metrics.json"): lambda p: read_metrics(p, len(rows)), run.path("table.md"): read_table}
+    outputs = {ctx.path("metrics.json"): lambda p: read_metrics(p, len(rows)), ctx.path("table.md"): read_table}
     # metrics.json records every setting of the run, so any changed setting re-runs it (a test pass per model)
-    return Stage("evaluate", _key("evaluate", [s.key for s in needs], c.to_json()), outputs, write, needs)
+    return Stage.declare("evaluate", outputs, write, needs=needs, reads=reads_everything(c))
 
 
-def plots_stage(run: Pipeline, method: str) -> Stage:
+def plots_stage(ctx: RunContext, method: str) -> Stage:
     """``plots/fig{2,3,5}_<method>.png``: influence vs energy and loss, per-class influence, energies during
     fine-tuning."""
     from iaerf.longtail import figures as P
 
-    infl, ft = influence_stage(run, method), finetune_stage(run, method, "iaerf")
-    outputs = [run.path("plots", f"fig{i}_{method}.png") for i in (2, 3, 5)]
+    infl, ft = influence_stage(ctx, method), finetune_stage(ctx, method, "iaerf")
+    outputs = [ctx.path("plots", f"fig{i}_{method}.png") for i in (2, 3, 5)]
 
     def write():
-        split = run.split()
-        influence = read_influence(run, influence_path(run, method))
-        P.fig2_influence_vs_energy_loss(load_model(run, method), split.train, influence, outputs[0], device=run.device)
+        split = ctx.split()
+        influence = read_influence(ctx, ctx.influence_path(method))
+        P.fig2_influence_vs_energy_loss(ctx.model(method), split.train, influence, outputs[0], device=ctx.device)
         P.fig3_class_influence(influence, split.train.labels, split.num_classes, outputs[1])
-        P.fig5_energy_distribution(_read_energies(run, _energy_path(run, method, "iaerf")), outputs[2])
+        P.fig5_energy_distribution(_read_energies(ctx, ctx.energy_path(method, "iaerf")), outputs[2])
 
-    return Stage(f"plots-{method}", _key("plots", ft.key), dict.fromkeys(outputs, check_png), write, (infl, ft))
-
-
-def pbrf_path(run: Pipeline, method: str) -> str:
-    return run.path("evaluation", f"pbrf_{method}.json")
+    # no setting of its own: the figures of what the influence and fine-tuning stages wrote
+    return Stage.declare(f"plots-{method}", dict.fromkeys(outputs, check_png), write, needs=(infl, ft))
 
 
 def _read_pbrf(path: str) -> dict:
@@ -615,7 +593,7 @@ def _read_pbrf(path: str) -> dict:
     return out
 
 
-def pbrf_stage(run: Pipeline, method: str) -> Stage:
+def pbrf_stage(ctx: RunContext, method: str) -> Stage:
     """``evaluation/pbrf_<method>.json`` and ``plots/pbrf_<method>.png``: the run's energy influence against its
     ground truth, the proximal Bregman response (:func:`iaerf.groundtruth.pbrf_effect`) with the same damping,
     weight decay and parameters, on ``pbrf_points`` training points (a third the largest |I|, the rest at random,
@@ -623,34 +601,34 @@ def pbrf_stage(run: Pipeline, method: str) -> Stage:
     head, where the two coincide)."""
     from iaerf.groundtruth import scatter_predicted_vs_actual
 
-    infl = influence_stage(run, method)
-    c = run.config
+    infl = influence_stage(ctx, method)
+    c = ctx.config
     points = c.figures.pbrf_points
-    png = run.path("plots", f"pbrf_{method}.png")
+    png = ctx.path("plots", f"pbrf_{method}.png")
 
     def write():
-        split = run.split()
-        influence = read_influence(run, influence_path(run, method)).double()
+        split = ctx.split()
+        influence = read_influence(ctx, ctx.influence_path(method)).double()
         n = len(influence)
         top = torch.argsort(influence.abs(), descending=True)[: min(n, max(1, points // 3))].tolist()
         rest = [i for i in torch.randperm(n, generator=torch.Generator().manual_seed(c.seed)).tolist() if i not in top]
         indices = sorted(top + rest[: max(0, min(n, points) - len(top))])
-        model, train_set, val = load_model(run, method), split.train, run.val()
-        selection = influence_selection(run, model)
-        if _selects_head_only(model, selection, train_set.inputs[:1].to(run.device)):
-            model, train_set, val = classifier_head(model, train_set, val, device=run.device)
+        model, train_set, val = ctx.model(method), split.train, ctx.val()
+        selection = influence_selection(ctx, model)
+        if _selects_head_only(model, selection, train_set.inputs[:1].to(ctx.device)):
+            model, train_set, val = classifier_head(model, train_set, val, device=ctx.device)
             selection = ["fc"]
-        effect, info = _pbrf(run, method, model, train_set, val, indices, selection)
+        effect, info = _pbrf(ctx, method, model, train_set, val, indices, selection)
         predicted = influence[indices]
         r = scatter_predicted_vs_actual(predicted, effect, png, f"{method}: energy influence vs PBRF")
-        write_json(pbrf_path(run, method),
+        write_json(ctx.pbrf_path(method),
                    {"indices": indices, "influence": predicted.tolist(), "pbrf": effect.tolist(), "pearson": r,
                     "converged": bool(info.converged.all()), "finished": bool(info.finished.all()),
                     "max_grad_norm": info.max_grad_norm,
                     "gauss_newton": c.influence.gauss_newton or selection == ["fc"]})
 
-    key = _key("pbrf", infl.key, points, _PBRF_SOLVE)
-    return Stage(f"pbrf-{method}", key, {pbrf_path(run, method): _read_pbrf, png: check_png}, write, (infl,))
+    return Stage.declare(f"pbrf-{method}", {ctx.pbrf_path(method): _read_pbrf, png: check_png}, write, needs=(infl,),
+                         reads=(Reads(c.figures, only=("pbrf_points",)),), derived=(_PBRF_SOLVE,))
 
 
 # the PBRF as the stages solve it: a derivative-sized perturbation (eps = 1e-3 / n), stopping on the gradient or,
@@ -658,64 +636,66 @@ def pbrf_stage(run: Pipeline, method: str) -> Stage:
 _PBRF_SOLVE = {"eps_times_n": 1e-3, "tol": 1e-6, "measure_tol": 1e-3, "max_iter": 20}
 
 
-def _pbrf(run: Pipeline, method: str, model, train_set, val, indices, selection):
+def _pbrf(ctx: RunContext, method: str, model, train_set, val, indices, selection):
     """:func:`iaerf.groundtruth.pbrf_effect` of the energy of ``indices`` with the run's damping, weight decay and
     task; the chord method (one exact factor of G + lambda I) where n K allows it. Returns ``(effect, info)``."""
     from iaerf.groundtruth import pbrf_effect
 
-    c = run.config.influence
+    c = ctx.config.influence
     n = len(train_set)
-    method_ = "chord" if n * run.split().num_classes <= 20000 else "newton-cg"
+    method_ = "chord" if n * ctx.split().num_classes <= 20000 else "newton-cg"
     return pbrf_effect(model, train_set, val, indices, eps=_PBRF_SOLVE["eps_times_n"] / n, kind="energy",
                        damping=c.damping, weight_decay=c.weight_decay, params=selection,
-                       task=influence_task(run, method), method=method_, tol=_PBRF_SOLVE["tol"],
+                       task=influence_task(ctx, method), method=method_, tol=_PBRF_SOLVE["tol"],
                        measure_tol=_PBRF_SOLVE["measure_tol"], max_iter=_PBRF_SOLVE["max_iter"], chunk_size=1,
-                       progress=run.progress, return_info=True)
+                       progress=ctx.progress, return_info=True)
 
 
-def _full_model_panel(run: Pipeline, method: str, points: int) -> dict:
+def _full_model_panel(ctx: RunContext, method: str, points: int) -> dict:
     """Fig. 1's second panel: the full-model energy influence (every parameter but batch norm's, Gauss-Newton, the
     run's damping, CG) of the ``points`` training points of largest |I| against their PBRF ground truth."""
     import iaerf.influence as infl
     from iaerf.longtail.finetuning import trainable_parameters
 
-    c = run.config.influence
-    split = run.split()
-    model, train_set, val = load_model(run, method), split.train, run.val()
+    c = ctx.config.influence
+    split = ctx.split()
+    model, train_set, val = ctx.model(method), split.train, ctx.val()
     moved = {id(p) for p in trainable_parameters(model, None)}
     selection = [name for name, p in model.named_parameters() if id(p) in moved]
     values = infl.energy_influence(model, train_set, val, params=selection, weight_decay=c.weight_decay,
                                    damping=c.damping, gauss_newton=True, solver="cg",
-                                   solver_options={"tol": 1e-4, "max_iter": 200}, device=run.device,
-                                   progress=run.progress, seed=run.config.seed, task=influence_task(run, method))
+                                   solver_options={"tol": 1e-4, "max_iter": 200}, device=ctx.device,
+                                   progress=ctx.progress, seed=ctx.config.seed, task=influence_task(ctx, method))
     indices = torch.argsort(values.abs(), descending=True)[:points].tolist()
-    effect, info = _pbrf(run, method, model, train_set, val, indices, selection)
+    effect, info = _pbrf(ctx, method, model, train_set, val, indices, selection)
     unfinished = int((~info.finished).sum())
     return {"predicted": values[indices].double().tolist(), "actual": effect.tolist(),
             "title": "full model vs PBRF" + (f" ({unfinished} solves unfinished)" if unfinished else ""),
             "ylabel": "PBRF response / eps"}
 
 
-def fig1_stage(run: Pipeline, method: str) -> Stage:
+def fig1_stage(ctx: RunContext, method: str) -> Stage:
     """``plots/fig1_<method>.png``: left, predicted vs actual effect of regularizing single training points (the
     paper's protocol: fine-tunes once per plotted point); right, the full-model Gauss-Newton influence of the
     ``fig1_points`` largest-|I| points against the PBRF (one CG solve, one PBRF solve per point and sign)."""
     from iaerf.longtail import figures as P
 
-    infl = influence_stage(run, method)
-    out = run.path("plots", f"fig1_{method}.png")
-    values = run.path("evaluation", f"fig1_{method}.json")
-    points = run.config.figures.fig1_points
+    infl = influence_stage(ctx, method)
+    out = ctx.path("plots", f"fig1_{method}.png")
+    values = ctx.path("evaluation", f"fig1_{method}.json")
+    points = ctx.config.figures.fig1_points
 
     def write():
-        split = run.split()
-        model = load_model(run, method)
-        full = _full_model_panel(run, method, points)
-        left = P.fig1_predicted_vs_actual(model, split.train, run.val(),
-                                          read_influence(run, influence_path(run, method)), out,
-                                          params=influence_selection(run, model), points=points,
-                                          seed=run.config.seed, progress=run.progress, full_model=full)
+        split = ctx.split()
+        model = ctx.model(method)
+        full = _full_model_panel(ctx, method, points)
+        left = P.fig1_predicted_vs_actual(model, split.train, ctx.val(),
+                                          read_influence(ctx, ctx.influence_path(method)), out,
+                                          params=influence_selection(ctx, model), points=points,
+                                          seed=ctx.config.seed, progress=ctx.progress, full_model=full)
         write_json(values, {"finetuning": left, "full_model_pbrf": full})
 
-    return Stage(f"fig1-{method}", _key("fig1", infl.key, points, "full-model-pbrf", _PBRF_SOLVE),
-                 {out: check_png, values: lambda p: read_json(p, ("finetuning", "full_model_pbrf"))}, write, (infl,))
+    outputs = {out: check_png, values: lambda p: read_json(p, ("finetuning", "full_model_pbrf"))}
+    return Stage.declare(f"fig1-{method}", outputs, write, needs=(infl,),
+                         reads=(Reads(ctx.config.figures, only=("fig1_points",)),),
+                         derived=("full-model-pbrf", _PBRF_SOLVE))
