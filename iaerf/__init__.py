@@ -20,7 +20,7 @@ _EXPORTS = {
     "EnergyRegularizedCrossEntropy": "iaerf.ops",
     "Energy": "iaerf.ops",
     "EnergyCEParts": "iaerf.ops",
-    "backend_info": "iaerf.ops.backend",
+    "backend_info": "iaerf.ops",
     "ModuleHessian": "iaerf.hessian",
     "HeadHessian": "iaerf.hessian",
     "inverse_hvp": "iaerf.hessian",

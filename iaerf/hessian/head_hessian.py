@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from iaerf.core import extension as _extension
+from iaerf.ops import registry
 from iaerf.hessian._checks import check_nonnegative
 from iaerf.hessian.operators import HessianOperator
 from iaerf.core.indexed_data import IndexedData, named_digest
@@ -71,8 +72,8 @@ if _extension.has_native_op(_NATIVE):
 
 
 def head_hvp(features, probs, v, indices=None, has_bias=True, tile_rows: int = 0) -> torch.Tensor:
-    """Dispatch ``head_hvp`` through :func:`iaerf.core.extension.kernel_choice` (native op or the torch reference)."""
-    impl, _ = _extension.kernel_choice(v.device, triton_ok=False, native_op=_NATIVE)
+    """Dispatch ``head_hvp`` through :func:`iaerf.ops.registry.kernel_choice` (native op or the torch reference)."""
+    impl, _ = registry.kernel_choice(_NATIVE, v.device)
     if impl in ("cpp", "cuda"):
         return torch.ops.iaerf.head_hvp(features, probs, v, indices, has_bias, tile_rows)
     return head_hvp_reference(features, probs, v, indices, has_bias, tile_rows)
@@ -150,8 +151,8 @@ class HeadHessian(HessianOperator):
 
     @property
     def backend(self) -> tuple[str, str]:
-        """``(impl, reason)`` from :func:`iaerf.core.extension.kernel_choice` for this operator's device."""
-        return _extension.kernel_choice(self.device, triton_ok=False, native_op=_NATIVE)
+        """``(impl, reason)`` from :func:`iaerf.ops.registry.kernel_choice` for this operator's device."""
+        return registry.kernel_choice(_NATIVE, self.device)
 
     @classmethod
     def from_module(cls, model: nn.Module, layer_name: str, data, *, batch_size: int = 256, device=None,

@@ -4,12 +4,28 @@ They are the ground truth of the tests (run in float64), the fallback wherever t
 the implementation used inside torch.func transforms (grad, jvp, vmap, hessian), since they are made of ordinary
 differentiable torch ops: any order of forward- or reverse-mode AD works through them.
 fp16/bf16 logits are computed in float32 (results are float32, gradients come back in the logits' dtype).
+
+The dtype rule every implementation shares (:func:`acc_dtype`) and the fake results of the ops' registrations
+(:func:`empty_rows`, :func:`empty_like_logits`: shapes and dtypes only) live here too.
 """
 from __future__ import annotations
 
 import torch
 
-from iaerf.ops._library import acc_dtype
+
+def acc_dtype(logits: torch.Tensor) -> torch.dtype:
+    """Dtype of the kernels' results and accumulation: float64 for float64 logits, else float32."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def empty_rows(logits: torch.Tensor) -> torch.Tensor:
+    """A fake [N] result of the accumulation dtype."""
+    return logits.new_empty(logits.shape[0], dtype=acc_dtype(logits))
+
+
+def empty_like_logits(logits: torch.Tensor) -> torch.Tensor:
+    """A fake [N, K] result (gradient, softmax) in the logits' dtype, contiguous."""
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def upcast(logits: torch.Tensor) -> torch.Tensor:
