@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 namespace iaerf {
@@ -28,5 +29,9 @@ at::Tensor energy_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor&
 void energy_ce_backward_from_probs_cpu(const at::Tensor& grad_loss, const at::Tensor& probs,
                                           const at::Tensor& target, const at::Tensor& energy_coef,
                                           int64_t ignore_index);
+
+// head_hvp.cpp (iaerf/ops/head_hvp.py)
+at::Tensor head_hvp_cpu(const at::Tensor& features, const at::Tensor& probs, const at::Tensor& v,
+                        const std::optional<at::Tensor>& indices, bool has_bias, int64_t tile_rows);
 
 }  // namespace iaerf

@@ -92,16 +92,6 @@ def register_public_function(public: str, op: str) -> None:
     PUBLIC_FUNCTIONS[public] = op
 
 
-# head_hvp (until it has an op file): schema and kernels in C++ (csrc/cpu/head_hvp.cpp), dispatched by
-# iaerf/hessian/head_hessian.py.
-if extension.has_native_op("head_hvp"):
-    OPS["head_hvp"] = RegisteredOp(
-        "head_hvp", str(torch.ops.iaerf.head_hvp.default._schema).removeprefix("iaerf::"),
-        frozenset(d for d in DEVICE_TYPES if torch._C._dispatch_has_kernel_for_dispatch_key("iaerf::head_hvp", d.upper())),
-        False)
-PUBLIC_FUNCTIONS["head_hvp"] = "head_hvp"
-
-
 def has_compiled_kernel(op: str, device_type: str) -> bool:
     """Whether iaerf._C compiled a kernel of the registered op ``op`` for ``device_type`` ("cpu" / "cuda")."""
     return op in OPS and device_type in OPS[op].compiled
