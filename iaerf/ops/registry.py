@@ -69,7 +69,12 @@ def register_op(schema: str, *, fake: Callable, cuda_triton: Callable | None = N
     name = schema.split("(", 1)[0]
     if name in OPS:
         raise ValueError(f"schema: torch.ops.iaerf.{name} is already registered ({OPS[name].schema})")
-    _LIB.define(schema)
+    defined = _defined_schema(name)
+    if defined is None:
+        _LIB.define(schema)
+    elif defined != schema:  # an iaerf._C built from older sources, which defined its ops itself
+        raise RuntimeError(f"torch.ops.iaerf.{name} is already defined as {defined!r}, not as its op file declares "
+                           f"({schema!r}): rebuild iaerf._C (python setup.py build_ext --inplace)")
     # Read now, while only iaerf._C's kernels are registered: the dispatcher cannot tell a C++ kernel from the
     # Triton one added below.
     compiled = frozenset(d for d in DEVICE_TYPES
@@ -82,6 +87,14 @@ def register_op(schema: str, *, fake: Callable, cuda_triton: Callable | None = N
     if public is not None:
         register_public_function(public, name)
     return op
+
+
+def _defined_schema(name: str) -> str | None:
+    """The schema of ``iaerf::<name>`` as the dispatcher holds it (without the namespace), or None if undefined."""
+    try:
+        return str(torch._C._dispatch_find_schema_or_throw(f"iaerf::{name}", "").schema()).removeprefix("iaerf::")
+    except RuntimeError:
+        return None
 
 
 def register_public_function(public: str, op: str) -> None:

@@ -73,6 +73,18 @@ def test_register_op_refuses_a_second_registration():
         registry.register_public_function("new_function", "no_such_op")
 
 
+def test_register_op_refuses_an_op_defined_otherwise():
+    # as by an iaerf._C built from sources that still defined the ops in C++, with another schema
+    lib = torch.library.Library("iaerf", "FRAGMENT")
+    lib.define("stale_test_op(Tensor x) -> Tensor")
+    try:
+        with pytest.raises(RuntimeError, match="rebuild iaerf._C"):
+            registry.register_op("stale_test_op(Tensor x, int k) -> Tensor", fake=lambda x, k: x)
+        assert "stale_test_op" not in registry.OPS
+    finally:
+        lib._destroy()
+
+
 _EXTENSION_AFTER_DEFINITIONS = textwrap.dedent(
     """
     import importlib, sys
