@@ -3,7 +3,8 @@
 C++ CPU kernels (csrc/module.cpp, csrc/cpu/*.cpp) are always built. The CUDA kernels (csrc/cuda/*.cu plus their
 C++ launch bindings csrc/cuda/*.cpp) are added when the installed torch has CUDA and nvcc is found, or when
 FORCE_CUDA=1 (TORCH_CUDA_ARCH_LIST picks the targets on a machine without a driver). IAERF_NO_EXTENSION=1 skips
-the extension entirely: iaerf then runs on its pure-torch paths.
+the extension entirely: iaerf then runs on its pure-torch paths. The sources are globbed, so a new op's kernel files
+need no line here; they register kernels only, the op's schema being defined by its Python op file (iaerf/ops).
 
 The build is portable (no -march=native): the CPU kernels are compiled once per CPU capability, as ATen's own
 are (csrc/cpu/capability.h): csrc/cpu/isa/kernels_default.cpp for the x86-64 baseline (or any other CPU), and on

@@ -138,7 +138,7 @@ def fused_loss(device: str, dry: bool, copy_GBps: float) -> dict:
 
     import iaerf
     from benchmarks.common import device_time, max_rel_error
-    from iaerf.ops import _checks
+    from iaerf.ops import registry
     from iaerf.ops import energy_regularized_cross_entropy as ece
 
     promised = iaerf.backend_info()["ops"]["energy_regularized_cross_entropy"][device]["impl"]
@@ -153,7 +153,7 @@ def fused_loss(device: str, dry: bool, copy_GBps: float) -> dict:
             z = (torch.randn(n, k, generator=gen) * 3).to(device=device, dtype=dtype).requires_grad_(True)
             y = torch.randint(0, k, (n,), generator=gen).to(device)
             c = (0.3 * torch.randn(n, generator=gen)).to(device)
-            impl = _checks.select_backend(z, None, "energy_ce_forward")
+            impl = registry.select_backend("energy_ce_forward", z, None)
             _check_impl(sec, name, impl, promised)
 
             loss, grad = _loss_and_grad(lambda t: ece(t, y, c, reduction="none"), z)
@@ -191,7 +191,8 @@ def head_hvp(device: str, dry: bool) -> dict:
 
     from benchmarks.common import device_time, max_rel_error
     from iaerf.hessian import HeadHessian
-    from iaerf.hessian.head_hessian import head_hvp as op, head_hvp_reference
+    from iaerf.ops.head_hvp import head_hvp as op
+    from iaerf.ops.reference import head_hvp_reference
 
     n, d, k, b = (512, 32, 10, 4) if dry else (100_000, 512, 1000, 10)
     gen = torch.Generator().manual_seed(0)

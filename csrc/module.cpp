@@ -1,6 +1,6 @@
-// Python module entry for iaerf._C. The ops themselves are registered with torch.library
-// (TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda); importing the module runs
-// those static registrations, so no Python bindings are needed here.
+// Python module entry for iaerf._C. The fused ops' kernels are registered with the dispatcher
+// (TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda; their schemas are defined by the op files, iaerf/ops/*.py);
+// importing the module runs those static registrations, so no Python bindings are needed here.
 #include <Python.h>
 
 extern "C" {
@@ -16,7 +16,8 @@ PyObject* PyInit__C(void) {
 }
 }
 
-// Lets Python ask whether the CUDA kernels were compiled in (torch.ops.iaerf.built_with_cuda()).
+// Lets Python ask whether the CUDA kernels were compiled in (torch.ops.iaerf.built_with_cuda()): an internal op
+// describing the build, defined here rather than in Python.
 #include <torch/library.h>
 
 static bool built_with_cuda() {

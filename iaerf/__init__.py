@@ -2,7 +2,7 @@
 
 Public API (imported lazily so that ``import iaerf`` stays cheap):
 
-- fused ops: :func:`logsumexp`, :func:`energy`, :func:`energy_regularized_cross_entropy`
+- fused ops: :func:`logsumexp`, :func:`energy`, :func:`energy_regularized_cross_entropy`, :func:`head_hvp`
 - Hessian engine: :class:`ModuleHessian`, :class:`HeadHessian`, :func:`inverse_hvp`
 - influence (paper Eq. 7-9): :func:`energy_influence`, :func:`energy_influence_on_test`, :func:`loss_influence`
 - :func:`backend_info`: which implementation each op uses on which device, and why
@@ -20,7 +20,8 @@ _EXPORTS = {
     "EnergyRegularizedCrossEntropy": "iaerf.ops",
     "Energy": "iaerf.ops",
     "EnergyCEParts": "iaerf.ops",
-    "backend_info": "iaerf.ops.backend",
+    "head_hvp": "iaerf.ops",
+    "backend_info": "iaerf.ops",
     "ModuleHessian": "iaerf.hessian",
     "HeadHessian": "iaerf.hessian",
     "inverse_hvp": "iaerf.hessian",

@@ -24,6 +24,7 @@ CUDA_HOME=$cuda_home FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=2 IAER
 "$venv/bin/python" - <<'PY'
 import glob, torch
 import iaerf.core.extension as ext
+import iaerf.ops  # defines the ops' schemas (iaerf/ops/*.py); iaerf._C registers their kernels
 assert ext.extension_loaded(), ext.extension_error()
 assert ext.built_with_cuda(), "extension was built without its CUDA kernels"
 cuda_ops = []

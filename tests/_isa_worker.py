@@ -10,10 +10,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import iaerf.ops  # noqa: F401 - defines the ops' schemas, iaerf._C's kernels serve them
 from iaerf.core import extension as _extension
 from iaerf.ops.reference import reference_energy_ce, reference_logsumexp
 
-assert _extension.extension_loaded(), _extension.extension_error()  # loads iaerf._C
+assert _extension.extension_loaded(), _extension.extension_error()
 
 ops = torch.ops.iaerf
 failures: list[str] = []

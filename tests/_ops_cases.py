@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from _cuda import cuda_path_missing, needs_cuda
 from iaerf.core import extension as _extension
-from iaerf.ops import _checks
+from iaerf.ops import registry
 
-HAS_CPP = _extension.has_native_op("energy_ce_forward") and _extension.has_native_op("logsumexp")
+HAS_CPP = all(registry.has_compiled_kernel(op, "cpu") for op in ("energy_ce_forward", "logsumexp"))
 HAS_TRITON = importlib.util.find_spec("triton") is not None and (
     torch.cuda.is_available() or _extension.triton_interpreting()
 )
@@ -46,7 +46,7 @@ def triton_backend(device: str, logits: torch.Tensor, native_op: str) -> str:
     default dispatch on CUDA, where a dispatch to anything else is a missing CUDA path (see _cuda)."""
     if device == "cpu":
         return "triton"
-    impl = _checks.select_backend(logits, None, native_op)
+    impl = registry.select_backend(native_op, logits, None)
     if impl != "triton":
         cuda_path_missing(f"backend=None runs {impl!r}, not Triton, on CUDA {logits.dtype} logits")
     return None

@@ -5,11 +5,11 @@
 // The kernels (one copy per CPU capability, picked at run time): csrc/cpu/energy_ce_kernels.h; row kernels,
 // conventions and the two ways to form the gradient: csrc/cpu/softmax_rows.h.
 #include "capability.h"
+#include "ops.h"
 
 #include <torch/library.h>
 
 namespace iaerf {
-namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> energy_ce_forward_cpu(const at::Tensor& logits,
                                                                      const at::Tensor& target,
@@ -38,24 +38,9 @@ void energy_ce_backward_from_probs_cpu(const at::Tensor& grad_loss, const at::Te
   cpu::kernels().energy_ce_backward_from_probs(grad_loss, probs, target, energy_coef, ignore_index);
 }
 
-}  // namespace
 }  // namespace iaerf
 
-TORCH_LIBRARY_FRAGMENT(iaerf, m) {
-  m.def(
-      "energy_ce_forward(Tensor logits, Tensor target, Tensor energy_coef, int ignore_index) "
-      "-> (Tensor loss, Tensor cross_entropy, Tensor lse)");
-  m.def(
-      "energy_ce_forward_with_probs(Tensor logits, Tensor target, Tensor energy_coef, int ignore_index) "
-      "-> (Tensor loss, Tensor cross_entropy, Tensor lse, Tensor probs, Tensor num_valid)");
-  m.def(
-      "energy_ce_backward_from_probs_(Tensor grad_loss, Tensor(a!) probs, Tensor target, Tensor energy_coef, "
-      "int ignore_index) -> ()");
-  m.def(
-      "energy_ce_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor energy_coef, Tensor lse, "
-      "int ignore_index) -> Tensor");
-}
-
+// The kernels of ops whose schemas the Python op file defines (the dispatcher takes them in either order).
 TORCH_LIBRARY_IMPL(iaerf, CPU, m) {
   m.impl("energy_ce_forward", &iaerf::energy_ce_forward_cpu);
   m.impl("energy_ce_backward", &iaerf::energy_ce_backward_cpu);

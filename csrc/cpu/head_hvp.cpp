@@ -1,4 +1,5 @@
-// iaerf::head_hvp: batched analytic Hessian-vector products of softmax cross-entropy over a linear head.
+// The CPU kernel of iaerf::head_hvp (schema and Python side: iaerf/ops/head_hvp.py): batched analytic
+// Hessian-vector products of softmax cross-entropy over a linear head.
 //
 //   head_hvp(features [n, D], probs [n, K], v [r, b, K*D (+K)], indices [r, m] | None, has_bias, tile_rows)
 //     -> [r, b, K*D (+K)],  out[j, c] = sum_{i in rows_j} vec((diag(p_i) - p_i p_i^T) V_c x~_i x~_i^T)
@@ -9,9 +10,9 @@
 #include <torch/library.h>
 
 #include "head_hvp.h"
+#include "ops.h"
 
 namespace iaerf {
-namespace {
 
 at::Tensor head_hvp_cpu(const at::Tensor& features, const at::Tensor& probs, const at::Tensor& v,
                         const std::optional<at::Tensor>& indices, bool has_bias, int64_t tile_rows) {
@@ -26,12 +27,7 @@ at::Tensor head_hvp_cpu(const at::Tensor& features, const at::Tensor& probs, con
                         });
 }
 
-}  // namespace
 }  // namespace iaerf
-
-TORCH_LIBRARY_FRAGMENT(iaerf, m) {
-  m.def("head_hvp(Tensor features, Tensor probs, Tensor v, Tensor? indices, bool has_bias, int tile_rows=0) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(iaerf, CPU, m) {
   m.impl("head_hvp", &iaerf::head_hvp_cpu);

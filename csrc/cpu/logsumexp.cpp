@@ -3,11 +3,11 @@
 // The kernels (one copy per CPU capability, picked at run time): csrc/cpu/logsumexp_kernels.h; row kernels,
 // conventions and the two ways to form the gradient: csrc/cpu/softmax_rows.h.
 #include "capability.h"
+#include "ops.h"
 
 #include <torch/library.h>
 
 namespace iaerf {
-namespace {
 
 at::Tensor logsumexp_cpu(const at::Tensor& logits) {
   return std::get<0>(cpu::kernels().logsumexp(logits, false, "iaerf::logsumexp"));
@@ -25,16 +25,9 @@ void logsumexp_backward_from_probs_cpu(const at::Tensor& grad, const at::Tensor&
   cpu::kernels().logsumexp_backward_from_probs(grad, probs);
 }
 
-}  // namespace
 }  // namespace iaerf
 
-TORCH_LIBRARY_FRAGMENT(iaerf, m) {
-  m.def("logsumexp(Tensor logits) -> Tensor");
-  m.def("logsumexp_backward(Tensor grad, Tensor logits, Tensor lse) -> Tensor");
-  m.def("logsumexp_with_probs(Tensor logits) -> (Tensor lse, Tensor probs)");
-  m.def("logsumexp_backward_from_probs_(Tensor grad, Tensor(a!) probs) -> ()");
-}
-
+// The kernels of ops whose schemas the Python op file defines (the dispatcher takes them in either order).
 TORCH_LIBRARY_IMPL(iaerf, CPU, m) {
   m.impl("logsumexp", &iaerf::logsumexp_cpu);
   m.impl("logsumexp_backward", &iaerf::logsumexp_backward_cpu);

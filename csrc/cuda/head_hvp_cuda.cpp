@@ -1,5 +1,6 @@
-// CUDA binding of iaerf::head_hvp: the row-tiled driver of csrc/cpu/head_hvp.h (GEMMs through ATen/cuBLAS on the
-// current stream) with the mix step launched from head_hvp_kernel.cu. Only compiled when CUDA is.
+// CUDA kernel of iaerf::head_hvp (schema and Python side: iaerf/ops/head_hvp.py): the row-tiled driver of
+// csrc/cpu/head_hvp.h (GEMMs through ATen/cuBLAS on the current stream) with the mix step launched from
+// head_hvp_kernel.cu. Only compiled when CUDA is.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

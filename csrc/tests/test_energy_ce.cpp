@@ -1,13 +1,15 @@
-// ctest for the fused CPU ops of csrc/cpu/energy_ce.cpp and csrc/cpu/logsumexp.cpp: calls them through the dispatcher (as torch.ops.iaerf.*)
+// ctest for the fused CPU ops of csrc/cpu/energy_ce.cpp and csrc/cpu/logsumexp.cpp: calls the kernels that
+// torch.ops.iaerf.* registers (csrc/cpu/ops.h; the schemas are defined by Python, which this program runs without)
 // and compares with ATen compositions (at::logsumexp, at::cross_entropy_loss, autograd of the composition) at a few
 // shapes and dtypes. Returns non-zero on the first mismatch.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
 
 #include <cstdio>
 #include <string>
 #include <tuple>
+
+#include "cpu/ops.h"
 
 namespace {
 
@@ -40,15 +42,6 @@ void expect_throws(F&& fn, const std::string& what) {
 
 int main() {
   torch::manual_seed(0);
-  auto& dispatcher = c10::Dispatcher::singleton();
-  auto lse_op = dispatcher.findSchemaOrThrow("iaerf::logsumexp", "").typed<at::Tensor(const at::Tensor&)>();
-  auto fwd_op = dispatcher.findSchemaOrThrow("iaerf::energy_ce_forward", "")
-                    .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                          const at::Tensor&, int64_t)>();
-  auto bwd_op = dispatcher.findSchemaOrThrow("iaerf::energy_ce_backward", "")
-                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const at::Tensor&, int64_t)>();
-
   const int64_t ignore_index = -100;
   const std::tuple<int64_t, int64_t> shapes[] = {{1, 1}, {17, 1}, {64, 7}, {33, 1000}, {4, 20000}};
   for (const auto& [n, k] : shapes) {
@@ -69,21 +62,22 @@ int main() {
       at::Tensor ref_loss = at::where(valid, ref_ce - coef * ref_lse, at::zeros({}, at::kDouble));
       at::Tensor ref_grad = torch::autograd::grad({ref_loss.sum()}, {z})[0];
 
-      expect_close(lse_op.call(logits), ref_lse.detach(), tol, "logsumexp " + tag);
-      auto [loss, ce, lse] = fwd_op.call(logits, target, coef.to(acc), ignore_index);
+      expect_close(iaerf::logsumexp_cpu(logits), ref_lse.detach(), tol, "logsumexp " + tag);
+      auto [loss, ce, lse] = iaerf::energy_ce_forward_cpu(logits, target, coef.to(acc), ignore_index);
       expect_close(loss, ref_loss.detach(), tol, "energy_ce_forward loss " + tag);
       expect_close(ce, ref_ce.detach(), tol, "energy_ce_forward cross_entropy " + tag);
-      at::Tensor grad = bwd_op.call(at::ones({n}, acc), logits, target, coef.to(acc), lse, ignore_index);
+      at::Tensor grad =
+          iaerf::energy_ce_backward_cpu(at::ones({n}, acc), logits, target, coef.to(acc), lse, ignore_index);
       expect_close(grad, ref_grad, tol, "energy_ce_backward " + tag);
     }
   }
 
   at::Tensor logits = at::randn({3, 4});
-  expect_throws([&] { fwd_op.call(logits, at::tensor({0, 4, 1}), at::ones({}), ignore_index); },
+  expect_throws([&] { iaerf::energy_ce_forward_cpu(logits, at::tensor({0, 4, 1}), at::ones({}), ignore_index); },
                 "target out of range");
-  expect_throws([&] { fwd_op.call(logits, at::tensor({0, 1, 1}), at::ones({2}), ignore_index); },
+  expect_throws([&] { iaerf::energy_ce_forward_cpu(logits, at::tensor({0, 1, 1}), at::ones({2}), ignore_index); },
                 "energy_coef of wrong shape");
-  expect_throws([&] { lse_op.call(at::ones({3, 4}, at::kLong)); }, "integer logits");
+  expect_throws([&] { iaerf::logsumexp_cpu(at::ones({3, 4}, at::kLong)); }, "integer logits");
 
   std::printf(failures ? "%d FAILURES\n" : "all passed\n", failures);
   return failures ? 1 : 0;

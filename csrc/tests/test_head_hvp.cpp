@@ -1,14 +1,16 @@
-// ctest for iaerf::head_hvp (csrc/cpu/head_hvp.cpp): calls the op through the dispatcher and compares it with a
+// ctest for iaerf::head_hvp (csrc/cpu/head_hvp.cpp): calls the kernel the op registers (csrc/cpu/ops.h; the schema
+// is defined by Python, which this program runs without) and compares it with a
 // plain ATen composition of H V = sum_i [(diag p_i - p_i p_i^T) V x~_i] x~_i^T in float64, over shapes, dtypes,
 // tile sizes, bias / no bias and minibatch indices. Returns non-zero on the first mismatch.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
 
 #include <cstdio>
 #include <optional>
 #include <string>
 #include <tuple>
+
+#include "cpu/ops.h"
 
 namespace {
 
@@ -49,10 +51,6 @@ at::Tensor reference(const at::Tensor& x, const at::Tensor& p, const at::Tensor&
 
 int main() {
   torch::manual_seed(0);
-  auto op = c10::Dispatcher::singleton()
-                .findSchemaOrThrow("iaerf::head_hvp", "")
-                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                  const std::optional<at::Tensor>&, bool, int64_t)>();
   const std::tuple<int64_t, int64_t, int64_t> shapes[] = {{1, 1, 1}, {57, 6, 3}, {300, 16, 33}, {40, 3, 200}};
   for (const auto& [n, D, K] : shapes) {
     for (const auto dtype : {at::kFloat, at::kDouble}) {
@@ -67,9 +65,9 @@ int main() {
           const std::string tag = "n=" + std::to_string(n) + " D=" + std::to_string(D) + " K=" + std::to_string(K) +
                                   " " + c10::toString(dtype) + (has_bias ? " bias" : " no-bias") +
                                   " tile=" + std::to_string(tile);
-          expect_close(op.call(x, p, v, std::nullopt, has_bias, tile), reference(x, p, v, std::nullopt, has_bias),
-                       tol, tag + " all rows");
-          expect_close(op.call(x, p, v, idx, has_bias, tile), reference(x, p, v, idx, has_bias), tol,
+          expect_close(iaerf::head_hvp_cpu(x, p, v, std::nullopt, has_bias, tile),
+                       reference(x, p, v, std::nullopt, has_bias), tol, tag + " all rows");
+          expect_close(iaerf::head_hvp_cpu(x, p, v, idx, has_bias, tile), reference(x, p, v, idx, has_bias), tol,
                        tag + " indices");
         }
       }
@@ -77,7 +75,7 @@ int main() {
   }
   // wrong P must raise before any work
   try {
-    op.call(at::randn({4, 3}), at::rand({4, 2}), at::randn({1, 1, 5}), std::nullopt, true, 0);
+    iaerf::head_hvp_cpu(at::randn({4, 3}), at::rand({4, 2}), at::randn({1, 1, 5}), std::nullopt, true, 0);
     std::printf("FAIL wrong P: no error\n");
     ++failures;
   } catch (const c10::Error&) {

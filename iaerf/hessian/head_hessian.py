@@ -5,77 +5,21 @@ For a head ``z = W x + b`` (W [K, D], b [K]) and features x_i held fixed (paper 
     H V = (1/n) sum_i [(diag(p_i) - p_i p_i^T) V x~_i] x~_i^T + weight_decay * V,     x~_i = [x_i, 1]
 
 where V is one direction reshaped as [K, D+1] and p_i = softmax(W x_i + b). Flat layout: ``[W.flatten(), b]``,
-the order of ``nn.Linear.named_parameters()``. The kernel is ``torch.ops.iaerf.head_hvp`` (C++ on CPU, CUDA
-kernels on GPUs; see csrc/cpu/head_hvp.h), batched over vectors and tiled over rows so that no temporary of size
-b x n x K exists; :func:`head_hvp_reference` is the same algorithm in plain torch, used when the extension is
-missing.
+the order of ``nn.Linear.named_parameters()``. The kernel is the op :func:`iaerf.ops.head_hvp` (C++ on CPU, CUDA
+kernels on GPUs, the plain-torch reference without them), batched over vectors and tiled over rows so that no
+temporary of size b x n x K exists.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from iaerf.core import extension as _extension
+from iaerf.ops import registry
+from iaerf.ops.head_hvp import head_hvp
 from iaerf.hessian._checks import check_nonnegative
 from iaerf.hessian.operators import HessianOperator
 from iaerf.core.indexed_data import IndexedData, named_digest
 from iaerf.core.heads import eval_mode
-
-_NATIVE = "head_hvp"
-
-
-def head_hvp_reference(features: torch.Tensor, probs: torch.Tensor, v: torch.Tensor, indices: torch.Tensor | None,
-                       has_bias: bool, tile_rows: int = 0) -> torch.Tensor:
-    """Pure-torch twin of ``torch.ops.iaerf.head_hvp`` (same arguments, same row tiling, same result).
-
-    Args:
-        features: ``[n, D]``; probs: ``[n, K]`` softmax outputs; v: ``[r, b, K*D (+K)]``;
-        indices: ``[r, m]`` rows of repeat j, or None for all n rows.
-    Returns:
-        ``[r, b, K*D (+K)]``: per repeat, the SUM over its rows of the per-example Hessian-vector products.
-    """
-    n, D = features.shape
-    K = probs.shape[1]
-    r, b, _ = v.shape
-    vw = v[..., : K * D].reshape(r, b * K, D)
-    vb = v[..., K * D:] if has_bias else None
-    out_w = torch.zeros(r, b * K, D, dtype=v.dtype, device=v.device)
-    out_b = torch.zeros(r, b, K, dtype=v.dtype, device=v.device) if has_bias else None
-    tile = tile_rows if tile_rows > 0 else max(64, (1 << 22) // max(1, b * K))   # the C++ rule
-    for j in range(r):
-        rows = indices[j] if indices is not None else None
-        m = rows.shape[0] if rows is not None else n
-        for s in range(0, m, tile):
-            e = min(m, s + tile)
-            xt = features[rows[s:e]] if rows is not None else features[s:e]
-            pt = probs[rows[s:e]] if rows is not None else probs[s:e]
-            u = (xt @ vw[j].T).view(e - s, b, K)                 # V_c x_i for every vector c
-            if has_bias:
-                u = u + vb[j]
-            p = pt.unsqueeze(1)
-            # (diag p - p p^T) u with u - <p,u> = (u - u_m) - <p, u - u_m>, m = argmax p: no cancellation on
-            # confident rows (see csrc/cpu/head_hvp.h)
-            du = u - u.gather(-1, pt.argmax(-1)[:, None, None].expand(-1, b, 1))
-            rr = p * (du - (p * du).sum(-1, keepdim=True))
-            out_w[j] += rr.reshape(e - s, b * K).T @ xt
-            if has_bias:
-                out_b[j] += rr.sum(0)
-    flat = out_w.view(r, b, K * D)
-    return torch.cat([flat, out_b], dim=2) if has_bias else flat
-
-
-if _extension.has_native_op(_NATIVE):
-    @torch.library.register_fake("iaerf::head_hvp")
-    def _head_hvp_fake(features, probs, v, indices, has_bias, tile_rows=0):
-        return v.new_empty(v.shape)
-
-
-def head_hvp(features, probs, v, indices=None, has_bias=True, tile_rows: int = 0) -> torch.Tensor:
-    """Dispatch ``head_hvp`` through :func:`iaerf.core.extension.kernel_choice` (native op or the torch reference)."""
-    impl, _ = _extension.kernel_choice(v.device, triton_ok=False, native_op=_NATIVE)
-    if impl in ("cpp", "cuda"):
-        return torch.ops.iaerf.head_hvp(features, probs, v, indices, has_bias, tile_rows)
-    return head_hvp_reference(features, probs, v, indices, has_bias, tile_rows)
 
 
 class HeadHessian(HessianOperator):
@@ -150,8 +94,8 @@ class HeadHessian(HessianOperator):
 
     @property
     def backend(self) -> tuple[str, str]:
-        """``(impl, reason)`` from :func:`iaerf.core.extension.kernel_choice` for this operator's device."""
-        return _extension.kernel_choice(self.device, triton_ok=False, native_op=_NATIVE)
+        """``(impl, reason)`` from :func:`iaerf.ops.registry.kernel_choice` for this operator's device."""
+        return registry.kernel_choice("head_hvp", self.device)
 
     @classmethod
     def from_module(cls, model: nn.Module, layer_name: str, data, *, batch_size: int = 256, device=None,

@@ -1,4 +1,4 @@
-"""Argument validation and backend selection shared by the fused ops.
+"""Argument validation shared by the fused ops (the backend is chosen by :mod:`iaerf.ops.registry`).
 
 Everything here runs before any kernel: bad input raises ValueError/TypeError naming the argument. Only metadata
 is inspected, except the values of the [N] targets (:func:`check_target_range`) and of an energy_coef tensor
@@ -14,11 +14,9 @@ from typing import Callable
 
 import torch
 
-from iaerf.core import extension as _extension
-from iaerf.ops._library import TRITON_KERNELS, acc_dtype
+from iaerf.ops.reference import acc_dtype
 
 LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-BACKENDS = (None, "auto", "triton", "cpp", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -181,22 +179,6 @@ def check_choice(value, choices, name: str) -> None:
         raise ValueError(f"{name} must be one of {[c for c in choices if c is not None]}, got {value!r}")
 
 
-def needs_reference_for_ad() -> bool:
-    """True inside torch.func transforms (grad, jvp, vmap, hessian, ...) and while forward-mode AD
-    (torch.autograd.forward_ad) is active: the fused kernels have no batching or forward-mode rules, so the
-    differentiable reference runs there (documented fallback). Reverse mode, including double backward, stays on
-    the fused path.
-
-    While torch.compile traces, the interpreter stack is not informative (dynamo answers non-None), and dynamo
-    traces the autograd.Function itself, so the fused path is kept there.
-    """
-    if torch.compiler.is_compiling():
-        return False
-    if torch.autograd.forward_ad._current_level >= 0:
-        return True
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
 def keep_probs(logits: torch.Tensor, impl: str) -> bool:
     """Whether the C++ forward should keep softmax(z) for an in-place backward (see _EnergyCE).
 
@@ -211,46 +193,3 @@ def keep_probs(logits: torch.Tensor, impl: str) -> bool:
         and logits.dtype in (torch.float32, torch.float64)
         and not torch.compiler.is_compiling()
     )
-
-
-def select_backend(logits: torch.Tensor, backend: str | None, native_op: str) -> str:
-    """Return "triton", "cpp", "cuda" or "reference" for these logits.
-
-    "triton" (on CUDA), "cpp" and "cuda" all call torch.ops.iaerf.<native_op>, whose registered kernel for the
-    device runs; "triton" on CPU tensors (the interpreter) calls the Triton launcher directly. backend=None/"auto"
-    follows :func:`iaerf.core.extension.kernel_choice` (the rule backend_info reports), with two refinements: under
-    torch.func transforms or forward-mode AD the differentiable reference runs (documented fallback), and float64
-    logits, which the Triton kernels do not take, run the reference on CUDA. A forced backend that cannot run raises ValueError. Traceable by Dynamo (kernel
-    lookups are cached at import), so the default call compiles with fullgraph=True.
-    """
-    check_choice(backend, BACKENDS, "backend")
-    if needs_reference_for_ad():
-        return "reference"
-    device_type = logits.device.type
-    if backend in (None, "auto"):
-        impl, _ = _extension.kernel_choice(logits.device, triton_ok=native_op in TRITON_KERNELS, native_op=native_op)
-        if impl == "triton" and logits.dtype == torch.float64:
-            return "reference"
-        return impl
-    if backend == "triton":
-        ok, why = _extension.triton_status()
-        if not ok:
-            raise ValueError(f"backend='triton' is unavailable: {why}")
-        if native_op not in TRITON_KERNELS:
-            raise ValueError(f"backend='triton' is unavailable: no Triton kernel was registered for "
-                             f"torch.ops.iaerf.{native_op} when iaerf.ops was imported")
-        if device_type == "cpu" and not _extension.triton_interpreting():
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-        if logits.dtype == torch.float64:
-            raise ValueError("backend='triton' does not take float64 logits; use backend='cpp' or 'reference'")
-        return "triton"
-    if backend == "cpp":
-        if device_type != "cpu":
-            raise ValueError(f"backend='cpp' runs on CPU tensors only, logits are on {logits.device}")
-        if not _extension.has_native_kernel(native_op, "cpu"):
-            raise ValueError(
-                f"backend='cpp' is unavailable: torch.ops.iaerf.{native_op} is not built"
-                + (f" ({_extension.extension_error()})" if _extension.extension_error() else "")
-            )
-        return "cpp"
-    return "reference"

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from iaerf.ops import _checks, _library
+from iaerf.ops import _checks, registry
 from iaerf.ops.logsumexp import logsumexp
 from iaerf.ops.reference import shifted_scaled_logits
 
 __all__ = ["Energy", "energy"]
 
-_library.public_op("energy", "logsumexp")
+registry.register_public_function("energy", "logsumexp")
 
 
 def energy(logits: torch.Tensor, temperature: float = 1.0, *, backend: str | None = None) -> torch.Tensor:

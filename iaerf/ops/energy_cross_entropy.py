@@ -6,8 +6,8 @@ each row. The gradient then comes either from the saved fp32 lse [N] (Triton, fp
 logits once and writes the gradient once) or, on CPU for fp32/fp64, from the softmax the forward kept, turned into
 the gradient in place (the exp, not memory traffic, bounds a CPU; see csrc/cpu/softmax_rows.h).
 
-This file holds the op's torch.library registration (torch.ops.iaerf.energy_ce_forward / energy_ce_backward: C++
-on CPU, the Triton launchers below on CUDA), its autograd and its public function and module.
+This file holds the op's registration (torch.ops.iaerf.energy_ce_forward / energy_ce_backward: C++ on CPU, the
+Triton launchers below on CUDA; see iaerf.ops.registry), its autograd and its public function and module.
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from typing import NamedTuple
 
 import torch
 
-from iaerf.ops import _checks, _library
-from iaerf.ops.reference import upcast, reference_energy_ce, reference_logsumexp
+from iaerf.ops import _checks, registry
+from iaerf.ops.reference import (acc_dtype, empty_like_logits, empty_rows, reference_energy_ce, reference_logsumexp,
+                                 upcast)
 
 __all__ = ["EnergyCEParts", "EnergyRegularizedCrossEntropy", "energy_regularized_cross_entropy"]
 
@@ -67,24 +68,29 @@ def triton_backward(grad, logits, target, coef, lse, ignore_index: int):
 
 
 def _fake_forward(logits, target, energy_coef, ignore_index):
-    return tuple(_library.empty_rows(logits) for _ in range(3))
+    return tuple(empty_rows(logits) for _ in range(3))
 
 
-# The CUDA kernels look the launchers up at call time, so that a test can spy on them.
-_library.define(
+# The CUDA kernels look the launchers up at call time, so that a test can spy on them. The *_with_probs /
+# *_from_probs_ pair (fp32/fp64, CPU only: the softmax kept for an in-place backward, and the forward's count of
+# rows not ignored, the "mean" divisor) has no Triton kernel.
+registry.register_op(
     "energy_ce_forward(Tensor logits, Tensor target, Tensor energy_coef, int ignore_index) "
     "-> (Tensor loss, Tensor cross_entropy, Tensor lse)",
-    fake=_fake_forward, triton=lambda *args: triton_forward(*args))
-_library.define(
+    fake=_fake_forward, cuda_triton=lambda *args: triton_forward(*args), public="energy_regularized_cross_entropy")
+registry.register_op(
     "energy_ce_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor energy_coef, Tensor lse, "
     "int ignore_index) -> Tensor",
-    fake=lambda grad_loss, logits, *_: _library.empty_like_logits(logits),
-    triton=lambda *args: triton_backward(*args))
-_library.define_native("energy_ce_forward_with_probs",
-                       fake=lambda logits, *args: (*_fake_forward(logits, *args), _library.empty_like_logits(logits),
-                                                   logits.new_empty((), dtype=_library.acc_dtype(logits))))
-_library.define_native("energy_ce_backward_from_probs_", fake=lambda *args: None)
-_library.public_op("energy_regularized_cross_entropy", "energy_ce_forward")
+    fake=lambda grad_loss, logits, *_: empty_like_logits(logits), cuda_triton=lambda *args: triton_backward(*args))
+registry.register_op(
+    "energy_ce_forward_with_probs(Tensor logits, Tensor target, Tensor energy_coef, int ignore_index) "
+    "-> (Tensor loss, Tensor cross_entropy, Tensor lse, Tensor probs, Tensor num_valid)",
+    fake=lambda logits, *args: (*_fake_forward(logits, *args), empty_like_logits(logits),
+                                logits.new_empty((), dtype=acc_dtype(logits))))
+registry.register_op(
+    "energy_ce_backward_from_probs_(Tensor grad_loss, Tensor(a!) probs, Tensor target, Tensor energy_coef, "
+    "int ignore_index) -> ()",
+    fake=lambda *args: None)
 
 
 class EnergyCEParts(NamedTuple):
@@ -219,7 +225,7 @@ def energy_regularized_cross_entropy(
     _checks.check_target(target, logits)
     _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
     _checks.check_ignore_index(ignore_index)
-    impl = _checks.select_backend(logits, backend, "energy_ce_forward")
+    impl = registry.select_backend("energy_ce_forward", logits, backend)
     # the C++ op checks targets and coefficients itself, in its first pass
     coef = _checks.coef_tensor(energy_coef, logits, check_values=impl != "cpp")
     if impl not in ("cpp", "cuda"):

@@ -2,7 +2,7 @@
 launchers and registration, and the public :func:`logsumexp`.
 
 Kernels: fused C++ on CPU (csrc/cpu/logsumexp.cpp), Triton on CUDA (and on CPU under TRITON_INTERPRET=1, called
-directly), plain-autograd reference elsewhere; see iaerf.ops._checks.select_backend. The backward needs
+directly), plain-autograd reference elsewhere; see iaerf.ops.registry.select_backend. The backward needs
 softmax(z): recomputed from the saved fp32 lse (Triton, fp16/bf16), or kept by the C++ forward and scaled in place
 (CPU, fp32/fp64, when a backward can follow).
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from iaerf.ops import _checks, _library
-from iaerf.ops.reference import upcast, reference_logsumexp
+from iaerf.ops import _checks, registry
+from iaerf.ops.reference import empty_like_logits, empty_rows, reference_logsumexp, upcast
 
 __all__ = ["logsumexp"]
 
@@ -57,16 +57,17 @@ def triton_backward(grad: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor)
     return out
 
 
-# The CUDA kernels look the launchers up at call time, so that a test can spy on them.
-_library.define("logsumexp(Tensor logits) -> Tensor",
-                fake=_library.empty_rows, triton=lambda logits: triton_forward(logits))
-_library.define("logsumexp_backward(Tensor grad, Tensor logits, Tensor lse) -> Tensor",
-                fake=lambda grad, logits, lse: _library.empty_like_logits(logits),
-                triton=lambda grad, logits, lse: triton_backward(grad, logits, lse))
-_library.define_native("logsumexp_with_probs",
-                       fake=lambda logits: (_library.empty_rows(logits), _library.empty_like_logits(logits)))
-_library.define_native("logsumexp_backward_from_probs_", fake=lambda grad, probs: None)
-_library.public_op("logsumexp", "logsumexp")
+# The CUDA kernels look the launchers up at call time, so that a test can spy on them. The *_with_probs /
+# *_from_probs_ pair (fp32/fp64, CPU only: the softmax kept for an in-place backward) has no Triton kernel.
+registry.register_op("logsumexp(Tensor logits) -> Tensor",
+                     fake=empty_rows, cuda_triton=lambda logits: triton_forward(logits), public="logsumexp")
+registry.register_op("logsumexp_backward(Tensor grad, Tensor logits, Tensor lse) -> Tensor",
+                     fake=lambda grad, logits, lse: empty_like_logits(logits),
+                     cuda_triton=lambda grad, logits, lse: triton_backward(grad, logits, lse))
+registry.register_op("logsumexp_with_probs(Tensor logits) -> (Tensor lse, Tensor probs)",
+                     fake=lambda logits: (empty_rows(logits), empty_like_logits(logits)))
+registry.register_op("logsumexp_backward_from_probs_(Tensor grad, Tensor(a!) probs) -> ()",
+                     fake=lambda grad, probs: None)
 
 
 def _forward(logits: torch.Tensor, impl: str) -> torch.Tensor:
@@ -127,7 +128,7 @@ def logsumexp(logits: torch.Tensor, *, backend: str | None = None) -> torch.Tens
         a NaN row gives NaN (that row only), N = 0 gives an empty tensor.
     """
     _checks.check_logits(logits)
-    impl = _checks.select_backend(logits, backend, "logsumexp")
+    impl = registry.select_backend("logsumexp", logits, backend)
     if impl == "reference":
         return reference_logsumexp(logits)
     return _LogSumExp.apply(logits, impl, _checks.keep_probs(logits, impl))

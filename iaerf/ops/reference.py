@@ -1,15 +1,31 @@
-"""Plain-autograd reference implementations (paper Eq. 2 and the Algorithm 1 loss).
+"""Plain-autograd reference implementations (paper Eq. 2, the Algorithm 1 loss, the head Hessian-vector product).
 
 They are the ground truth of the tests (run in float64), the fallback wherever the fused kernels cannot run, and
 the implementation used inside torch.func transforms (grad, jvp, vmap, hessian), since they are made of ordinary
 differentiable torch ops: any order of forward- or reverse-mode AD works through them.
 fp16/bf16 logits are computed in float32 (results are float32, gradients come back in the logits' dtype).
+
+The dtype rule every implementation shares (:func:`acc_dtype`) and the fake results of the ops' registrations
+(:func:`empty_rows`, :func:`empty_like_logits`: shapes and dtypes only) live here too.
 """
 from __future__ import annotations
 
 import torch
 
-from iaerf.ops._library import acc_dtype
+
+def acc_dtype(logits: torch.Tensor) -> torch.dtype:
+    """Dtype of the kernels' results and accumulation: float64 for float64 logits, else float32."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def empty_rows(logits: torch.Tensor) -> torch.Tensor:
+    """A fake [N] result of the accumulation dtype."""
+    return logits.new_empty(logits.shape[0], dtype=acc_dtype(logits))
+
+
+def empty_like_logits(logits: torch.Tensor) -> torch.Tensor:
+    """A fake [N, K] result (gradient, softmax) in the logits' dtype, contiguous."""
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def upcast(logits: torch.Tensor) -> torch.Tensor:
@@ -82,3 +98,44 @@ def reference_energy_ce(
         lse = reference_logsumexp(z)  # of the unmasked rows: ignored rows keep their true energy
         cross_entropy = torch.where(valid, ce_loss, zero)
     return loss, cross_entropy, lse
+
+
+def head_hvp_reference(features: torch.Tensor, probs: torch.Tensor, v: torch.Tensor, indices: torch.Tensor | None,
+                       has_bias: bool, tile_rows: int = 0) -> torch.Tensor:
+    """Pure-torch twin of ``torch.ops.iaerf.head_hvp`` (same arguments, same row tiling, same result; see
+    :func:`iaerf.ops.head_hvp`).
+
+    Args:
+        features: ``[n, D]``; probs: ``[n, K]`` softmax outputs; v: ``[r, b, K*D (+K)]``;
+        indices: ``[r, m]`` rows of repeat j, or None for all n rows.
+    Returns:
+        ``[r, b, K*D (+K)]``: per repeat, the SUM over its rows of the per-example Hessian-vector products.
+    """
+    n, D = features.shape
+    K = probs.shape[1]
+    r, b, _ = v.shape
+    vw = v[..., : K * D].reshape(r, b * K, D)
+    vb = v[..., K * D:] if has_bias else None
+    out_w = torch.zeros(r, b * K, D, dtype=v.dtype, device=v.device)
+    out_b = torch.zeros(r, b, K, dtype=v.dtype, device=v.device) if has_bias else None
+    tile = tile_rows if tile_rows > 0 else max(64, (1 << 22) // max(1, b * K))   # the C++ rule
+    for j in range(r):
+        rows = indices[j] if indices is not None else None
+        m = rows.shape[0] if rows is not None else n
+        for s in range(0, m, tile):
+            e = min(m, s + tile)
+            xt = features[rows[s:e]] if rows is not None else features[s:e]
+            pt = probs[rows[s:e]] if rows is not None else probs[s:e]
+            u = (xt @ vw[j].T).view(e - s, b, K)                 # V_c x_i for every vector c
+            if has_bias:
+                u = u + vb[j]
+            p = pt.unsqueeze(1)
+            # (diag p - p p^T) u with u - <p,u> = (u - u_m) - <p, u - u_m>, m = argmax p: no cancellation on
+            # confident rows (see csrc/cpu/head_hvp.h)
+            du = u - u.gather(-1, pt.argmax(-1)[:, None, None].expand(-1, b, 1))
+            rr = p * (du - (p * du).sum(-1, keepdim=True))
+            out_w[j] += rr.reshape(e - s, b * K).T @ xt
+            if has_bias:
+                out_b[j] += rr.sum(0)
+    flat = out_w.view(r, b, K * D)
+    return torch.cat([flat, out_b], dim=2) if has_bias else flat

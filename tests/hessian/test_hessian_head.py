@@ -5,14 +5,15 @@ from torch import nn
 
 from iaerf.core import extension as _extension
 from iaerf.hessian import HeadHessian, ModuleHessian
-from iaerf.hessian.head_hessian import head_hvp_reference
+from iaerf.ops import registry
+from iaerf.ops.reference import head_hvp_reference
 
 from _cuda import cuda_path_missing, needs_cuda
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-native = pytest.mark.skipif(not _extension.has_native_op("head_hvp"), reason="iaerf._C with head_hvp not built")
+native = pytest.mark.skipif(not registry.has_compiled_kernel("head_hvp", "cpu"), reason="iaerf._C with head_hvp not built")
 
 
 def _rel(a, b):
@@ -187,7 +188,7 @@ def cuda_head_kernel():
 
     A missing kernel would make HeadHessian fall back to the torch reference on the GPU: that is a skip here, and a
     failure under IAERF_REQUIRE_CUDA=1 (tests/_cuda.py), never a pass."""
-    if not _extension.has_native_kernel("head_hvp", "cuda"):
+    if not registry.has_compiled_kernel("head_hvp", "cuda"):
         why = _extension.extension_error() or "iaerf._C was built without its CUDA kernels"
         cuda_path_missing(f"the CUDA kernel of iaerf::head_hvp is not available ({why})")
     before = torch.backends.cuda.matmul.allow_tf32

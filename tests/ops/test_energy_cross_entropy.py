@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import iaerf
 from iaerf import ops
-from iaerf.ops import _checks
+from iaerf.ops import _checks, registry
 from _cuda import cuda_path_missing, needs_cuda
 from _ops_cases import (CPU_BACKENDS, CPU_BACKENDS_ANY_DTYPE, HAS_CPP, HAS_TRITON, TRITON_DEVICES, fp64_energy_ce,
                         make_case, spy_triton_launchers, triton_backend)
@@ -295,13 +295,13 @@ def test_torch_func_grad_and_vmap(backend):
 
 def test_dispatch_rule():
     z = torch.randn(4, 3)
-    assert _checks.select_backend(z, None, "energy_ce_forward") == ("cpp" if HAS_CPP else "reference")
-    assert _checks.select_backend(z, "reference", "energy_ce_forward") == "reference"
+    assert registry.select_backend("energy_ce_forward", z, None) == ("cpp" if HAS_CPP else "reference")
+    assert registry.select_backend("energy_ce_forward", z, "reference") == "reference"
     seen = []
-    torch.func.grad(lambda x: seen.append(_checks.select_backend(x, "cpp", "energy_ce_forward")) or x.sum())(z)
+    torch.func.grad(lambda x: seen.append(registry.select_backend("energy_ce_forward", x, "cpp")) or x.sum())(z)
     assert seen == ["reference"]
     with pytest.raises(ValueError, match="backend"):
-        _checks.select_backend(z.double(), "triton", "energy_ce_forward")
+        registry.select_backend("energy_ce_forward", z.double(), "triton")
 
 
 def test_default_call_compiles_with_fullgraph():
@@ -352,10 +352,8 @@ def test_cuda_triton_path_compiles_without_graph_break(monkeypatch):
 def test_cuda_triton_kernels_pass_opcheck(dtype):
     # The Triton launchers are the ops' CUDA kernels: their outputs must match the registered fake (shapes,
     # dtypes, strides), or a compiled graph would be built for tensors the kernel does not return.
-    from iaerf.ops import _library
-
     logits, target, coef = (t.cuda() for t in make_case(9, 7, seed=3, dtype=dtype))
-    if "energy_ce_forward" not in _library.TRITON_KERNELS:
+    if not registry.OPS["energy_ce_forward"].triton:
         cuda_path_missing("no Triton CUDA kernel is registered for torch.ops.iaerf.energy_ce_forward")
     coef = coef.float()
     lse = torch.logsumexp(logits.float(), 1)
@@ -371,15 +369,13 @@ def test_cuda_triton_kernels_pass_opcheck(dtype):
 
 
 def test_backend_info_reads_the_op_registry(monkeypatch):
-    from iaerf.ops import backend as _backend
-
     info = iaerf.backend_info()["ops"]
     assert set(info) == {"logsumexp", "energy", "energy_regularized_cross_entropy", "head_hvp"}
     for op in ("logsumexp", "energy", "energy_regularized_cross_entropy"):
         assert info[op]["cpu"]["impl"] == ("cpp" if HAS_CPP else "reference")
         assert info[op]["cuda"]["impl"] == ("triton" if importlib.util.find_spec("triton") else "reference")
-    # a newly registered op is reported without an entry in iaerf.ops.backend
-    monkeypatch.setitem(_backend._OPS, "new_op", ("energy_ce_forward", False))
+    # a newly registered op is reported without an entry in backend_info
+    monkeypatch.setitem(registry.PUBLIC_FUNCTIONS, "new_op", "energy_ce_forward")
     assert iaerf.backend_info()["ops"]["new_op"]["cpu"] == info["energy_regularized_cross_entropy"]["cpu"]
 
 
@@ -787,10 +783,10 @@ _BAD_TARGET_ON_CUDA = textwrap.dedent(
     """
     import torch
     from iaerf import ops
-    from iaerf.ops import _checks
+    from iaerf.ops import registry
 
     logits = torch.randn(4, 3, device="cuda")
-    print("backend", _checks.select_backend(logits, None, "energy_ce_forward"), flush=True)
+    print("backend", registry.select_backend("energy_ce_forward", logits, None), flush=True)
     loss = ops.energy_regularized_cross_entropy(logits, torch.tensor([0, 1, 3, 0], device="cuda"), 1.0)
     torch.cuda.synchronize()
     print("returned", float(loss), flush=True)
@@ -835,11 +831,12 @@ _WITHOUT_EXTENSION = textwrap.dedent(
     import torch
     import iaerf
     from iaerf.core import extension as _extension
-    from iaerf.ops import _library
+    from iaerf.ops import registry
 
     assert not _extension.extension_loaded()
-    # the op files defined the schemas themselves, so the Triton CUDA kernels have ops to live on
-    assert str(torch.ops.iaerf.energy_ce_forward.default._schema) == "iaerf::" + _library.SCHEMAS["energy_ce_forward"]
+    # the op files define the schemas, so the Triton CUDA kernels have ops to live on without the extension too
+    schema = registry.OPS["energy_ce_forward"].schema
+    assert str(torch.ops.iaerf.energy_ce_forward.default._schema) == "iaerf::" + schema
     assert iaerf.backend_info()["ops"]["energy_regularized_cross_entropy"]["cpu"]["impl"] == "reference"
     z, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, -100, 0])
     compiled = torch.compile(lambda z, y, c: iaerf.energy_regularized_cross_entropy(z, y, c), fullgraph=True,
