@@ -19,10 +19,8 @@ import tempfile
 import threading
 from typing import Callable
 
-from iaerf.core.identity import state_digest
-
 __all__ = ["atomic_write", "write_text", "write_json", "read_json", "settings_key", "canonical_json", "ensure_writable_dir",
-           "load_tensor_file", "first_sentence", "save_checked", "load_checked"]
+           "load_tensor_file", "first_sentence"]
 
 _UMASK_LOCK = threading.Lock()
 
@@ -192,41 +190,5 @@ def first_sentence(exc: BaseException) -> str:
     the reason with advice to load the file unsafely, which iaerf must not pass on."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text.split(". ")[0][:200]
-
-
-_CHECKSUM_KEY = "sha256"
-
-
-def save_checked(path: str, state: dict) -> None:
-    """Atomically ``torch.save`` the dict ``state`` (tensors and plain values, nested) with the SHA-256 of its
-    content (:func:`iaerf.core.identity.state_digest`) under the key ``"sha256"``: ``torch.load`` does not check the
-    zip CRCs, so a flipped bit in a tensor would otherwise load as a valid value. Read it with :func:`load_checked`.
-    """
-    import torch
-
-    if _CHECKSUM_KEY in state:
-        raise ValueError(f"state may not hold the key {_CHECKSUM_KEY!r}: it is the checksum's")
-    sealed = {**state, _CHECKSUM_KEY: state_digest(state)}
-
-    def write(tmp: str) -> None:
-        # through a file object: the archive's inner folder is then "archive" rather than the temporary file's
-        # random name, so equal content gives equal bytes (a resumed run's outputs match an uninterrupted one's)
-        with open(tmp, "wb") as f:
-            torch.save(sealed, f)
-
-    atomic_write(path, write)
-
-
-def load_checked(path: str, what: str) -> dict:
-    """The dict :func:`save_checked` wrote at ``path`` (without its checksum), read by :func:`load_tensor_file`.
-    Raises a ``ValueError`` naming ``what`` and ``path`` when the file cannot be read or its content does not match
-    the checksum it records (a damaged file, or one not written by :func:`save_checked`)."""
-    state = load_tensor_file(path, what)
-    stored = state.pop(_CHECKSUM_KEY, None) if isinstance(state, dict) else None
-    if stored is None:
-        raise ValueError(f"{what} {path} is damaged or was not written by this iaerf version: it records no checksum")
-    if stored != state_digest(state):
-        raise ValueError(f"{what} {path} is damaged: its content does not match the checksum it records")
-    return state
 
 

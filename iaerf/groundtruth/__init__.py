@@ -7,9 +7,9 @@
   re-trains the convex model, :func:`mlp_trainer` a small tanh MLP); :func:`energy_lds` its energy analogue;
 - :func:`scatter_predicted_vs_actual`: the predicted-vs-actual scatter (paper Fig. 1) with Pearson R.
 
-Every evaluation takes ``out_dir=`` (a resumable results folder, see :mod:`iaerf.groundtruth.store`).
+Every evaluation takes ``out_dir=`` (a resumable results folder, see :mod:`iaerf.core.store`).
 """
-from iaerf.groundtruth.store import ResultsFolder, SettingsMismatchError
+from iaerf.core.store import ResultsFolder, SettingsMismatchError
 from iaerf.groundtruth.lds import energy_lds, fit_tanh_mlp, lds, mlp_trainer, softmax_regression_trainer
 from iaerf.groundtruth.loo import loo_correlation
 from iaerf.groundtruth.pbrf import PBRFInfo, pbrf_effect

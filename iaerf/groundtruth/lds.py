@@ -27,7 +27,7 @@ from torch import nn
 from iaerf.core.identity import callable_identity
 from iaerf.core.identity import hash_tensor
 from iaerf.core.progress import progress_bar
-from iaerf.groundtruth.store import ResultsFolder
+from iaerf.core.store import ResultsFolder
 from iaerf.core.checks import check_count, check_number
 from iaerf.core.indexed_data import IndexedData
 from iaerf.influence.task import resolve_task

@@ -18,7 +18,7 @@ from scipy.stats import spearmanr
 
 from iaerf.core.checks import check_count
 from iaerf.core.progress import progress_bar
-from iaerf.groundtruth.store import ResultsFolder
+from iaerf.core.store import ResultsFolder
 from iaerf.core.checks import check_number
 from iaerf.core.indexed_data import IndexedData
 from iaerf.influence.validation import fit_softmax_regression, softmax_regression_loss

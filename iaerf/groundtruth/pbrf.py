@@ -33,7 +33,7 @@ from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 from iaerf.core.checks import check_count, check_number
 from iaerf.core.identity import callable_identity
 from iaerf.core.progress import progress_bar
-from iaerf.groundtruth.store import ResultsFolder
+from iaerf.core.store import ResultsFolder
 from iaerf.hessian.params import unflatten
 from iaerf.core.identity import model_fingerprint
 from iaerf.core.indexed_data import IndexedData
@@ -115,7 +115,7 @@ def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind:
         max_iter, max_cg: Newton (or chord) steps per solve; conjugate-gradient steps (HVPs) per Newton step.
         chunk_size: PBRF problems solved together (vmapped over stacked parameter copies); 2 per index.
         batch_size: training points per forward pass inside one HVP (memory only, not the result).
-        out_dir: a results folder (:class:`iaerf.groundtruth.store.ResultsFolder`): each finished chunk is stored
+        out_dir: a results folder (:class:`iaerf.core.store.ResultsFolder`): each finished chunk is stored
             and reused by a rerun with the same settings; ``rerun=True`` discards stored results of other settings.
         progress: a progress bar over the chunks.
         return_info: also return a :class:`PBRFInfo`.

@@ -42,7 +42,7 @@ import torch
 
 from iaerf.core.distributed import collective_device
 from iaerf.core.identity import UnidentifiableCallableError
-from iaerf.core.io import load_checked, save_checked
+from iaerf.core.store import load_checked, save_checked
 from iaerf.core.progress import progress_bar
 from iaerf.hessian._checks import build_options, check_nonnegative, check_vectors, not_finite_error
 from iaerf.hessian.head_hessian import HeadHessian
@@ -106,7 +106,7 @@ class LissaOptions:
             resumes only when the key matches (a larger depth continues the run); otherwise, or when the file is
             damaged, it warns with the reason and starts afresh, overwriting the file. The file is read with
             ``torch.load(weights_only=True)``, which cannot run code, and carries a SHA-256 of its content
-            (``iaerf.core.io.save_checked``), checked on every read, so a flipped bit counts as damage. The loss of a
+            (``iaerf.core.store.save_checked``), checked on every read, so a flipped bit counts as damage. The loss of a
             ``ModuleHessian`` enters the key by :func:`iaerf.core.identity.callable_identity`; a loss holding an object
             whose content cannot be read is refused with checkpoints. Under a process group each rank writes
             ``<path>.rank<r>`` and the ranks resume only when all are at the same step.

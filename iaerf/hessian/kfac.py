@@ -117,7 +117,7 @@ class KFACOperator(HessianOperator):
         progress: progress bars.
 
     The factor cache is ``<cache_dir>/kfac-<key>.safetensors`` (+ ``.json``), keyed by the settings, the model's
-    architecture and parameter / buffer values and the data (see :mod:`iaerf.core.cache`): an entry whose
+    architecture and parameter / buffer values and the data (see :mod:`iaerf.core.store`): an entry whose
     content does not match is reported with a warning and recomputed.
     """
 
@@ -195,7 +195,7 @@ class KFACOperator(HessianOperator):
         return out
 
     def _fit(self, cache_dir, progress: bool) -> None:
-        from iaerf.core.cache import ResultCache
+        from iaerf.core.store import ResultCache
         from iaerf.core.distributed import agree
 
         cache = ResultCache(cache_dir, "kfac", self._settings() if cache_dir is not None else {})

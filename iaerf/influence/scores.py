@@ -27,7 +27,7 @@ from iaerf.hessian.inverse import CGOptions, ExactOptions, LissaOptions, make_so
 from iaerf.core.indexed_data import IndexedData
 from iaerf.hessian.params import trainable_selection
 from iaerf.core import distributed as D
-from iaerf.core.cache import ResultCache
+from iaerf.core.store import ResultCache
 from iaerf.core.identity import model_fingerprint
 from iaerf.influence.gradients import directional_derivatives, loss_gradients
 from iaerf.influence.task import InfluenceTask, resolve_task

@@ -9,7 +9,7 @@ import torch
 
 import iaerf.core.io as io_mod
 from iaerf.core.io import atomic_write, ensure_writable_dir, load_tensor_file, write_text
-from iaerf.core.cache import ResultCache
+from iaerf.core.store import ResultCache
 
 
 def run_without_write_access(fn):
@@ -172,7 +172,7 @@ def test_one_json_writer_and_one_settings_key_for_stages_and_the_cache(tmp_path,
     import json
     import pathlib
 
-    import iaerf.core.cache as cache_mod
+    import iaerf.core.store as cache_mod
     import iaerf.longtail.pipeline.stages as pipeline_mod
     from iaerf.core.io import canonical_json, settings_key, write_json
 

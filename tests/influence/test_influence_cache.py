@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from _influence_models import MLP
 from iaerf.influence import scores as energy_mod
 from iaerf.influence import energy_influence, energy_influence_on_test, loss_influence
-from iaerf.core.cache import ResultCache
+from iaerf.core.store import ResultCache
 from test_io import run_without_write_access
 
 
@@ -90,7 +90,7 @@ def test_lissa_checkpoint_lives_in_cache_dir(tmp_path, monkeypatch):
 
 def test_interrupted_write_leaves_no_entry(tmp_path, monkeypatch):
     cache = ResultCache(tmp_path, "energy", {"a": 1})
-    import iaerf.core.cache as cache_mod
+    import iaerf.core.store as cache_mod
 
     def failing_save(tensors, path, metadata=None):
         with open(path, "wb") as f:

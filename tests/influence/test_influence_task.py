@@ -66,7 +66,7 @@ def test_default_task_is_task_none(fn, params, tmp_path):
     with safe_open(str(entry), framework="pt") as f:
         metadata = f.metadata()
     marked = {"influence": torch.full_like(load_file(str(entry))["influence"], 7.0)}
-    from iaerf.core.cache import _CHECKSUM_METADATA, _checksum
+    from iaerf.core.store import _CHECKSUM_METADATA, _checksum
     save_file(marked, str(entry), metadata={**metadata, _CHECKSUM_METADATA: _checksum(marked)})  # a valid entry
     assert torch.equal(fn(model, train, val, cache_dir=tmp_path, task=InfluenceTask(), **kw), marked["influence"])
     # and a custom task does not take the default task's entry

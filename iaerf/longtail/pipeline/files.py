@@ -2,7 +2,7 @@
 wrote (each raises ValueError naming the file when it is damaged, so its stage runs again).
 
 Every tensor file a stage writes (checkpoints, influence and energy vectors) is written by
-:func:`iaerf.core.io.save_checked`: it records the SHA-256 of its own content and its reader checks it, because
+:func:`iaerf.core.store.save_checked`: it records the SHA-256 of its own content and its reader checks it, because
 ``torch.load`` does not check the zip CRCs and would load a flipped bit as a valid weight."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import os
 
 import torch
 
-from iaerf.core.io import load_checked, read_json, save_checked
+from iaerf.core.io import read_json
+from iaerf.core.store import load_checked, save_checked
 from iaerf.longtail.models import build_model
 
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "save_vector", "read_settings", "read_vector",
@@ -33,7 +34,7 @@ def read_settings(path: str) -> dict:
 
 def save_checkpoint(path: str, model: torch.nn.Module, arch: dict, meta: dict | None = None) -> None:
     """Save ``{"format", "arch": {"name", "num_classes", **kwargs}, "state_dict", "meta"}`` and the SHA-256 of all of
-    it, atomically and byte-reproducibly (:func:`iaerf.core.io.save_checked`)."""
+    it, atomically and byte-reproducibly (:func:`iaerf.core.store.save_checked`)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_checked(path, {"format": CHECKPOINT_FORMAT, "arch": arch, "state_dict": state, "meta": meta or {}})
 
