@@ -241,6 +241,16 @@ class ModuleHessian(HessianOperator):
         return list(self._params)
 
     @property
+    def data(self) -> IndexedData:
+        """The (local) training data H averages over."""
+        return self._data
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(selected, others)``: the selected parameters in the flat layout's order, and every other parameter
+        and buffer of the model, as the operator holds them (detached, on its device)."""
+        return dict(self._params), dict(self._frozen)
+
+    @property
     def resolved_mode(self) -> str:
         """The HVP mode in use: ``mode`` itself, or for ``"auto"`` the faster one (timed on first use, see the class
         docstring); ``"gauss-newton"`` with ``gauss_newton=True`` (one route, no choice)."""

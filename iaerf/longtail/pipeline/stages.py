@@ -132,7 +132,7 @@ def _selection_size(model: torch.nn.Module, selection) -> int:
 
 
 def _exact_limit(run: Pipeline) -> int:
-    from iaerf.hessian.inverse import ExactOptions
+    from iaerf.hessian import ExactOptions
 
     return (run.config.influence.solver_options or {}).get("max_exact_params", ExactOptions().max_exact_params)
 
