@@ -8,6 +8,7 @@ from iaerf.hessian.solvers.cg import CGOptions, conjugate_gradients
 from iaerf.hessian.solvers.exact import ExactOptions, clear_exact_cache, exact_solve_cost
 from iaerf.hessian.solvers.kfac import EKFACSolver, KFACSolver
 from iaerf.hessian.solvers import arnoldi  # noqa: F401  (registers method="arnoldi")
+from iaerf.hessian.solvers import nystrom  # noqa: F401  (registers method="nystrom")
 
 __all__ = [
     "CGOptions",
