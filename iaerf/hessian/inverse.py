@@ -67,6 +67,6 @@ def inverse_hvp(operator: HessianOperator, vectors: torch.Tensor, method: str = 
     V = V.detach()  # the solve is not differentiated: a graph through the vectors would grow with every iteration
     t0 = time.perf_counter()
     x, info = solver.solve(operator, V, damping, opts, seed=seed, progress=progress, callback=callback)
-    info["seconds"] = time.perf_counter() - t0
+    info.setdefault("seconds", time.perf_counter() - t0)    # a resumed LiSSA run reports its whole run's
     x = x[0] if single else x
     return (x, info) if return_info else x

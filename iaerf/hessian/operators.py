@@ -5,7 +5,7 @@ H is the Hessian of the mean training loss plus an optional L2 term (paper Eq. 7
     H = (1/n) sum_i d^2 loss_i(theta) + weight_decay * I        (the Hessian of ... + weight_decay/2 ||theta||^2)
 
 An operator maps ``V [b, P] -> H V [b, P]`` for b vectors at once. :class:`HessianOperator` is the interface the
-solvers in :mod:`iaerf.hessian.inverse` use; :class:`ModuleHessian` implements it for any ``nn.Module`` with
+solvers of :mod:`iaerf.hessian.solvers` use; :class:`ModuleHessian` implements it for any ``nn.Module`` with
 torch.func (forward-over-reverse, vmapped over the vectors); :class:`iaerf.hessian.head_hessian.HeadHessian` implements it
 analytically for a linear softmax classifier on fixed features.
 """

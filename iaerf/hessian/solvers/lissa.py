@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -208,6 +209,8 @@ def _checkpoint_problem(state, key: dict, h_shape: tuple, repeats: int, depth: i
     if not (isinstance(step, int) and 0 <= step and isinstance(scale, float) and 0 < scale < float("inf")
             and isinstance(state.get("converged"), bool)):
         return "its step, scale or converged entries are invalid"
+    if not (isinstance(state.get("hvps", 0), int) and isinstance(state.get("seconds", 0.0), float)):
+        return "its hvps or seconds entries are invalid"
     if not (isinstance(steps, torch.Tensor) and isinstance(norms, torch.Tensor) and steps.dim() == 1
             and tuple(norms.shape) == (steps.shape[0],) + h_shape[:2] and steps.shape[0] >= 1):
         return "its norm history is invalid"
@@ -303,7 +306,8 @@ class LissaSolver(Solver):
     """LiSSA (module docstring), ``V [b, P]`` -> ``[b, P]``. Info extras: ``steps`` (= ``iterations``), ``scale``,
     ``repeats``, ``full_batch``, ``batch_size``, ``depth``, ``lambda_max``, ``lambda_min``, ``curvature_floor``,
     ``estimated_error``, ``target_error``; ``hvps`` counts the setup's power iteration / Lanczos products and
-    every step's products of this call (repeats x vectors each)."""
+    every step's products (repeats x vectors each), and ``seconds`` the compute time, of the whole run: a run
+    resumed from a checkpoint adds this call's to what the checkpoint recorded."""
 
     name = "lissa"
     options_class = LissaOptions
@@ -342,6 +346,9 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
     gens = [torch.Generator().manual_seed(derived_seed(seed, opts.first_repeat + j, process_rank(op)))
             for j in range(r)]
     vnorm = V.norm(dim=1).double().cpu().clamp_min(torch.finfo(torch.float64).tiny)
+    t0 = time.perf_counter()
+    # the run's products and compute time over all its calls (a resumed run reports the whole run's)
+    run_hvps, run_seconds = (0, 0.0) if state is None else (state.get("hvps", 0), state.get("seconds", 0.0))
     if state is not None:
         scale, step, converged = float(state["scale"]), int(state["step"]), bool(state["converged"])
         lam, lam_min = state.get("lambda_max"), state.get("lambda_min")
@@ -380,13 +387,22 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
     mu = _curvature_floor(op, lam_min, damping)
     depth = _auto_depth(scale, mu, opts.target_error) if auto_depth else opts.depth
 
-    def checkpoint():
+    def totals() -> tuple[int, float]:
+        """(operator products, seconds) of the whole run so far; a call that resumes a finished run adds none."""
+        if state is not None and step == first_step:
+            return run_hvps, run_seconds
+        return (run_hvps + setup_products + (step - first_step) * h_shape[0] * h_shape[1],
+                run_seconds + time.perf_counter() - t0)
+
+    def checkpoint(spent=None):
+        """Save the state; ``spent``: the run's (products, seconds) to record, default the totals now."""
         if path is not None:
             steps = sorted(history)
             state = {"format": _CHECKPOINT_FORMAT, "key": key, "h": h.detach().cpu(), "step": step,
                      "scale": scale, "converged": converged, "gen_states": [g.get_state() for g in gens],
                      "lambda_max": lam, "lambda_min": lam_min, "norm_steps": torch.tensor(steps, dtype=torch.long),
                      "norms": torch.stack([history[s] for s in steps]), "estimate": estimate, "change": change}
+            state["hvps"], state["seconds"] = spent if spent is not None else totals()
             save_checked(path, state)   # with its checksum: torch.load does not check the zip CRCs
 
     with progress_bar(total=depth, initial=min(step, depth), desc="LiSSA", enabled=progress) as bar:
@@ -427,7 +443,8 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
             bar.update(1)
             if step % opts.checkpoint_every == 0:
                 checkpoint()
-    checkpoint()
+    hvps, seconds = totals()     # once: the checkpoint records what this call reports
+    checkpoint((hvps, seconds))
     x = h.mean(0) / scale
     if not bool(torch.isfinite(x).all()):
         raise LissaDivergenceError(f"LiSSA produced NaN/Inf (scale={scale:.4g}, damping={damping}); raise scale or damping")
@@ -452,8 +469,7 @@ def _lissa(op, V, damping, seed, opts: LissaOptions, progress):
             "scale far above lambda_max slows convergence). Raise depth; with minibatches (batch_size < n) the "
             "change stays at the noise level, so raise repeats or batch_size, set tol=0 to accept a fixed depth, or "
             "use method='cg'", RuntimeWarning, stacklevel=4)
-    hvps = setup_products + (step - first_step) * h_shape[0] * h_shape[1]
-    return x, {"method": "lissa", "hvps": hvps, "iterations": step, "scale": scale, "steps": step,
+    return x, {"method": "lissa", "hvps": hvps, "seconds": seconds, "iterations": step, "scale": scale, "steps": step,
                "converged": converged, "repeats": r, "full_batch": full,
                "batch_size": m, "depth": depth, "lambda_max": lam, "lambda_min": lam_min, "curvature_floor": mu,
                "estimated_error": est, "target_error": opts.target_error}

@@ -24,7 +24,8 @@ from iaerf.hessian._checks import build_options
 #               build of H counts P; fitted approximations such as K-FAC, which run data passes, count 0)
 #   iterations: the solver's own steps (CG / LiSSA iterations, Lanczos steps; 0 for a direct solve)
 #   converged:  whether the solver's own stopping rule was met (a direct solve: True)
-#   seconds:    wall time of the solve
+#   seconds:    wall time of the solve (set by inverse_hvp unless the solver reports its own: a LiSSA run resumed
+#               from a checkpoint reports the whole run's)
 INFO_KEYS = ("method", "hvps", "iterations", "converged", "seconds")
 
 _REGISTRY: dict[str, Solver] = {}
