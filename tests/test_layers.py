@@ -11,15 +11,6 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # last) never imports the long-tailed application; ``iaerf.__main__`` is the command's entry point above them all.
 FLOORS = ("iaerf.core", "iaerf.ops", "iaerf.hessian", "iaerf.influence", "iaerf.groundtruth", "iaerf.longtail")
 ENTRY_POINTS = {"iaerf", "iaerf.__main__"}
-# Violations that the redesign in progress removes; each entry goes with the change that fixes it, and the list
-# must end empty.
-NOT_YET = {
-    "iaerf.hessian.preconditioners imports _coverage_problem from iaerf.hessian.kfac_factors",
-    "iaerf.hessian.preconditioners imports _directions from iaerf.hessian.kfac_factors",
-    "iaerf.hessian.preconditioners imports _owners from iaerf.hessian.kfac_factors",
-    "iaerf.hessian.preconditioners imports _per_example from iaerf.hessian.kfac",
-    "cycle: iaerf.longtail.pipeline.run, iaerf.longtail.pipeline.stages",
-}
 
 
 def modules(root: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -126,11 +117,11 @@ def test_no_import_runs_up_a_floor():
 
 
 def test_no_import_cycle():
-    assert [c for c in cycles(repo_imports()[0]) if "cycle: " + ", ".join(c) not in NOT_YET] == []
+    assert cycles(repo_imports()[0]) == []
 
 
 def test_no_private_name_is_imported_from_another_module():
-    assert [p for p in repo_imports()[1] if p not in NOT_YET] == []
+    assert repo_imports()[1] == []
 
 
 def test_the_checks_catch_what_they_look_for(tmp_path):

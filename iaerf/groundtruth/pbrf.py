@@ -35,6 +35,7 @@ from iaerf.core.identity import callable_identity
 from iaerf.core.progress import progress_bar
 from iaerf.core.store import ResultsFolder
 from iaerf.hessian.params import unflatten
+from iaerf.hessian.solvers.cg import conjugate_gradients
 from iaerf.core.identity import model_fingerprint
 from iaerf.core.indexed_data import IndexedData
 from iaerf.hessian.params import trainable_selection
@@ -340,9 +341,12 @@ class _PBRFProblem:
                 d = -self.precondition(g)
             else:
                 # Eisenstat-Walker forcing: loose inner solves far away, tight ones near the optimum
-                forcing = torch.clamp(rel.sqrt(), max=0.5) * g.norm(dim=1)
-                d, used = _cg(lambda v: self.hvp(theta, v, xk, yk, coef), -g, forcing, active, max_cg)
-                cg_used += used.cpu()
+                # (relative to ||g||); negative curvature truncates the inner solve (-g when met at once)
+                inner = conjugate_gradients(lambda v: self.hvp(theta, v, xk, yk, coef), -g,
+                                            tol=torch.clamp(rel.sqrt(), max=0.5), max_iter=max_cg, active=active,
+                                            name="PBRF Newton-CG")
+                d = inner.x
+                cg_used += inner.steps.cpu()
             step = torch.ones(R, dtype=torch.float64, device=theta.device)
             slope = (g * d).sum(1)
             for _ls in range(30):
@@ -366,33 +370,3 @@ class _PBRFProblem:
             m = m_new
         return {"measure": m.cpu(), "grad_norm": (g.norm(dim=1) / g0).cpu(), "newton_iters": newton,
                 "cg_iters": cg_used, "settled": (calm >= 2).cpu(), "measure_change": change.cpu()}
-
-
-def _cg(matvec, b: torch.Tensor, target: torch.Tensor, active: torch.Tensor, max_iter: int):
-    """Conjugate gradients on R systems ``H x = b`` ([R, P]) at once, each until ||r|| <= target (or, at
-    negative curvature, with the iterate reached: -b itself when that happens first). Returns ``(x, steps [R])``."""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rs = (r * r).sum(1)
-    running = active.clone()
-    steps = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
-    for _ in range(max_iter):
-        running = running & (rs.sqrt() > target)
-        if not bool(running.any()):
-            break
-        hp = matvec(p)
-        curvature = (p * hp).sum(1)
-        negative = running & (curvature <= 0)
-        x = torch.where((negative & (steps == 0))[:, None], b, x)
-        running = running & ~negative
-        alpha = torch.where(running, rs / torch.where(curvature > 0, curvature, torch.ones_like(curvature)),
-                            torch.zeros_like(rs))
-        x = x + alpha[:, None] * p
-        r = r - alpha[:, None] * hp
-        rs_new = (r * r).sum(1)
-        beta = torch.where(running, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
-        p = torch.where(running[:, None], r + beta[:, None] * p, p)
-        rs = torch.where(running, rs_new, rs)
-        steps += running.long()
-    return x, steps

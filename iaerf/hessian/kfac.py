@@ -37,10 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from iaerf.hessian._checks import build_options, check_nonnegative, check_vectors
+from iaerf.hessian._checks import check_nonnegative, check_vectors
+from iaerf.hessian.curvature_source import per_example_cross_entropy
 from iaerf.hessian.kfac_factors import (
     FISHER_MODES,
     KFACLayer,
@@ -50,22 +50,17 @@ from iaerf.hessian.kfac_factors import (
     fit_corrections,
     fit_covariances,
     kfac_parameters,
-    layer_problem,
     resolve_layers,
     selected_parameters,
 )
 from iaerf.hessian.operators import HessianOperator
 from iaerf.core.indexed_data import IndexedData, named_digest
 
-__all__ = ["KFACOperator", "KFACOptions", "UnsupportedLayerError", "kfac_inverse_hvp", "kfac_parameters"]
+__all__ = ["APPROXIMATIONS", "KFACOperator", "KFACOptions", "UnsupportedLayerError", "kfac_parameters"]
 
-METHODS = ("kfac", "ekfac")
+# what a KFACOperator can be fitted for: the Kronecker factors alone, or with EK-FAC's eigenvalue correction pass
+APPROXIMATIONS = ("kfac", "ekfac")
 _CACHE_FORMAT = "iaerf-kfac-factors/1"
-
-
-def per_example_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``[m, K], [m] -> [m]``: the default training loss (the one of :class:`iaerf.InfluenceTask`)."""
-    return F.cross_entropy(logits, labels, reduction="none")
 
 
 @dataclass
@@ -131,8 +126,8 @@ class KFACOperator(HessianOperator):
         if not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be callable (per-example loss [m, K], [m] -> [m]), got "
                             f"{type(loss_fn).__name__}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method not in APPROXIMATIONS:
+            raise ValueError(f"method must be one of {APPROXIMATIONS}, got {method!r}")
         KFACOptions(fisher=fisher, batch_size=batch_size, cache_dir=cache_dir).validate()
         self.weight_decay = check_nonnegative(weight_decay, "weight_decay")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -246,8 +241,8 @@ class KFACOperator(HessianOperator):
 
     def _method(self, method):
         method = self.method if method is None else method
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method not in APPROXIMATIONS:
+            raise ValueError(f"method must be one of {APPROXIMATIONS}, got {method!r}")
         if method == "ekfac" and self.method != "ekfac":
             raise ValueError("this operator was fitted with method='kfac' (no eigenvalue correction pass); build "
                              "it with method='ekfac' to solve with EK-FAC")
@@ -324,90 +319,3 @@ def _eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lam, Q = torch.linalg.eigh(0.5 * (M + M.T))
     floor = float(lam.abs().max()) * M.shape[0] * torch.finfo(torch.float64).eps
     return torch.where(lam > floor, lam, torch.zeros_like(lam)), Q
-
-
-def _per_example(loss_fn):
-    """The per-example loss behind a :class:`iaerf.ModuleHessian` batch-mean ``loss_fn``."""
-    if loss_fn is F.cross_entropy:
-        return per_example_cross_entropy
-    inner = getattr(loss_fn, "per_example", None)       # iaerf.influence.scores's _MeanLoss
-    if callable(inner):
-        return inner
-
-    def per_example(logits, labels):
-        # a batch-mean loss on a batch of one is that example's loss
-        return torch.func.vmap(lambda z, y: loss_fn(z[None], y[None]))(logits, labels)
-    return per_example
-
-
-def from_operator(operator: HessianOperator, method: str, options: KFACOptions, *, seed: int = 0,
-                  progress: bool = True) -> KFACOperator:
-    """The K-FAC operator over the same model, data, loss, parameters (flat layout) and weight decay as a
-    :class:`iaerf.ModuleHessian` (with ``gauss_newton=True``, or over a single layer) or :class:`iaerf.HeadHessian`.
-
-    Raises:
-        ValueError: a ModuleHessian of the Hessian itself (``gauss_newton=False``) over a model that is not one
-            supported layer: K-FAC approximates the Gauss-Newton matrix, another matrix there.
-    """
-    from iaerf.hessian.head_hessian import HeadHessian
-    from iaerf.hessian.operators import ModuleHessian
-
-    if isinstance(operator, ModuleHessian) and not operator.gauss_newton and layer_problem(operator.model) is not None:
-        # the factors are fitted on the Gauss-Newton matrix whatever the operator holds: solving with them for the
-        # Hessian itself would silently answer another question (a single layer's output is affine in its
-        # parameters, so there the two matrices are one)
-        raise ValueError(
-            f"method={method!r} approximates the Gauss-Newton (Fisher) matrix, but the operator is the Hessian itself "
-            f"(gauss_newton=False) of a {type(operator.model).__name__}, which is not linear in its parameters: the "
-            "two differ, and K-FAC cannot approximate the Hessian. Pass gauss_newton=True (the ModuleHessian's, or "
-            "the influence functions' argument) to use the Gauss-Newton matrix, or method='exact' / 'cg' / 'lissa' "
-            "for the Hessian")
-    common = dict(weight_decay=operator.weight_decay, method=method, fisher=options.fisher,
-                  batch_size=options.batch_size, cache_dir=options.cache_dir, device=operator.device,
-                  process_group=operator.process_group, seed=seed, progress=progress)
-    if isinstance(operator, ModuleHessian):
-        return KFACOperator(operator.model, operator._data, loss_fn=_per_example(operator.loss_fn),
-                            param_names=operator.param_names, **common)
-    if isinstance(operator, HeadHessian):
-        K, D = operator.num_classes, operator.num_features
-        head = nn.Linear(D, K, bias=operator.has_bias, device=operator.device, dtype=operator.dtype)
-        with torch.no_grad():
-            head.weight.copy_(operator.weight.reshape(K, D))
-            if operator.has_bias:
-                head.bias.copy_(operator.bias)
-        return KFACOperator(head, (operator.features, operator.labels), **common)
-    raise TypeError(f"method={method!r} needs a KFACOperator, an iaerf.ModuleHessian or an iaerf.HeadHessian, got "
-                    f"{type(operator).__name__}")
-
-
-def kfac_inverse_hvp(operator, vectors: torch.Tensor, method: str = "ekfac", *, damping: float = 0.0, seed: int = 0,
-                     progress: bool = True, options=None, return_info: bool = False, **method_options):
-    """``(H_kfac + damping I)^{-1} V`` with the same call as :func:`iaerf.hessian.inverse_hvp`.
-
-    Args:
-        operator: a fitted :class:`KFACOperator` (used as is; ``options`` must then be the defaults), or a
-            :class:`iaerf.ModuleHessian` / :class:`iaerf.HeadHessian` whose model, data, loss, parameters and weight
-            decay the factors are fitted on (one pass for ``"kfac"``, two for ``"ekfac"``).
-        vectors: ``[b, P]`` or ``[P]`` in the operator's dtype and device.
-        method: ``"kfac"`` or ``"ekfac"``.
-        damping: >= 0, added to every eigenvalue of every block (iaerf's one damping convention).
-        seed: seeds the sampled labels.
-        options: :class:`KFACOptions` or a dict of its fields; keyword arguments override it.
-        return_info: also return ``{"method", "num_layers", "from_cache"}``.
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    damping = check_nonnegative(damping, "damping")
-    opts = build_options(KFACOptions, options, method_options, name="options", what="K-FAC")
-    check_vectors(vectors, num_params=operator.num_params, dtype=operator.dtype, device=operator.device)
-    if isinstance(operator, KFACOperator):
-        # inverse_hvp hands over its validated (default) options; only settings the caller changed are refused
-        if opts != KFACOptions():
-            raise ValueError("options apply when the factors are fitted; a KFACOperator is already fitted (give the "
-                             "settings to its constructor)")
-        kfac = operator
-    else:
-        kfac = from_operator(operator, method, opts, seed=seed, progress=progress)
-    x = kfac.solve(vectors, damping, method)
-    info = {"method": method, "num_layers": len(kfac.layers), "from_cache": kfac.from_cache}
-    return (x, info) if return_info else x

@@ -219,15 +219,15 @@ def kfac_parameters(model: nn.Module, params=None) -> dict[str, torch.Tensor]:
 
     Returns ``{name: parameter}`` in ``named_parameters()`` order: the flat layout of the vectors.
     """
-    owner = _owners(model)
-    chosen = {k: p for k, p in selected_parameters(model, params).items() if _coverage_problem(*owner[k]) is None}
+    owner = parameter_owners(model)
+    chosen = {k: p for k, p in selected_parameters(model, params).items() if coverage_problem(*owner[k]) is None}
     if not chosen:
         raise ValueError(f"params={params!r} selects no parameter K-FAC covers (nn.Linear, nn.Conv2d weights and "
                          f"biases) in {type(model).__name__}")
     return chosen
 
 
-def _owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+def parameter_owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """``{parameter name: (its module, its name in that module)}``; a shared parameter keeps its first owner."""
     owner = {}
     for mod_name, module in model.named_modules():
@@ -248,7 +248,7 @@ def layer_problem(module: nn.Module) -> str | None:
     return type(module).__name__
 
 
-def _coverage_problem(module: nn.Module, pname: str) -> str | None:
+def coverage_problem(module: nn.Module, pname: str) -> str | None:
     """Why K-FAC cannot cover parameter ``pname`` of ``module``, or None."""
     reason = layer_problem(module)
     if reason is None and pname not in ("weight", "bias"):
@@ -263,15 +263,15 @@ def resolve_layers(model: nn.Module, chosen: dict[str, torch.Tensor], what: str 
         UnsupportedLayerError: listing every selected parameter outside a supported layer, with its layer type, and
             the covered ones to pass instead. ``what`` names the selection in that message (e.g. "params=None").
     """
-    owner = _owners(model)
+    owner = parameter_owners(model)
     names = list(chosen)
     bad = []
     for name in names:
-        reason = "not a parameter of the model" if name not in owner else _coverage_problem(*owner[name])
+        reason = "not a parameter of the model" if name not in owner else coverage_problem(*owner[name])
         if reason is not None:
             bad.append(f"{name} ({reason})")
     if bad:
-        covered = [n for n in names if n in owner and _coverage_problem(*owner[n]) is None]
+        covered = [n for n in names if n in owner and coverage_problem(*owner[n]) is None]
         shown = (repr(covered) if len(covered) <= 12 else
                  f"[{', '.join(map(repr, covered[:12]))}, ...] ({len(covered)} in all)")
         others = "method='exact' / 'cg' / 'lissa', which cover every parameter"
@@ -322,7 +322,7 @@ class PassSettings:
     progress: bool
 
 
-def _directions(logits, labels, settings: PassSettings, generator) -> list[torch.Tensor]:
+def output_directions(logits, labels, settings: PassSettings, generator) -> list[torch.Tensor]:
     """The output-gradient seeds ``[m, K]`` to back-propagate: one per direction d (see the module docstring)."""
     z = logits.detach()
     if settings.fisher == "expected":
@@ -381,7 +381,7 @@ def run_pass(model: nn.Module, layers: list[KFACLayer], data: IndexedData, setti
                 if logits.dim() != 2:
                     raise ValueError(f"model must return logits of shape [b, K], got {tuple(logits.shape)}")
                 outputs = [caught[i][1] for i in range(len(layers))]
-                seeds = _directions(logits, y, settings, generator)
+                seeds = output_directions(logits, y, settings, generator)
                 grads = [torch.autograd.grad(logits, outputs, grad_outputs=s, retain_graph=k + 1 < len(seeds),
                                              allow_unused=True)
                          for k, s in enumerate(seeds)]

@@ -5,7 +5,7 @@ H is the Hessian of the mean training loss plus an optional L2 term (paper Eq. 7
     H = (1/n) sum_i d^2 loss_i(theta) + weight_decay * I        (the Hessian of ... + weight_decay/2 ||theta||^2)
 
 An operator maps ``V [b, P] -> H V [b, P]`` for b vectors at once. :class:`HessianOperator` is the interface the
-solvers in :mod:`iaerf.hessian.inverse` use; :class:`ModuleHessian` implements it for any ``nn.Module`` with
+solvers of :mod:`iaerf.hessian.solvers` use; :class:`ModuleHessian` implements it for any ``nn.Module`` with
 torch.func (forward-over-reverse, vmapped over the vectors); :class:`iaerf.hessian.head_hessian.HeadHessian` implements it
 analytically for a linear softmax classifier on fixed features.
 """
@@ -241,6 +241,16 @@ class ModuleHessian(HessianOperator):
         return list(self._params)
 
     @property
+    def data(self) -> IndexedData:
+        """The (local) training data H averages over."""
+        return self._data
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(selected, others)``: the selected parameters in the flat layout's order, and every other parameter
+        and buffer of the model, as the operator holds them (detached, on its device)."""
+        return dict(self._params), dict(self._frozen)
+
+    @property
     def resolved_mode(self) -> str:
         """The HVP mode in use: ``mode`` itself, or for ``"auto"`` the faster one (timed on first use, see the class
         docstring); ``"gauss-newton"`` with ``gauss_newton=True`` (one route, no choice)."""
@@ -396,7 +406,6 @@ class ModuleHessian(HessianOperator):
         """
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"chunk must be None or a positive int, got {chunk!r}")
-        P = self.num_params
         with eval_mode(self.model):
             H = self._dense_gauss_newton() if self.gauss_newton else None
             if H is None:

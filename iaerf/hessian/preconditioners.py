@@ -41,20 +41,20 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from iaerf.core.distributed import all_reduce_sum
 from iaerf.core.progress import progress_bar
 from iaerf.core.heads import eval_mode
 from iaerf.hessian._checks import not_finite_error
+from iaerf.hessian.curvature_source import CurvatureSource, curvature_source
 from iaerf.hessian.kfac_factors import (
     FISHER_MODES,
     PassSettings,
-    _coverage_problem,
-    _directions,
-    _owners,
+    coverage_problem,
     derived_generator,
+    output_directions,
+    parameter_owners,
 )
 
 PRECONDITIONERS = ("kfac", "ekfac", "diagonal")
@@ -62,54 +62,6 @@ PRECONDITIONERS = ("kfac", "ekfac", "diagonal")
 _FLOOR = 1e-12
 # per-example gradients held at once by the diagonal pass: [m, P_diagonal] entries
 _DIAGONAL_CHUNK_ENTRIES = 1 << 24
-
-
-class _Source:
-    """What a preconditioner is fitted on, read from the operator: the model and its full state (selected
-    parameters and every other parameter and buffer, as the operator holds them), the per-example loss, the data,
-    the selected names in the flat layout, weight decay, dtype, device and process group."""
-
-    def __init__(self, operator):
-        from iaerf.hessian.head_hessian import HeadHessian
-        from iaerf.hessian.kfac import _per_example, per_example_cross_entropy
-        from iaerf.hessian.operators import ModuleHessian
-
-        self.weight_decay = float(operator.weight_decay)
-        self.dtype, self.device = operator.dtype, operator.device
-        self.process_group = getattr(operator, "process_group", None)
-        if isinstance(operator, ModuleHessian):
-            self.model = operator.model
-            self.data = operator._data
-            self.loss = _per_example(operator.loss_fn)
-            self.selected = dict(operator._params)
-            self.others = dict(operator._frozen)
-        elif isinstance(operator, HeadHessian):
-            K, D = operator.num_classes, operator.num_features
-            head = nn.Linear(D, K, bias=operator.has_bias, device=operator.device, dtype=operator.dtype)
-            with torch.no_grad():
-                head.weight.copy_(operator.weight.reshape(K, D))
-                if operator.has_bias:
-                    head.bias.copy_(operator.bias)
-            from iaerf.core.indexed_data import IndexedData
-
-            self.model = head
-            self.data = IndexedData((operator.features, operator.labels), "features")
-            self.loss = per_example_cross_entropy
-            self.selected = {k: p.detach() for k, p in head.named_parameters()}
-            self.others = {}
-        else:
-            raise TypeError(
-                f"a CG preconditioner is fitted on the operator's model, loss and data: it needs an iaerf.ModuleHessian "
-                f"or an iaerf.HeadHessian, got {type(operator).__name__} (use preconditioner=None)")
-        self.names = list(self.selected)
-        sizes = [p.numel() for p in self.selected.values()]
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        self.ranges = {k: (s, s + n) for k, s, n in zip(self.names, starts, sizes)}
-        self.num_params = sum(sizes)
-
-
-def _indices(source: _Source, names: list[str]) -> torch.Tensor:
-    return torch.cat([torch.arange(*source.ranges[k]) for k in names]).to(source.device)
 
 
 class CurvaturePreconditioner:
@@ -134,13 +86,13 @@ class CurvaturePreconditioner:
         if fisher not in FISHER_MODES:
             raise ValueError(f"preconditioner fisher must be one of {FISHER_MODES}, got {fisher!r}")
         t0 = time.perf_counter()
-        source = _Source(operator)
+        source = curvature_source(operator, "a CG preconditioner (preconditioner=None runs plain CG)")
         self.kind, self.num_params, self.dtype = kind, source.num_params, source.dtype
         self._weight_decay = source.weight_decay
         covered = []
         if kind != "diagonal":
-            owner = _owners(source.model)
-            covered = [k for k in source.names if k in owner and _coverage_problem(*owner[k]) is None]
+            owner = parameter_owners(source.model)
+            covered = [k for k in source.names if k in owner and coverage_problem(*owner[k]) is None]
         rest = [k for k in source.names if k not in covered]
         self.blocks = {"kfac": covered, "diagonal": rest}
         self._kfac = None
@@ -158,8 +110,8 @@ class CurvaturePreconditioner:
                                              progress=progress)
         everything = len(covered) == len(source.names) or len(rest) == len(source.names)
         # the flat positions of each part; None when that part is the whole vector in its own order
-        self._kfac_index = None if everything or not covered else _indices(source, covered)
-        self._diagonal_index = None if everything or not rest else _indices(source, rest)
+        self._kfac_index = None if everything or not covered else source.indices(covered)
+        self._diagonal_index = None if everything or not rest else source.indices(rest)
         for what, ok in (("K-FAC factors", self._kfac is None or all(bool(torch.isfinite(q).all()) for q in
                                                                        self._kfac.eigenvalues(kind))),
                          ("Gauss-Newton diagonal", self._diagonal is None or bool(torch.isfinite(self._diagonal).all()))):
@@ -197,7 +149,7 @@ class CurvaturePreconditioner:
         return apply
 
 
-def fisher_diagonal(source: _Source, names: list[str], *, fisher: str, batch_size: int, seed: int,
+def fisher_diagonal(source: CurvatureSource, names: list[str], *, fisher: str, batch_size: int, seed: int,
                     progress: bool) -> torch.Tensor:
     """``[sum of numel over names]`` float64: the Gauss-Newton (Fisher) diagonal of the parameters ``names`` (in
     that order), estimated as the module docstring says, averaged over the (global) training examples."""
@@ -231,7 +183,7 @@ def fisher_diagonal(source: _Source, names: list[str], *, fisher: str, batch_siz
                     logits = outputs(selected, x)
                 if logits.dim() != 2:
                     raise ValueError(f"the model must return logits of shape [b, K], got {tuple(logits.shape)}")
-                seeds = torch.stack(_directions(logits, y, settings, generator), dim=1)      # [m, D, K]
+                seeds = torch.stack(output_directions(logits, y, settings, generator), dim=1)      # [m, D, K]
                 for k, v in per_example(x, seeds.to(logits.dtype)).items():
                     total[k] += v.sum(0).to(torch.float64)
                 bar.update(x.shape[0])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from torch import nn
 from iaerf.core.io import ensure_writable_dir
 from iaerf.core.progress import progress_bar
 from iaerf.core.heads import affine_head, check_finite_state, check_logits, eval_mode, head_inputs, model_dtype
-from iaerf.hessian.inverse import CGOptions, ExactOptions, LissaOptions, make_solver_options
+from iaerf.hessian.solvers import get_solver, make_options, solver_names
 from iaerf.core.indexed_data import IndexedData
 from iaerf.hessian.params import trainable_selection
 from iaerf.core import distributed as D
@@ -31,8 +31,6 @@ from iaerf.core.store import ResultCache
 from iaerf.core.identity import model_fingerprint
 from iaerf.influence.gradients import directional_derivatives, loss_gradients
 from iaerf.influence.task import InfluenceTask, resolve_task
-
-_SOLVERS = ("lissa", "cg", "exact", "kfac", "ekfac")
 
 
 def energy_influence(model, train, val, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
@@ -59,12 +57,14 @@ def energy_influence(model, train, val, *, params=None, weight_decay=0.0, dampin
             frozen features.
         weight_decay: L2 term of the training objective, (weight_decay / 2) ||theta||^2 (as torch.optim.SGD).
         damping: added to H before the solve.
-        solver: "lissa", "cg", "exact", "kfac" or "ekfac" (:func:`iaerf.inverse_hvp`). All of them need H + damping
+        solver: a registered solver (:func:`iaerf.hessian.solver_names`: "lissa", "cg", "exact", "kfac", "ekfac",
+            ...; :func:`iaerf.inverse_hvp`). All of them need H + damping
             I positive definite and refuse it otherwise. "kfac" / "ekfac" approximate the Gauss-Newton matrix: they
             need ``gauss_newton=True`` (except over the classifier head, where the two matrices are one) and a
             selection of ``nn.Linear`` / ``nn.Conv2d`` weights and biases only (``params=None`` on a model with
             batch norm is refused: :func:`iaerf.hessian.kfac.kfac_parameters` lists the covered ones). "cg" /
-            "lissa" over the classifier head need a float32 or float64 model. "cg" with
+            "lissa" (every solver that runs the operator's products) over the classifier head need a float32 or
+            float64 model. "cg" with
             ``solver_options={"preconditioner": "kfac" | "ekfac" | "diagonal"}`` is preconditioned CG: the exact
             influence (the same system and tolerance as plain CG, every selected parameter included; batch norm
             gets diagonal blocks) in fewer products where the curvature approximation fits (see
@@ -171,8 +171,8 @@ class SolveSettings:
     batch_size: int = 256
     seed: int = 0
     gauss_newton: bool = False
-    # the validated options the solver runs with (make_solver_options of solver and solver_options)
-    options: LissaOptions | CGOptions | ExactOptions | None = field(default=None, compare=False, repr=False)
+    # the validated options the solver runs with (make_options of solver and solver_options)
+    options: object = field(default=None, compare=False, repr=False)
 
     @classmethod
     def parse(cls, *, params, weight_decay, damping, solver, solver_options, batch_size, seed,
@@ -184,14 +184,14 @@ class SolveSettings:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if solver not in _SOLVERS:
-            raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+        if solver not in solver_names():
+            raise ValueError(f"solver must be one of {solver_names()}, got {solver!r}")
         if isinstance(solver_options, dict):
             for key in ("damping", "seed", "progress", "method"):
                 if key in solver_options:
                     raise ValueError(f"solver_options must not contain {key!r}: pass it as the keyword argument "
                                      f"instead")
-        options = make_solver_options(solver, solver_options, name="solver_options")
+        options = make_options(solver, solver_options, argument="solver_options")
         if solver_options is None or isinstance(solver_options, dict):
             given = dict(solver_options or {})
         else:
@@ -379,10 +379,7 @@ def prepare(kind: str, model, train, val, settings: SolveSettings, task: Influen
     :meth:`_Problem.probe_model` runs in eval mode, head detection and the features pass when first needed)."""
     val_name = "test" if kind == "energy_on_test" else "val"
     chosen = trainable_selection(model, settings.params)  # the same selection for every solver
-    if settings.solver in ("kfac", "ekfac"):
-        from iaerf.hessian.kfac_factors import resolve_layers
-
-        resolve_layers(model, chosen, f"params={settings.params!r}")  # refuses, naming them, what K-FAC cannot cover
+    get_solver(settings.solver).check_selection(model, chosen, f"params={settings.params!r}")
     check_finite_state(model)
     # floating inputs in the model's dtype when that cast is exact (float32 data, float64 model), else an error
     dtype = model_dtype(model)
@@ -437,12 +434,11 @@ def _solve(problem: _Problem) -> torch.Tensor:
                          f"in {g.dtype}")
 
     options = settings.options
-    given = dict(settings.solver_options)
-    if settings.solver in ("kfac", "ekfac") and problem.solve_cache.enabled and "cache_dir" not in given:
-        options = replace(options, cache_dir=problem.run.cache_dir)  # the fitted factors beside the results
-    if settings.solver == "lissa" and problem.solve_cache.enabled and "checkpoint_path" not in given:
-        # inverse_hvp appends ".rank<r>" under a process group: each rank keeps its own generator states
-        options = replace(options, checkpoint_path=problem.solve_cache.path(".lissa.pt"))
+    if problem.solve_cache.enabled:
+        # what the solver keeps beside the results (K-FAC factors, LiSSA checkpoints), unless given explicitly
+        options = get_solver(settings.solver).with_storage(options, dict(settings.solver_options),
+                                                           cache_dir=problem.run.cache_dir,
+                                                           path_for=problem.solve_cache.path)
     s = inverse_hvp(_operator(problem), g, method=settings.solver, damping=settings.damping, seed=settings.seed,
                     progress=problem.show, options=options)
     if not bool(torch.isfinite(s).all()):
@@ -464,11 +460,13 @@ def _check_solver_dtype(problem: _Problem) -> None:
     """Refuse, before any pass, a half-precision model whose solver would run the native head Hessian's products
     (CG, LiSSA): its kernel computes in float32 or float64 only, and would fail after the features pass."""
     dtype, solver = next(iter(problem.chosen.values())).dtype, problem.settings.solver
-    if solver in ("cg", "lissa") and dtype not in (torch.float32, torch.float64) and _native_head(problem):
+    if (get_solver(solver).runs_operator_products and dtype not in (torch.float32, torch.float64)
+            and _native_head(problem)):
+        others = ", ".join(repr(n) for n in solver_names() if not get_solver(n).runs_operator_products)
         raise TypeError(
             f"model's parameters are {dtype}, and solver={solver!r} over the classifier head runs the native head "
             f"Hessian's products, which compute in float32 or float64 only. Convert the model (model.float()), or "
-            f"use solver='exact', 'kfac' or 'ekfac', which do not use those products")
+            f"use solver= one of {others}, which do not use those products")
 
 
 def _operator(problem: _Problem):

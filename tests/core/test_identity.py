@@ -13,7 +13,7 @@ from torch import nn
 import iaerf
 from iaerf.core.identity import UnidentifiableCallableError, callable_identity, state_digest
 from iaerf.hessian import ModuleHessian, inverse_hvp
-from iaerf.hessian.inverse import clear_exact_cache
+from iaerf.hessian.solvers import clear_exact_cache
 from iaerf.influence import InfluenceTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,7 @@ from torch import nn
 
 import iaerf
 from iaerf.hessian import HeadHessian, HessianNotFiniteError, LissaDivergenceError, ModuleHessian, inverse_hvp
-from iaerf.hessian import inverse as inverse_mod
+from iaerf.hessian.solvers import common as solver_common
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -318,10 +318,10 @@ def test_lissa_seeds_without_numpy2_integer_promotion(monkeypatch):
         def generate_state(self, n_words, dtype=np.uint32):
             return [Numpy1UInt64(int(w)) for w in super().generate_state(n_words, dtype)]
 
-    expected = inverse_mod._derived_seed(3, 4)
+    expected = solver_common.derived_seed(3, 4)
     fake = types.SimpleNamespace(random=types.SimpleNamespace(SeedSequence=SeedSequence), uint64=np.uint64)
-    monkeypatch.setattr(inverse_mod, "np", fake)
-    assert inverse_mod._derived_seed(3, 4) == expected
+    monkeypatch.setattr(solver_common, "np", fake)
+    assert solver_common.derived_seed(3, 4) == expected
 
 
 # -- argument validation ------------------------------------------------------------------------------------------

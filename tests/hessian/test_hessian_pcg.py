@@ -10,9 +10,10 @@ from torch import nn
 
 import iaerf
 from iaerf.hessian import CGOptions, HeadHessian, ModuleHessian, inverse_hvp
-from iaerf.hessian.inverse import clear_exact_cache
+from iaerf.hessian.solvers import clear_exact_cache
 from iaerf.hessian.kfac import KFACOperator
-from iaerf.hessian.preconditioners import CurvaturePreconditioner, _Source, fisher_diagonal
+from iaerf.hessian.curvature_source import curvature_source
+from iaerf.hessian.preconditioners import CurvaturePreconditioner, fisher_diagonal
 from tests._docs import doc_path, python_blocks
 from tests._influence_models import MLP, SmallCNN, indefinite_mlp, randomize_batchnorm
 
@@ -138,7 +139,7 @@ def test_diagonal_is_the_gauss_newton_diagonal():
     model, x, y = _cnn()
     op = ModuleHessian(model, (x, y), gauss_newton=True)
     exact = op.dense().diagonal()
-    source = _Source(op)
+    source = curvature_source(op, "the diagonal")
     expected = fisher_diagonal(source, source.names, fisher="expected", batch_size=16, seed=0, progress=False)
     torch.testing.assert_close(expected, exact, rtol=1e-10, atol=1e-12)
     sampled = fisher_diagonal(source, source.names, fisher="sampled", batch_size=16, seed=0, progress=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from iaerf.hessian import ExactOptions, HeadHessian, HessianOperator, LissaOptions, inverse_hvp
-from iaerf.hessian.inverse import LissaAccuracyWarning, clear_exact_cache, exact_solve_cost
+from iaerf.hessian.solvers import LissaAccuracyWarning, clear_exact_cache, exact_solve_cost
 from iaerf.core.indexed_data import named_digest
 
 pytestmark = pytest.mark.usefixtures("one_thread")

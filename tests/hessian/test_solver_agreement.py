@@ -11,7 +11,7 @@ from torch import nn
 
 import iaerf
 from iaerf.hessian import ModuleHessian, inverse_hvp
-from iaerf.hessian.inverse import clear_exact_cache
+from iaerf.hessian.solvers import clear_exact_cache
 from iaerf.hessian.kfac import KFACOperator, UnsupportedLayerError, kfac_parameters
 from tests._influence_models import MLP, SmallCNN, indefinite_mlp, randomize_batchnorm
 

@@ -571,7 +571,7 @@ def test_full_model_exact_falls_back_to_ekfac_and_says_so(quick, tmp_path):
     logs = []
     cfg = quick(methods=("erm",), influence_params=None, train_epochs=2)
     values = Pipeline(str(tmp_path / "r"), cfg, progress=False, log=logs.append).influence("erm")
-    from iaerf.hessian.inverse import ExactOptions
+    from iaerf.hessian import ExactOptions
 
     limit = ExactOptions().max_exact_params
     assert any("using EK-FAC" in line and f"max_exact_params={limit}" in line for line in logs), logs

@@ -15,6 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from iaerf.hessian import solver_names
 from iaerf.longtail.finetuning import BETAS, CAPS, SELECT_RULES, FinetuneConfig, cifar_finetune_config, classifier_retrain_config
 
 __all__ = ["BASE_METHODS", "DERIVED_METHODS", "ROWS", "DataSettings", "BaselineSettings", "InfluenceSettings",
@@ -29,7 +30,7 @@ DERIVED_METHODS = ("crt", "lws")  # classifier re-training on the frozen ERM bac
 # IAERF; iaerf-la: IAERF on the logit-adjusted loss; iaerf-posthoc: IAERF's model + post-hoc logit adjustment
 ROWS = ("posthoc", "la", "cb", "iaerf-class", "iaerf-la", "iaerf-posthoc")
 DATASETS = ("digits", "cifar10", "cifar100", "features")
-SOLVERS = ("exact", "cg", "lissa", "kfac", "ekfac")
+SOLVERS = solver_names()  # the registered inverse-HVP solvers (iaerf.hessian.solvers)
 VALIDATIONS = ("train_subset", "heldout")
 IMAGE_MODELS = ("small_cnn", "convnet")  # networks a run can train on images of any channel count (iaerf.longtail.models)
 PROTOCOLS = ("paper", "recommended")
@@ -252,12 +253,12 @@ class InfluenceSettings:
 
     def _check_solver_options(self) -> None:
         """The options must be ones the chosen solver accepts, with valid values (the solver's own check)."""
-        from iaerf.hessian.inverse import make_solver_options
+        from iaerf.hessian.solvers import make_options
 
         if self.solver_options is None:
             return
         try:
-            make_solver_options(self.solver, self.solver_options, {})
+            make_options(self.solver, self.solver_options, {})
         except (TypeError, ValueError) as exc:
             raise SettingError("solver_options", f"solver_options {self.solver_options} for solver {self.solver!r}: "
                                                  f"{exc}") from None

@@ -140,7 +140,7 @@ def _selection_size(model: torch.nn.Module, selection) -> int:
 
 
 def _exact_limit(ctx: RunContext) -> int:
-    from iaerf.hessian.inverse import ExactOptions
+    from iaerf.hessian import ExactOptions
 
     return (ctx.config.influence.solver_options or {}).get("max_exact_params", ExactOptions().max_exact_params)
 
