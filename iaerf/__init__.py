@@ -32,6 +32,7 @@ _EXPORTS = {
     "energy_influence_on_test": "iaerf.influence",
     "loss_influence": "iaerf.influence",
     "InfluenceTask": "iaerf.influence",
+    "InfluenceSettings": "iaerf.influence",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -153,7 +153,7 @@ def _steps(out):
 
 def test_gpu_check_dry_run_fails_on_a_collection_error(tmp_path):
     tree = _tree_copy(tmp_path)
-    with open(tree / "tests" / "test_logsumexp.py", "a") as fh:
+    with open(tree / "tests" / "ops" / "test_logsumexp.py", "a") as fh:
         fh.write("\ndef broken(:\n")
     run = _gpu_check(tree, tmp_path / "out", "--only", "tests")
     assert run.returncode == 1, run.stdout[-3000:]

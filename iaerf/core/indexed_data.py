@@ -29,7 +29,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset
 
 from iaerf.core.identity import hash_tensor
 
-__all__ = ["IndexedData", "tuple_item", "named_digest", "match_input_dtype", "check_finite_rows"]
+__all__ = ["IndexedData", "tuple_item", "named_digest", "match_input_dtype", "check_finite_rows", "nonempty_data"]
 
 
 def tuple_item(item):
@@ -336,3 +336,12 @@ class IndexedData:
         if self.inputs is not None:
             return named_digest(zip(("inputs", "labels"), (self.inputs, self.targets)))
         return named_digest((f"{i}", t) for i in range(len(self)) for t in self._item(i))
+
+
+def nonempty_data(data, why: str) -> IndexedData:
+    """``data`` as :class:`IndexedData` (itself when it is one already); a ValueError naming it when it holds no
+    example (``why``: what needs them)."""
+    data = data if isinstance(data, IndexedData) else IndexedData(data, "data")
+    if len(data) == 0:
+        raise ValueError(f"{data.name} is empty: {why}, and there are none")
+    return data

@@ -54,7 +54,7 @@ from iaerf.hessian.kfac_factors import (
     selected_parameters,
 )
 from iaerf.hessian.operators import HessianOperator
-from iaerf.core.indexed_data import IndexedData, named_digest
+from iaerf.core.indexed_data import named_digest, nonempty_data
 
 __all__ = ["APPROXIMATIONS", "KFACOperator", "KFACOptions", "UnsupportedLayerError", "kfac_parameters"]
 
@@ -153,10 +153,7 @@ class KFACOperator(HessianOperator):
         self.layers: list[KFACLayer] = resolve_layers(model, chosen, what)
         self.num_params = sum(p.numel() for p in chosen.values())
         self.process_group = process_group
-        self._data = data if isinstance(data, IndexedData) else IndexedData(data, "data")
-        if len(self._data) == 0:
-            raise ValueError(f"{self._data.name} is empty: K-FAC averages over the training examples, and there are "
-                             f"none")
+        self._data = nonempty_data(data, "K-FAC averages over the training examples")
         self.num_local_samples = len(self._data)
         self.num_samples = self._global_count(len(self._data))
         self._fit(cache_dir, progress)

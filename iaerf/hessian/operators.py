@@ -27,7 +27,7 @@ from iaerf.core.identity import UnidentifiableCallableError, callable_identity
 from iaerf.hessian._checks import check_indices, check_nonnegative, check_vectors
 from iaerf.hessian.params import select_parameters, unflatten
 from iaerf.core.heads import eval_mode
-from iaerf.core.indexed_data import IndexedData, named_digest
+from iaerf.core.indexed_data import IndexedData, named_digest, nonempty_data
 
 
 class HessianOperator(abc.ABC):
@@ -229,10 +229,7 @@ class ModuleHessian(HessianOperator):
         self._frozen.update({k: v.detach().to(self.device) for k, v in model.named_buffers()})
         self.num_params = sum(v.numel() for v in self._params.values())
         self.process_group = process_group
-        self._data = data if isinstance(data, IndexedData) else IndexedData(data, "data")
-        if len(self._data) == 0:
-            raise ValueError(f"{self._data.name} is empty: the Hessian averages over the training examples, and "
-                             f"there are none")
+        self._data = nonempty_data(data, "the Hessian averages over the training examples")
         self.num_local_samples = len(self._data)
         self.num_samples = self._global_count(len(self._data))
 

@@ -14,29 +14,31 @@ forward-mode directional derivative, -(d/de) E_{theta + e s}(x_i) (see :mod:`iae
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from iaerf.core.io import ensure_writable_dir
 from iaerf.core.progress import progress_bar
 from iaerf.core.heads import affine_head, check_finite_state, check_logits, eval_mode, head_inputs, model_dtype
-from iaerf.hessian.solvers import get_solver, make_options, solver_names
+from iaerf.hessian.solvers import get_solver, solver_names
 from iaerf.core.indexed_data import IndexedData
 from iaerf.hessian.params import trainable_selection
 from iaerf.core import distributed as D
 from iaerf.core.store import ResultCache
 from iaerf.core.identity import model_fingerprint
 from iaerf.influence.gradients import directional_derivatives, loss_gradients
-from iaerf.influence.task import InfluenceTask, resolve_task
+from iaerf.influence.settings import InfluenceSettings
+from iaerf.influence.task import InfluenceTask
 
 
-def energy_influence(model, train, val, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
-                     solver_options=None, batch_size=256, device=None, cache_dir=None, process_group=None,
-                     progress=True, seed=0, gauss_newton=False, task=None) -> torch.Tensor:
+def energy_influence(model, train, val, settings: InfluenceSettings | None = None, *, device=None,
+                     progress: bool = True, **overrides) -> torch.Tensor:
     """Influence of energy regularization of each training point on the mean validation loss (paper Eq. 9).
+
+    ``settings`` is an :class:`iaerf.InfluenceSettings` (None: its defaults); its fields may also be given as keywords
+    (``energy_influence(model, train, val, solver="cg", damping=1e-3)``), replacing those of ``settings``. A keyword
+    that is no field is a TypeError naming it. Everything is validated before any pass over the data.
 
     Args:
         model: classifier ``f(x) -> logits [b, K]`` (a tensor; a dict output is a TypeError) with finite
@@ -48,6 +50,10 @@ def energy_influence(model, train, val, *, params=None, weight_decay=0.0, dampin
             Floating inputs must be finite (else a ValueError naming the example) and are cast to the model's dtype
             when that is exact (float32 data, float64 model); a cast that would round is a TypeError.
         val: ``m >= 1`` validation points, same forms.
+        device: where to compute (default: the model's device; the model must already live there).
+        progress: tqdm progress bars (rank 0 only).
+
+    Settings (fields of :class:`iaerf.InfluenceSettings`):
         params: parameter names or prefixes the influence is taken over (None: every parameter with
             requires_grad); frozen parameters in the selection are left out. When the selection is exactly the
             weight and bias of the classifier head (:func:`iaerf.core.heads.find_classifier_head`: the ``nn.Linear``
@@ -74,12 +80,10 @@ def energy_influence(model, train, val, *, params=None, weight_decay=0.0, dampin
             a TypeError) -- or a dict of their fields (None: the defaults); validated before any pass and handed
             to the solver. ``damping`` and ``seed`` are this function's own arguments, never options.
         batch_size: batch size of the data passes.
-        device: where to compute (default: the model's device; the model must already live there).
         cache_dir: when given, results (and the inverse-HVP solution s) are stored there with their settings and
             reused when model, data and settings match; a LiSSA run keeps its checkpoint there.
         process_group: a torch.distributed group, "auto" (the default group when initialised) or None; see
             :mod:`iaerf.core.distributed`.
-        progress: tqdm progress bars (rank 0 only).
         seed: seed of the stochastic solver.
         gauss_newton: use the Gauss-Newton matrix (positive semi-definite) instead of the exact Hessian, for
             non-convex models where LiSSA or CG meet negative curvature (for a linear head over frozen features
@@ -97,16 +101,12 @@ def energy_influence(model, train, val, *, params=None, weight_decay=0.0, dampin
         ``[n]`` tensor (the parameters' dtype, on ``device``) in training-set order: I_val(x_i) = -s . grad E(x_i).
         Never non-finite: a model whose outputs overflow raises a ValueError naming the first such train example.
     """
-    return _influence("energy", model, train, val,
-                      params=params, weight_decay=weight_decay, damping=damping, solver=solver,
-                      solver_options=solver_options, batch_size=batch_size, device=device, cache_dir=cache_dir,
-                      process_group=process_group, progress=progress, seed=seed, gauss_newton=gauss_newton,
-                      task=task)
+    settings = InfluenceSettings.of(settings, overrides, caller="energy_influence")
+    return _influence("energy", model, train, val, settings, device=device, progress=progress)
 
 
-def energy_influence_on_test(model, train, test, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
-                             solver_options=None, batch_size=256, device=None, cache_dir=None, process_group=None,
-                             progress=True, seed=0, gauss_newton=False, task=None) -> torch.Tensor:
+def energy_influence_on_test(model, train, test, settings: InfluenceSettings | None = None, *, device=None,
+                             progress: bool = True, **overrides) -> torch.Tensor:
     """Influence of energy regularization of each training point on each test point's loss (paper Eq. 8).
 
     Same arguments as :func:`energy_influence` with ``test`` (k points) in place of ``val`` (``solver_options``:
@@ -117,16 +117,12 @@ def energy_influence_on_test(model, train, test, *, params=None, weight_decay=0.
     Returns:
         ``[k, n]``: entry (j, i) is I_{x_test_j}(x_i). Its row mean equals :func:`energy_influence` with val=test.
     """
-    return _influence("energy_on_test", model, train, test,
-                      params=params, weight_decay=weight_decay, damping=damping, solver=solver,
-                      solver_options=solver_options, batch_size=batch_size, device=device, cache_dir=cache_dir,
-                      process_group=process_group, progress=progress, seed=seed, gauss_newton=gauss_newton,
-                      task=task)
+    settings = InfluenceSettings.of(settings, overrides, caller="energy_influence_on_test")
+    return _influence("energy_on_test", model, train, test, settings, device=device, progress=progress)
 
 
-def loss_influence(model, train, val, *, params=None, weight_decay=0.0, damping=0.0, solver="lissa",
-                   solver_options=None, batch_size=256, device=None, cache_dir=None, process_group=None,
-                   progress=True, seed=0, gauss_newton=False, task=None) -> torch.Tensor:
+def loss_influence(model, train, val, settings: InfluenceSettings | None = None, *, device=None,
+                   progress: bool = True, **overrides) -> torch.Tensor:
     """Classic influence of upweighting each training point on the mean validation loss (Koh & Liang, Eq. 4).
 
     I_loss(x_i) = -g_val^T (H + damping I)^{-1} grad L(x_i, y_i) = -(d/de) CE(f_{theta + e s}(x_i), y_i): the same
@@ -135,11 +131,8 @@ def loss_influence(model, train, val, *, params=None, weight_decay=0.0, damping=
     arguments as :func:`energy_influence`; ``solver_options`` is the typed options of ``solver``
     (:class:`iaerf.LissaOptions` / :class:`iaerf.CGOptions` / :class:`iaerf.ExactOptions`) or a dict of their fields.
     """
-    return _influence("loss", model, train, val,
-                      params=params, weight_decay=weight_decay, damping=damping, solver=solver,
-                      solver_options=solver_options, batch_size=batch_size, device=device, cache_dir=cache_dir,
-                      process_group=process_group, progress=progress, seed=seed, gauss_newton=gauss_newton,
-                      task=task)
+    settings = InfluenceSettings.of(settings, overrides, caller="loss_influence")
+    return _influence("loss", model, train, val, settings, device=device, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -157,94 +150,17 @@ class _MeanLoss:
 
 
 @dataclass(frozen=True)
-class SolveSettings:
-    """The settings that decide s and the influence (see :func:`energy_influence` for their meaning), validated
-    once by :meth:`parse`; :meth:`describe` is their part of every cache key."""
-
-    params: tuple[str, ...] | None = None
-    weight_decay: float = 0.0
-    damping: float = 0.0
-    solver: str = "lissa"
-    # the options as given (a typed one: its fields that differ from the defaults), the cache-key part, so that
-    # LissaOptions(depth=50) and {"depth": 50} share a key and keys stored before typed options existed still match
-    solver_options: tuple[tuple[str, object], ...] = ()
-    batch_size: int = 256
-    seed: int = 0
-    gauss_newton: bool = False
-    # the validated options the solver runs with (make_options of solver and solver_options)
-    options: object = field(default=None, compare=False, repr=False)
-
-    @classmethod
-    def parse(cls, *, params, weight_decay, damping, solver, solver_options, batch_size, seed,
-              gauss_newton) -> SolveSettings:
-        for name, value in (("weight_decay", weight_decay), ("damping", damping)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if solver not in solver_names():
-            raise ValueError(f"solver must be one of {solver_names()}, got {solver!r}")
-        if isinstance(solver_options, dict):
-            for key in ("damping", "seed", "progress", "method"):
-                if key in solver_options:
-                    raise ValueError(f"solver_options must not contain {key!r}: pass it as the keyword argument "
-                                     f"instead")
-        options = make_options(solver, solver_options, argument="solver_options")
-        if solver_options is None or isinstance(solver_options, dict):
-            given = dict(solver_options or {})
-        else:
-            given = {f.name: getattr(options, f.name) for f in fields(options)
-                     if getattr(options, f.name) != f.default}
-        if isinstance(params, str):
-            params = (params,)
-        elif params is not None:
-            params = tuple(params)
-        if not isinstance(gauss_newton, bool):
-            raise TypeError(f"gauss_newton must be a bool, got {type(gauss_newton).__name__}")
-        return cls(params, float(weight_decay), float(damping), solver, tuple(sorted(given.items())),
-                   batch_size, seed, gauss_newton, options)
-
-    def describe(self) -> dict:
-        return {
-            "params": list(self.params) if self.params is not None else None,
-            "weight_decay": self.weight_decay,
-            "damping": self.damping,
-            "solver": self.solver,
-            "solver_options": dict(self.solver_options),
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "gauss_newton": self.gauss_newton,
-        }
-
-
-@dataclass(frozen=True)
 class RunSettings:
-    """Where and how a run happens; none of it changes the result, so none of it enters a cache key."""
+    """Where a run happens and whether it shows progress; neither changes the result or enters a cache key."""
 
     device: torch.device | None = None
-    cache_dir: object = None
-    process_group: object = None
     progress: bool = True
 
-    @classmethod
-    def parse(cls, *, device, cache_dir, process_group, progress) -> RunSettings:
-        if cache_dir is not None:
-            # before any pass over the data: an unwritable cache would otherwise fail only when the result is stored
-            ensure_writable_dir(cache_dir, "cache_dir")
-        return cls(torch.device(device) if device is not None else None, cache_dir, process_group, bool(progress))
 
-
-def _influence(kind: str, model, train, val, *, params, weight_decay, damping, solver, solver_options, batch_size,
-               device, cache_dir, process_group, progress, seed, gauss_newton, task) -> torch.Tensor:
-    """The three public functions' common body: validate, then prepare -> (cached) solve -> (cached) score."""
-    settings = SolveSettings.parse(params=params, weight_decay=weight_decay, damping=damping, solver=solver,
-                                   solver_options=solver_options, batch_size=batch_size, seed=seed,
-                                   gauss_newton=gauss_newton)
-    task = resolve_task(task)
-    run = RunSettings.parse(device=device, cache_dir=cache_dir, process_group=process_group, progress=progress)
-    problem = prepare(kind, model, train, val, settings, task, run)
+def _influence(kind: str, model, train, val, settings: InfluenceSettings, *, device, progress) -> torch.Tensor:
+    """The three public functions' common body: prepare -> (cached) solve -> (cached) score."""
+    run = RunSettings(torch.device(device) if device is not None else None, bool(progress))
+    problem = prepare(kind, model, train, val, settings, settings.resolved_task, run)
     with eval_mode(model):
         problem.probe_model()
         hit = problem.result_cache.load({"influence": problem.expected_influence})
@@ -261,7 +177,7 @@ class _Problem:
 
     kind: str
     model: nn.Module
-    settings: SolveSettings
+    settings: InfluenceSettings
     task: InfluenceTask
     run: RunSettings
     train: IndexedData
@@ -307,7 +223,7 @@ class _Problem:
             self.task.check_outputs(logits, probe_label, self.kind)
         self.probe = probe
 
-        cache_dir = self.run.cache_dir
+        cache_dir = self.settings.cache_dir
         base = {
             **self.settings.describe(),
             "chosen_params": list(self.chosen),
@@ -373,7 +289,7 @@ class _Local:
     val_idx: range
 
 
-def prepare(kind: str, model, train, val, settings: SolveSettings, task: InfluenceTask,
+def prepare(kind: str, model, train, val, settings: InfluenceSettings, task: InfluenceTask,
             run: RunSettings) -> _Problem:
     """Checks the data, the parameter selection and the device, and resolves the process group (no model pass:
     :meth:`_Problem.probe_model` runs in eval mode, head detection and the features pass when first needed)."""
@@ -393,7 +309,7 @@ def prepare(kind: str, model, train, val, settings: SolveSettings, task: Influen
         wanted = run.device
         if wanted.type != device.type or (wanted.index is not None and wanted.index != device.index):
             raise ValueError(f"device={wanted} but the model's parameters are on {device}; move the model first")
-    group = D.resolve_group(run.process_group)
+    group = D.resolve_group(settings.process_group)
     rank, world = D.rank_and_world(group)
     return _Problem(kind, model, settings, task, run, train_d, val_d, chosen, device, group, rank, world)
 
@@ -436,15 +352,15 @@ def _solve(problem: _Problem) -> torch.Tensor:
     options = settings.options
     if problem.solve_cache.enabled:
         # what the solver keeps beside the results (K-FAC factors, LiSSA checkpoints), unless given explicitly
-        options = get_solver(settings.solver).with_storage(options, dict(settings.solver_options),
-                                                           cache_dir=problem.run.cache_dir,
+        options = get_solver(settings.solver).with_storage(options, settings.given_options(),
+                                                           cache_dir=problem.settings.cache_dir,
                                                            path_for=problem.solve_cache.path)
     s = inverse_hvp(_operator(problem), g, method=settings.solver, damping=settings.damping, seed=settings.seed,
                     progress=problem.show, options=options)
     if not bool(torch.isfinite(s).all()):
         raise ValueError(
             f"the inverse-HVP solution s from solver={settings.solver!r} is not finite; increase damping "
-            f"(now {settings.damping}) or adjust solver_options {dict(settings.solver_options)} (e.g. a larger "
+            f"(now {settings.damping}) or adjust solver_options {settings.given_options()} (e.g. a larger "
             f"LiSSA scale)"
         )
     return s.to(g.dtype)

@@ -133,3 +133,27 @@ def on_device(t: torch.Tensor):
 
 def coef_arg(coef: torch.Tensor) -> tuple[torch.Tensor, int]:
     return (coef.reshape(1), 0) if coef.dim() == 0 else (coef, coef.stride(0))
+
+
+def launch_backward(grad: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor | None = None,
+                    coef: torch.Tensor | None = None, ignore_index: int = 0) -> torch.Tensor:
+    """The one backward launcher of the logsumexp and energy-CE ops: grad [N] fp32 (any stride), logits [N, K],
+    lse [N] -> grad_logits [N, K] in the logits' dtype: grad_i softmax(z_i), and with ``target`` (energy-CE) the
+    weighted softmax minus the true-class term (ignored rows zero, out-of-range targets NaN)."""
+    logits = row_major(logits)
+    N, K = logits.shape
+    out = torch.empty((N, K), dtype=logits.dtype, device=logits.device)
+    if N == 0:
+        return out
+    rows, block, _, num_warps, grid = tiling(N, K)
+    if target is None:  # the target, coef and ignore_index slots are unused without HAS_TARGET
+        target_arg, coef, coef_stride = lse, lse, 0
+    else:
+        target_arg = target.contiguous()
+        coef, coef_stride = coef_arg(coef)
+    with on_device(logits):
+        _backward_kernel[(grid,)](
+            grad, grad.stride(0), logits, logits.stride(0), target_arg, coef, coef_stride, lse, out, N, K,
+            ignore_index, HAS_TARGET=target is not None, ROWS=rows, BLOCK=block, num_warps=num_warps,
+        )
+    return out

@@ -51,20 +51,7 @@ def triton_forward(logits, target, coef, ignore_index: int):
 
 def triton_backward(grad, logits, target, coef, lse, ignore_index: int):
     """Triton launcher: grad [N] fp32 (any stride) -> grad_logits [N, K] in the logits' dtype."""
-    tk = _kernels()
-    logits = tk.row_major(logits)
-    N, K = logits.shape
-    out = torch.empty((N, K), dtype=logits.dtype, device=logits.device)
-    if N == 0:
-        return out
-    rows, block, _, num_warps, grid = tk.tiling(N, K)
-    coef, coef_stride = tk.coef_arg(coef)
-    with tk.on_device(logits):
-        tk._backward_kernel[(grid,)](
-            grad, grad.stride(0), logits, logits.stride(0), target.contiguous(), coef, coef_stride, lse, out, N, K,
-            ignore_index, HAS_TARGET=True, ROWS=rows, BLOCK=block, num_warps=num_warps,
-        )
-    return out
+    return _kernels().launch_backward(grad, logits, lse, target, coef, ignore_index)
 
 
 def _fake_forward(logits, target, energy_coef, ignore_index):

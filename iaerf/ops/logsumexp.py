@@ -42,19 +42,7 @@ def triton_forward(logits: torch.Tensor) -> torch.Tensor:
 
 def triton_backward(grad: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """Triton launcher: grad [N] fp32 -> grad[:, None] * softmax(logits) [N, K], in the logits' dtype."""
-    tk = _kernels()
-    logits = tk.row_major(logits)
-    N, K = logits.shape
-    out = torch.empty((N, K), dtype=logits.dtype, device=logits.device)
-    if N == 0:
-        return out
-    rows, block, _, num_warps, grid = tk.tiling(N, K)
-    with tk.on_device(logits):
-        tk._backward_kernel[(grid,)](
-            grad, grad.stride(0), logits, logits.stride(0), lse, lse, 0, lse, out, N, K, 0,
-            HAS_TARGET=False, ROWS=rows, BLOCK=block, num_warps=num_warps,
-        )
-    return out
+    return _kernels().launch_backward(grad, logits, lse)
 
 
 # The CUDA kernels look the launchers up at call time, so that a test can spy on them. The *_with_probs /

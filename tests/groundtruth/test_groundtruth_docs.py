@@ -1,14 +1,14 @@
-"""The python examples of docs/evaluation.md run as written."""
+"""The python examples of docs/groundtruth.md run as written."""
 from __future__ import annotations
 
 from _docs import doc_path, python_blocks
 
 
-def test_evaluation_docs_examples_run(tmp_path, monkeypatch):
-    doc = doc_path("docs/evaluation.md")
+def test_groundtruth_docs_examples_run(tmp_path, monkeypatch):
+    doc = doc_path("docs/groundtruth.md")
     with open(doc) as f:
         blocks = python_blocks(f.read())
-    assert blocks, "docs/evaluation.md has no python example"
+    assert blocks, "docs/groundtruth.md has no python example"
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, doc, "exec"), {"__name__": "__docs__"})  # noqa: S102 - our own documentation

@@ -343,21 +343,21 @@ def test_linear_subclass_with_its_own_forward_is_not_taken_for_an_affine_head(mo
 
 
 def test_settings_are_validated_in_one_place_and_describe_the_cache_key():
-    """SolveSettings.parse normalises the arguments and describe() is their (pinned) part of every cache key:
+    """InfluenceSettings normalises the arguments and describe() is their (pinned) part of every cache key:
     changing its content would orphan every existing cache."""
     import iaerf.influence
-    from iaerf.influence.scores import SolveSettings
+    from iaerf.influence.settings import InfluenceSettings
 
-    settings = SolveSettings.parse(params="fc", weight_decay=1, damping=0.5, solver="cg",
-                                   solver_options={"tol": 1e-8, "max_iter": 5}, batch_size=8, seed=2,
-                                   gauss_newton=False)
+    settings = InfluenceSettings(params="fc", weight_decay=1, damping=0.5, solver="cg",
+                                 solver_options={"tol": 1e-8, "max_iter": 5}, batch_size=8, seed=2,
+                                 gauss_newton=False)
     assert settings.describe() == {"params": ["fc"], "weight_decay": 1.0, "damping": 0.5, "solver": "cg",
                                    "solver_options": {"max_iter": 5, "tol": 1e-8}, "batch_size": 8, "seed": 2,
                                    "gauss_newton": False}
     assert list(settings.describe()["solver_options"]) == ["max_iter", "tol"]
     with pytest.raises(ValueError, match="solver_options must not contain 'seed'"):
-        SolveSettings.parse(params=None, weight_decay=0, damping=0, solver="cg", solver_options={"seed": 1},
-                            batch_size=8, seed=0, gauss_newton=False)
+        InfluenceSettings(params=None, weight_decay=0, damping=0, solver="cg", solver_options={"seed": 1},
+                          batch_size=8, seed=0, gauss_newton=False)
     assert "InfluenceOptions" not in iaerf.influence.__all__
 
 
@@ -392,12 +392,12 @@ def test_typed_solver_options(fn):
 
 
 def test_typed_solver_options_share_the_cache_key_of_their_dict():
-    from iaerf.influence.scores import SolveSettings
+    from iaerf.influence.settings import InfluenceSettings
 
     common = dict(params=None, weight_decay=0, damping=0, batch_size=8, seed=0, gauss_newton=False)
-    typed = SolveSettings.parse(solver="lissa", solver_options=iaerf.LissaOptions(depth=50, repeats=2), **common)
-    plain = SolveSettings.parse(solver="lissa", solver_options={"repeats": 2, "depth": 50}, **common)
+    typed = InfluenceSettings(solver="lissa", solver_options=iaerf.LissaOptions(depth=50, repeats=2), **common)
+    plain = InfluenceSettings(solver="lissa", solver_options={"repeats": 2, "depth": 50}, **common)
     assert typed.describe() == plain.describe() and typed.describe()["solver_options"] == {"depth": 50, "repeats": 2}
     assert typed.options == plain.options == iaerf.LissaOptions(depth=50, repeats=2)
     # the defaults: no options in the key, exactly as before typed options existed
-    assert SolveSettings.parse(solver="cg", solver_options=iaerf.CGOptions(), **common).describe()["solver_options"] == {}
+    assert InfluenceSettings(solver="cg", solver_options=iaerf.CGOptions(), **common).describe()["solver_options"] == {}

@@ -532,11 +532,11 @@ def test_protocol_presets():
 
     paper = PipelineConfig.from_options(protocol="paper")
     assert paper.data.validation_set == "train_subset" and paper.fine_tuning.betas == (0.1, 0.5, 1.0, 10.0)
-    assert paper.fine_tuning.energy_cap == "per_sample" and paper.influence.influence_params == "finetuned"
+    assert paper.fine_tuning.energy_cap == "per_sample" and paper.influence.params == "finetuned"
     assert paper.finetune_config().train_params is None and paper.influence.gauss_newton
     rec = PipelineConfig.from_options(protocol="recommended", damping=0.1)
     assert rec.data.heldout_val == 12 and rec.data.validation_set == "heldout" and 0.0 in rec.fine_tuning.betas
-    assert rec.finetune_config().train_params == ("fc",) and rec.influence.influence_params == "finetuned"
+    assert rec.finetune_config().train_params == ("fc",) and rec.influence.params == "finetuned"
     assert rec.influence.damping == 0.1
     assert PipelineConfig.from_json(rec.to_json()) == rec
     with pytest.raises(SettingError) as err:

@@ -42,9 +42,9 @@ from iaerf.longtail.pipeline.files import load_checkpoint, read_settings, save_c
 from iaerf.longtail.pipeline.report import format_table
 from iaerf.longtail.pipeline.run import DamagedOutputWarning, Pipeline, RunLockedError, fork_run
 from iaerf.longtail.pipeline.settings import (BaselineSettings, DataSettings, FigureSettings, FineTuningSettings,
-                                     InfluenceSettings, PipelineConfig, SettingError)
+                                     InfluenceStageSettings, PipelineConfig, SettingError)
 
-__all__ = ["PipelineConfig", "DataSettings", "BaselineSettings", "InfluenceSettings", "FineTuningSettings",
+__all__ = ["PipelineConfig", "DataSettings", "BaselineSettings", "InfluenceStageSettings", "FineTuningSettings",
            "FigureSettings", "Pipeline", "RunContext", "SettingError", "DamagedOutputWarning", "RunLockedError", "fork_run",
            "save_checkpoint", "load_checkpoint", "save_vector", "read_json", "write_json", "read_settings",
            "classifier_head", "format_table"]

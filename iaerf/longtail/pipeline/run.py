@@ -119,7 +119,7 @@ class Pipeline(RunContext):
                                             f"every class must keep at least one, so the ratio must not exceed the "
                                             f"largest class's count n_max = {max(counts)}")
         train_params = c.finetune_config().train_params
-        influence_params = c.influence.influence_params
+        influence_params = c.influence.params
         for method in dict.fromkeys(tuple(c.baselines.methods) + methods):
             with torch.random.fork_rng(devices=[]):  # building the skeleton must not move the seeded global RNG
                 skeleton = build_from_arch(self.arch(method))

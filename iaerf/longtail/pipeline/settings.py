@@ -16,9 +16,10 @@ import math
 from dataclasses import dataclass, field
 
 from iaerf.hessian import solver_names
+from iaerf.influence.settings import InfluenceSettings
 from iaerf.longtail.finetuning import BETAS, CAPS, SELECT_RULES, FinetuneConfig, cifar_finetune_config, classifier_retrain_config
 
-__all__ = ["BASE_METHODS", "DERIVED_METHODS", "ROWS", "DataSettings", "BaselineSettings", "InfluenceSettings",
+__all__ = ["BASE_METHODS", "DERIVED_METHODS", "ROWS", "DataSettings", "BaselineSettings", "InfluenceStageSettings",
            "FineTuningSettings", "FigureSettings", "PipelineConfig", "SettingError", "protocol_settings",
            "describe_protocol", "setting_fields"]
 
@@ -224,11 +225,13 @@ class BaselineSettings:
 
 
 @dataclass
-class InfluenceSettings:
+class InfluenceStageSettings:
     """The energy influence I_val (Eq. 9): over which parameters (None: all; ("fc",): the classifier, on frozen
-    features; "finetuned": exactly the parameters the fine-tuning moves), which inverse-HVP solver with which options, damping, L2 term, Gauss-Newton or exact Hessian."""
+    features; "finetuned": exactly the parameters the fine-tuning moves), which inverse-HVP solver with which
+    options, damping, L2 term, Gauss-Newton or exact Hessian. The fields :class:`iaerf.InfluenceSettings` has carry
+    its names; :meth:`PipelineConfig.influence_settings` builds that object from them."""
 
-    influence_params: tuple[str, ...] | None = setting(
+    params: tuple[str, ...] | None = setting(
         ("fc",), _names(optional=True, keep=("finetuned",)), "--influence-params",
         "parameter prefixes of the influence (default: fc); 'all' = every one; 'finetuned' = the parameters "
         "fine-tuning moves (scope matched)", cli="list", words={"all": None, "finetuned": "finetuned"})
@@ -313,7 +316,7 @@ class FigureSettings:
         _check_fields(self)
 
 
-_GROUPS = {"data": DataSettings, "baselines": BaselineSettings, "influence": InfluenceSettings,
+_GROUPS = {"data": DataSettings, "baselines": BaselineSettings, "influence": InfluenceStageSettings,
            "fine_tuning": FineTuningSettings, "figures": FigureSettings}
 
 
@@ -327,7 +330,7 @@ class PipelineConfig:
 
     data: DataSettings = field(default_factory=DataSettings)
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
-    influence: InfluenceSettings = field(default_factory=InfluenceSettings)
+    influence: InfluenceStageSettings = field(default_factory=InfluenceStageSettings)
     fine_tuning: FineTuningSettings = field(default_factory=FineTuningSettings)
     figures: FigureSettings = field(default_factory=FigureSettings)
     protocol: str | None = setting(None, lambda n, v: v if v is None else _choice(*PROTOCOLS)(n, v), "--protocol",
@@ -368,6 +371,14 @@ class PipelineConfig:
         given = {f.name: getattr(self.fine_tuning, f.name) for f in dataclasses.fields(self.fine_tuning)
                  if f.name in own and getattr(self.fine_tuning, f.name) != f.metadata["preset"]}
         return dataclasses.replace(preset, **given, seed=self.seed, record_energy=record_energy)
+
+    def influence_settings(self, **resolved) -> InfluenceSettings:
+        """The :class:`iaerf.InfluenceSettings` of the influence stage: every field of ``influence`` that it has (same
+        name), the run's seed, and ``resolved`` (what the stage works out: the parameter selection, the task, a
+        solver fallback) in their place."""
+        own = {f.name for f in dataclasses.fields(InfluenceSettings) if f.init}
+        given = {f.name: getattr(self.influence, f.name) for f in dataclasses.fields(self.influence) if f.name in own}
+        return InfluenceSettings(**{**given, "seed": self.seed, **resolved})
 
     @classmethod
     def from_options(cls, **options) -> "PipelineConfig":

@@ -112,7 +112,7 @@ def influence_selection(ctx: RunContext, model: torch.nn.Module) -> list[str] | 
     ``influence_params="finetuned"`` resolves to exactly the parameters the fine-tuning moves."""
     from iaerf.longtail.finetuning import trainable_parameters
 
-    chosen = ctx.config.influence.influence_params
+    chosen = ctx.config.influence.params
     if chosen != "finetuned":
         return list(chosen) if chosen is not None else None
     moved = {id(p) for p in trainable_parameters(model, ctx.config.finetune_config().train_params)}
@@ -248,7 +248,7 @@ def influence_stage(ctx: RunContext, method: str) -> Stage:
     train = train_stage(ctx, method)
     task = influence_task(ctx, method)
     derived = [{"validation": ctx.config.data.validation_set}]
-    if c.influence_params == "finetuned":  # the parameters fine-tuning moves are the ones the influence is over
+    if c.params == "finetuned":  # the parameters fine-tuning moves are the ones the influence is over
         derived.append({"finetuned": ctx.config.finetune_config().train_params})
     if task is not None:
         derived.append({"task": task.describe("energy")})
@@ -276,11 +276,8 @@ def influence_stage(ctx: RunContext, method: str) -> Stage:
                     f"Conv2d parameters" + (f" (leaving out {', '.join(left_out)})" if left_out else "")
                     + " (give --solver cg / lissa / kfac to choose another)")
             solver, options, selection = "ekfac", None, covered
-        values = infl.energy_influence(
-            model, train_set, val, params=selection,
-            weight_decay=c.weight_decay, damping=c.damping, gauss_newton=c.gauss_newton, solver=solver,
-            solver_options=options, device=ctx.device,
-            progress=ctx.progress, seed=ctx.config.seed, task=task)
+        settings = ctx.config.influence_settings(params=selection, solver=solver, solver_options=options, task=task)
+        values = infl.energy_influence(model, train_set, val, settings, device=ctx.device, progress=ctx.progress)
         if values.shape != (len(split.train),) or not bool(torch.isfinite(values).all()):
             raise FloatingPointError(f"influence for {method} is not a finite [n_train] vector; raise the damping")
         save_vector(ctx.influence_path(method), values)
@@ -657,15 +654,14 @@ def _full_model_panel(ctx: RunContext, method: str, points: int) -> dict:
     import iaerf.influence as infl
     from iaerf.longtail.finetuning import trainable_parameters
 
-    c = ctx.config.influence
     split = ctx.split()
     model, train_set, val = ctx.model(method), split.train, ctx.val()
     moved = {id(p) for p in trainable_parameters(model, None)}
     selection = [name for name, p in model.named_parameters() if id(p) in moved]
-    values = infl.energy_influence(model, train_set, val, params=selection, weight_decay=c.weight_decay,
-                                   damping=c.damping, gauss_newton=True, solver="cg",
-                                   solver_options={"tol": 1e-4, "max_iter": 200}, device=ctx.device,
-                                   progress=ctx.progress, seed=ctx.config.seed, task=influence_task(ctx, method))
+    settings = ctx.config.influence_settings(params=selection, gauss_newton=True, solver="cg",
+                                             solver_options={"tol": 1e-4, "max_iter": 200},
+                                             task=influence_task(ctx, method))
+    values = infl.energy_influence(model, train_set, val, settings, device=ctx.device, progress=ctx.progress)
     indices = torch.argsort(values.abs(), descending=True)[:points].tolist()
     effect, info = _pbrf(ctx, method, model, train_set, val, indices, selection)
     unfinished = int((~info.finished).sum())
