@@ -58,7 +58,7 @@ class InfluenceSettings:
     seed: int = 0
     cache_dir: str | os.PathLike | None = None
     process_group: object = None
-    # the validated options the solver runs with (make_solver_options of solver and solver_options)
+    # the validated options the solver runs with (iaerf.hessian.solvers.make_options of solver and solver_options)
     options: object = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self):
