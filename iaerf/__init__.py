@@ -31,6 +31,8 @@ _EXPORTS = {
     "energy_influence": "iaerf.influence",
     "energy_influence_on_test": "iaerf.influence",
     "loss_influence": "iaerf.influence",
+    "loss_influence_on_test": "iaerf.influence",
+    "top_influences": "iaerf.influence",
     "InfluenceTask": "iaerf.influence",
     "InfluenceSettings": "iaerf.influence",
 }

@@ -32,6 +32,11 @@ from iaerf.influence.settings import InfluenceSettings
 from iaerf.influence.task import InfluenceTask
 
 
+# the kinds with one row per test point (Eq. 8 and the pairwise Eq. 4), and those that upweight the training loss
+_PAIRWISE = ("energy_on_test", "loss_on_test")
+_UPWEIGHT_LOSS = ("loss", "loss_on_test")
+
+
 def energy_influence(model, train, val, settings: InfluenceSettings | None = None, *, device=None,
                      progress: bool = True, **overrides) -> torch.Tensor:
     """Influence of energy regularization of each training point on the mean validation loss (paper Eq. 9).
@@ -135,6 +140,24 @@ def loss_influence(model, train, val, settings: InfluenceSettings | None = None,
     return _influence("loss", model, train, val, settings, device=device, progress=progress)
 
 
+def loss_influence_on_test(model, train, test, settings: InfluenceSettings | None = None, *, device=None,
+                           progress: bool = True, **overrides) -> torch.Tensor:
+    """Pairwise loss influence (Eq. 4 per test point): I_{x_test_j}(x_i) = -grad L(x_test_j)^T (H + damping I)^{-1}
+    grad L(x_i, y_i), the effect of upweighting training point i on test point j's loss.
+
+    One batched solve for all k test points (the k right-hand sides together, shared with
+    :func:`energy_influence_on_test`'s cache entry) and one vmapped JVP pass over the training set, instead of one
+    :func:`loss_influence` call (one solve, one pass) per test point. Same arguments as :func:`energy_influence`.
+
+    Returns:
+        ``[k, n]``: entry (j, i) is I_{x_test_j}(x_i); row j equals ``loss_influence(model, train, test[j:j+1])`` and
+        the row mean equals :func:`loss_influence` with val=test. Positive: upweighting x_i raises x_test_j's loss
+        (a harmful training point for it); :func:`iaerf.influence.top_influences` ranks them.
+    """
+    settings = InfluenceSettings.of(settings, overrides, caller="loss_influence_on_test")
+    return _influence("loss_on_test", model, train, test, settings, device=device, progress=progress)
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -173,7 +196,8 @@ def _influence(kind: str, model, train, val, settings: InfluenceSettings, *, dev
 @dataclass
 class _Problem:
     """Everything :func:`solve` and :func:`score` read: the validated inputs, this rank's shards and the cache
-    keys. ``kind`` is "energy" (Eq. 9), "energy_on_test" (Eq. 8) or "loss" (Eq. 4)."""
+    keys. ``kind`` is "energy" (Eq. 9), "energy_on_test" (Eq. 8), "loss" (Eq. 4) or "loss_on_test" (Eq. 4 per test
+    point)."""
 
     kind: str
     model: nn.Module
@@ -240,11 +264,11 @@ class _Problem:
         if cache_dir is not None and self.task.describe(self.kind) is not None:
             result_settings["task"] = self.task.describe(self.kind)
         self.result_cache = ResultCache(cache_dir, self.kind, result_settings)
-        self.solve_cache = ResultCache(cache_dir, "solve_test" if self.kind == "energy_on_test" else "solve", base)
+        self.solve_cache = ResultCache(cache_dir, "solve_test" if self.kind in _PAIRWISE else "solve", base)
         n, m = len(self.train), len(self.val)
         p_total = sum(p.numel() for p in self.chosen.values())
         s_dtype = functools.reduce(torch.promote_types, [p.dtype for p in self.chosen.values()])
-        if self.kind == "energy_on_test":
+        if self.kind in _PAIRWISE:
             self.expected_s, self.expected_influence = ((m, p_total), s_dtype), ((m, n), logits.dtype)
         else:
             self.expected_s, self.expected_influence = ((p_total,), s_dtype), ((n,), logits.dtype)
@@ -293,7 +317,7 @@ def prepare(kind: str, model, train, val, settings: InfluenceSettings, task: Inf
             run: RunSettings) -> _Problem:
     """Checks the data, the parameter selection and the device, and resolves the process group (no model pass:
     :meth:`_Problem.probe_model` runs in eval mode, head detection and the features pass when first needed)."""
-    val_name = "test" if kind == "energy_on_test" else "val"
+    val_name = "test" if kind in _PAIRWISE else "val"
     chosen = trainable_selection(model, settings.params)  # the same selection for every solver
     get_solver(settings.solver).check_selection(model, chosen, f"params={settings.params!r}")
     check_finite_state(model)
@@ -333,7 +357,7 @@ def _solve(problem: _Problem) -> torch.Tensor:
     _check_solver_dtype(problem)  # before the features pass that problem.local runs
     settings, task, local, group, m = problem.settings, problem.task, problem.local, problem.group, len(problem.val)
     bar = progress_bar(total=len(local.val_idx), desc="validation gradient", enabled=problem.show)
-    if problem.kind == "energy_on_test":
+    if problem.kind in _PAIRWISE:
         grads = loss_gradients(local.func_model, local.func_params, local.val, local.val_idx, total=m,
                                batch_size=settings.batch_size, device=problem.device, per_index=True, progress=bar,
                                loss_fn=task.measure)
@@ -415,7 +439,7 @@ def score(problem: _Problem, s: torch.Tensor) -> torch.Tensor:
 
     kind, task, local = problem.kind, problem.task, problem.local
     directions = unflatten(s, local.func_params)
-    if kind == "loss":
+    if kind in _UPWEIGHT_LOSS:
         fn = task.train_loss
     else:
         def fn(logits, labels):
@@ -423,14 +447,14 @@ def score(problem: _Problem, s: torch.Tensor) -> torch.Tensor:
     bar = progress_bar(total=len(local.train_idx), desc=f"{kind} influence (JVP)", enabled=problem.show)
     out = directional_derivatives(local.func_model, local.func_params, directions, local.train, local.train_idx,
                                   fn=fn, batch_size=problem.settings.batch_size, device=problem.device,
-                                  batched=kind == "energy_on_test", progress=bar)
+                                  batched=kind in _PAIRWISE, progress=bar)
     bar.close()
     influence = D.all_gather_shards(-out, len(problem.train), problem.group, dim=-1)
     bad = ~torch.isfinite(influence)
     if bool(bad.any()):  # never a NaN influence without a word; weights and inputs are finite, so an overflow
         i = int(bad.nonzero()[0][-1])
         raise ValueError(f"the influence of train example {i} is not finite although the model and the inputs are: "
-                         f"the model's outputs or the task's {'train_loss' if kind == 'loss' else 'regularized'} "
+                         f"the model's outputs or the task's {'train_loss' if kind in _UPWEIGHT_LOSS else 'regularized'} "
                          f"overflow on it")
     if problem.rank == 0:
         problem.result_cache.store({"influence": influence})

@@ -59,3 +59,15 @@ def test_the_pipeline_builds_the_same_object_from_its_group():
     settings = config.influence_settings(params=["fc"])
     assert settings == InfluenceSettings(params=("fc",), solver="cg", damping=0.01, weight_decay=5e-4, seed=3,
                                          solver_options={"tol": 1e-6}, gauss_newton=config.influence.gauss_newton)
+
+
+def test_docs_settings_example_runs():
+    from _docs import doc_path, python_blocks
+
+    with open(doc_path("docs/influence.md")) as f:
+        api = f.read().split("## API", 1)[1].split("\n## ", 1)[0]
+    block = [b for b in python_blocks(api) if "InfluenceSettings" in b]
+    assert block, "docs/influence.md's API section has no InfluenceSettings example"
+    namespace: dict = {"__name__": "__docs__"}
+    exec(compile(block[0], "docs/influence.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    assert float((namespace["a"] - namespace["b"]).abs().max() / namespace["b"].abs().max()) < 1e-6
