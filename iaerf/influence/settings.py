@@ -11,13 +11,13 @@ error names the field.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field, fields
 
+from iaerf.core.checks import check_count, check_number
 from iaerf.core.io import ensure_writable_dir
 from iaerf.hessian.solvers import make_options, solver_names
-from iaerf.influence.task import InfluenceTask
+from iaerf.influence.task import InfluenceTask, resolve_task
 
 __all__ = ["InfluenceSettings"]
 
@@ -62,19 +62,14 @@ class InfluenceSettings:
     options: object = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self):
-        for name in ("weight_decay", "damping"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        object.__setattr__(self, "weight_decay", check_number("weight_decay", self.weight_decay))
+        object.__setattr__(self, "damping", check_number("damping", self.damping))
+        check_count("batch_size", self.batch_size)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if not isinstance(self.gauss_newton, bool):
             raise TypeError(f"gauss_newton must be a bool, got {type(self.gauss_newton).__name__}")
-        if self.task is not None and not isinstance(self.task, InfluenceTask):
-            raise TypeError(f"task must be an iaerf.InfluenceTask or None, got {type(self.task).__name__}")
+        resolve_task(self.task)  # a TypeError naming task for anything but an InfluenceTask or None
         if self.solver not in solver_names():
             raise ValueError(f"solver must be one of {solver_names()}, got {self.solver!r}")
         if isinstance(self.solver_options, dict):
@@ -110,7 +105,7 @@ class InfluenceSettings:
     @property
     def resolved_task(self) -> InfluenceTask:
         """``task``, or the paper's default task."""
-        return InfluenceTask() if self.task is None else self.task
+        return resolve_task(self.task)
 
     def given_options(self) -> dict:
         """The solver options as given: a dict's items, or a typed object's fields that differ from the defaults
