@@ -23,7 +23,7 @@ from torch import nn
 
 from iaerf.core.indexed_data import IndexedData
 
-__all__ = ["HeadNotFoundError", "check_finite_state", "check_logits", "eval_mode",
+__all__ = ["HeadNotFoundError", "check_finite_state", "check_logits", "eval_mode", "output_logits",
            "find_classifier_head", "head_features", "head_is_separable", "model_dtype",
            "affine_head", "head_inputs"]
 
@@ -71,7 +71,25 @@ def _require_tensor(output, name: str) -> None:
     if not isinstance(output, torch.Tensor):
         keys = f" with keys {list(output)[:8]}" if isinstance(output, Mapping) else ""
         raise TypeError(f"{name} must return the logits as a tensor [b, K], got a {type(output).__name__}{keys}; "
-                        f"wrap it in an nn.Module whose forward returns the logits tensor")
+                        f"pass task=InfluenceTask(logits=...) to say how to read the logits from its output")
+
+
+def output_logits(output):
+    """The logits in a model's ``output``: the output itself when it is a tensor, else ``output["logits"]`` (a dict)
+    or ``output.logits`` (a HuggingFace ``ModelOutput`` and the like); the default :attr:`iaerf.InfluenceTask.logits`.
+
+    Raises:
+        TypeError: the output is none of these (the message names its type and, for a mapping, its keys).
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        logits = output.get("logits")
+    else:
+        logits = getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        _require_tensor(output, "model")
+    return logits
 
 
 def check_logits(output, name: str = "model") -> torch.Tensor:

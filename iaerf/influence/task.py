@@ -9,6 +9,8 @@ An :class:`InfluenceTask` holds four callables (modelled on kronfluence's ``Task
 - ``regularized(logits [b, K]) -> [b]``: the quantity whose regularization (eps * regularized(x_i)) is measured by
   the energy influences; the energy E(x) = -logsumexp f(x) by default.
 - ``unpack(item) -> (input, label)``: how a dataset item is split.
+- ``logits(output) -> [b, K]``: how the logits are read from the model's output (default: the output itself when it
+  is a tensor, its ``["logits"]`` entry or its ``.logits`` attribute, as HuggingFace classifiers return).
 
 The default task is the one of the paper (cross-entropy, mean validation cross-entropy, energy, tuple items).
 """
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from iaerf.core.heads import output_logits
 from iaerf.core.identity import callable_identity
 from iaerf.core.indexed_data import tuple_item
 from iaerf.influence.gradients import energy_from_logits, loss_from_logits
@@ -56,9 +59,10 @@ class InfluenceTask:
     measurement: Callable | None = None
     regularized: Callable = energy_from_logits
     unpack: Callable = tuple_item
+    logits: Callable = output_logits
 
     def __post_init__(self):
-        for name in ("train_loss", "measurement", "regularized", "unpack"):
+        for name in ("train_loss", "measurement", "regularized", "unpack", "logits"):
             value = getattr(self, name)
             if value is None and name == "measurement":
                 continue
