@@ -47,6 +47,22 @@ MODULES = [
 ]
 
 
+# RESULTS.md's sections after this line are written by hand from single benchmark runs (one per CPU class met, rows
+# of benchmarks run_all does not drive); run_all keeps them as they are when it rewrites the sections above it.
+HAND_WRITTEN = "<!-- hand-written sections: kept as they are by benchmarks/run_all.py -->"
+
+
+def hand_written_tail(out: str) -> str:
+    """The part of the existing report ``out`` from the :data:`HAND_WRITTEN` line on ("" when there is none)."""
+    try:
+        with open(out, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return ""
+    at = text.find(HAND_WRITTEN)
+    return "" if at < 0 else text[at:]
+
+
 def _skip_reason(module_name: str) -> str | None:
     """Why a module cannot run in this interpreter (None: it can)."""
     if module_name == "benchmarks.bench_peers":
@@ -182,7 +198,8 @@ def write_report(out: str, quick: bool, machine: dict, load_before: dict, done: 
     if pending:
         header += ["", "**Run in progress or interrupted; not run yet:** " + ", ".join(pending)]
     sections = [_section(t, m, done[m]) for t, m in MODULES if m in done]
-    write_text(out, "\n".join(header) + "\n\n" + "\n".join(sections))
+    tail = hand_written_tail(out)
+    write_text(out, "\n".join(header) + "\n\n" + "\n".join(sections) + ("\n" + tail if tail else ""))
     write_text(os.path.join(out_dir, "results.json"),
                json.dumps({"machine": machine, "rows": rows,
                            "modules": {m: {k: v for k, v in e.items() if k != "kept"} for m, e in done.items()}},

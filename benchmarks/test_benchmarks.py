@@ -456,3 +456,14 @@ def test_cpu_vector_extensions_and_capability_are_recorded():
     assert "CPU vector extensions \\| capability" in table.splitlines()[0]
     assert table.splitlines()[2].endswith("avx2 fma \\| ATen AVX2, iaerf AVX2 |")
     assert "capability" not in common.markdown_table([row])  # other benchmarks' tables are unchanged
+
+
+def test_run_all_keeps_the_hand_written_sections(no_marker, monkeypatch, tmp_path):
+    monkeypatch.setattr(common, "measure_load", _fake_load(0.05))
+    out = tmp_path / "RESULTS.md"
+    hand = f"{run_all.HAND_WRITTEN}\n\n## Per CPU class\n\n| a | b |\n"
+    out.write_text("# old header\n\n## Old generated section\n\n" + hand)
+    assert run_all.main(["--only", "no_such_module", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.endswith(hand) and text.count(run_all.HAND_WRITTEN) == 1
+    assert "Old generated section" not in text and "Nothing to run" in text
