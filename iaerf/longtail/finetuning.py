@@ -204,7 +204,9 @@ class FinetuneResult:
     beta: float
     beta_effective: float
     energies: list[torch.Tensor] = field(default_factory=list)
-    loss: dict = field(default_factory=lambda: {"name": "ce"})  # FinetuneLoss.to_dict() of the training loss L_i
+    # the training loss L_i: FinetuneLoss.to_dict(), or {"name": "task", "train_loss": callable_identity} for a
+    # custom task.train_loss
+    loss: dict = field(default_factory=lambda: {"name": "ce"})
     # select_beta's choice (its Selection.to_dict() plus the rule): candidates, the interval beside the choice
     selection: dict | None = None
     # {"epoch", "reason"} of the first epoch that looked like divergence (see FinetuneDivergenceWarning), else None
@@ -369,7 +371,9 @@ def finetune(model: nn.Module, train, influence: torch.Tensor | None = None, *, 
             model's output, and a ``train_loss`` other than the default cross-entropy is L_i (``[b]`` per example,
             checked on a probe batch); it and a baseline ``loss`` other than "ce" together are a ValueError.
     Returns :class:`FinetuneResult` (``loss``: the :class:`FinetuneLoss` dict, or ``{"name": "task",
-    "train_loss": <callable_identity>}``). Batch-norm statistics and affine parameters are left exactly as they were.
+    "train_loss": <callable_identity>}``; ``history``: per epoch the means of ``loss``, ``ce``, L_i under the
+    baseline's name or ``train_loss`` when it is not CE, and ``energy``). Each batch's loss is an
+    :class:`iaerf.longtail.IAERFLoss`. Batch-norm statistics and affine parameters are left exactly as they were.
     """
     config = replace(config or FinetuneConfig(), **overrides)
     spec = FinetuneLoss.of(loss)
@@ -431,6 +435,7 @@ def finetune(model: nn.Module, train, influence: torch.Tensor | None = None, *, 
 
     def loss_fn(epoch, idx):
         x, y = train.batch(idx, device)
+        y = y.long()  # tensor data keeps its label dtype; the losses take int64
         logits = task.logits(model(x))
         if not start:
             with torch.no_grad():

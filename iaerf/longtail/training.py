@@ -169,7 +169,7 @@ def data_classes(model: nn.Module, data: IndexedData, task: InfluenceTask, sourc
     if isinstance(source, TensorDataset) and source.num_classes != k:
         raise ValueError(f"{name} has {k} outputs but the data has {source.num_classes} classes")
     data.check_labels(k)
-    return k, logits, y
+    return k, logits, y.long()
 
 
 def mean_loss(task: InfluenceTask):
@@ -233,6 +233,7 @@ def train_baseline(model: nn.Module, train, config: TrainConfig = TrainConfig(),
         if ldam is not None and ldam.weight is None and epoch >= config.drw_epoch:
             ldam.set_weight(drw)
         x, y = train.batch(idx, device)
+        y = y.long()  # tensor data keeps its label dtype; the losses take int64
         if config.augment == "cifar":
             x = _augment_cifar(x, gen)
         logits = task.logits(model(x))
