@@ -4,6 +4,7 @@ give exactly the numbers of the iaerf TensorDataset path; a custom per-example t
 streams and mean-reduced losses refused."""
 import copy
 import functools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -123,7 +124,7 @@ def test_select_beta_same_choice_and_table_on_every_data_form():
     xv, yv = _data(24, seed=9)
     infl = torch.randn(N, generator=torch.Generator().manual_seed(4))
     base = _model()
-    kw = dict(betas=(0.5, 5.0), config=replace_epochs(CFG, 1), rule="lowest", n_boot=200, progress=False)
+    kw = dict(betas=(0.5, 5.0), config=replace(CFG, epochs=1), rule="lowest", n_boot=200, progress=False)
     beta, ref, table = select_beta(base, TensorDataset(x, y, K), TensorDataset(xv, yv, K), infl, **kw)
     for name, data, task, wrap in _variants(x, y):
         val = {"tuple": (xv, yv), "dict dataset": Dicts(xv, yv)}.get(name, TensorDataset(xv, yv, K))
@@ -133,11 +134,6 @@ def test_select_beta_same_choice_and_table_on_every_data_form():
         assert b == beta and t == table, name
         _assert_same_model(got.model, ref.model)
         assert got.selection == ref.selection
-
-
-def replace_epochs(cfg, epochs):
-    from dataclasses import replace
-    return replace(cfg, epochs=epochs)
 
 
 def test_predict_evaluate_train_baseline_retrain_same_numbers_on_every_data_form():
@@ -199,7 +195,7 @@ def test_select_beta_with_a_custom_loss_checks_its_control():
     infl = torch.randn(N, generator=torch.Generator().manual_seed(6))
     task = InfluenceTask(train_loss=functools.partial(weighted_ce, torch.tensor([1.0, 2.0, 1.0])))
     base = _model()
-    cfg = replace_epochs(CFG, 1)
+    cfg = replace(CFG, epochs=1)
     control = finetune(base, (x, y), None, beta=0.0, config=cfg, task=task, progress=False)
     beta, res, _ = select_beta(base, (x, y), (x[:20], y[:20]), infl, betas=(1.0,), config=cfg, task=task,
                                control=control, rule="lowest", n_boot=100, progress=False)
