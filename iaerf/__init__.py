@@ -6,6 +6,8 @@ Public API (imported lazily so that ``import iaerf`` stays cheap):
 - Hessian engine: :class:`ModuleHessian`, :class:`HeadHessian`, :func:`inverse_hvp`
 - influence (paper Eq. 7-9): :func:`energy_influence`, :func:`energy_influence_on_test`, :func:`loss_influence`
 - :func:`backend_info`: which implementation each op uses on which device, and why
+- Algorithm 1 (from :mod:`iaerf.longtail`): :func:`finetune`, :func:`select_beta`, and :class:`IAERFLoss` for a
+  user's own training loop
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ _EXPORTS = {
     "top_influences": "iaerf.influence",
     "InfluenceTask": "iaerf.influence",
     "InfluenceSettings": "iaerf.influence",
+    "IAERFLoss": "iaerf.longtail",
+    "finetune": "iaerf.longtail",
+    "select_beta": "iaerf.longtail",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

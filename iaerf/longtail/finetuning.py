@@ -24,6 +24,13 @@ via logit adjustment" = Balanced Softmax of Ren et al. 2020 at tau = 1) or ``"cl
 DRW weights). With beta = 0 that is the baseline fine-tuning itself; with beta > 0 the energy term adds to it,
 l_i = L_i + c_i E_i, and App. B's caps compare the energy term with L_i. :func:`class_level_influence` is the
 class-level ablation of the paper's Fig. 3 conjecture.
+
+The data and the model are the user's own: ``train`` / ``val`` take whatever the influence API takes
+(:class:`iaerf.core.indexed_data.IndexedData`: tensor pairs, TensorDatasets, any map-style dataset, a DataLoader over
+one with its ``collate_fn``), and ``task=`` (:class:`iaerf.InfluenceTask`) says how items are split, how the logits
+are read from the model's output and, through ``task.train_loss``, any per-example training loss L_i. Each batch's
+loss is an :class:`iaerf.longtail.IAERFLoss`, the module a user's own training loop can use. Streams
+(IterableDatasets) are refused: each training point's c_i is addressed by its index.
 """
 from __future__ import annotations
 
@@ -36,14 +43,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.utils.data import DataLoader, IterableDataset
+
 from iaerf.core.checks import check_count
-from iaerf.longtail.data import ShotGroups, TensorDataset
 from iaerf.core.heads import check_finite_state, model_dtype
-from iaerf.core.indexed_data import check_finite_rows, match_input_dtype
-from iaerf.longtail.losses import check_tau, class_balanced_cross_entropy, logit_adjusted_cross_entropy
-from iaerf.ops import energy, energy_regularized_cross_entropy
-from iaerf.longtail.training import check_dataset, check_model_classes, evaluate, predict_logits, resolve_device
+from iaerf.core.identity import UnidentifiableCallableError, callable_identity
+from iaerf.core.indexed_data import IndexedData, check_finite_rows, match_input_dtype
 from iaerf.core.train_loop import freeze_batchnorm, is_batchnorm, shuffled_batches, train_loop  # noqa: F401 (public here)
+from iaerf.influence.task import InfluenceTask, resolve_task
+from iaerf.longtail.data import TensorDataset
+# energy_coefficients is public here too; cap_per_sample under the name App. B's cap tests import
+from iaerf.longtail.iaerf_loss import IAERFLoss, cap_per_sample as _cap_per_sample, energy_coefficients
+from iaerf.longtail.losses import check_tau, class_balanced_cross_entropy, logit_adjusted_cross_entropy
+from iaerf.ops import energy
+from iaerf.longtail.training import data_classes, indexed_data, predict_logits, resolve_device
 
 __all__ = [
     "finetune_diagnostics",
@@ -191,7 +204,9 @@ class FinetuneResult:
     beta: float
     beta_effective: float
     energies: list[torch.Tensor] = field(default_factory=list)
-    loss: dict = field(default_factory=lambda: {"name": "ce"})  # FinetuneLoss.to_dict() of the training loss L_i
+    # the training loss L_i: FinetuneLoss.to_dict(), or {"name": "task", "train_loss": callable_identity} for a
+    # custom task.train_loss
+    loss: dict = field(default_factory=lambda: {"name": "ce"})
     # select_beta's choice (its Selection.to_dict() plus the rule): candidates, the interval beside the choice
     selection: dict | None = None
     # {"epoch", "reason"} of the first epoch that looked like divergence (see FinetuneDivergenceWarning), else None
@@ -208,22 +223,6 @@ class FinetuneDivergenceWarning(RuntimeWarning):
 # fine-tuning does (beta in the paper's grid moves CE by percents), cheap to test (no extra pass over the data).
 DIVERGED_CE_FACTOR = 5.0
 DIVERGED_ENERGY_FACTOR = 10.0
-
-
-def energy_coefficients(influence: torch.Tensor, beta: float) -> torch.Tensor:
-    """c_i = -beta * I_val(x_i) / max_i |I_val(x_i)|  (Algorithm 1 line 3 and Eq. 10). influence [n] -> [n] float32."""
-    if not isinstance(influence, torch.Tensor):
-        raise TypeError(f"influence must be a torch.Tensor, got {type(influence).__name__}")
-    if influence.dim() != 1 or influence.numel() == 0:
-        raise ValueError(f"influence must be a non-empty 1-D tensor [n_train], got shape {tuple(influence.shape)}")
-    if not bool(torch.isfinite(influence).all()):
-        raise ValueError("influence contains NaN or inf")
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-    i_max = influence.abs().max()
-    if float(i_max) == 0.0:
-        raise ValueError("influence is zero for every training point (I_max = 0): nothing to regularize")
-    return (-float(beta) * influence.double() / i_max.double()).float()
 
 
 def class_level_influence(influence: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -288,25 +287,79 @@ def trainable_parameters(model: nn.Module, train_params) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def _energy_and_ce(model: nn.Module, data: TensorDataset, batch_size: int, device,
-                   point_loss=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-set energies [n] and per-point training losses L_i [n] (CE, or ``point_loss``'s)."""
-    logits = predict_logits(model, data, batch_size=max(batch_size, 256), device=device)
-    loss = F.cross_entropy(logits, data.labels, reduction="none") if point_loss is None else \
-        point_loss(logits, data.labels)
+def _energy_and_ce(model: nn.Module, data: IndexedData, labels: torch.Tensor, batch_size: int, device,
+                   task: InfluenceTask, point_loss=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-set energies [n] and per-point training losses L_i [n] (CE, or ``point_loss``'s) on the model's
+    logits (read by ``task.logits``); ``labels`` [n] those of ``data``."""
+    logits = predict_logits(model, data, batch_size=max(batch_size, 256), device=device, task=task)
+    # on the training device: a user's loss may hold tensors there (class weights)
+    loss = F.cross_entropy(logits, labels, reduction="none") if point_loss is None else \
+        point_loss(logits.to(device), labels.to(device)).cpu()
     return energy(logits).float(), loss
 
 
-def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | None = None, *, beta: float = 1.0,
+def refuse_stream(data, name: str, stage: str) -> None:
+    """A TypeError naming ``name`` and ``stage`` when ``data`` is an IterableDataset or a DataLoader over one: its
+    examples have no index, which Algorithm 1 addresses them by."""
+    stream = data.dataset if isinstance(data, DataLoader) else data
+    if not isinstance(stream, IterableDataset):
+        return
+    what = f"{type(stream).__name__}" + (" (behind a DataLoader)" if stream is not data else "")
+    why = ("each training point's coefficient c_i is addressed by its index in train" if name == "train" else
+           "each validation point is addressed by its index (every beta is compared with the control point by point)")
+    raise TypeError(f"{stage}: {name} is an IterableDataset ({what}), a stream whose examples have no index, but "
+                    f"{why}; pass a map-style dataset (or a DataLoader over one), or, to train on a stream, use "
+                    f"iaerf.longtail.IAERFLoss.from_influence(influence, beta) in your own loop with each example's "
+                    f"index in the influence's training set")
+
+
+def _loss_record(spec: FinetuneLoss, task: InfluenceTask) -> dict:
+    """The result's ``loss`` entry: :meth:`FinetuneLoss.to_dict`, or for a custom ``task.train_loss``
+    ``{"name": "task", "train_loss": its callable_identity}`` (``"identified": False`` and its qualified name
+    only, when its content cannot be read: such runs cannot be told apart by this record)."""
+    if task.default_train_loss:
+        return spec.to_dict()
+    try:
+        return {"name": "task", "train_loss": callable_identity(task.train_loss, "task.train_loss")}
+    except UnidentifiableCallableError:
+        fn = task.train_loss
+        label = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+        return {"name": "task", "train_loss": f"{getattr(fn, '__module__', '?')}.{label}", "identified": False}
+
+
+def _same_loss(recorded: dict, record: dict) -> bool:
+    """Whether a run's ``loss`` entry is ``record`` (:func:`_loss_record`): equal :class:`FinetuneLoss` for the
+    named losses (a dict read back from JSON may omit a default parameter), equal identities for a task's loss; a
+    loss that could not be identified matches nothing."""
+    if record["name"] == "task":
+        return record.get("identified", True) and recorded == record
+    try:
+        return FinetuneLoss.of(recorded) == FinetuneLoss.of(record)
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_losses(spec: FinetuneLoss, task: InfluenceTask) -> None:
+    if spec.name != "ce" and not task.default_train_loss:
+        raise ValueError(f"give either loss={spec.name!r} or a custom task.train_loss, not both: each is the "
+                         f"training loss L_i of Eq. 10")
+
+
+def finetune(model: nn.Module, train, influence: torch.Tensor | None = None, *, beta: float = 1.0,
              config: FinetuneConfig | None = None, loss: str | FinetuneLoss | dict = "ce", device=None,
-             progress: bool = True, inplace: bool = False, **overrides) -> FinetuneResult:
+             progress: bool = True, inplace: bool = False, task: InfluenceTask | None = None,
+             **overrides) -> FinetuneResult:
     """Algorithm 1: fine-tune ``model`` on ``train`` with c_i = -beta I_val(x_i) / I_max (beta = 0: plain CE control).
 
     Args:
-        model: pretrained classifier ending in an ``nn.Linear`` head (any name); copied unless ``inplace``.
-        train: :class:`iaerf.longtail.data.TensorDataset` (n items); ``influence[i]`` belongs to ``train[i]``. Its inputs
-            must be finite and are cast to the model's dtype when that is exact (a cast that would round is a
-            TypeError); the model's parameters and buffers must be finite.
+        model: pretrained classifier (any head; its output read by ``task.logits``); copied unless ``inplace``.
+            Its parameters and buffers must be finite.
+        train: n examples, anything :class:`iaerf.core.indexed_data.IndexedData` accepts (an
+            :class:`iaerf.longtail.data.TensorDataset`, torch's, a pair of tensors ``(inputs, labels)``, any
+            map-style dataset, a DataLoader over one, its ``collate_fn`` kept; not an IterableDataset: a TypeError);
+            ``influence[i]`` belongs to its example ``i``. Floating inputs must be finite and are cast to the
+            model's dtype when that is exact (a cast that would round is a TypeError). Labels are integer classes
+            in [0, K), K the model's outputs.
         influence: I_val [n] from :func:`iaerf.energy_influence`; None only with ``beta == 0``.
         beta: energy weight; the paper searches {0.1, 0.5, 1, 10} (:func:`select_beta`).
         config: :class:`FinetuneConfig`; keyword ``overrides`` replace its fields.
@@ -314,14 +367,29 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
             "class_balanced", with the prior / counts of ``train``. beta = 0 with a baseline loss is that baseline's
             fine-tuning on the control's schedule (same seed, batch order, epochs, lr, scope, frozen batch norm);
             beta > 0 adds the energy term to it: l_i = L_i + c_i E_i.
-    Returns :class:`FinetuneResult`. Batch-norm statistics and affine parameters are left exactly as they were.
+        task: :class:`iaerf.InfluenceTask` (None: the default): ``unpack`` splits items, ``logits`` reads the
+            model's output, and a ``train_loss`` other than the default cross-entropy is L_i (``[b]`` per example,
+            checked on a probe batch); it and a baseline ``loss`` other than "ce" together are a ValueError.
+    Returns :class:`FinetuneResult` (``loss``: the :class:`FinetuneLoss` dict, or ``{"name": "task",
+    "train_loss": <callable_identity>}``; ``history``: per epoch the means of ``loss``, ``ce``, L_i under the
+    baseline's name or ``train_loss`` when it is not CE, and ``energy``). Each batch's loss is an
+    :class:`iaerf.longtail.IAERFLoss`. Batch-norm statistics and affine parameters are left exactly as they were.
     """
     config = replace(config or FinetuneConfig(), **overrides)
     spec = FinetuneLoss.of(loss)
-    check_dataset(train, "train")
-    train = model_ready(model, train, "train")
-    check_model_classes(model, train)
-    point_loss = spec.point_loss(train.class_counts())  # None: plain CE through the fused op
+    task = resolve_task(task)
+    _check_losses(spec, task)
+    refuse_stream(train, "train", "finetune")
+    source = train
+    train = indexed_data(model, train, "train", task)
+    k, probe_logits, probe_labels = data_classes(model, train, task, source=source)
+    labels = train.labels().long()
+    if task.default_train_loss:
+        point_loss = spec.point_loss(torch.bincount(labels, minlength=k).tolist())  # None: CE through the fused op
+        history_key = spec.name
+    else:
+        task.check_outputs(probe_logits, probe_labels, "loss")
+        point_loss, history_key = task.train_loss, "train_loss"
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
     if beta > 0:
@@ -339,11 +407,10 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
         model = copy.deepcopy(model)
     model.to(device)
     params = trainable_parameters(model, config.train_params)
-    x_all, y_all = train.tensors()
 
     beta_eff = float(beta)
     if beta > 0 and config.energy_cap == "global":
-        e0, ce0 = _energy_and_ce(model, train, config.batch_size, device, point_loss)
+        e0, ce0 = _energy_and_ce(model, train, labels, config.batch_size, device, task, point_loss)
         term = (e0 * coef / beta).abs().mean()
         if float(term) > 0:
             beta_eff = min(float(beta), float(ce0.mean() / term))
@@ -351,7 +418,7 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
 
     energies = []
     if config.record_energy:
-        energies.append(_energy_and_ce(model, train, config.batch_size, device)[0])
+        energies.append(_energy_and_ce(model, train, labels, config.batch_size, device, task)[0])
 
     torch.manual_seed(config.seed)  # any stochastic layer (dropout) draws from the seeded global generator
     gen = torch.Generator().manual_seed(config.seed)  # batch order: identical for IAERF and the control
@@ -360,50 +427,48 @@ def finetune(model: nn.Module, train: TensorDataset, influence: torch.Tensor | N
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    coef_dev = coef.to(device)
+    # the per-batch loss is the user-facing module itself; the per-sample cap only acts where c is nonzero
+    criterion = IAERFLoss(coef.to(device), train_loss=point_loss,
+                          energy_cap="per_sample" if beta > 0 and config.energy_cap == "per_sample" else "none")
     start = {}  # the pretrained model's mean CE and |mean energy| on the first batch, before any step
     diverged = []
 
     def loss_fn(epoch, idx):
-        x, y = x_all[idx].to(device), y_all[idx].to(device)
-        c = coef_dev[idx.to(device)]
-        logits = model(x)
+        x, y = train.batch(idx, device)
+        y = y.long()  # tensor data keeps its label dtype; the losses take int64
+        logits = task.logits(model(x))
         if not start:
             with torch.no_grad():
                 start.update(ce=float(F.cross_entropy(logits, y)), energy=abs(float(energy(logits).mean())))
-        if point_loss is None:  # plain CE: the fused energy-CE op, one pass over the logits
-            if beta > 0 and config.energy_cap == "per_sample":
-                c = _cap_per_sample(logits.detach(), y, c)
-            parts = energy_regularized_cross_entropy(logits, y, c, reduction="mean", return_parts=True)
-            return parts.loss, {"ce": parts.cross_entropy.detach().sum(), "energy": parts.energy.detach().sum()}
-        base = point_loss(logits, y)  # L_i [B]
-        e = energy(logits)  # of the raw logits: the E whose influence I_val measured
-        if beta > 0 and config.energy_cap == "per_sample":
-            c = _cap_per_sample(logits.detach(), y, c, base.detach())
-        with torch.no_grad():  # the history keeps plain CE too, so every variant's history reads alike
-            ce = F.cross_entropy(logits, y, reduction="sum")
-        return (base + c.to(e.dtype) * e).mean(), {"ce": ce, spec.name: base.detach().sum(), "energy": e.detach().sum()}
+        parts = criterion(logits, y, idx, return_parts=True)
+        # the history keeps plain CE too, so every variant's history reads alike
+        sums = {"ce": parts.cross_entropy.sum(), "energy": parts.energy.sum()}
+        if point_loss is not None:
+            sums = {"ce": sums["ce"], history_key: parts.train_loss.sum(), "energy": sums["energy"]}
+        return parts.loss, sums
 
     def after_epoch(epoch):
         if config.record_energy:
-            energies.append(_energy_and_ce(model, train, config.batch_size, device)[0])
+            energies.append(_energy_and_ce(model, train, labels, config.batch_size, device, task)[0])
         if not diverged:
             diverged.extend(_divergence(history[-1], start, epoch, beta, config.lr))
 
+    custom = point_loss is not None
+    label = spec.label() if task.default_train_loss else "task.train_loss"
     history = []
     try:
         train_loop(params, loss_fn, shuffled_batches(len(train), config.batch_size, gen),
                    epochs=config.epochs, lr=config.lr, momentum=config.momentum,
                    weight_decay=config.weight_decay, model=model, mode="frozen_bn", record=True,
                    on_epoch=after_epoch, progress=progress, history=history,
-                   desc="finetune" + (f" {spec.label()}" if point_loss is not None else "")
-                   + (f" beta={beta:g}" if beta else " (CE control)" if point_loss is None else ""),
+                   desc="finetune" + (f" {label}" if custom else "")
+                   + (f" beta={beta:g}" if beta else " (CE control)" if not custom else ""),
                    hint="lower beta or lr, or use energy_cap='per_sample'")
     finally:
         for p in model.parameters():
             p.requires_grad_(requires_grad[id(p)])
     model.eval()
-    return FinetuneResult(model, history, coef, float(beta), beta_eff, energies, spec.to_dict(),
+    return FinetuneResult(model, history, coef, float(beta), beta_eff, energies, _loss_record(spec, task),
                           diverged=diverged[0] if diverged else None)
 
 
@@ -423,24 +488,12 @@ def _divergence(entry: dict, start: dict, epoch: int, beta: float, lr: float) ->
     return [{"epoch": epoch, "reason": reason}]
 
 
-def _cap_per_sample(logits: torch.Tensor, y: torch.Tensor, c: torch.Tensor,
-                    base: torch.Tensor | None = None) -> torch.Tensor:
-    """Scale c_i so that |c_i E_i| <= L_i (App. B, per-sample reading); logits [B, K], y [B], c [B] -> [B].
-    L_i: ``base`` [B] (the training loss of a baseline, detached) or, when None, CE_i."""
-    e = energy(logits).to(logits.dtype)
-    ce = F.cross_entropy(logits, y, reduction="none") if base is None else base.to(logits.dtype)
-    c = c.to(logits.dtype)
-    term = (c * e).abs()
-    scale = torch.where(term > ce, ce / term.clamp_min(torch.finfo(term.dtype).tiny), torch.ones_like(term))
-    return c * scale
-
-
-def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, influence: torch.Tensor, *,
+def select_beta(model: nn.Module, train, val, influence: torch.Tensor, *,
                 betas=BETAS, config: FinetuneConfig | None = None, metric: str = "loss",
                 loss: str | FinetuneLoss | dict = "ce", device=None, progress: bool = True,
                 rule: str = "noise_aware", control: FinetuneResult | None = None, extend: bool | None = None,
                 max_extensions: int = 4, balanced: bool = True, n_boot: int = 2000, confidence: float = 0.95,
-                seed: int = 0) -> tuple[float, FinetuneResult, list[dict]]:
+                seed: int = 0, task: InfluenceTask | None = None) -> tuple[float, FinetuneResult, list[dict]]:
     """Algorithm 1's beta, chosen on ``val`` only: fine-tune once per beta and compare each with the control.
 
     The control is beta = 0 with the same training ``loss``, schedule, seed and batch order (``control``: its
@@ -469,6 +522,11 @@ def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, infl
     "unstable", "chosen"}``, one per beta tried (extensions included), ``val_loss`` / ``val_error`` the plain mean CE
     and error (%), ``unstable`` the reason a finite run was flagged as blown up (:class:`FinetuneDivergenceWarning`;
     recorded, not warned, for candidates; warned when the chosen run is one).
+
+    ``train`` and ``val`` take any data :func:`finetune` takes (not IterableDatasets: a TypeError); ``task`` is
+    :func:`finetune`'s (unpack, logits, a custom ``train_loss`` L_i, exclusive with a baseline ``loss``). The
+    validation score stays CE / error of the logits whatever L_i is, so candidates trained on different losses
+    are compared alike.
     """
     from iaerf.longtail.selection import METRICS, pointwise_loss, select_on_validation
 
@@ -483,15 +541,22 @@ def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, infl
     if not betas or any(not (b >= 0 and math.isfinite(b)) for b in betas):
         raise ValueError(f"betas must be finite numbers >= 0 (0 is the plain CE control), got {betas!r}")
     loss = FinetuneLoss.of(loss)  # a bad name fails here, before any run
-    check_dataset(val, "val")
-    val = model_ready(model, val, "val")
+    task = resolve_task(task)
+    _check_losses(loss, task)
+    refuse_stream(train, "train", "select_beta")
+    refuse_stream(val, "val", "select_beta")
+    source = val
+    val = indexed_data(model, val, "val", task)
+    data_classes(model, val, task, source=source)
+    train = indexed_data(model, train, "train", task)  # built once, handed to every candidate's run
+    record = _loss_record(loss, task)
     if control is not None:
         if not isinstance(control, FinetuneResult):
             raise TypeError(f"control must be the FinetuneResult of the beta = 0 run, got {type(control).__name__}")
-        if control.beta != 0 or FinetuneLoss.of(control.loss) != loss:
-            raise ValueError(f"control must be the beta = 0 run with the candidates' loss {loss.to_dict()}, got "
+        if control.beta != 0 or not _same_loss(control.loss, record):
+            raise ValueError(f"control must be the beta = 0 run with the candidates' loss {record}, got "
                              f"beta {control.beta:g} with loss {control.loss}")
-    labels = val.labels
+    labels = val.labels().long()
     results: dict[float, FinetuneResult] = {} if control is None else {0.0: control}
     plain: dict[float, dict] = {}
     losses: dict[float, torch.Tensor] = {}
@@ -503,8 +568,8 @@ def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, infl
             with warnings.catch_warnings():  # a candidate that blew up is recorded; warned of below if chosen
                 warnings.simplefilter("ignore", FinetuneDivergenceWarning)
                 results[b] = finetune(model, train, influence, beta=b, config=config, loss=loss, device=device,
-                                      progress=progress)
-        logits = predict_logits(results[b].model, val, device=device).double()
+                                      progress=progress, task=task)
+        logits = predict_logits(results[b].model, val, device=device, task=task).double()
         finite = bool(torch.isfinite(logits).all())
         plain[b] = {"val_loss": float(F.cross_entropy(logits, labels)) if finite else None,
                     "val_error": 100.0 * float((logits.argmax(1) != labels).double().mean()) if finite else None}
@@ -514,7 +579,8 @@ def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, infl
     try:
         reference = score(0.0)
     except FloatingPointError as exc:
-        raise FloatingPointError(f"the control (beta = 0, loss {loss.label()}) diverged: {exc}") from exc
+        what = loss.label() if task.default_train_loss else "task.train_loss"
+        raise FloatingPointError(f"the control (beta = 0, loss {what}) diverged: {exc}") from exc
     grow = (rule == "noise_aware") if extend is None else bool(extend)
     sel = select_on_validation(score, betas, reference=reference, reference_value=0.0,
                                extend="multiply" if grow else None, factor=10.0, max_extensions=max_extensions,
@@ -535,7 +601,7 @@ def select_beta(model: nn.Module, train: TensorDataset, val: TensorDataset, infl
                       "unstable": unstable["reason"] if unstable else None, "chosen": b == chosen})
         if row["diverged"]:
             table[-1]["val_loss"] = None
-    selection = {**sel.to_dict(), "rule": rule, "metric": metric, "balanced": balanced, "loss": loss.to_dict(),
+    selection = {**sel.to_dict(), "rule": rule, "metric": metric, "balanced": balanced, "loss": record,
                  "chosen": chosen, "replaced": chosen != 0.0, "summary": _selection_summary(sel, rule, chosen)}
     for row in selection["candidates"]:
         row["chosen"] = row["value"] == chosen
@@ -560,22 +626,27 @@ def _selection_summary(sel, rule: str, chosen: float) -> str:
 
 
 @torch.no_grad()
-def finetune_diagnostics(base: nn.Module, result: FinetuneResult, train: TensorDataset, *, device=None) -> dict:
+def finetune_diagnostics(base: nn.Module, result: FinetuneResult, train, *, device=None,
+                         task: InfluenceTask | None = None) -> dict:
     """What the energy term did to a fine-tuning run, from the training set (never the test set).
 
     Returns ``{"energy_before", "energy_after"}``: per-class mean energy [K] of the base and the fine-tuned model;
     ``{"logit_norm_before", "logit_norm_after"}``: mean L2 norm of the training logits; ``"energy_dominated"``: the
     fraction of training points whose energy term |c_i E_i| exceeds their CE loss on the base model (c: the
     coefficients the run used, App. B's "global" reading included; its "per_sample" reading caps such points during
-    the run, so the fraction says how much of the regularization it removed).
+    the run, so the fraction says how much of the regularization it removed). ``train`` and ``task`` as in
+    :func:`finetune` (the run's own).
     """
-    train = model_ready(base, train, "train")
+    task = resolve_task(task)
+    refuse_stream(train, "train", "finetune_diagnostics")
+    source = train
+    train = indexed_data(base, train, "train", task)
+    k, _, _ = data_classes(base, train, task, source=source)
     device = resolve_device(device)
-    k = train.num_classes
-    labels = train.labels
+    labels = train.labels().long()
     out = {}
     for tag, model in (("before", base), ("after", result.model)):
-        logits = predict_logits(model, train, device=device).double()
+        logits = predict_logits(model, train, device=device, task=task).double()
         e = energy(logits).double().cpu()
         sums = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, e)
         n = torch.bincount(labels, minlength=k).clamp_min(1)

@@ -1,7 +1,11 @@
 """Baseline training (ERM, LDAM-DRW) and classifier re-training (cRT, LWS), plus evaluation by shot group.
 
-The loops work on :class:`iaerf.longtail.data.TensorDataset` tensors directly: a seeded permutation per epoch, batches sliced
-from the tensors, CIFAR augmentation (random crop with 4-pixel padding, horizontal flip) done on the batch tensor.
+Every function takes its data as the influence API does (:class:`iaerf.core.indexed_data.IndexedData`: an
+:class:`iaerf.longtail.data.TensorDataset`, torch's, a pair of tensors, any map-style dataset, a DataLoader over one
+with its ``collate_fn``), and ``task=`` (:class:`iaerf.InfluenceTask`) for how items are split (``unpack``) and
+how the logits are read from the model's output (``logits``). The loops draw a seeded permutation per epoch and
+read each batch by index (tensor data is sliced directly); CIFAR augmentation (random crop with 4-pixel padding,
+horizontal flip) is done on the batch tensor.
 Presets: :func:`cifar_config` follows kaidic/LDAM-DRW (200 epochs, lr 0.1, 5 warm-up epochs, x0.01 at 160, x0.0001
 at 180, DRW at 160); :func:`digits_config` is a small, fast schedule for the bundled digits.
 """
@@ -15,10 +19,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from iaerf.longtail.data import ShotGroups, TensorDataset
-from iaerf.core.heads import HeadNotFoundError, find_classifier_head, head_features
-from iaerf.longtail.losses import LDAMLoss, class_balanced_weights
+from iaerf.core.heads import (HeadNotFoundError, check_finite_state, check_logits, eval_mode, find_classifier_head,
+                              head_features, model_dtype)
+from iaerf.core.indexed_data import IndexedData
 from iaerf.core.train_loop import shuffled_batches, train_loop
+from iaerf.influence.task import InfluenceTask, resolve_task
+from iaerf.longtail.data import ShotGroups, TensorDataset
+from iaerf.longtail.losses import LDAMLoss, class_balanced_weights
 
 __all__ = [
     "TrainConfig",
@@ -131,6 +138,48 @@ def check_dataset(ds, name: str) -> TensorDataset:
     return ds
 
 
+def indexed_data(model: nn.Module, data, name: str, task: InfluenceTask) -> IndexedData:
+    """``data`` (the user's argument ``name``) as the one adapter, :class:`IndexedData`, built once per call: items
+    split by ``task.unpack``, floating inputs cast to the model's dtype when that is exact (a TypeError when it
+    would round), tensor inputs checked finite. An IndexedData passes through unchanged (a caller that built it
+    hands it on). Also checks that ``model`` is an ``nn.Module`` with finite parameters and buffers, and that the
+    data holds at least one example."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_finite_state(model)
+    if not isinstance(data, IndexedData):
+        data = IndexedData(data, name, task.unpack, model_dtype(model))
+    if len(data) == 0:
+        raise ValueError(f"{data.name} is empty")
+    return data
+
+
+def data_classes(model: nn.Module, data: IndexedData, task: InfluenceTask, source=None,
+                 name: str = "model") -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(K, logits [b, K], labels [b])``: the number of classes, read from the model's output on a probe batch of
+    the first (up to two) examples of ``data`` (eval mode, no gradient, every train/eval flag restored), and that
+    batch's logits and labels (for checking a task's callables on). Every label of ``data`` is checked to be an
+    integer class in [0, K); a ``source`` that is an :class:`iaerf.longtail.data.TensorDataset` must declare K
+    classes itself."""
+    param = next(model.parameters(), None)
+    x, y = data.batch(range(min(2, len(data))), None if param is None else param.device)
+    with eval_mode(model), torch.no_grad():
+        logits = check_logits(task.logits(model(x)), name)
+    k = logits.shape[1]
+    if isinstance(source, TensorDataset) and source.num_classes != k:
+        raise ValueError(f"{name} has {k} outputs but the data has {source.num_classes} classes")
+    data.check_labels(k)
+    return k, logits, y.long()
+
+
+def mean_loss(task: InfluenceTask):
+    """``(logits [b, K], labels [b]) -> scalar``: the mean of ``task.train_loss`` (``F.cross_entropy`` itself for
+    the default task, whose mean reduction the loops have always used)."""
+    if task.default_train_loss:
+        return F.cross_entropy
+    return lambda logits, y: task.train_loss(logits, y).mean()
+
+
 def check_model_classes(model: nn.Module, data: TensorDataset, name: str = "model") -> tuple[str, nn.Linear]:
     """The classifier head ``(layer_name, layer)`` of ``model`` (:func:`iaerf.core.heads.find_classifier_head` on one
     example of ``data``, whatever the layer is called), checked to have one output per class of ``data``."""
@@ -147,34 +196,48 @@ def check_model_classes(model: nn.Module, data: TensorDataset, name: str = "mode
     return head_name, layer
 
 
-def train_baseline(model: nn.Module, train: TensorDataset, config: TrainConfig = TrainConfig(), *, device=None,
-                   progress: bool = True) -> tuple[nn.Module, list[dict]]:
-    """Train ``model`` in place on ``train`` with ERM or LDAM-DRW. Returns ``(model, history)``, one dict per epoch."""
-    check_dataset(train, "train")
-    check_model_classes(model, train)
+def train_baseline(model: nn.Module, train, config: TrainConfig = TrainConfig(), *, device=None,
+                   progress: bool = True, task: InfluenceTask | None = None) -> tuple[nn.Module, list[dict]]:
+    """Train ``model`` in place on ``train`` with ERM or LDAM-DRW. Returns ``(model, history)``, one dict per epoch.
+
+    ``train``: any data :class:`IndexedData` accepts (see the module docstring); ``task``: its ``unpack`` and
+    ``logits``, and for "erm" its ``train_loss`` (ERM minimises its mean; the default is cross-entropy). LDAM-DRW
+    has its own loss, so a custom ``task.train_loss`` with it is a ValueError. Class counts are the bincount of the
+    labels over the model's K outputs.
+    """
+    task = resolve_task(task)
+    if config.method == "ldam_drw" and not task.default_train_loss:
+        raise ValueError("train_baseline: config.method='ldam_drw' trains with the LDAM loss, so it cannot also use "
+                         "a custom task.train_loss; use method='erm' to train with task.train_loss")
+    source = train
+    train = indexed_data(model, train, "train", task)
+    k, probe_logits, probe_labels = data_classes(model, train, task, source=source)
+    if not task.default_train_loss:
+        task.check_outputs(probe_logits, probe_labels, "loss")
     device = resolve_device(device)
-    counts = train.class_counts()
+    counts = torch.bincount(train.labels().long(), minlength=k).tolist()
     if config.method == "ldam_drw" and min(counts) == 0:
         raise ValueError("train: LDAM-DRW needs at least one example of every class")
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)  # batch order, then the augmentation draws of each batch
     model.to(device)
-    x_all, y_all = train.tensors()
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (no_decay if p.dim() == 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     ldam = LDAMLoss(counts, config.max_m, config.s).to(device) if config.method == "ldam_drw" else None
     drw = class_balanced_weights(counts, config.cb_beta).to(device)
+    erm = mean_loss(task)
 
     def loss_fn(epoch, idx):
         if ldam is not None and ldam.weight is None and epoch >= config.drw_epoch:
             ldam.set_weight(drw)
-        x, y = x_all[idx].to(device), y_all[idx].to(device)
+        x, y = train.batch(idx, device)
+        y = y.long()  # tensor data keeps its label dtype; the losses take int64
         if config.augment == "cifar":
             x = _augment_cifar(x, gen)
-        logits = model(x)
-        loss = ldam(logits, y) if ldam is not None else F.cross_entropy(logits, y)
+        logits = task.logits(model(x))
+        loss = ldam(logits, y) if ldam is not None else erm(logits, y)
         return loss, {"train_acc": (logits.argmax(1) == y).sum()}
 
     history = train_loop(groups, loss_fn, shuffled_batches(len(train), config.batch_size, gen), epochs=config.epochs,
@@ -185,32 +248,38 @@ def train_baseline(model: nn.Module, train: TensorDataset, config: TrainConfig =
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, data: TensorDataset, *, batch_size: int = 512, device=None) -> torch.Tensor:
-    """Eval-mode logits [N, C] (float32, on CPU) for every item of ``data``."""
+def predict_logits(model: nn.Module, data, *, batch_size: int = 512, device=None,
+                   task: InfluenceTask | None = None) -> torch.Tensor:
+    """Eval-mode logits [N, C] (float32, on CPU) for every example of ``data`` (any data :class:`IndexedData`
+    accepts, in its index order), read from the model's output by ``task.logits``."""
+    task = resolve_task(task)
+    data = indexed_data(model, data, "data", task)
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    x_all = data.tensors()[0]
-    out = [model(x_all[s:s + batch_size].to(device)).float().cpu() for s in range(0, len(data), batch_size)]
+    out = [task.logits(model(x)).float().cpu() for x, _ in data.batches(range(len(data)), batch_size, device)]
     model.train(was_training)
     return torch.cat(out)
 
 
-def evaluate(model: nn.Module, data: TensorDataset, train_counts, shot_groups: ShotGroups = ShotGroups(), *,
-             batch_size: int = 512, device=None) -> dict:
+def evaluate(model: nn.Module, data, train_counts, shot_groups: ShotGroups = ShotGroups(), *,
+             batch_size: int = 512, device=None, task: InfluenceTask | None = None) -> dict:
     """Top-1 error (%) overall and per shot group, mean CE loss and per-class accuracy.
 
     Group error = 100 - mean of the per-class accuracies of the group's classes (groups from ``train_counts``).
+    ``data``: any data :class:`IndexedData` accepts; ``task``: its ``unpack`` and ``logits``.
     """
-    check_dataset(data, "data")
-    check_model_classes(model, data)
-    if len(train_counts) != data.num_classes:
-        raise ValueError(f"train_counts has {len(train_counts)} classes, data has {data.num_classes}")
-    logits = predict_logits(model, data, batch_size=batch_size, device=device)
-    y = data.labels
+    task = resolve_task(task)
+    source = data
+    data = indexed_data(model, data, "data", task)
+    k, _, _ = data_classes(model, data, task, source=source)
+    if len(train_counts) != k:
+        raise ValueError(f"train_counts has {len(train_counts)} classes, data has {k}")
+    logits = predict_logits(model, data, batch_size=batch_size, device=device, task=task)
+    y = data.labels().long()
     pred = logits.argmax(1)
     per_class = []
-    for c in range(data.num_classes):
+    for c in range(k):
         mask = y == c
         per_class.append(float((pred[mask] == c).float().mean()) if bool(mask.any()) else float("nan"))
     groups = shot_groups.assign(train_counts)
@@ -247,17 +316,53 @@ class ClassifierConfig:
             raise ValueError("epochs, batch_size and lr must be positive")
 
 
-def retrain_classifier(model: nn.Module, train: TensorDataset, config: ClassifierConfig = ClassifierConfig(), *,
-                       device=None, progress: bool = True) -> nn.Module:
+class _OutputLogits(nn.Module):
+    """``model`` whose forward returns ``read(model(x))``: the logits tensor of a model returning a dict or an
+    object, so that :func:`iaerf.core.heads.find_classifier_head` can match the head's output against it."""
+
+    def __init__(self, model: nn.Module, read):
+        super().__init__()
+        self.model, self.read = model, read
+
+    def forward(self, x):
+        return self.read(self.model(x))
+
+
+def classifier_head(model: nn.Module, data: IndexedData, task: InfluenceTask) -> tuple[str, nn.Linear]:
+    """``(name, layer)``: the final ``nn.Linear`` of ``model`` (:func:`iaerf.core.heads.find_classifier_head` on
+    the first example of ``data``, whatever the layer is called), whose output is the model's logits as
+    ``task.logits`` reads them; a TypeError when there is none."""
+    param = next(model.parameters(), None)
+    probe = data.batch([0], None if param is None else param.device)[0]
+    with eval_mode(model), torch.no_grad():
+        wrapped = not isinstance(model(probe), torch.Tensor)
+    try:
+        name, layer = find_classifier_head(_OutputLogits(model, task.logits) if wrapped else model, probe)
+    except HeadNotFoundError as exc:
+        raise TypeError(f"model must end in a final nn.Linear classifier head: {exc}") from None
+    if wrapped:  # the wrapper's names start with "model"; the model itself as the layer is ""
+        name = name[len("model."):] if name.startswith("model.") else ""
+    return name, layer
+
+
+def retrain_classifier(model: nn.Module, train, config: ClassifierConfig = ClassifierConfig(), *,
+                       device=None, progress: bool = True, task: InfluenceTask | None = None) -> nn.Module:
     """cRT / LWS on the frozen backbone of ``model``; returns a copy whose classifier head (the
     final ``nn.Linear``, whatever its name) is re-trained.
 
+    ``train``: any data :class:`IndexedData` accepts; ``task``: its ``unpack``, ``logits`` (the head is the layer
+    whose output they are) and ``train_loss`` (the mean of it is minimised; default cross-entropy).
     Features [N, D] are computed once in eval mode (no augmentation). Class-aware sampling: each draw picks a class
     uniformly, then an example of it uniformly. LWS learns scales f [C] on logits f_j * (w_j x + b_j) and folds them
     into the head afterwards, so the returned model is an ordinary one with an ``nn.Linear`` head.
     """
-    check_dataset(train, "train")
-    head_name, head = check_model_classes(model, train)
+    task = resolve_task(task)
+    source = train
+    train = indexed_data(model, train, "train", task)
+    head_name, head = classifier_head(model, train, task)
+    k, probe_logits, probe_labels = data_classes(model, train, task, source=source)
+    if not task.default_train_loss:
+        task.check_outputs(probe_logits, probe_labels, "loss")
     if type(head) is not nn.Linear:
         raise TypeError(f"retrain_classifier needs a plain nn.Linear head, got {type(head).__name__} {head_name!r}")
     device = resolve_device(device)
@@ -265,14 +370,14 @@ def retrain_classifier(model: nn.Module, train: TensorDataset, config: Classifie
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     fc = model.get_submodule(head_name)  # the copy's head
-    x_all = train.tensors()[0]
-    feats = head_features(model, fc, (x_all[s:s + 512].to(device) for s in range(0, len(train), 512)))
-    y = train.labels.to(device)
-    counts = train.class_counts()
+    feats = head_features(model, fc, (x for x, _ in train.batches(range(len(train)), 512, device)))
+    labels = train.labels().long()
+    y = labels.to(device)
+    counts = torch.bincount(labels, minlength=k).tolist()
     if min(counts) == 0:
         raise ValueError("train: class-aware sampling needs at least one example of every class")
     # Class-aware sampling without a Python loop: examples sorted by class, class c occupies [start_c, start_c + n_c).
-    order = torch.argsort(train.labels, stable=True)
+    order = torch.argsort(labels, stable=True)
     n_c = torch.tensor(counts, dtype=torch.long)
     start_c = torch.cumsum(n_c, 0) - n_c
     if config.method == "crt":
@@ -281,21 +386,23 @@ def retrain_classifier(model: nn.Module, train: TensorDataset, config: Classifie
         scales = None
     else:
         fc.requires_grad_(False)
-        scales = torch.ones(train.num_classes, device=device, requires_grad=True)
+        scales = torch.ones(k, device=device, requires_grad=True)
         params = [scales]
     steps_per_epoch = max(1, math.ceil(len(train) / config.batch_size))
 
     def class_aware(epoch):
         for _ in range(steps_per_epoch):
-            cls = torch.randint(0, train.num_classes, (config.batch_size,), generator=gen)
+            cls = torch.randint(0, k, (config.batch_size,), generator=gen)
             offset = (torch.rand(config.batch_size, generator=gen) * n_c[cls]).long()
             yield order[start_c[cls] + offset].to(device)
+
+    loss = mean_loss(task)
 
     def loss_fn(epoch, pick):
         logits = fc(feats[pick])
         if scales is not None:
             logits = logits * scales
-        return F.cross_entropy(logits, y[pick])
+        return loss(logits, y[pick])
 
     train_loop(params, loss_fn, class_aware, epochs=config.epochs, lr=config.lr, momentum=config.momentum,
                weight_decay=config.weight_decay, desc=f"train {config.method}", progress=progress,

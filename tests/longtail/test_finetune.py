@@ -181,8 +181,8 @@ def test_finetune_bad_input():
         FinetuneConfig(energy_cap="clip")
     with pytest.raises(ValueError, match="lr"):
         FinetuneConfig(lr=0.0)
-    with pytest.raises(TypeError, match="TensorDataset"):
-        finetune(model, [(torch.zeros(5), 0)], None, beta=0.0, progress=False)
+    with pytest.raises(TypeError, match="train must be a map-style dataset"):  # any data IndexedData takes, no other
+        finetune(model, 42, None, beta=0.0, progress=False)
     for device, match in (("banana", "'cpu', 'cuda' or 'cuda:N'"), ("meta", "'cpu', 'cuda' or 'cuda:N'"),
                           ("cuda:999", "cuda:999")):
         with pytest.raises(ValueError, match=match):  # torch's RuntimeError listing every device type, before
