@@ -234,3 +234,20 @@ def test_npz_round_trip_and_refusals(tmp_path, capsys):
     assert main(["data", "--out", str(tmp_path / "r2"), "--dataset", "npz", "--data-root", str(nonfinite),
                  "--quiet"]) == 2
     assert "array 'x_test' row 4" in capsys.readouterr().err
+
+
+def test_settings_of_the_user_sources():
+    from iaerf.longtail.pipeline import PipelineConfig, SettingError
+
+    assert PipelineConfig.from_options(data="pkg.mod:make").data.dataset == "factory"
+    with pytest.raises(SettingError, match="needs dataset='factory'") as info:
+        PipelineConfig.from_options(dataset="digits", data="pkg.mod:make")
+    assert info.value.field == "data"
+    with pytest.raises(SettingError, match="needs data") as info:
+        PipelineConfig.from_options(dataset="factory")
+    for dataset in ("npz", "image_folder"):
+        with pytest.raises(SettingError, match="needs data_root"):
+            PipelineConfig.from_options(dataset=dataset)
+    with pytest.raises(SettingError, match="model must be 'package.module:function'"):
+        PipelineConfig.from_options(model="pkg.mod:")
+    assert PipelineConfig.from_options(model="pkg.mod:make").baselines.model == "pkg.mod:make"

@@ -434,6 +434,8 @@ class PipelineConfig:
         unknown = sorted(set(options) - set(setting_fields()))
         if unknown:
             raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(setting_fields())}")
+        if options.get("data") is not None and "dataset" not in options:
+            options = {**options, "dataset": "factory"}  # a data factory names the source
         if options.get("protocol") is not None:
             options = {**protocol_settings(options["protocol"], options.get("dataset", "digits")), **options}
         groups = {name: group(**_given(group, options)) for name, group in _GROUPS.items()}
