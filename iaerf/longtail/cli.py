@@ -1,7 +1,8 @@
 """The ``iaerf`` command (also ``python -m iaerf``).
 
 Subcommands work on one run directory (``--out``): ``data``, ``train``, ``influence``, ``finetune``, ``evaluate``,
-``plot``, and ``demo`` (everything, on long-tailed digits). The first command of a run writes ``settings.json``;
+``plot``, ``run`` (every stage on the settings given) and ``demo`` (everything, on long-tailed digits unless told
+otherwise). The first command of a run writes ``settings.json``;
 later commands read it, and options given on their command line replace the stored ones (stages whose inputs
 changed re-run, the others are skipped). One command at a time writes a run directory: a second one exits with
 status 2 naming the process that holds it. Examples::
@@ -11,6 +12,7 @@ status 2 naming the process that holds it. Examples::
     iaerf train --out runs/c10 --method erm
     iaerf finetune --out runs/c10 --method erm --variant iaerf
     iaerf evaluate --out runs/c10
+    iaerf run --out runs/mine --data my_pkg.problem:make_data --model my_pkg.problem:make_model
 """
 from __future__ import annotations
 
@@ -96,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "'recommended' (--protocol paper / none for others); prints the table")
     _add_settings(p)
     p.add_argument("--quick", action="store_true", help="tiny schedules (a smoke test, not a result)")
+    p = sub.add_parser("run", help="every stage (data, baselines, influence, fine-tuning, evaluation, figures) on the "
+                       "settings given, e.g. your own --data and --model; prints the table")
+    _add_settings(p)
+    p.add_argument("--quick", action="store_true", help="tiny schedules (a smoke test, not a result)")
     return parser
 
 
@@ -127,6 +133,10 @@ def _config(args, defaults=None):
         base = {k: v for k, v in base.items() if k not in preset}
     if "solver" in given and given["solver"] != base.get("solver") and "solver_options" not in given:
         given["solver_options"] = None  # options belong to the solver they were given for
+    if given.get("data") is not None and "dataset" not in given:
+        given["dataset"] = "factory"  # --data names the source
+    elif given.get("dataset", "factory") != "factory" and "data" not in given:
+        given["data"] = None  # another source replaces the stored factory
     try:
         return PipelineConfig.from_json({**base, **given})
     except SettingError as exc:
@@ -187,7 +197,7 @@ def _run(args) -> int:
         # a new demo run: the protocol the measurements support, one thread (fastest for its tiny models)
         defaults = {"seed": seed, "threads": 1, "protocol": "recommended"}
         if args.quick:
-            defaults.update(train_epochs=4, finetune_epochs=1, betas=[0.0, 1.0])
+            defaults.update(_QUICK)
         config = _config(args, defaults)
         from iaerf.longtail.pipeline.settings import describe_protocol
 
@@ -195,7 +205,7 @@ def _run(args) -> int:
     else:
         if args.out is None:
             raise ValueError("--out (the run directory) is required")
-        config = _config(args)
+        config = _config(args, _QUICK if getattr(args, "quick", False) else None)
     method = getattr(args, "method", None)
     with Pipeline(args.out, config, progress=not args.quiet, log=lambda s: print(s, file=sys.stderr),
                   methods=(method,) if method else ()) as pipe:
@@ -204,6 +214,10 @@ def _run(args) -> int:
             warnings.warn(f"--threads {threads} is more than the {_cores()} CPU cores available; "
                           "the extra threads only compete for them")
         return _command(args, pipe)
+
+
+# --quick: tiny schedules for a new run (a stored run keeps its own)
+_QUICK = {"train_epochs": 4, "finetune_epochs": 1, "betas": [0.0, 1.0]}
 
 
 def _command(args, pipe) -> int:
@@ -233,10 +247,10 @@ def _command(args, pipe) -> int:
             print(f"chosen on validation: beta {info['beta']:g} (effective {info['beta_effective']:.4g}): "
                   f"{info['selection']['summary']}")
         print(f"checkpoint: {pipe.checkpoint_path(args.method, args.variant)}")
-    elif args.command in ("evaluate", "demo"):
+    elif args.command in ("evaluate", "demo", "run"):
         pipe.data()
         metrics = pipe.evaluate()
-        if args.command == "demo":
+        if args.command != "evaluate":
             pipe.plots()
         from iaerf.longtail.pipeline import format_table
         from iaerf.longtail.pipeline.report import format_lead

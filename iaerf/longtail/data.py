@@ -1,5 +1,7 @@
 """Imbalanced classification data: long-tailed / step counts, the kaidic/LDAM-DRW selection rule, the class-balanced
-validation subset of paper Sec. 4.2.1, shot groups, and the sources (bundled digits, CIFAR pickles, feature files).
+validation subset of paper Sec. 4.2.1, shot groups, and the sources (bundled digits, CIFAR pickles, feature files,
+and the user's own: any data iaerf's data contract accepts (:func:`read_tensor_dataset`, :func:`user_split`), a
+class-per-folder image tree (:func:`load_image_folder`) and an ``.npz`` file of arrays (:func:`load_npz_split`)).
 
 Every dataset is a :class:`TensorDataset` -- a map-style dataset yielding ``(x, y)`` that keeps its data as two
 tensors (``inputs [N, ...]``, ``labels [N]`` int64) and hands them out with :meth:`TensorDataset.tensors`. The data
@@ -30,6 +32,12 @@ __all__ = [
     "load_cifar_lt",
     "load_features",
     "load_feature_split",
+    "read_tensor_dataset",
+    "user_split",
+    "load_image_folder",
+    "image_folder_files",
+    "load_npz_split",
+    "IMAGE_EXTENSIONS",
     "DIGITS_SHOT_GROUPS",
 ]
 
@@ -185,6 +193,7 @@ class ImbalancedSplit:
     val_indices: np.ndarray
     shot_groups: ShotGroups = field(default_factory=ShotGroups)
     heldout_val: TensorDataset | None = None  # optional balanced validation set disjoint from train and test
+    class_names: list[str] | None = None  # class k's name (an image folder's class folders), when the source has them
 
     @property
     def val(self) -> TensorDataset:
@@ -208,6 +217,7 @@ class ImbalancedSplit:
             "n_test": len(self.test),
             "shot_groups": asdict(self.shot_groups),
             "groups": self.shot_groups.assign(counts),
+            **({"class_names": list(self.class_names)} if self.class_names is not None else {}),
         }
 
 
@@ -271,7 +281,7 @@ def hold_out_validation(split: ImbalancedSplit, per_class: int, seed: int = 0) -
     keep = np.setdiff1d(np.arange(len(labels)), held)
     train = split.train.subset(keep)
     return ImbalancedSplit(split.name, train, split.test, balanced_validation_indices(train.labels, seed=seed),
-                           split.shot_groups, split.train.subset(held))
+                           split.shot_groups, split.train.subset(held), split.class_names)
 
 
 def _numpy_reconstructors() -> dict[tuple[str, str], object]:
@@ -472,3 +482,225 @@ def load_feature_split(train_path: str, test_path: str, num_classes: int | None 
     train.num_classes = test.num_classes = num
     val = balanced_validation_indices(train.labels, seed=seed)
     return ImbalancedSplit(os.path.splitext(os.path.basename(train_path))[0], train, test, val, shot_groups)
+
+
+# -- the user's own data -------------------------------------------------------------------------------------------
+
+def _integer_labels(labels: torch.Tensor, name: str) -> torch.Tensor:
+    """``labels`` as int64 [N], or a ValueError naming ``name`` when they are not a 1-D tensor of integer classes."""
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name}: labels must be a 1-D tensor of integer classes, got shape {tuple(labels.shape)} "
+                         f"{labels.dtype}")
+    if len(labels) and int(labels.min()) < 0:
+        raise ValueError(f"{name}: labels must be classes >= 0, got {int(labels.min())}")
+    return labels.long()
+
+
+def _checked_item(item, name: str, index: int):
+    """``(input tensor, label)`` of a dataset item; a TypeError naming ``name`` and the item otherwise."""
+    from iaerf.core.indexed_data import tuple_item
+
+    try:
+        x, y = tuple_item(item)
+    except TypeError as exc:
+        raise TypeError(f"{name}: item {index}: {exc}") from None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: item {index} has a {type(x).__name__} input; every input must be a torch.Tensor "
+                        f"(convert images with torchvision.transforms.functional.pil_to_tensor, arrays with "
+                        f"torch.as_tensor)")
+    integer = isinstance(y, (int, np.integer)) and not isinstance(y, (bool, np.bool_)) or (
+        isinstance(y, torch.Tensor) and y.dim() == 0 and not (y.is_floating_point() or y.is_complex()
+                                                             or y.dtype == torch.bool))
+    if not integer:
+        desc = f"{y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise TypeError(f"{name}: item {index} has a {desc} label; labels must be integer classes")
+    return x, y
+
+
+def read_tensor_dataset(data, name: str, num_classes: int | None = None) -> TensorDataset:
+    """Any data iaerf's data contract accepts (:class:`iaerf.core.indexed_data.IndexedData`: a
+    :class:`TensorDataset` or torch's, a pair of tensors ``(inputs [N, ...], labels [N])``, a map-style dataset of
+    ``(input, label)`` items) read once into a :class:`TensorDataset`: items are read one by one and stacked, so the
+    data must fit in memory. Inputs must be tensors of one shape, labels integer classes, floating inputs finite;
+    the errors name ``name`` (and the item)."""
+    from iaerf.core.indexed_data import IndexedData, check_finite_rows
+
+    adapter = IndexedData(data, name)  # tells tensor data (checked finite here) from item data
+    if adapter.inputs is not None:
+        inputs, labels = adapter.inputs, adapter.targets
+    else:
+        # read here rather than by the adapter's batches, so that a non-tensor item is an error naming it
+        items = [_checked_item(adapter.dataset[i], name, i) for i in range(len(adapter))]
+        shapes = sorted({tuple(x.shape) for x, _ in items})
+        if len(shapes) > 1:
+            raise ValueError(f"{name}: inputs of different shapes {shapes[:3]}; every input must have one shape so "
+                             f"that they stack")
+        inputs = torch.stack([x for x, _ in items]) if items else torch.empty(0)
+        labels = torch.stack([torch.as_tensor(y) for _, y in items]) if items else torch.empty(0, dtype=torch.long)
+        check_finite_rows(inputs, name)
+    if len(labels) == 0:
+        raise ValueError(f"{name} is empty")
+    return TensorDataset(inputs, _integer_labels(labels, name), num_classes)
+
+
+def user_split(name: str, train: TensorDataset, test: TensorDataset, val: TensorDataset | None = None,
+               num_classes: int | None = None, seed: int = 0, class_names: list[str] | None = None,
+               source: str = "the data") -> ImbalancedSplit:
+    """The user's own train / test (/ val) sets as an :class:`ImbalancedSplit`, used as given (no long tail is
+    drawn: the data's own class profile is the run's): the class-balanced validation subset of the training set
+    (seeded), CIFAR's shot groups, ``val`` (when given) as the held-out validation set. ``num_classes`` None: the
+    largest label of the three sets + 1. ``source`` names the data in errors."""
+    parts = {"train": train, "test": test, **({"val": val} if val is not None else {})}
+    largest = max(int(ds.labels.max()) for ds in parts.values()) + 1
+    if num_classes is None:
+        num_classes = largest
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"{source}: num_classes must be a whole number >= 2, got {num_classes!r}")
+    if largest > num_classes:
+        raise ValueError(f"{source}: labels reach {largest - 1}, beyond num_classes={num_classes}")
+    shapes = {part: tuple(ds.inputs.shape[1:]) for part, ds in parts.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"{source}: train, test and val inputs must have one shape per example, got {shapes}")
+    for ds in parts.values():
+        ds.num_classes = num_classes
+    empty = [c for c, n in enumerate(train.class_counts()) if n == 0]
+    if empty:
+        raise ValueError(f"{source}: classes {empty} have no training example (num_classes={num_classes}); every "
+                         f"class needs one")
+    return ImbalancedSplit(name, train, test, balanced_validation_indices(train.labels, seed=seed), ShotGroups(),
+                           val, class_names)
+
+
+# what image_folder reads (PIL decodes them); other files in a class folder are an error, hidden ones are skipped
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def image_folder_files(root: str) -> dict[str, dict[str, list[str]]]:
+    """``{"train": {class: [paths]}, "test": {...}, ["val": {...}]}`` of a class-per-folder image tree
+    (``root/<part>/<class>/<image>``), classes and files sorted by name. Errors name the folder or file at fault."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder not found: {root} (expected {root}/train/<class>/*.png and "
+                                f"{root}/test/<class>/...)")
+    out = {}
+    for part in ("train", "test", "val"):
+        folder = os.path.join(root, part)
+        if not os.path.isdir(folder):
+            if part == "val":
+                continue
+            raise FileNotFoundError(f"image folder {root} has no {part}/ folder (expected {folder}/<class>/*.png)")
+        classes = {}
+        for cls in sorted(n for n in os.listdir(folder) if not n.startswith(".")):
+            path = os.path.join(folder, cls)
+            if not os.path.isdir(path):
+                raise ValueError(f"{path} is not a class folder: {folder} must hold one folder per class")
+            files = []
+            for n in sorted(os.listdir(path)):
+                if n.startswith("."):
+                    continue
+                if os.path.splitext(n)[1].lower() not in IMAGE_EXTENSIONS:
+                    raise ValueError(f"{os.path.join(path, n)} is not an image iaerf reads (extensions "
+                                     f"{', '.join(IMAGE_EXTENSIONS)})")
+                files.append(os.path.join(path, n))
+            classes[cls] = files
+        if not classes:
+            raise ValueError(f"{folder} holds no class folder")
+        out[part] = classes
+    return out
+
+
+def _decode_image(path: str, size: int) -> torch.Tensor:
+    """``path`` decoded by PIL as RGB, resized to ``size`` x ``size``: uint8 [3, size, size]."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            pixels = np.asarray(img, dtype=np.uint8)
+    except OSError as exc:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
+        raise ValueError(f"cannot decode image {path}: {first_sentence(exc)}") from None
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+
+
+def load_image_folder(root: str, image_size: int = 32, seed: int = 0) -> ImbalancedSplit:
+    """A class-per-folder image tree: ``root/train/<class>/*.png|jpg``, ``root/test/<class>/...`` and optionally
+    ``root/val/<class>/...`` (the held-out validation set). Classes are the train folder's class folders sorted by
+    name (class k = the k-th; ``class_names`` keeps them); test / val class folders must be among them. Every image is
+    decoded as RGB and resized to ``image_size`` x ``image_size``: inputs uint8 [N, 3, image_size, image_size]. The
+    split is :func:`user_split` (the data used as given)."""
+    check_count("image_size", image_size)
+    files = image_folder_files(root)
+    names = list(files["train"])
+    index = {n: k for k, n in enumerate(names)}
+    parts = {}
+    for part, classes in files.items():
+        unknown = [c for c in classes if c not in index]
+        if unknown:
+            raise ValueError(f"{os.path.join(root, part)} has class folders {unknown} that {root}/train lacks; the "
+                             f"classes are the train folder's")
+        paths = [(p, index[c]) for c, ps in classes.items() for p in ps]
+        if not paths:
+            raise ValueError(f"{os.path.join(root, part)} holds no image")
+        parts[part] = TensorDataset(torch.stack([_decode_image(p, image_size) for p, _ in paths]),
+                                    torch.tensor([k for _, k in paths]), len(names))
+    return user_split(os.path.basename(os.path.normpath(root)), parts["train"], parts["test"], parts.get("val"),
+                      len(names), seed, names, source=f"image folder {root}")
+
+
+_NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")
+
+
+def load_npz_split(path: str, seed: int = 0) -> ImbalancedSplit:
+    """An ``.npz`` file holding ``x_train, y_train, x_test, y_test`` and optionally ``x_val, y_val`` (the held-out
+    validation set): inputs ``x_* [N, ...]`` (integer, or float with every value finite as float32, which floats
+    become), labels ``y_* [N]`` integer classes. Read with ``allow_pickle=False``, so a file holding object arrays
+    (pickles, which could run code) is refused. Errors name the file and the array. The split is :func:`user_split`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"npz file not found: {path}")
+    damaged = f"cannot read npz file {path}: damaged or not an .npz archive"
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as exc:  # numpy and the zip reader raise their own types on a damaged file
+        raise ValueError(f"{damaged} ({type(exc).__name__}: {first_sentence(exc)})") from None
+    if not hasattr(z, "files"):  # a bare .npy array
+        raise ValueError(f"{damaged} (it holds a single array; save the arrays with numpy.savez)")
+    with z:
+        unknown = sorted(set(z.files) - set(_NPZ_ARRAYS))
+        if unknown:
+            raise ValueError(f"{path}: unexpected arrays {unknown}; iaerf reads {', '.join(_NPZ_ARRAYS)}")
+        arrays = {}
+        for key in z.files:
+            try:
+                arrays[key] = z[key]
+            except ValueError as exc:  # an object array: numpy refuses it without allow_pickle
+                raise ValueError(f"{path}: array {key!r} is not a plain numeric array ({first_sentence(exc)}); iaerf "
+                                 f"never unpickles data") from None
+            except Exception as exc:
+                raise ValueError(f"{damaged}: array {key!r} ({type(exc).__name__}: {first_sentence(exc)})") from None
+    parts = {}
+    for part in ("train", "test", "val"):
+        x, y = arrays.get(f"x_{part}"), arrays.get(f"y_{part}")
+        if part == "val" and x is None and y is None:
+            continue
+        if x is None or y is None:
+            raise ValueError(f"{path}: array {'x' if x is None else 'y'}_{part} is missing (x_{part} and y_{part} "
+                             f"go together)")
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise ValueError(f"{path}: array 'y_{part}' must be 1-D integer class labels, got {y.dtype} {y.shape}")
+        if x.ndim < 2 or x.shape[0] != len(y) or x.dtype.kind not in "iuf":
+            raise ValueError(f"{path}: array 'x_{part}' must be numeric [N, ...] with N = len(y_{part}) = {len(y)}, "
+                             f"got {x.dtype} {x.shape}")
+        inputs = torch.from_numpy(x.astype(np.float32) if x.dtype.kind == "f" else x)
+        # checked as float32, the dtype training sees: a float64 beyond float32's range becomes inf there
+        bad = ~torch.isfinite(inputs.reshape(len(inputs), -1)).all(dim=1) if inputs.is_floating_point() else None
+        if bad is not None and bool(bad.any()):
+            raise ValueError(f"{path}: array 'x_{part}' row {int(bad.nonzero()[0])} holds NaN or inf (as float32); "
+                             f"every input must be finite ({int(bad.sum())} of {len(inputs)} rows are not)")
+        if len(y) and y.min() < 0:
+            raise ValueError(f"{path}: array 'y_{part}' holds a negative label {int(y.min())}")
+        if len(y) == 0:
+            raise ValueError(f"{path}: array 'y_{part}' is empty")
+        parts[part] = TensorDataset(inputs, torch.from_numpy(y.astype(np.int64)))
+    return user_split(os.path.splitext(os.path.basename(path))[0], parts["train"], parts["test"], parts.get("val"),
+                      seed=seed, source=f"npz file {path}")

@@ -18,7 +18,7 @@ from iaerf.core.heads import HeadNotFoundError, find_classifier_head, head_featu
 from iaerf.longtail.data import TensorDataset
 
 __all__ = ["NormedLinear", "ResNet32", "SmallCNN", "LinearClassifier", "build_model", "count_parameters", "MODELS",
-           "classifier_head"]
+           "classifier_head", "with_normed_head"]
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -192,6 +192,24 @@ def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def with_normed_head(model: nn.Module, head: str, scale: float = 30.0) -> nn.Module:
+    """``model`` (changed in place) with its classifier head, the ``nn.Linear`` module named ``head`` (its name in
+    ``named_modules()``, :func:`iaerf.core.heads.find_classifier_head`), replaced by a freshly initialised
+    :class:`NormedLinear` of the same shape: LDAM-DRW's cosine classifier on any network (the bundled ones build it
+    with ``normed_fc=True``). The forward must call the head module (``self.<head>(features)``) for the swap to take
+    effect; the caller checks that it did."""
+    if not head:
+        raise TypeError(f"{type(model).__name__} is itself its head; LDAM's cosine classifier replaces a submodule")
+    layer = model.get_submodule(head)
+    if type(layer) is not nn.Linear:
+        raise TypeError(f"{type(model).__name__}: {head!r} is a {type(layer).__name__}, not the plain nn.Linear head "
+                        f"LDAM's cosine classifier replaces")
+    normed = NormedLinear(layer.in_features, layer.out_features, scale).to(layer.weight.device, layer.weight.dtype)
+    parent, _, name = head.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, normed)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -9,6 +9,8 @@
 - :mod:`~iaerf.longtail.pipeline.run`: :class:`Pipeline`, the context that holds the run directory's lock and runs
   the stages with resume.
 - :mod:`~iaerf.longtail.pipeline.files`: checkpoints and the readers that check every output.
+- :mod:`~iaerf.longtail.pipeline.factories`: the user's own data and network (``--data`` / ``--model``
+  ``package.module:function``), read once and keyed by content.
 - :mod:`~iaerf.longtail.pipeline.report`: the results table.
 
 Layout of ``<run>/``::

@@ -12,7 +12,7 @@ import torch
 
 from iaerf.core.io import read_json
 from iaerf.core.store import load_checked, save_checked
-from iaerf.longtail.models import build_model
+from iaerf.longtail.models import build_model, with_normed_head
 
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "save_vector", "read_settings", "read_vector",
            "read_table", "check_png"]
@@ -46,7 +46,14 @@ def save_vector(path: str, values: torch.Tensor) -> None:
 
 
 def build_from_arch(arch: dict) -> torch.nn.Module:
-    """The untrained model an ``arch`` dict ({"name", "num_classes", **kwargs}) describes."""
+    """The untrained model an ``arch`` dict ({"name", "num_classes", **kwargs}) describes; a ``--model`` factory's
+    ({"name": "factory", "factory", "num_classes", "head", "identity"[, "normed_fc"]}) is the factory's network,
+    with LDAM's cosine classifier in place of its head when ``normed_fc``."""
+    if arch["name"] == "factory":
+        from iaerf.longtail.pipeline.factories import model_from_factory
+
+        model = model_from_factory(arch["factory"], arch["num_classes"])
+        return with_normed_head(model, arch["head"]) if arch.get("normed_fc") else model
     return build_model(arch["name"], arch.get("num_classes"),
                        **{k: v for k, v in arch.items() if k not in ("name", "num_classes")})
 

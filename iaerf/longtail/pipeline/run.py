@@ -111,15 +111,15 @@ class Pipeline(RunContext):
 
         c = self.config
         split = self.split()
-        if c.data.dataset != "features":
+        if c.data.dataset in ("digits", "cifar10", "cifar100"):  # the other sources' data is used as given
             counts = split.counts()
             empty = [k for k, n in enumerate(counts) if n < 1]
             if empty:
                 raise SettingError("ratio", f"ratio {c.data.ratio:g} leaves classes {empty} with no training image; "
                                             f"every class must keep at least one, so the ratio must not exceed the "
                                             f"largest class's count n_max = {max(counts)}")
-        train_params = c.finetune_config().train_params
-        influence_params = c.influence.params
+        train_params = self.finetune_config().train_params
+        influence_params = self.param_names(c.influence.params)
         for method in dict.fromkeys(tuple(c.baselines.methods) + methods):
             with torch.random.fork_rng(devices=[]):  # building the skeleton must not move the seeded global RNG
                 skeleton = build_from_arch(self.arch(method))

@@ -20,7 +20,7 @@ from iaerf.influence.settings import InfluenceSettings
 from iaerf.longtail.finetuning import BETAS, CAPS, SELECT_RULES, FinetuneConfig, cifar_finetune_config, classifier_retrain_config
 
 __all__ = ["BASE_METHODS", "DERIVED_METHODS", "ROWS", "DataSettings", "BaselineSettings", "InfluenceStageSettings",
-           "FineTuningSettings", "FigureSettings", "PipelineConfig", "SettingError", "protocol_settings",
+           "FineTuningSettings", "FigureSettings", "PipelineConfig", "SettingError", "SettingTypeError", "protocol_settings",
            "describe_protocol", "setting_fields"]
 
 BASE_METHODS = ("erm", "ldam_drw")
@@ -30,7 +30,9 @@ DERIVED_METHODS = ("crt", "lws")  # classifier re-training on the frozen ERM bac
 # la / cb: logit-adjusted / class-balanced loss fine-tuning on the control's schedule; iaerf-class: class-level
 # IAERF; iaerf-la: IAERF on the logit-adjusted loss; iaerf-posthoc: IAERF's model + post-hoc logit adjustment
 ROWS = ("posthoc", "la", "cb", "iaerf-class", "iaerf-la", "iaerf-posthoc")
-DATASETS = ("digits", "cifar10", "cifar100", "features")
+DATASETS = ("digits", "cifar10", "cifar100", "features", "image_folder", "npz", "factory")
+# the user's own data: used as given (no long tail drawn), and it may bring its own validation set
+USER_SOURCES = ("image_folder", "npz", "factory")
 SOLVERS = solver_names()  # the registered inverse-HVP solvers (iaerf.hessian.solvers)
 VALIDATIONS = ("train_subset", "heldout")
 IMAGE_MODELS = ("small_cnn", "convnet")  # networks a run can train on images of any channel count (iaerf.longtail.models)
@@ -48,6 +50,10 @@ class SettingError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
+
+
+class SettingTypeError(SettingError, TypeError):
+    """A setting that names something of the wrong type: a factory returning other than what it must."""
 
 
 # -- checks: each takes (name, value) and returns the value in its stored form, or raises SettingError -----------
@@ -143,6 +149,23 @@ def _options(name, value):
     return value
 
 
+def _spec(name, value):
+    """A ``"package.module:function"`` string (checked for form only: it is imported when the run opens)."""
+    module, sep, attr = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if not (sep and module and attr and all(p.isidentifier() for p in module.split(".") + attr.split("."))):
+        raise SettingError(name, f"{name} must be 'package.module:function' (a module on sys.path or in the current "
+                                 f"directory, and the function in it), got {value!r}")
+    return value
+
+
+def _model(name, value):
+    if value is None or (isinstance(value, str) and ":" in value):
+        return value if value is None else _spec(name, value)
+    if not isinstance(value, str) or value not in IMAGE_MODELS:
+        raise SettingError(name, f"{name} must be one of {IMAGE_MODELS} or 'package.module:function', got {value!r}")
+    return value
+
+
 def _device(name, value):
     if value is not None and not isinstance(value, str):
         raise SettingError(name, f"device must be 'cpu', 'cuda', 'cuda:N' or None, got {value!r}")
@@ -180,8 +203,18 @@ class DataSettings:
     paper's class-balanced subset of the training set), "heldout" (the held-out images), None = "heldout" when
     ``heldout_val`` holds images out, else "train_subset"."""
 
-    dataset: str = setting("digits", _choice(*DATASETS), "--dataset", "digits | cifar10 | cifar100 | features")
-    data_root: str | None = setting(None, _path, "--data-root", "folder holding cifar-10-batches-py / cifar-100-python")
+    dataset: str = setting("digits", _choice(*DATASETS), "--dataset", "digits | cifar10 | cifar100 | features | "
+                           "image_folder | npz | factory (--data sets it)")
+    data_root: str | None = setting(None, _path, "--data-root", "cifar: folder holding cifar-10-batches-py / "
+                                    "cifar-100-python; image_folder: folder of train/<class>/*.png, test/<class>/..., "
+                                    "optional val/<class>/...; npz: the .npz file of x_train y_train x_test y_test "
+                                    "(x_val y_val)")
+    factory: str | None = setting(None, lambda n, v: v if v is None else _spec(n, v), "--data",
+                                  "your data: package.module:function returning {'train': ..., 'test': ..., "
+                                  "optional 'val', 'num_classes', 'name'} (each set a TensorDataset, (inputs, labels) "
+                                  "or a dataset of (input, label) items, read into memory); imported from sys.path "
+                                  "and the current directory, called with no argument, or seed=<--seed> when it has a "
+                                  "'seed' parameter; sets --dataset factory", name="data")
     train_features: str | None = setting(None, _path, "--train-features",
                                          "features+labels file (.pt/.npz/.safetensors) for dataset=features")
     test_features: str | None = setting(None, _path, "--test-features", "test features+labels file for dataset=features")
@@ -192,7 +225,10 @@ class DataSettings:
                                "validation set (default 0: none)", type=int)
     validation: str | None = setting(None, lambda n, v: v if v is None else _choice(*VALIDATIONS)(n, v),
                                      "--validation", "set behind influence and beta choice: train_subset | heldout "
-                                     "(default: heldout when --heldout-val > 0, else train_subset)")
+                                     "(default: heldout when --heldout-val > 0 or your data brings a val set, else "
+                                     "train_subset)")
+    image_size: int = setting(32, _int(1, 4096), "--image-size", "image_folder: every image is resized to this many "
+                              "pixels a side (default 32)", type=int)
 
     def __post_init__(self):
         _check_fields(self)
@@ -213,9 +249,12 @@ class BaselineSettings:
                                        cli="list")
     epochs: int | None = setting(None, _int(1, MAX_EPOCHS, optional=True), "--train-epochs",
                                  "baseline epochs (milestones scale with it)", type=int)
-    model: str | None = setting(None, lambda n, v: v if v is None else _choice(*IMAGE_MODELS)(n, v), "--model",
-                                "network for image data: small_cnn | convnet (default: the dataset's, small_cnn "
-                                "for digits, resnet32 for CIFAR; feature files always use a linear classifier)")
+    model: str | None = setting(None, _model, "--model",
+                                "network: small_cnn | convnet, or your own as package.module:function, called with "
+                                "num_classes and returning an nn.Module whose final nn.Linear (any name) gives the "
+                                "logits (default: the dataset's, small_cnn for digits, resnet32 for CIFAR, convnet "
+                                "for other images [N, C, H, W], a linear classifier for features [N, D]; feature "
+                                "files always use a linear classifier)")
     rows: tuple[str, ...] = setting(ROWS, _rows, "--rows", "table rows beside each baseline, its CE control and "
                                     "IAERF: posthoc la cb iaerf-class iaerf-la iaerf-posthoc (default: all; 'none': "
                                     "no more)", cli="list", words={"none": (), "all": ROWS})
@@ -351,8 +390,16 @@ class PipelineConfig:
         for f in _settings_of(self):
             setattr(self, f.name, f.metadata["check"](f.metadata["name"], getattr(self, f.name)))
         d = self.data
-        if d.validation == "heldout" and not d.heldout_val:
+        if d.validation == "heldout" and not d.heldout_val and d.dataset not in USER_SOURCES:
+            # the user's data may bring its own validation set: checked when it is read
             raise SettingError("validation", "validation='heldout' needs heldout_val > 0 images per class held out")
+        if (d.dataset == "factory") != (d.factory is not None):
+            raise SettingError("data", "dataset='factory' needs data (--data package.module:function)"
+                               if d.factory is None else f"data={d.factory!r} needs dataset='factory', got "
+                                                         f"dataset={d.dataset!r}")
+        if d.dataset in ("image_folder", "npz") and not d.data_root:
+            raise SettingError("data_root", f"dataset={d.dataset!r} needs data_root (the "
+                                            f"{'image folder' if d.dataset == 'image_folder' else '.npz file'})")
         if d.dataset == "features" and not (d.train_features and d.test_features):
             raise SettingError("train_features", "dataset='features' needs train_features and test_features file paths")
         if d.dataset == "features" and self.baselines.model is not None:
@@ -387,6 +434,8 @@ class PipelineConfig:
         unknown = sorted(set(options) - set(setting_fields()))
         if unknown:
             raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(setting_fields())}")
+        if options.get("data") is not None and "dataset" not in options:
+            options = {**options, "dataset": "factory"}  # a data factory names the source
         if options.get("protocol") is not None:
             options = {**protocol_settings(options["protocol"], options.get("dataset", "digits")), **options}
         groups = {name: group(**_given(group, options)) for name, group in _GROUPS.items()}

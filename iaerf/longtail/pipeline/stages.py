@@ -112,10 +112,10 @@ def influence_selection(ctx: RunContext, model: torch.nn.Module) -> list[str] | 
     ``influence_params="finetuned"`` resolves to exactly the parameters the fine-tuning moves."""
     from iaerf.longtail.finetuning import trainable_parameters
 
-    chosen = ctx.config.influence.params
+    chosen = ctx.param_names(ctx.config.influence.params)
     if chosen != "finetuned":
         return list(chosen) if chosen is not None else None
-    moved = {id(p) for p in trainable_parameters(model, ctx.config.finetune_config().train_params)}
+    moved = {id(p) for p in trainable_parameters(model, ctx.finetune_config().train_params)}
     return [name for name, p in model.named_parameters() if id(p) in moved]
 
 
@@ -199,13 +199,17 @@ def _read_data_info(path: str) -> dict:
 
 def data_stage(ctx: RunContext) -> Stage:
     """``data.json``: class counts, shot groups, split sizes. Its files are the user's data files the split was read
-    from (:meth:`RunContext.user_files`), so every stage downstream re-runs when their content changes."""
+    from (:meth:`RunContext.user_files`), so every stage downstream re-runs when their content changes; a data
+    factory's sets enter its key by their content digest (:meth:`RunContext.data_digest`), not by the factory's
+    name."""
     c = ctx.config
     # the validation choice reaches the stages that use the validation set (influence, selections), not the split
+    unread = ("validation", "factory") + (() if c.data.dataset == "image_folder" else ("image_size",))
+    digest = ctx.data_digest()
     return Stage.declare("data", {ctx.path("data.json"): _read_data_info},
                          lambda: write_json(ctx.path("data.json"), ctx.split().describe()),
-                         reads=(Reads(c.data, without=("validation",)), Reads(c, only=("seed",))),
-                         files=tuple(ctx.user_files()))
+                         reads=(Reads(c.data, without=unread), Reads(c, only=("seed",))),
+                         derived=({"data": digest},) if digest is not None else (), files=tuple(ctx.user_files()))
 
 
 def train_stage(ctx: RunContext, method: str) -> Stage:
@@ -247,9 +251,9 @@ def influence_stage(ctx: RunContext, method: str) -> Stage:
     c = ctx.config.influence
     train = train_stage(ctx, method)
     task = influence_task(ctx, method)
-    derived = [{"validation": ctx.config.data.validation_set}]
+    derived = [{"validation": ctx.validation_set()}]
     if c.params == "finetuned":  # the parameters fine-tuning moves are the ones the influence is over
-        derived.append({"finetuned": ctx.config.finetune_config().train_params})
+        derived.append({"finetuned": ctx.finetune_config().train_params})
     if task is not None:
         derived.append({"task": task.describe("energy")})
 
@@ -325,7 +329,7 @@ def finetune_stage(ctx: RunContext, method: str, variant: str) -> Stage:
     if variant not in FINETUNE_VARIANTS:
         raise ValueError(f"variant must be one of {FINETUNE_VARIANTS}, got {variant!r}")
     c = ctx.config
-    ft = config_dict(c.finetune_config())
+    ft = config_dict(ctx.finetune_config())
     train = train_stage(ctx, method)
     loss = finetune_loss(ctx, variant)
     searched = variant in _CONTROL
@@ -341,7 +345,7 @@ def finetune_stage(ctx: RunContext, method: str, variant: str) -> Stage:
 
     def write():
         split, base = ctx.split(), ctx.model(method)
-        cfg = c.finetune_config(record_energy=True)
+        cfg = ctx.finetune_config(record_energy=True)
         if not searched:
             result, table = finetune(base, split.train, None, beta=0.0, config=cfg, loss=loss, device=ctx.device,
                                      progress=ctx.progress), []
@@ -431,7 +435,7 @@ def posthoc_stage(ctx: RunContext, method: str, variant: str | None = None) -> S
     c = ctx.config
     path = ctx.posthoc_path(method, variant)
     kinds = ("logit_adjustment",) if variant is not None else ("logit_adjustment", "tau_normalization")
-    derived = (kinds, LA_TAUS, TAU_NORM_TAUS, {"selection": _SELECTION, "validation": c.data.validation_set})
+    derived = (kinds, LA_TAUS, TAU_NORM_TAUS, {"selection": _SELECTION, "validation": ctx.validation_set()})
 
     def write():
         from iaerf.longtail.posthoc import select_logit_adjustment, select_tau_normalization
