@@ -62,9 +62,11 @@ bytes of the memory-bound work beside it:
   bytes of copies (read, chunk, concatenation).
 - other (head path set-up): the HeadHessian probabilities 2 n D K float64 FLOP and 16 n K bytes; EK-FAC's two
   eigendecompositions, ~9 (a^3 + K^3) float64 FLOP.
-- K-FAC factors: forward 2 n D K, A by the symmetric Gram (2/3 of 2 n a^2), S 2 n K^2.
+- K-FAC factors: forward 2 n D K, A by the symmetric Gram (2/3 of 2 n a^2), S 2 n K^2; and per batch of b
+  (:func:`ekfac_batch`) the float32 Gram products cast to float64 and added to the sums, ~48 a^2 + 40 K^2 bytes.
 - EK-FAC eigenvalues: forward 2 n D K, inputs projected 2 n a^2, output gradients projected 2 n K^2; and the
-  per-example gradients [b, K, a] written, squared in place and summed: 16 n K a bytes.
+  per-example gradients [b, K, a] written, squared in place and summed, 16 n K a bytes, and Q_S read per batch,
+  4 K^2 bytes.
 - validation gradient: 4 m D K (forward, weight gradient). energy influence (JVP): 4 n D K (forward and tangent).
 - CG: 4 n a K per iteration (the head HVP kernel's two GEMM-shaped passes).
 - one fine-tuning epoch: 4 n D K (forward, weight gradient).
@@ -273,11 +275,12 @@ def stage_costs(case: str, n: int, m: int, D: int, K: int, cg_iterations: int = 
         "energy influence (JVP)": {"flop": 4 * n * D * K, "flop64": 0, "bytes": 0},
     }
     if solver == "ekfac":
+        batches = math.ceil(n / ekfac_batch(D, K))
         costs["other"]["flop64"] += 9 * (a ** 3 + K ** 3)
         costs["K-FAC factors"] = {"flop": 2 * n * D * K + (4 / 3) * n * a * a + 2 * n * K * K, "flop64": 0,
-                                  "bytes": 0}
+                                  "bytes": batches * (48 * a * a + 40 * K * K)}
         costs["EK-FAC eigenvalues"] = {"flop": 2 * n * D * K + 2 * n * a * a + 2 * n * K * K, "flop64": 0,
-                                       "bytes": 16 * n * K * a}
+                                       "bytes": 16 * n * K * a + batches * 4 * K * K}
     else:
         costs["CG"] = {"flop": cg_iterations * 4 * n * a * K, "flop64": 0, "bytes": 0}
     return costs

@@ -75,7 +75,8 @@ def test_stage_costs_and_estimates():
     n, m, D, K = 1000, 100, 64, 50
     a = D + 1
     ek = lt.stage_costs("ekfac", n, m, D, K)
-    assert ek["EK-FAC eigenvalues"]["bytes"] == 16 * n * K * a
+    batches = math.ceil(n / lt.ekfac_batch(D, K))
+    assert ek["EK-FAC eigenvalues"]["bytes"] == 16 * n * K * a + batches * 4 * K * K
     assert ek["energy influence (JVP)"]["flop"] == 4 * n * D * K and ek["features"]["flop"] == 2 * (n + m) * D * K
     cg = lt.stage_costs("cg", n, m, D, K, cg_iterations=7)
     assert cg["CG"]["flop"] == 7 * 4 * n * a * K and "K-FAC factors" not in cg
