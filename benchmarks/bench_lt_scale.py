@@ -427,9 +427,8 @@ _NO_BASELINE = {"median": math.nan, "iqr": math.nan}
 
 
 def _spread(values: list[float]) -> dict:
-    s = sorted(values)
-    return {"median": statistics.median(s), "iqr": (statistics.quantiles(s, n=4)[2] - statistics.quantiles(s, n=4)[0])
-            if len(s) >= 2 else math.nan}
+    q = statistics.quantiles(values, n=4) if len(values) >= 2 else [math.nan] * 3
+    return {"median": statistics.median(values), "iqr": q[2] - q[0]}
 
 
 def _shape_text(result: dict) -> str:
@@ -471,7 +470,7 @@ def _influence_row(result: dict, rate: float, quick: bool) -> dict:
         extra.append(f"EK-FAC batch {result['ekfac_batch']}")
     if result["n"] != s["n"]:
         extra.append(f"SUBSAMPLE: {result['n']} of {s['n']} points, class-stratified: iaerf.HeadHessian.__init__ "
-                     f"holds [n, K] softmax probabilities (float64 concatenation), "
+                     f"holds [n, K] softmax probabilities (float64 concatenation): head-path peak "
                      f"{common._fmt_bytes(head_path_peak_bytes(s['n'], s['dim'], s['num_classes']))} at full n")
     r = common.row(
         f"LT scale: energy_influence classifier-only, {solver}", _shape_text(result), "fp32", "none (one run)",
@@ -568,6 +567,17 @@ def estimates(rate: float, bandwidth: float, cg_iterations: int = CG_ITERATIONS_
     return out
 
 
+def _memory_total() -> str:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return common._fmt_bytes(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every case on n=2000, D=64, K=50 (a check that it runs)")
@@ -582,7 +592,8 @@ def main() -> None:
     common.guard_load_or_exit(args.allow_busy)
     machine = common.machine_description()
     cap = common.describe_cpu_capability(machine["cpu_capability"])
-    print(f"machine: {machine['cpu']} | {cap} | {machine['cores']} cores | {machine['torch_threads']} torch threads")
+    print(f"machine: {machine['cpu']} | {cap} | {machine['cores']} cores | {machine['torch_threads']} torch threads | "
+          f"{_memory_total()} memory")
     if args.estimate:
         rate, bandwidth = matmul_rate(), common.copy_bandwidth()
         print(f"fp32 matmul rate {rate / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
