@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing
-import resource
-import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -58,7 +55,6 @@ VARIANT_TITLES = {
 }
 # the stages of energy_influence that open a progress bar (their desc), in the order they run
 STAGES = ("features", "K-FAC factors", "EK-FAC eigenvalues", "validation gradient", "energy influence (JVP)")
-SAMPLE_INTERVAL_S = 0.02
 # training and validation points of the untimed call that precedes each measured one
 WARMUP_POINTS = 16
 
@@ -128,66 +124,6 @@ def growth_exponent(ns, values) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-class _Sampler(threading.Thread):
-    """Every SAMPLE_INTERVAL_S: the resident set (its peak between two samples is missed; see the module
-    docstring for when this figure is used)."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.stop_event = threading.Event()
-        self.peak_rss = 0
-
-    def run(self):
-        while not self.stop_event.is_set():
-            self.peak_rss = max(self.peak_rss, _rss_bytes())
-            self.stop_event.wait(SAMPLE_INTERVAL_S)
-
-    def finish(self) -> None:
-        self.stop_event.set()
-        self.join()
-
-
-class _StageClock:
-    """Times each of iaerf's progress bars from its creation to its close, by wrapping tqdm's ``__init__`` and
-    ``close`` for the duration of a ``with`` block (every bar of iaerf is a tqdm; a bar that opens twice under one
-    desc adds both spans). Exact where sampling would miss a bar shorter than the interval."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def __enter__(self):
-        from tqdm.std import tqdm
-
-        self._tqdm, self._init, self._close = tqdm, tqdm.__init__, tqdm.close
-        clock = self
-
-        def init(bar, *args, **kwargs):
-            clock._init(bar, *args, **kwargs)
-            bar._iaerf_bench_t0 = time.perf_counter()
-
-        def close(bar):
-            t0 = bar.__dict__.pop("_iaerf_bench_t0", None)
-            if t0 is not None:
-                clock.seconds[bar.desc] = clock.seconds.get(bar.desc, 0.0) + time.perf_counter() - t0
-            clock._close(bar)
-
-        tqdm.__init__, tqdm.close = init, close
-        return self
-
-    def __exit__(self, *exc):
-        self._tqdm.__init__, self._tqdm.close = self._init, self._close
-        return False
-
-
 def _calibrate_batch_norm(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device) -> None:
     """Running statistics of every batch-norm layer from two batches of the training images: with the initial
     (0, 1) statistics a random ResNet-32 in eval mode doubles its activations' scale at every block and saturates
@@ -237,23 +173,13 @@ def measure_case(case: ScaleCase) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         cuda_base = torch.cuda.memory_allocated()
-    rss_before, maxrss_before = _rss_bytes(), _maxrss_bytes()
-    sampler = _Sampler()
-    sampler.start()
-    t0 = time.perf_counter()
-    try:
-        with _StageClock() as clock:
+    with common.PeakRss() as peak:
+        t0 = time.perf_counter()
+        with common.StageClock() as clock:
             scores = iaerf.energy_influence(model, train, val, progress=True, **kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         total = time.perf_counter() - t0
-    finally:
-        sampler.finish()
-    maxrss_after = _maxrss_bytes()
-    if maxrss_after > maxrss_before:
-        increase, memory_source = maxrss_after - rss_before, "getrusage ru_maxrss"
-    else:
-        increase, memory_source = sampler.peak_rss - rss_before, "sampled /proc/self/statm"
     stages = {desc: sec for desc, sec in clock.seconds.items() if desc in STAGES}
     stages["other"] = max(0.0, total - sum(stages.values()))
     return {
@@ -262,9 +188,9 @@ def measure_case(case: ScaleCase) -> dict:
         "total_s": total,
         "warmup_s": warmup_s,
         "stages_s": stages,
-        "peak_rss_bytes": maxrss_after,
-        "peak_rss_increase_bytes": increase,
-        "memory_source": memory_source,
+        "peak_rss_bytes": peak.high_water,
+        "peak_rss_increase_bytes": peak.increase,
+        "memory_source": peak.source,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() - cuda_base if device.type == "cuda" else None,
         "scores_shape": list(scores.shape),
         "scores_finite": int(torch.isfinite(scores).sum()),
@@ -272,13 +198,7 @@ def measure_case(case: ScaleCase) -> dict:
 
 
 def _in_fresh_process(case: ScaleCase) -> dict:
-    pool = multiprocessing.get_context("spawn").Pool(1)
-    try:
-        return pool.apply(measure_case, (case,))
-    finally:
-        # close + join lets the worker exit on its own (terminate would leak its tqdm lock's semaphores)
-        pool.close()
-        pool.join()
+    return common.in_fresh_process(measure_case, case)
 
 
 def _single(seconds: float) -> dict:

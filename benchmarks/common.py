@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import statistics
+import threading
 import time
 from typing import Callable, NamedTuple
 
@@ -210,6 +211,124 @@ def guard_load_or_exit(allow_busy: bool) -> dict:
         raise SystemExit(f"refusing to benchmark: {exc}") from None
     print(f"[load] {describe_load(load)}" + (" -- MEASURING UNDER LOAD" if load["busy"] else ""), flush=True)
     return load
+
+
+# -- one measured case per fresh process: peak resident memory and per-stage wall time ----------------------------
+
+SAMPLE_INTERVAL_S = 0.02
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (/proc/self/statm)."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def maxrss_bytes() -> int:
+    """This process's resident-set high-water mark (getrusage ru_maxrss, KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RssSampler(threading.Thread):
+    """Every SAMPLE_INTERVAL_S: the resident set (its peak between two samples is missed; :class:`PeakRss` uses it
+    only where the high-water mark cannot say)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stop_event = threading.Event()
+        self.peak_rss = 0
+
+    def run(self):
+        while not self.stop_event.is_set():
+            self.peak_rss = max(self.peak_rss, rss_bytes())
+            self.stop_event.wait(SAMPLE_INTERVAL_S)
+
+    def finish(self) -> None:
+        self.stop_event.set()
+        self.join()
+
+
+class PeakRss:
+    """Context manager: how far the resident set rose above its level at entry while the block ran.
+
+    In a fresh process (:func:`in_fresh_process`) ``ru_maxrss`` is the process's own high-water mark, so the
+    increase is ru_maxrss at exit minus the resident set at entry. When the block did not raise the high-water mark
+    (it is below a peak set earlier, e.g. while the data were built) the increase is the sampling thread's maximum
+    (:class:`RssSampler`) instead, and ``source`` says so. After the block: ``increase`` (bytes), ``high_water``
+    (the process's ru_maxrss) and ``source``."""
+
+    def __enter__(self):
+        self.before, self._maxrss_before = rss_bytes(), maxrss_bytes()
+        self._sampler = RssSampler()
+        self._sampler.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._sampler.finish()
+        self.high_water = maxrss_bytes()
+        if self.high_water > self._maxrss_before:
+            self.increase, self.source = self.high_water - self.before, "getrusage ru_maxrss"
+        else:
+            self.increase, self.source = self._sampler.peak_rss - self.before, "sampled /proc/self/statm"
+        return False
+
+
+class StageClock:
+    """Times each of iaerf's progress bars from its creation to its close, by wrapping tqdm's ``__init__`` and
+    ``close`` for the duration of a ``with`` block (every bar of iaerf is a tqdm; a bar that opens twice under one
+    desc adds both spans). Exact where sampling would miss a bar shorter than the interval. ``seconds``: desc ->
+    wall seconds; ``counts``: desc -> the bar's final count (e.g. CG's iterations); ``postfix``: desc -> its last
+    postfix text (e.g. CG's relative residual)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.postfix: dict[str, str] = {}
+
+    def __enter__(self):
+        from tqdm.std import tqdm
+
+        self._tqdm, self._init, self._close = tqdm, tqdm.__init__, tqdm.close
+        clock = self
+
+        def init(bar, *args, **kwargs):
+            clock._init(bar, *args, **kwargs)
+            bar._iaerf_bench_t0 = time.perf_counter()
+
+        def close(bar):
+            t0 = bar.__dict__.pop("_iaerf_bench_t0", None)
+            if t0 is not None:  # a disabled bar (progress=False) returns from __init__ before this mark
+                desc = bar.desc
+                clock.seconds[desc] = clock.seconds.get(desc, 0.0) + time.perf_counter() - t0
+                clock.counts[desc] = clock.counts.get(desc, 0) + int(bar.n)
+                if getattr(bar, "postfix", None):
+                    clock.postfix[desc] = str(bar.postfix)
+            clock._close(bar)
+
+        tqdm.__init__, tqdm.close = init, close
+        return self
+
+    def __exit__(self, *exc):
+        self._tqdm.__init__, self._tqdm.close = self._init, self._close
+        return False
+
+
+def in_fresh_process(fn: Callable, *args):
+    """``fn(*args)`` in a fresh process (multiprocessing "spawn"; ``fn`` importable at module level), so that its
+    ``ru_maxrss`` is its own (:class:`PeakRss`); its stderr (progress bars) is this process's."""
+    import multiprocessing
+
+    pool = multiprocessing.get_context("spawn").Pool(1)
+    try:
+        return pool.apply(fn, args)
+    finally:
+        # close + join lets the worker exit on its own (terminate would leak its tqdm lock's semaphores)
+        pool.close()
+        pool.join()
 
 
 # -- torch.compile peers -----------------------------------------------------------------------------------------
