@@ -46,14 +46,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from iaerf.core.checks import check_count
-from iaerf.core.heads import check_finite_state, model_dtype
 from iaerf.core.identity import UnidentifiableCallableError, callable_identity
-from iaerf.core.indexed_data import IndexedData, check_finite_rows, match_input_dtype
+from iaerf.core.indexed_data import IndexedData
 from iaerf.core.train_loop import freeze_batchnorm, is_batchnorm, shuffled_batches, train_loop  # noqa: F401 (public here)
 from iaerf.influence.task import InfluenceTask, resolve_task
-from iaerf.longtail.data import TensorDataset
-# energy_coefficients is public here too; cap_per_sample under the name App. B's cap tests import
-from iaerf.longtail.iaerf_loss import IAERFLoss, cap_per_sample as _cap_per_sample, energy_coefficients
+from iaerf.longtail.iaerf_loss import IAERFLoss, energy_coefficients  # energy_coefficients: public here too
 from iaerf.longtail.losses import check_tau, class_balanced_cross_entropy, logit_adjusted_cross_entropy
 from iaerf.ops import energy
 from iaerf.longtail.training import data_classes, indexed_data, predict_logits, resolve_device
@@ -252,19 +249,6 @@ def class_level_influence(influence: torch.Tensor, labels: torch.Tensor, num_cla
                                                                                            influence.double())
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1)
     return (sums / counts)[labels].to(influence.dtype)
-
-
-def model_ready(model: nn.Module, data: TensorDataset, name: str) -> TensorDataset:
-    """``data`` (argument ``name``) with its inputs in the model's dtype (exact casts only, as the influence does:
-    float32 data for a float64 model), after checking that the model's parameters and buffers and the inputs are
-    finite: a NaN would otherwise surface as a diverged run (which :func:`select_beta` skips) instead of an error."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_finite_state(model)
-    x, labels = data.tensors()
-    check_finite_rows(x, name)
-    cast = match_input_dtype(x, model_dtype(model), name)
-    return data if cast is x else TensorDataset(cast, labels, data.num_classes)
 
 
 def trainable_parameters(model: nn.Module, train_params) -> list[nn.Parameter]:

@@ -13,6 +13,14 @@ finds it), so :func:`iaerf.longtail.training.evaluate`, influence and fine-tunin
 the validation set only and goes through :func:`iaerf.longtail.selection.select_on_validation`: a tau replaces the unadjusted
 model only when its validation gain's paired-bootstrap interval lies above 0. :func:`posthoc_rows` gives the
 pipeline its table rows (JSON-serialisable) in one call.
+
+The data and the model are the user's own, as in :mod:`iaerf.longtail.training` and :mod:`iaerf.longtail.finetuning`:
+every ``data`` / ``val`` / ``test`` argument takes what :class:`iaerf.core.indexed_data.IndexedData` accepts (an
+:class:`iaerf.longtail.data.TensorDataset`, torch's, a pair of tensors, any map-style dataset, a DataLoader over one
+with its ``collate_fn``), and ``task=`` (:class:`iaerf.InfluenceTask`) says how items are split (``unpack``) and how
+the logits are read from the model's output (``logits``); the head adjusted is the ``nn.Linear`` whose output those
+logits are. Streams (IterableDatasets) are refused: every tau is compared with the unadjusted model validation point
+by validation point.
 """
 from __future__ import annotations
 
@@ -21,14 +29,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader, IterableDataset
 
-from iaerf.longtail.data import ShotGroups, TensorDataset
-from iaerf.longtail.finetuning import model_ready
 from iaerf.core.heads import head_features, head_is_separable
+from iaerf.core.indexed_data import IndexedData
+from iaerf.influence.task import InfluenceTask, resolve_task
+from iaerf.longtail.data import ShotGroups
 from iaerf.longtail.losses import check_tau as _tau
 from iaerf.longtail.losses import log_prior  # the one prior of logit adjustment, shared with the logit-adjusted loss
 from iaerf.longtail.selection import METRICS, Selection, describe, pointwise_loss, select_on_validation
-from iaerf.longtail.training import check_dataset, check_model_classes, evaluate, predict_logits
+from iaerf.longtail.training import classifier_head, data_classes, evaluate, indexed_data, predict_logits
 
 __all__ = [
     "LA_TAUS",
@@ -101,9 +111,21 @@ class LogitAdjustedLinear(nn.Linear):
         return self.head(x) - self.offset.to(x.dtype)
 
 
-def _head(model: nn.Module, data: TensorDataset, name: str = "data") -> tuple[str, nn.Linear]:
-    check_dataset(data, name)
-    return check_model_classes(model, data)
+def _checked(model: nn.Module, data, name: str, task: InfluenceTask) -> tuple[IndexedData, str, nn.Linear]:
+    """``(data, head_name, head)``: ``data`` (the user's argument ``name``) as :class:`IndexedData`, its labels
+    checked to be classes of the model's K outputs, and the model's classifier head (the ``nn.Linear`` whose
+    output ``task.logits`` reads). Streams are refused first, naming ``name``."""
+    stream = data.dataset if isinstance(data, DataLoader) else data
+    if isinstance(stream, IterableDataset):
+        raise TypeError(f"{name} is an IterableDataset ({type(stream).__name__}"
+                        f"{' behind a DataLoader' if stream is not data else ''}), a stream whose examples have no "
+                        f"index, but the post-hoc choices compare every tau with the unadjusted model example by "
+                        f"example; pass a map-style dataset (or a DataLoader over one)")
+    source = data
+    data = indexed_data(model, data, name, task)
+    data_classes(model, data, task, source=source)
+    head_name, head = classifier_head(model, data, task)
+    return data, head_name, head
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -114,18 +136,25 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
-def logit_adjusted_model(model: nn.Module, counts, tau: float, data: TensorDataset) -> nn.Module:
+def logit_adjusted_model(model: nn.Module, counts, tau: float, data, *, task: InfluenceTask | None = None) -> nn.Module:
     """A copy of ``model`` whose logits are ``model(x) - tau * log(pi)`` (:func:`adjust_logits`); ``model`` is not
-    modified. ``data``: any :class:`~iaerf.longtail.data.TensorDataset` of the task (one example probes for the head).
+    modified. ``data``: any data of the task that :class:`~iaerf.core.indexed_data.IndexedData` accepts (its first
+    example probes for the head; its labels are checked to be classes of the model's outputs); ``task``: its
+    ``unpack`` and ``logits`` (a model returning ``{"logits": ...}`` or an object with ``.logits`` keeps doing so).
 
     A plain ``nn.Linear`` head with a bias takes the shift into its bias (``b - tau log pi``: the same logits, and
     the copy is an ordinary model whose state dict loads into the original architecture). Any other head (no
     bias, a cosine :class:`~iaerf.longtail.models.NormedLinear`) is wrapped in a :class:`LogitAdjustedLinear`.
     """
-    name, head = _head(model, data)
+    _, name, head = _checked(model, data, "data", resolve_task(task))
     offset = _tau(tau) * log_prior(counts)
     if offset.numel() != head.out_features:
         raise ValueError(f"counts has {offset.numel()} classes but the model has {head.out_features} outputs")
+    return _logit_adjusted_copy(model, name, offset)
+
+
+def _logit_adjusted_copy(model: nn.Module, name: str, offset: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` whose head ``name`` subtracts ``offset`` [C] (float64) from its output."""
     model = copy.deepcopy(model)
     head = model.get_submodule(name) if name else model
     if type(head) is nn.Linear and head.bias is not None:
@@ -153,9 +182,11 @@ def tau_normalize_weight(weight: torch.Tensor, tau: float) -> torch.Tensor:
     return (w * scale[:, None]).to(weight.dtype)
 
 
-def tau_normalized_model(model: nn.Module, tau: float, data: TensorDataset, *, keep_bias: bool = False) -> nn.Module:
+def tau_normalized_model(model: nn.Module, tau: float, data, *, keep_bias: bool = False,
+                         task: InfluenceTask | None = None) -> nn.Module:
     """A copy of ``model`` whose classifier head has weights ``w_k / ||w_k||^tau`` (:func:`tau_normalize_weight`);
-    ``model`` is not modified. ``data``: any dataset of the task (one example probes for the head).
+    ``model`` is not modified. ``data`` and ``task`` as in :func:`logit_adjusted_model` (the data probes for the
+    head).
 
     The bias is dropped (set to 0, so the state dict keeps its keys) unless ``keep_bias``: Kang et al.'s
     tau-normalised classifier computes logits as features @ normalised weights, with no bias, since the bias learnt
@@ -163,10 +194,14 @@ def tau_normalized_model(model: nn.Module, tau: float, data: TensorDataset, *, k
     head (:class:`~iaerf.longtail.models.NormedLinear`, LDAM) normalises its rows itself, so there tau-normalisation changes
     nothing at all.
     """
-    name, _ = _head(model, data)
+    _, name, _ = _checked(model, data, "data", resolve_task(task))
+    return _tau_normalized_copy(model, name, _tau(tau), keep_bias)
+
+
+def _tau_normalized_copy(model: nn.Module, name: str, tau: float, keep_bias: bool) -> nn.Module:
+    """A copy of ``model`` whose head ``name`` is tau-normalised (:func:`_tau_normalize_head`)."""
     model = copy.deepcopy(model)
-    head = model.get_submodule(name) if name else model
-    _tau_normalize_head(head, tau, keep_bias)
+    _tau_normalize_head(model.get_submodule(name) if name else model, tau, keep_bias)
     return model
 
 
@@ -198,9 +233,10 @@ def _selection_kwargs(extend: bool, n_boot: int, confidence: float, seed: int, m
             "confidence": confidence, "seed": seed}
 
 
-def select_logit_adjustment(model: nn.Module, val: TensorDataset, counts, *, taus=LA_TAUS, metric: str = "loss",
+def select_logit_adjustment(model: nn.Module, val, counts, *, taus=LA_TAUS, metric: str = "loss",
                             balanced: bool = True, extend: bool = True, max_extensions: int = 8, n_boot: int = 2000,
-                            confidence: float = 0.95, seed: int = 0, device=None) -> PosthocResult:
+                            confidence: float = 0.95, seed: int = 0, device=None,
+                            task: InfluenceTask | None = None) -> PosthocResult:
     """Post-hoc logit adjustment with tau chosen on ``val`` (Menon et al. 2021).
 
     The validation logits [n_val, C] are computed once; every tau is scored on them
@@ -208,31 +244,33 @@ def select_logit_adjustment(model: nn.Module, val: TensorDataset, counts, *, tau
     The reference is the unadjusted model (tau = 0); a tau replaces it only when the paired-bootstrap interval of
     its validation gain lies above 0 (:func:`iaerf.longtail.selection.select_on_validation`). When the best tau is the grid's
     largest, the grid grows by its last step (up to ``max_extensions`` values) until validation stops improving.
-    ``counts``: the training class counts [C] (the prior). Only ``val`` is looked at.
+    ``counts``: the training class counts [C] (the prior). Only ``val`` is looked at. ``val``: any data
+    :class:`~iaerf.core.indexed_data.IndexedData` accepts but a stream (a TypeError); ``task``: its ``unpack`` and
+    ``logits`` (the logits scored are ``task.logits(model(x))``).
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    _head(model, val, "val")
-    val = model_ready(model, val, "val")
+    task = resolve_task(task)
+    val, name, head = _checked(model, val, "val", task)
     offset = log_prior(counts)
-    if offset.numel() != val.num_classes:
-        raise ValueError(f"counts has {offset.numel()} classes but val has {val.num_classes}")
+    if offset.numel() != head.out_features:
+        raise ValueError(f"counts has {offset.numel()} classes but val has {head.out_features}")
     taus = _tau_grid(taus)
-    logits = predict_logits(model, val, device=device).double()
-    labels = val.labels
+    logits = predict_logits(model, val, device=device, task=task).double()
+    labels = val.labels().long()
 
     def score(tau: float) -> torch.Tensor:
         return pointwise_loss(logits - tau * offset, labels, metric, balanced)
 
     sel = select_on_validation(score, taus, reference_value=0.0,
                                **_selection_kwargs(extend, n_boot, confidence, seed, max_extensions))
-    return PosthocResult("logit_adjustment", sel.chosen, sel, logit_adjusted_model(model, counts, sel.chosen, val))
+    return PosthocResult("logit_adjustment", sel.chosen, sel, _logit_adjusted_copy(model, name, sel.chosen * offset))
 
 
-def select_tau_normalization(model: nn.Module, val: TensorDataset, *, taus=TAU_NORM_TAUS, keep_bias: bool = False,
+def select_tau_normalization(model: nn.Module, val, *, taus=TAU_NORM_TAUS, keep_bias: bool = False,
                              metric: str = "loss", balanced: bool = True, extend: bool = True,
                              max_extensions: int = 10, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0,
-                             device=None) -> PosthocResult:
+                             device=None, task: InfluenceTask | None = None) -> PosthocResult:
     """tau-normalisation of the classifier head (Kang et al. 2020) with tau chosen on ``val``.
 
     The head's input features [n_val, D] are computed once (the backbone is untouched), and each tau is scored by
@@ -240,17 +278,17 @@ def select_tau_normalization(model: nn.Module, val: TensorDataset, *, taus=TAU_N
     scored by whole-model passes instead. The reference is the unadjusted model (its own bias kept); with the bias
     dropped (Kang et al., default) even tau = 0 is a candidate that differs from it. ``tau`` is None in the result
     when no candidate's gain cleared the validation noise (the unadjusted model is kept). Only ``val`` is looked at.
+    ``val`` and ``task`` as in :func:`select_logit_adjustment`.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    name, layer = _head(model, val, "val")
-    val = model_ready(model, val, "val")
+    task = resolve_task(task)
+    val, name, layer = _checked(model, val, "val", task)
     taus = _tau_grid(taus)
-    labels = val.labels
+    labels = val.labels().long()
     dev = layer.weight.device
-    x = val.tensors()[0]
-    if head_is_separable(model, layer, x[:1].to(dev)):
-        feats = head_features(model, layer, (x[s:s + 512].to(dev) for s in range(0, len(val), 512)))
+    if head_is_separable(model, layer, val.batch([0], dev)[0]):
+        feats = head_features(model, layer, (x for x, _ in val.batches(range(len(val)), 512, dev)))
 
         @torch.no_grad()
         def logits_at(tau):
@@ -260,15 +298,14 @@ def select_tau_normalization(model: nn.Module, val: TensorDataset, *, taus=TAU_N
             return head.eval()(feats).cpu()
     else:
         def logits_at(tau):
-            m = model if tau is None else tau_normalized_model(model, tau, val, keep_bias=keep_bias)
-            return predict_logits(m, val, device=device)
+            m = model if tau is None else _tau_normalized_copy(model, name, tau, keep_bias)
+            return predict_logits(m, val, device=device, task=task)
 
     reference = pointwise_loss(logits_at(None), labels, metric, balanced)
     sel = select_on_validation(lambda tau: pointwise_loss(logits_at(tau), labels, metric, balanced), taus,
                                reference=reference, **_selection_kwargs(extend, n_boot, confidence, seed,
                                                                          max_extensions))
-    adjusted = (tau_normalized_model(model, sel.chosen, val, keep_bias=keep_bias) if sel.replaced
-                else copy.deepcopy(model))
+    adjusted = _tau_normalized_copy(model, name, sel.chosen, keep_bias) if sel.replaced else copy.deepcopy(model)
     return PosthocResult("tau_normalization", sel.chosen, sel, adjusted)
 
 
@@ -282,9 +319,9 @@ def _tau_grid(taus) -> list[float]:
     return values
 
 
-def posthoc_rows(model: nn.Module, val: TensorDataset, test: TensorDataset, counts,
-                 shot_groups: ShotGroups = ShotGroups(), *, la_taus=LA_TAUS, tau_norm_taus=TAU_NORM_TAUS,
-                 keep_bias: bool = False, device=None, **selection) -> list[dict]:
+def posthoc_rows(model: nn.Module, val, test, counts, shot_groups: ShotGroups = ShotGroups(), *, la_taus=LA_TAUS,
+                 tau_norm_taus=TAU_NORM_TAUS, keep_bias: bool = False, device=None,
+                 task: InfluenceTask | None = None, **selection) -> list[dict]:
     """The post-hoc rows of the comparison table for one trained ``model``, JSON-serialisable:
 
     ``{"method", "tau", "selection", "test"}`` for logit adjustment with tau chosen on ``val`` from ``la_taus``,
@@ -292,23 +329,26 @@ def posthoc_rows(model: nn.Module, val: TensorDataset, test: TensorDataset, coun
     from ``tau_norm_taus`` (``keep_bias`` as in :func:`tau_normalized_model`). ``test`` is
     :func:`iaerf.longtail.training.evaluate` on ``test`` (error overall and per shot group of ``counts``). ``selection``
     keywords (``metric``, ``balanced``, ``extend``, ``max_extensions``, ``n_boot``, ``confidence``, ``seed``) go to
-    both selections.
+    both selections. ``val``, ``test`` and ``task`` as in :func:`select_logit_adjustment`; ``test`` is checked
+    (type, labels against the model's outputs) before any selection runs.
 
     The choices are made before ``test`` is touched and from ``val`` alone: permuting the test labels changes the
     test errors, never a tau.
     """
-    check_dataset(test, "test")
+    task = resolve_task(task)
+    test, _, _ = _checked(model, test, "test", task)
     allowed = {"metric", "balanced", "extend", "max_extensions", "n_boot", "confidence", "seed"}
     unknown = sorted(set(selection) - allowed)
     if unknown:
         raise TypeError(f"posthoc_rows got unexpected keyword(s) {unknown}; selection keywords are {sorted(allowed)}")
-    la = select_logit_adjustment(model, val, counts, taus=la_taus, device=device, **selection)
-    tn = select_tau_normalization(model, val, taus=tau_norm_taus, keep_bias=keep_bias, device=device, **selection)
-    la1 = logit_adjusted_model(model, counts, 1.0, val)
+    la = select_logit_adjustment(model, val, counts, taus=la_taus, device=device, task=task, **selection)
+    tn = select_tau_normalization(model, val, taus=tau_norm_taus, keep_bias=keep_bias, device=device, task=task,
+                                  **selection)
+    la1 = logit_adjusted_model(model, counts, 1.0, val, task=task)
     rows = []
     for method, tau, sel, m in (("logit_adjustment", la.tau, la.selection, la.model),
                                 ("logit_adjustment_tau1", 1.0, None, la1),
                                 ("tau_normalization", tn.tau, tn.selection, tn.model)):
         rows.append({"method": method, "tau": tau, "selection": None if sel is None else sel.to_dict(),
-                     "test": evaluate(m, test, counts, shot_groups, device=device)})
+                     "test": evaluate(m, test, counts, shot_groups, device=device, task=task)})
     return rows

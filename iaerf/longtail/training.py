@@ -130,14 +130,6 @@ def _augment_cifar(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
-def check_dataset(ds, name: str) -> TensorDataset:
-    if not isinstance(ds, TensorDataset):
-        raise TypeError(f"{name} must be an iaerf.longtail.data.TensorDataset, got {type(ds).__name__}")
-    if len(ds) == 0:
-        raise ValueError(f"{name} is empty")
-    return ds
-
-
 def indexed_data(model: nn.Module, data, name: str, task: InfluenceTask) -> IndexedData:
     """``data`` (the user's argument ``name``) as the one adapter, :class:`IndexedData`, built once per call: items
     split by ``task.unpack``, floating inputs cast to the model's dtype when that is exact (a TypeError when it
@@ -178,22 +170,6 @@ def mean_loss(task: InfluenceTask):
     if task.default_train_loss:
         return F.cross_entropy
     return lambda logits, y: task.train_loss(logits, y).mean()
-
-
-def check_model_classes(model: nn.Module, data: TensorDataset, name: str = "model") -> tuple[str, nn.Linear]:
-    """The classifier head ``(layer_name, layer)`` of ``model`` (:func:`iaerf.core.heads.find_classifier_head` on one
-    example of ``data``, whatever the layer is called), checked to have one output per class of ``data``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
-    param = next(model.parameters(), None)
-    probe = data.tensors()[0][:1]
-    try:
-        head_name, layer = find_classifier_head(model, probe.to(param.device) if param is not None else probe)
-    except HeadNotFoundError as exc:
-        raise TypeError(f"{name} must end in a final nn.Linear classifier head: {exc}") from None
-    if layer.out_features != data.num_classes:
-        raise ValueError(f"{name} has {layer.out_features} outputs but the data has {data.num_classes} classes")
-    return head_name, layer
 
 
 def train_baseline(model: nn.Module, train, config: TrainConfig = TrainConfig(), *, device=None,

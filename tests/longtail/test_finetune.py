@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import iaerf
 from iaerf.longtail.data import TensorDataset
-from iaerf.longtail.finetuning import (FinetuneConfig, _cap_per_sample, energy_coefficients, finetune, freeze_batchnorm,
-                            select_beta)
+from iaerf.longtail.finetuning import FinetuneConfig, energy_coefficients, finetune, freeze_batchnorm, select_beta
+from iaerf.longtail.iaerf_loss import cap_per_sample
 from iaerf.longtail.models import LinearClassifier, SmallCNN
 
 
@@ -125,7 +125,7 @@ def test_per_sample_cap():
     logits = torch.randn(32, 5, generator=g, dtype=torch.float64) * 4
     y = torch.randint(0, 5, (32,), generator=g)
     c = torch.randn(32, generator=g, dtype=torch.float64) * 10
-    capped = _cap_per_sample(logits, y, c)
+    capped = cap_per_sample(logits, y, c)
     ce = F.cross_entropy(logits, y, reduction="none")
     e = -torch.logsumexp(logits, 1)
     assert bool(((capped * e).abs() <= ce * (1 + 1e-9) + 1e-12).all())
@@ -335,7 +335,7 @@ def test_bit_identical_to_the_loop_before_the_core(cap):
             x, y, c = x_all[idx], y_all[idx], coef[idx]
             logits = ref(x)
             if cap == "per_sample":
-                c = _cap_per_sample(logits.detach(), y, c)
+                c = cap_per_sample(logits.detach(), y, c)
             parts = energy_regularized_cross_entropy(logits, y, c, reduction="mean", return_parts=True)
             opt.zero_grad(set_to_none=True)
             parts.loss.backward()

@@ -10,8 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from iaerf.longtail.data import TensorDataset
-from iaerf.longtail.finetuning import (FINETUNE_LOSSES, FinetuneLoss, _cap_per_sample, class_level_influence,
-                              energy_coefficients, finetune, select_beta)
+from iaerf.longtail.finetuning import (FINETUNE_LOSSES, FinetuneLoss, class_level_influence, energy_coefficients,
+                                      finetune, select_beta)
+from iaerf.longtail.iaerf_loss import cap_per_sample
 from iaerf.longtail.losses import (class_balanced_cross_entropy, class_balanced_point_weights, class_balanced_weights,
                           log_prior, logit_adjusted_cross_entropy)
 from iaerf.longtail.models import LinearClassifier
@@ -278,7 +279,7 @@ def test_per_sample_cap_against_a_baseline_loss():
     y = torch.randint(0, 3, (32,), generator=g)
     c = torch.randn(32, generator=g, dtype=torch.float64) * 10
     base = logit_adjusted_cross_entropy(logits, y, COUNTS, reduction="none")
-    capped = _cap_per_sample(logits, y, c, base)
+    capped = cap_per_sample(logits, y, c, base)
     e = -torch.logsumexp(logits, 1)
     keep = (c * e).abs() <= base
     assert bool(keep.any()) and bool((~keep).any())

@@ -1,6 +1,8 @@
 """iaerf.longtail.posthoc: logit adjustment and tau-normalisation against hand-computed / float64 references, their models
 through find_classifier_head and evaluate, tau chosen on validation only (shuffled test labels change no choice),
-bad input, and the docs/baselines.md example."""
+the user's own data and model (tuples, dict datasets through task=, a DataLoader with a collate_fn, a model returning
+a dict) giving exactly the numbers of the TensorDataset path, streams refused, bad input, and the docs/baselines.md
+example."""
 import copy
 import json
 import math
@@ -8,10 +10,12 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from _docs import doc_path, section_python_blocks
+from iaerf import InfluenceTask
 from iaerf.longtail.data import TensorDataset
-from iaerf.core.heads import find_classifier_head
+from iaerf.core.heads import find_classifier_head, head_is_separable
 from iaerf.longtail.losses import log_prior
 from iaerf.longtail.models import LinearClassifier, SmallCNN
 from iaerf.longtail.posthoc import (LogitAdjustedLinear, adjust_logits, logit_adjusted_model, posthoc_rows,
@@ -231,7 +235,9 @@ def test_selection_errors_name_the_argument():
         select_tau_normalization(model, val, taus=(0.0, -1.0))
     with pytest.raises(ValueError, match="metric"):
         select_logit_adjustment(model, val, [4, 2, 1], metric="auc")
-    with pytest.raises(TypeError, match="val must be an iaerf.longtail.data.TensorDataset"):
+    with pytest.raises(TypeError, match="val must be a map-style dataset yielding"):
+        select_tau_normalization(model, 5)
+    with pytest.raises(TypeError, match="val: a dataset item must be a tuple"):
         select_tau_normalization(model, [1, 2])
     bad = TensorDataset(val.inputs.clone(), val.labels, 3)
     bad.inputs[2, 0] = float("nan")
@@ -243,6 +249,193 @@ def test_selection_errors_name_the_argument():
         posthoc_rows(model, val, None, [4, 2, 1])
     with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['taus'\]"):
         posthoc_rows(model, val, val, [4, 2, 1], taus=(0.0, 1.0))
+
+
+DICT_TASK = InfluenceTask.from_dict_keys("features", "label")
+
+
+class Dicts(Dataset):
+    """Items ``{"features": x_i * scale, "label": int}`` (``scale`` 2: the collate_fn ``halve`` undoes it exactly)."""
+
+    def __init__(self, x, y, scale=1.0):
+        self.x, self.y = x * scale, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"features": self.x[i], "label": int(self.y[i])}
+
+
+def halve(items):
+    return {"features": torch.stack([it["features"] for it in items]) / 2,
+            "label": torch.tensor([it["label"] for it in items])}
+
+
+class DictOut(nn.Module):
+    """``{"logits": inner(x), "aux": ...}``: a model whose output is not the logits tensor itself."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return {"logits": self.inner(x), "aux": x.sum()}
+
+
+class TiedHead(nn.Module):
+    """A classifier whose head weight W [K, D] is also used before it (features x + 0.1 tanh(x W^T W)): not
+    separable, so tau-normalisation scores each tau by whole-model passes."""
+
+    def __init__(self, d, k):
+        super().__init__()
+        self.fc = nn.Linear(d, k)
+
+    def forward(self, x):
+        return self.fc(x + 0.1 * torch.tanh(x @ self.fc.weight.T @ self.fc.weight))
+
+
+class TupleOut(DictOut):
+    """``(inner(x), aux)``: logits that only a custom ``task.logits`` finds."""
+
+    def forward(self, x):
+        return self.inner(x), x.sum()
+
+
+def first(output):
+    return output[0]
+
+
+TUPLE_TASK = InfluenceTask(logits=first)
+
+
+def _forms(x, y, k):
+    """(name, data, task, wrap): the examples of ``TensorDataset(x, y, k)`` in every other form, and how the model
+    is wrapped."""
+    same = lambda m: m  # noqa: E731
+    return [("tuple", (x, y), None, same),
+            ("torch TensorDataset", torch.utils.data.TensorDataset(x, y), None, same),
+            ("dict dataset", Dicts(x, y), DICT_TASK, same),
+            ("DataLoader collate_fn", DataLoader(Dicts(x, y, 2.0), batch_size=7, shuffle=True, collate_fn=halve),
+             DICT_TASK, same),
+            ("dict output", TensorDataset(x, y, k), None, DictOut),
+            ("dict dataset, dict output", Dicts(x, y), DICT_TASK, DictOut),
+            ("tuple output, task.logits", TensorDataset(x, y, k), TUPLE_TASK, TupleOut)]
+
+
+def _logits(output):
+    return output["logits"] if isinstance(output, dict) else output[0] if isinstance(output, tuple) else output
+
+
+def _state(model):
+    return (model.inner if isinstance(model, DictOut) else model).state_dict()
+
+
+def _assert_same_result(got, ref, name):
+    assert got.to_dict() == ref.to_dict(), name  # tau, every candidate's validation loss, gain and interval
+    a, b = _state(got.model), _state(ref.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_selections_same_numbers_on_every_data_form():
+    """select_logit_adjustment / select_tau_normalization (the features path), logit_adjusted_model and
+    tau_normalized_model on tuples, torch's TensorDataset, a dict dataset through task=, a DataLoader with a
+    collate_fn, a model returning {"logits": ...} or a tuple read by task.logits: exactly the TensorDataset path's
+    choices and models."""
+    counts = [200, 40, 8]
+    base, val, _, _ = _gaussian_task(counts, n_val_per_class=40)
+    kw = {"n_boot": 200, "max_extensions": 2}
+    ref_la = select_logit_adjustment(base, val, counts, **kw)
+    ref_tn = select_tau_normalization(base, val, **kw)
+    assert ref_la.selection.replaced  # a real choice is compared, not only the kept reference
+    probe = val.inputs[:5]
+    for name, data, task, wrap in _forms(val.inputs, val.labels, 3):
+        model = wrap(copy.deepcopy(base))
+        _assert_same_result(select_logit_adjustment(model, data, counts, task=task, **kw), ref_la, name)
+        _assert_same_result(select_tau_normalization(model, data, task=task, **kw), ref_tn, name)
+        for adjusted, reference in ((logit_adjusted_model(model, counts, 0.7, data, task=task),
+                                     logit_adjusted_model(base, counts, 0.7, val)),
+                                    (tau_normalized_model(model, 0.6, data, task=task),
+                                     tau_normalized_model(base, 0.6, val))):
+            out = adjusted(probe)
+            assert type(out) is type(model(probe)), name  # the output keeps its form
+            assert torch.equal(_logits(out), reference(probe)), name
+
+
+def test_tau_normalization_of_a_tied_head_on_every_data_form():
+    """A head whose weight is also used before it is scored by whole-model passes: the same choices on every data
+    form, each candidate's loss that of its own model in float64, and the returned model the chosen one."""
+    model, val = _norm_biased_task(n_per_class=40)
+    x, y = val.inputs, val.labels
+    tied = TiedHead(3, 3).eval()
+    with torch.no_grad():
+        tied.fc.weight.copy_(model.fc.weight)
+        tied.fc.bias.copy_(torch.tensor([0.3, -0.2, 0.1]))
+    assert not head_is_separable(tied, tied.fc, x[:1])  # so the whole-model path is the one tested
+    kw = {"taus": (0.0, 0.5, 1.0), "keep_bias": True, "n_boot": 200, "max_extensions": 2}
+    ref = select_tau_normalization(tied, val, **kw)
+    assert ref.selection.replaced and ref.tau == 0.5
+    tied64 = copy.deepcopy(tied).double()
+    for row in ref.selection.candidates:
+        m = tau_normalized_model(tied64, row["value"], (x.double(), y), keep_bias=True)
+        assert pointwise_loss(m(x.double()), y).mean().item() == pytest.approx(row["val_loss"], rel=1e-5)
+    expected = tau_normalized_model(tied64, 0.5, (x.double(), y), keep_bias=True)
+    torch.testing.assert_close(ref.model(x).double(), expected(x.double()), rtol=1e-5, atol=1e-5)
+    assert torch.equal(ref.model.fc.bias, tied.fc.bias)  # keep_bias
+    for name, data, task, wrap in _forms(x, y, 3):
+        _assert_same_result(select_tau_normalization(wrap(copy.deepcopy(tied)), data, task=task, **kw), ref, name)
+
+
+def test_posthoc_rows_same_numbers_on_every_data_form():
+    counts = [200, 40, 8]
+    base, val, _, _ = _gaussian_task(counts, n_val_per_class=30, seed=0)
+    _, test, _, _ = _gaussian_task(counts, n_val_per_class=30, seed=1)
+    ref = posthoc_rows(base, val, test, counts, n_boot=200, max_extensions=2)
+    for name, data, task, wrap in _forms(val.inputs, val.labels, 3):
+        test_form = next(d for n, d, _, _ in _forms(test.inputs, test.labels, 3) if n == name)
+        got = posthoc_rows(wrap(copy.deepcopy(base)), data, test_form, counts, n_boot=200, max_extensions=2,
+                           task=task)
+        assert got == ref, name
+
+
+class Stream(IterableDataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return iter(zip(self.x, self.y))
+
+
+def test_streams_are_refused_naming_the_argument():
+    counts = [4, 2, 1]
+    model, val, _, _ = _gaussian_task(counts, n_val_per_class=5)
+    for stream in (Stream(val.inputs, val.labels), DataLoader(Stream(val.inputs, val.labels), batch_size=4)):
+        behind = " behind a DataLoader" if isinstance(stream, DataLoader) else ""
+        for call, arg in ((lambda: select_logit_adjustment(model, stream, counts), "val"),
+                          (lambda: select_tau_normalization(model, stream), "val"),
+                          (lambda: logit_adjusted_model(model, counts, 1.0, stream), "data"),
+                          (lambda: tau_normalized_model(model, 1.0, stream), "data"),
+                          (lambda: posthoc_rows(model, val, stream, counts), "test"),
+                          (lambda: posthoc_rows(model, stream, val, counts), "val")):
+            with pytest.raises(TypeError, match=rf"^{arg} is an IterableDataset \(Stream{behind}\), a stream whose "
+                                                rf"examples have no index.*pass a map-style dataset"):
+                call()
+
+
+def test_user_data_errors_name_the_argument():
+    counts = [4, 2, 1]
+    model, val, _, _ = _gaussian_task(counts, n_val_per_class=5)
+    x, y = val.inputs, val.labels
+    with pytest.raises(TypeError, match="val: a dataset item is a dict.*from_dict_keys"):
+        select_logit_adjustment(model, Dicts(x, y), counts)
+    with pytest.raises(ValueError, match=r"val: labels must lie in \[0, 3\)"):
+        select_logit_adjustment(model, (x, y + 1), counts)
+    with pytest.raises(ValueError, match=r"test: labels must lie in \[0, 3\)"):
+        posthoc_rows(model, val, (x, y + 1), counts)
+    with pytest.raises(TypeError, match="val: the inputs are torch.float64 but the model computes in torch.float32"):
+        select_tau_normalization(model, (x.double(), y))
+    with pytest.raises(TypeError, match="model must end in a final nn.Linear classifier head"):
+        select_tau_normalization(nn.Sequential(nn.Linear(2, 3), nn.Tanh()), (x, y))
 
 
 def test_baselines_docs_example_runs(monkeypatch, tmp_path):
