@@ -116,8 +116,8 @@ def energy_influence_on_test(model, train, test, settings: InfluenceSettings | N
 
     Same arguments as :func:`energy_influence` with ``test`` (k points) in place of ``val`` (``solver_options``:
     the typed options of ``solver``, e.g. ``solver="cg", solver_options=iaerf.CGOptions(tol=1e-10)``, or a dict of
-    their fields). The k right-hand sides grad L(x_test_j) are solved together (one batched inverse-HVP) and the k
-    directional derivatives of every training point's energy come from one vmapped JVP pass.
+    their fields). The right-hand sides grad L(x_test_j) are solved together, in chunks of ``test_chunk`` test
+    points (one batched inverse-HVP and one vmapped JVP pass per chunk; see :func:`loss_influence_on_test`).
 
     Returns:
         ``[k, n]``: entry (j, i) is I_{x_test_j}(x_i). Its row mean equals :func:`energy_influence` with val=test.
@@ -145,9 +145,17 @@ def loss_influence_on_test(model, train, test, settings: InfluenceSettings | Non
     """Pairwise loss influence (Eq. 4 per test point): I_{x_test_j}(x_i) = -grad L(x_test_j)^T (H + damping I)^{-1}
     grad L(x_i, y_i), the effect of upweighting training point i on test point j's loss.
 
-    One batched solve for all k test points (the k right-hand sides together, shared with
-    :func:`energy_influence_on_test`'s cache entry) and one vmapped JVP pass over the training set, instead of one
-    :func:`loss_influence` call (one solve, one pass) per test point. Same arguments as :func:`energy_influence`.
+    One batched solve per chunk of test points (their right-hand sides together, shared with
+    :func:`energy_influence_on_test`'s cache entries) and one vmapped JVP pass over the training set per chunk,
+    instead of one :func:`loss_influence` call (one solve, one pass) per test point. Same arguments as
+    :func:`energy_influence`, plus the setting ``test_chunk``: test points per chunk (None: as many as keep the
+    ``[chunk, P]`` right-hand-side block under :data:`iaerf.influence.settings.TEST_CHUNK_BYTES`, 256 MiB), so the
+    memory stays bounded for any k; only the ``[k, n]`` result grows with k. Each chunk repeats the solver's own
+    set-up (the dense H of ``"exact"``, K-FAC's factors unless ``cache_dir`` keeps them). CG, exact and K-FAC answer
+    every test point alone, so the chunks change no number beyond float rounding; LiSSA stops when all of a chunk's
+    vectors have converged, so with ``cache_dir`` a split run (fewer test points per chunk than k) keys its result,
+    and each chunk's solution, by the chunk size (a resumed run solves only the chunks not yet stored), and an
+    unsplit run keeps the keys it had before chunking existed.
 
     Returns:
         ``[k, n]``: entry (j, i) is I_{x_test_j}(x_i); row j equals ``loss_influence(model, train, test[j:j+1])`` and
@@ -390,7 +398,7 @@ def _test_gradients(problem: _Problem, rows: range) -> torch.Tensor:
                            batch_size=problem.settings.batch_size, device=problem.device, per_index=True,
                            progress=bar, loss_fn=problem.task.measure)
     bar.close()
-    flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+    flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)  # flatten: a rank may hold 0 of them
     g = flat.new_zeros((len(rows), flat.shape[1]))
     if lo < hi:
         g[lo - rows.start:hi - rows.start] = flat

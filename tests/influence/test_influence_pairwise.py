@@ -181,3 +181,5 @@ def test_docs_pairwise_example_runs():
         namespace: dict = {"__name__": "__docs__"}
         exec(compile(block, "docs/influence.md", "exec"), namespace)  # noqa: S102 - our own documentation
         assert namespace["scores"].shape == (4, 80) and namespace["top"].helpful.shape == (4, 3)
+        torch.testing.assert_close(namespace["chunked"], namespace["scores"], rtol=1e-6,
+                                   atol=1e-9 * float(namespace["scores"].abs().max()))
