@@ -226,9 +226,9 @@ def run(quick: bool = False, reps: int = 1) -> list[dict]:
 
         # the peers, each against iaerf's answer over the parameters it covers
         covered = list(kfac_parameters(model))
-        ref_kron = a if len(covered) == len(list(model.parameters())) else iaerf.loss_influence_on_test(
-            model, train, test, _settings(params=covered), progress=False)
         p_kron = sum(model.get_parameter(c).numel() for c in covered)
+        ref_kron = a if p_kron == p or not _installed("kronfluence") else iaerf.loss_influence_on_test(
+            model, train, test, _settings(params=covered), progress=False)
         if not _installed("dattri"):
             rows.append(_peer_row(name, shape, "dattri", "CG", None, pairwise_t, None,
                                   "dattri not installed (bash benchmarks/setup_peers.sh, then run from .venv-peers)"))
