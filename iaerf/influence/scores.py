@@ -116,8 +116,8 @@ def energy_influence_on_test(model, train, test, settings: InfluenceSettings | N
 
     Same arguments as :func:`energy_influence` with ``test`` (k points) in place of ``val`` (``solver_options``:
     the typed options of ``solver``, e.g. ``solver="cg", solver_options=iaerf.CGOptions(tol=1e-10)``, or a dict of
-    their fields). The k right-hand sides grad L(x_test_j) are solved together (one batched inverse-HVP) and the k
-    directional derivatives of every training point's energy come from one vmapped JVP pass.
+    their fields). The right-hand sides grad L(x_test_j) are solved together, in chunks of ``test_chunk`` test
+    points (one batched inverse-HVP and one vmapped JVP pass per chunk; see :func:`loss_influence_on_test`).
 
     Returns:
         ``[k, n]``: entry (j, i) is I_{x_test_j}(x_i). Its row mean equals :func:`energy_influence` with val=test.
@@ -145,9 +145,17 @@ def loss_influence_on_test(model, train, test, settings: InfluenceSettings | Non
     """Pairwise loss influence (Eq. 4 per test point): I_{x_test_j}(x_i) = -grad L(x_test_j)^T (H + damping I)^{-1}
     grad L(x_i, y_i), the effect of upweighting training point i on test point j's loss.
 
-    One batched solve for all k test points (the k right-hand sides together, shared with
-    :func:`energy_influence_on_test`'s cache entry) and one vmapped JVP pass over the training set, instead of one
-    :func:`loss_influence` call (one solve, one pass) per test point. Same arguments as :func:`energy_influence`.
+    One batched solve per chunk of test points (their right-hand sides together, shared with
+    :func:`energy_influence_on_test`'s cache entries) and one vmapped JVP pass over the training set per chunk,
+    instead of one :func:`loss_influence` call (one solve, one pass) per test point. Same arguments as
+    :func:`energy_influence`, plus the setting ``test_chunk``: test points per chunk (None: as many as keep the
+    ``[chunk, P]`` right-hand-side block under :data:`iaerf.influence.settings.TEST_CHUNK_BYTES`, 256 MiB), so the
+    memory stays bounded for any k; only the ``[k, n]`` result grows with k. Each chunk repeats the solver's own
+    set-up (the dense H of ``"exact"``, K-FAC's factors unless ``cache_dir`` keeps them). CG, exact and K-FAC answer
+    every test point alone, so the chunks change no number beyond float rounding; LiSSA stops when all of a chunk's
+    vectors have converged, so with ``cache_dir`` a split run (fewer test points per chunk than k) keys its result,
+    and each chunk's solution, by the chunk size (a resumed run solves only the chunks not yet stored), and an
+    unsplit run keeps the keys it had before chunking existed.
 
     Returns:
         ``[k, n]``: entry (j, i) is I_{x_test_j}(x_i); row j equals ``loss_influence(model, train, test[j:j+1])`` and
@@ -189,8 +197,7 @@ def _influence(kind: str, model, train, val, settings: InfluenceSettings, *, dev
         hit = problem.result_cache.load({"influence": problem.expected_influence})
         if D.agree(hit is not None, problem.group, problem.device):
             return hit["influence"].to(problem.device)
-        s = solve(problem)
-        return score(problem, s)
+        return score(problem)
 
 
 @dataclass
@@ -234,6 +241,26 @@ class _Problem:
     def val_idx(self) -> range:
         return D.shard_range(len(self.val), self.rank, self.world)
 
+    @functools.cached_property
+    def test_chunks(self) -> list[range]:
+        """The pairwise kinds' test points, split into the ranges of one batched solve each
+        (:meth:`InfluenceSettings.test_chunk_for`: ``test_chunk``, else the most whose ``[chunk, P]`` right-hand
+        sides fit the budget); ``[range(m)]`` when one solve takes them all."""
+        p_total = sum(p.numel() for p in self.chosen.values())
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in self.chosen.values()])
+        chunk, m = self.settings.test_chunk_for(p_total, dtype.itemsize), len(self.val)
+        return [range(a, min(a + chunk, m)) for a in range(0, m, chunk)]
+
+    def solve_cache_for(self, rows: range | None) -> ResultCache:
+        """The solve cache entry of the test points ``rows`` (None: Eq. 9 / Eq. 4's one vector). A run split in
+        chunks stores one entry per chunk (a resumed run solves only the missing ones); an unsplit run keeps the
+        entry it had before chunking existed."""
+        if rows is None or len(self.test_chunks) == 1:
+            return self.solve_cache
+        return ResultCache(self.settings.cache_dir, self.solve_cache.stage,
+                           {**self.solve_cache.settings, "test_chunk": len(self.test_chunks[0]),
+                            "test_rows": [rows.start, rows.stop]})
+
     def probe_model(self) -> None:
         """One forward on the first validation point (in eval mode): checks the logits [b, K], the labels and the
         task's outputs, and sets the cache keys and expected shapes."""
@@ -257,6 +284,10 @@ class _Problem:
         if cache_dir is not None:
             base["train"], base[self.val_name] = self.train.fingerprint(), self.val.fingerprint()
         result_settings = {**base, "kind": self.kind}
+        # CG and exact answer each test point alone, but LiSSA stops when all of a chunk's vectors have converged:
+        # a split run's results are their own entry (an unsplit run keeps the key it had before chunking existed)
+        if self.kind in _PAIRWISE and len(self.test_chunks) > 1:
+            result_settings["test_chunk"] = len(self.test_chunks[0])
         # only a non-default task enters the keys, so entries cached before tasks existed are still found; and only
         # when results are stored (a task holding an object that cannot be identified is refused there)
         if cache_dir is not None and self.task.describe("solve") is not None:
@@ -338,36 +369,56 @@ def prepare(kind: str, model, train, val, settings: InfluenceSettings, task: Inf
     return _Problem(kind, model, settings, task, run, train_d, val_d, chosen, device, group, rank, world)
 
 
-def solve(problem: _Problem) -> torch.Tensor:
-    """s = (H + damping I)^{-1} g: one vector [P] for Eq. 9 / Eq. 4, k vectors [k, P] for Eq. 8; read from the
-    solve cache when stored there, else computed (and stored by rank 0)."""
-    stored = problem.solve_cache.load({"s": problem.expected_s})
+def solve(problem: _Problem, rows: range | None = None) -> torch.Tensor:
+    """s = (H + damping I)^{-1} g: one vector [P] for Eq. 9 / Eq. 4 (``rows`` None), one per test point of ``rows``
+    ``[len(rows), P]`` for the pairwise kinds (one chunk of :attr:`_Problem.test_chunks`); read from the solve cache
+    when stored there, else computed (and stored by rank 0)."""
+    cache = problem.solve_cache_for(rows)
+    (shape, dtype) = problem.expected_s
+    expected = (shape, dtype) if rows is None else ((len(rows), shape[-1]), dtype)
+    stored = cache.load({"s": expected})
     if D.agree(stored is not None, problem.group, problem.device):
         return stored["s"].to(problem.device)
-    s = _solve(problem)
+    s = _solve(problem, rows, cache)
     if problem.rank == 0:
-        problem.solve_cache.store({"s": s})
+        cache.store({"s": s})
     return s
 
 
-def _solve(problem: _Problem) -> torch.Tensor:
+def _test_gradients(problem: _Problem, rows: range) -> torch.Tensor:
+    """The measurement's gradient at each test point of ``rows``, ``[len(rows), P]``: this rank computes those of
+    its test shard inside ``rows`` and the ranks' zero-padded blocks are summed (chunks need not align with the
+    shards)."""
+    local, shard = problem.local, problem.val_idx
+    lo, hi = max(rows.start, shard.start), min(rows.stop, shard.stop)
+    mine = local.val_idx[lo - shard.start:hi - shard.start] if lo < hi else range(0)
+    bar = progress_bar(total=len(mine), desc=f"test gradients {rows.start}-{rows.stop} of {len(problem.val)}",
+                       enabled=problem.show)
+    grads = loss_gradients(local.func_model, local.func_params, local.val, mine, total=len(problem.val),
+                           batch_size=problem.settings.batch_size, device=problem.device, per_index=True,
+                           progress=bar, loss_fn=problem.task.measure)
+    bar.close()
+    flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)  # flatten: a rank may hold 0 of them
+    g = flat.new_zeros((len(rows), flat.shape[1]))
+    if lo < hi:
+        g[lo - rows.start:hi - rows.start] = flat
+    return D.all_reduce_sum(g, problem.group)
+
+
+def _solve(problem: _Problem, rows: range | None, cache: ResultCache) -> torch.Tensor:
     from iaerf.hessian import inverse_hvp
     from iaerf.hessian.params import flatten
 
     _check_solver_dtype(problem)  # before the features pass that problem.local runs
     settings, task, local, group, m = problem.settings, problem.task, problem.local, problem.group, len(problem.val)
-    bar = progress_bar(total=len(local.val_idx), desc="validation gradient", enabled=problem.show)
-    if problem.kind in _PAIRWISE:
-        grads = loss_gradients(local.func_model, local.func_params, local.val, local.val_idx, total=m,
-                               batch_size=settings.batch_size, device=problem.device, per_index=True, progress=bar,
-                               loss_fn=task.measure)
-        g = D.all_gather_shards(torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1), m, group,
-                                dim=0)
+    if rows is not None:
+        g = _test_gradients(problem, rows)
     else:
+        bar = progress_bar(total=len(local.val_idx), desc="validation gradient", enabled=problem.show)
         g = flatten(loss_gradients(local.func_model, local.func_params, local.val, local.val_idx, total=m,
                                    batch_size=settings.batch_size, device=problem.device, group=group, progress=bar,
                                    loss_fn=task.measure))
-    bar.close()
+        bar.close()
     if not bool(torch.isfinite(g).all()):  # the weights and inputs are finite (checked): the forward overflowed
         raise ValueError(f"the gradient of the measurement over {problem.val_name} is not finite although the model "
                          f"and the {problem.val_name} inputs are: the model's outputs or task.measurement overflow "
@@ -378,7 +429,7 @@ def _solve(problem: _Problem) -> torch.Tensor:
         # what the solver keeps beside the results (K-FAC factors, LiSSA checkpoints), unless given explicitly
         options = get_solver(settings.solver).with_storage(options, settings.given_options(),
                                                            cache_dir=problem.settings.cache_dir,
-                                                           path_for=problem.solve_cache.path)
+                                                           path_for=cache.path)
     s = inverse_hvp(_operator(problem), g, method=settings.solver, damping=settings.damping, seed=settings.seed,
                     progress=problem.show, options=options)
     if not bool(torch.isfinite(s).all()):
@@ -432,23 +483,29 @@ def _operator(problem: _Problem):
                          process_group=group)
 
 
-def score(problem: _Problem, s: torch.Tensor) -> torch.Tensor:
-    """The influence -(d/de) q_{theta + e s}(x_i) of every training point ([n], or [k, n] for Eq. 8), q the loss
-    (Eq. 4) or the regularized quantity; gathered over ranks and stored in the result cache by rank 0."""
+def score(problem: _Problem) -> torch.Tensor:
+    """The influence -(d/de) q_{theta + e s}(x_i) of every training point ([n], or [k, n] for the pairwise kinds),
+    q the loss (Eq. 4) or the regularized quantity, s from :func:`solve`; gathered over ranks and stored in the
+    result cache by rank 0. The pairwise kinds run one solve and one vmapped JVP pass per chunk of test points
+    (:attr:`_Problem.test_chunks`), so no more than one chunk's s ``[chunk, P]`` is held at a time."""
     from iaerf.hessian.params import unflatten
 
     kind, task, local = problem.kind, problem.task, problem.local
-    directions = unflatten(s, local.func_params)
     if kind in _UPWEIGHT_LOSS:
         fn = task.train_loss
     else:
         def fn(logits, labels):
             return task.regularized(logits)
-    bar = progress_bar(total=len(local.train_idx), desc=f"{kind} influence (JVP)", enabled=problem.show)
-    out = directional_derivatives(local.func_model, local.func_params, directions, local.train, local.train_idx,
-                                  fn=fn, batch_size=problem.settings.batch_size, device=problem.device,
-                                  batched=kind in _PAIRWISE, progress=bar)
-    bar.close()
+    parts = []
+    for rows in problem.test_chunks if kind in _PAIRWISE else [None]:
+        directions = unflatten(solve(problem, rows), local.func_params)
+        bar = progress_bar(total=len(local.train_idx), desc=f"{kind} influence (JVP)", enabled=problem.show)
+        parts.append(directional_derivatives(local.func_model, local.func_params, directions, local.train,
+                                             local.train_idx, fn=fn, batch_size=problem.settings.batch_size,
+                                             device=problem.device, batched=rows is not None, progress=bar))
+        bar.close()
+        del directions  # freed before the next chunk's solve: one s [chunk, P] at a time
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]
     influence = D.all_gather_shards(-out, len(problem.train), problem.group, dim=-1)
     bad = ~torch.isfinite(influence)
     if bool(bad.any()):  # never a NaN influence without a word; weights and inputs are finite, so an overflow

@@ -19,7 +19,11 @@ from iaerf.core.io import ensure_writable_dir
 from iaerf.hessian.solvers import make_options, solver_names
 from iaerf.influence.task import InfluenceTask, resolve_task
 
-__all__ = ["InfluenceSettings"]
+__all__ = ["InfluenceSettings", "TEST_CHUNK_BYTES", "default_test_chunk"]
+
+# The budget of the pairwise functions' right-hand-side block [chunk, P] when test_chunk is None (256 MiB). The
+# solvers hold a few blocks of that shape (CG: five, LiSSA: two per repeat) and the JVP pass one more.
+TEST_CHUNK_BYTES = 256 * 2**20
 
 # never options: each is a field of its own (or, for progress, an argument of the call)
 _NOT_OPTIONS = ("damping", "seed", "progress", "method")
@@ -42,9 +46,14 @@ class InfluenceSettings:
         seed: seed of the stochastic solvers.
         cache_dir: where results are stored and reused (None: nowhere); created and checked writable on build.
         process_group: a torch.distributed group, "auto" or None.
+        test_chunk: test points per batched solve of the pairwise functions (:func:`iaerf.loss_influence_on_test`,
+            :func:`iaerf.energy_influence_on_test`), >= 1; None: :func:`default_test_chunk`, the most whose
+            right-hand-side block ``[chunk, P]`` fits :data:`TEST_CHUNK_BYTES`. Bounds their memory for any number of
+            test points; the other functions ignore it.
 
     Only the first eight decide the numbers: :meth:`describe` is their part of every cache key (the task enters
-    the key by its callables' identity, the model and data by their fingerprints).
+    the key by its callables' identity, the model and data by their fingerprints). ``test_chunk`` enters the pairwise
+    keys only when it splits the test points (see :func:`iaerf.loss_influence_on_test`).
     """
 
     params: tuple[str, ...] | None = None
@@ -58,6 +67,7 @@ class InfluenceSettings:
     seed: int = 0
     cache_dir: str | os.PathLike | None = None
     process_group: object = None
+    test_chunk: int | None = None
     # the validated options the solver runs with (iaerf.hessian.solvers.make_options of solver and solver_options)
     options: object = field(default=None, init=False, compare=False, repr=False)
 
@@ -65,6 +75,8 @@ class InfluenceSettings:
         object.__setattr__(self, "weight_decay", check_number("weight_decay", self.weight_decay))
         object.__setattr__(self, "damping", check_number("damping", self.damping))
         check_count("batch_size", self.batch_size)
+        if self.test_chunk is not None:
+            check_count("test_chunk", self.test_chunk, why=" (test points per batched solve) or None")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if not isinstance(self.gauss_newton, bool):
@@ -115,6 +127,11 @@ class InfluenceSettings:
         return {f.name: getattr(self.options, f.name) for f in sorted(fields(self.options), key=lambda f: f.name)
                 if getattr(self.options, f.name) != f.default}
 
+    def test_chunk_for(self, num_params: int, itemsize: int) -> int:
+        """Test points per batched solve for ``num_params`` parameters of ``itemsize`` bytes: ``test_chunk``, else
+        :func:`default_test_chunk`."""
+        return self.test_chunk if self.test_chunk is not None else default_test_chunk(num_params, itemsize)
+
     def describe(self) -> dict:
         """The settings' part of every cache key (pinned: changing it orphans every stored result)."""
         return {
@@ -127,3 +144,11 @@ class InfluenceSettings:
             "seed": self.seed,
             "gauss_newton": self.gauss_newton,
         }
+
+
+def default_test_chunk(num_params: int, itemsize: int) -> int:
+    """The most test points whose right-hand sides ``[chunk, num_params]`` of ``itemsize`` bytes each fit
+    :data:`TEST_CHUNK_BYTES` (at least 1)."""
+    check_count("num_params", num_params)
+    check_count("itemsize", itemsize)
+    return max(1, TEST_CHUNK_BYTES // (num_params * itemsize))
