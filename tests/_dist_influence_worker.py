@@ -23,7 +23,7 @@ def build():
 
 
 def compute(process_group):
-    from iaerf.influence import energy_influence, energy_influence_on_test, loss_influence
+    from iaerf.influence import energy_influence, energy_influence_on_test, loss_influence, loss_influence_on_test
 
     model, train, val = build()
     common = dict(weight_decay=0.01, damping=1.0, batch_size=4, process_group=process_group, progress=False)
@@ -33,6 +33,9 @@ def compute(process_group):
         "energy_cg": energy_influence(model, train, val, **cg, **common),
         "loss_cg": loss_influence(model, train, val, **cg, **common),
         "on_test_exact": energy_influence_on_test(model, train, val, solver="exact", **common),
+        # test points in chunks: each rank's part of every chunk, summed across ranks
+        "on_test_chunked": energy_influence_on_test(model, train, val, solver="exact", test_chunk=4, **common),
+        "on_test_head_chunked": loss_influence_on_test(model, train, val, params=["fc"], test_chunk=2, **cg, **common),
         # classifier-only: the native head operator, sharded features
         "head_cg": energy_influence(model, train, val, params=["fc"], **cg, **common),
     }
