@@ -227,9 +227,9 @@ class IndexedData:
         if is_streamed(data):
             dataset = data.dataset if isinstance(data, DataLoader) else data
             behind = " behind a DataLoader" if isinstance(data, DataLoader) else ""
-            raise TypeError(f"{name} is an IterableDataset ({type(dataset).__name__}){behind}: it yields its examples "
-                            f"as a stream, but {by_index} reads them by index; pass a map-style dataset (one with __getitem__ and "
-                            f"__len__, e.g. a TensorDataset or a list of (input, label) items)")
+            raise TypeError(f"{name}: an IterableDataset ({type(dataset).__name__}){behind} yields its examples as a "
+                            f"stream, but {by_index} reads them by index; pass a map-style dataset (one with "
+                            f"__getitem__ and __len__, e.g. a TensorDataset or a list of (input, label) items)")
         self.name = name
         self.unpack = unpack
         self.dtype = dtype
