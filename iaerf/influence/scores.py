@@ -52,7 +52,8 @@ def energy_influence(model, train, val, settings: InfluenceSettings | None = Non
     that is no field is a TypeError naming it. Everything is validated before any pass over the data.
 
     Args:
-        model: classifier ``f(x) -> logits [b, K]`` (a tensor; a dict output is a TypeError) with finite
+        model: classifier ``f(x) -> logits [b, K]`` (a tensor, a dict with ``"logits"`` or an object with
+            ``.logits``; other outputs need ``task.logits``, else a TypeError naming the output's type) with finite
             parameters and buffers (else a ValueError naming the first bad one); evaluated in eval mode (batch-norm
             running statistics, no dropout), its train/eval flags are restored afterwards.
         train: ``n`` training points: map-style dataset yielding ``(input, label)``, ``(inputs, labels)`` tensors,
@@ -60,7 +61,10 @@ def energy_influence(model, train, val, settings: InfluenceSettings | None = Non
             ``drop_last`` that would leave out or repeat examples is refused; see :mod:`iaerf.core.indexed_data`).
             Floating inputs must be finite (else a ValueError naming the example) and are cast to the model's dtype
             when that is exact (float32 data, float64 model); a cast that would round is a TypeError.
-        val: ``m >= 1`` validation points, same forms.
+        val: ``m >= 1`` validation points, same forms, or an ``IterableDataset`` / a DataLoader over one: the
+            validation gradient only streams, so it is read in one pass (:class:`iaerf.core.indexed_data.
+            StreamedData`; with ``cache_dir`` one more pass computes its fingerprint first). ``train`` (and the
+            ``test`` of the ``*_on_test`` functions) must be map-style: a stream there is a TypeError naming it.
         device: where to compute (default: the model's device; the model must already live there).
         progress: tqdm progress bars (rank 0 only).
 
