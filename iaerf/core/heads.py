@@ -3,9 +3,9 @@ every analysis pass (head probes, Hessians, influence) runs.
 
 A head is found by what it does, not by its name: the ``nn.Linear`` whose output tensor is the very tensor of the
 logits the model returns (its output itself, or its ``["logits"]`` / ``.logits``: :func:`output_logits`, or what
-another ``logits`` reader takes from it), seen by forward hooks on one probe batch. That covers ``model.fc`` (ResNets here), torchvision's
-``model.classifier = nn.Sequential(nn.Dropout(), nn.Linear(...))`` (the Sequential returns its last module's output
-unchanged) and timm's ``model.head``. A model whose logits are post-processed after the last linear map (scaled,
+another ``logits`` reader takes from it), seen by forward hooks on one probe batch. That covers ``model.fc``
+(ResNets here), torchvision's ``model.classifier = nn.Sequential(nn.Dropout(), nn.Linear(...))`` (the Sequential
+returns its last module's output unchanged), timm's ``model.head`` and HuggingFace's ``model.classifier``. A model whose logits are post-processed after the last linear map (scaled,
 cast, summed) has no such head, and the error says so. Such a head is *separable* (:func:`head_is_separable`) when
 its parameters reach the output only through that one call, which tied weights (the head's weight also used
 earlier in the network) break: only a separable head's analysis may run on frozen features.
@@ -218,8 +218,8 @@ def head_features(model: nn.Module, layer: nn.Linear, batches) -> torch.Tensor:
 
 def affine_head(model: nn.Module, chosen: dict[str, torch.Tensor], probe: torch.Tensor, *,
                 logits: Callable = output_logits):
-    """The classifier head (:func:`iaerf.core.heads.find_classifier_head`, the logits read by ``logits``) when ``chosen`` is exactly its weight and bias,
-    it is a plain affine ``nn.Linear`` (so the logits are ``W x + b`` of its input and the analytic head Hessian
+    """The classifier head (:func:`iaerf.core.heads.find_classifier_head`, the logits read by ``logits``) when
+    ``chosen`` is exactly its weight and bias, it is a plain affine ``nn.Linear`` (so the logits are ``W x + b`` of its input and the analytic head Hessian
     applies) and it is separable (:func:`iaerf.core.heads.head_is_separable`: its weight and bias are not also used
     before it, so its input is a frozen feature); ``(layer_name, layer)`` or None.
     """

@@ -410,7 +410,7 @@ class StreamedData:
     def fingerprint(self) -> str:
         """SHA-256 of every input and label (see the class docstring); one streamed pass when no pass has run."""
         if self._fingerprint is None:
-            for _ in self.batches(256):
+            for _ in self.batches(256):   # any batch size: the digest is per example
                 pass
         return self._fingerprint
 

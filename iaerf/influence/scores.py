@@ -446,7 +446,8 @@ def _operator(problem: _Problem):
         # HeadHessian is the softmax cross-entropy Hessian only: any other loss goes through torch.func on the head
         return ModuleHessian(head[1], problem.local.train.as_tensors(), loss_fn=task.train_loss,
                              params=["weight", "bias"], weight_decay=settings.weight_decay,
-                             gauss_newton=settings.gauss_newton, batch_size=settings.batch_size, device=problem.device, process_group=group)
+                             gauss_newton=settings.gauss_newton, batch_size=settings.batch_size,
+                             device=problem.device, process_group=group)
     return ModuleHessian(problem.model, problem.train.subset(problem.train_idx), loss_fn=task.train_loss,
                          logits=task.logits, params=list(problem.chosen), weight_decay=settings.weight_decay,
                          gauss_newton=settings.gauss_newton, batch_size=settings.batch_size, device=problem.device,

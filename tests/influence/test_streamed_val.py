@@ -107,7 +107,8 @@ def test_streamed_data_fingerprint_is_that_of_the_same_items():
     assert stream.num_examples == len(yv)
     # each rank reads the whole stream and keeps every world-th batch
     shares = [torch.cat([x for x, _ in stream.batches(3, rank=r, world=2)]) for r in range(2)]
-    assert torch.equal(shares[0], torch.cat([xv[0:3], xv[6:9]])) and torch.equal(shares[1], torch.cat([xv[3:6], xv[9:]]))
+    assert torch.equal(shares[0], torch.cat([xv[0:3], xv[6:9]]))
+    assert torch.equal(shares[1], torch.cat([xv[3:6], xv[9:]]))
 
 
 def test_streamed_val_inputs_and_labels_are_checked_as_they_are_read():
