@@ -106,11 +106,12 @@ def energy_influence(model, train, val, settings: InfluenceSettings | None = Non
             w.r.t. the logits (H_out is taken by forward-over-reverse on it).
         task: an :class:`iaerf.InfluenceTask` (None: ``InfluenceTask()``, cross-entropy training loss and
             measurement, the energy, tuple items): the per-example training loss whose Hessian is H, the
-            measurement whose mean over ``val`` gives g_val, the regularized quantity E, and how items are
-            unpacked (e.g. ``InfluenceTask.from_dict_keys("image", "label")``). Each callable is checked on a probe
-            batch to return ``[b]`` before any pass. The native head Hessian computes only the softmax
-            cross-entropy Hessian: with another training loss a head-only selection still runs on the frozen
-            features, with :class:`iaerf.ModuleHessian` over the head's weight and bias.
+            measurement whose mean over ``val`` gives g_val, the regularized quantity E, how items are
+            unpacked (e.g. ``InfluenceTask.from_dict_keys("image", "label")``) and how the logits are read from
+            the model's output (``task.logits``). Each callable is checked on a probe batch to return ``[b]``
+            before any pass. The native head Hessian computes only the softmax cross-entropy Hessian: with another
+            training loss a head-only selection still runs on the frozen features, with
+            :class:`iaerf.ModuleHessian` over the head's weight and bias.
 
     Returns:
         ``[n]`` tensor (the parameters' dtype, on ``device``) in training-set order: I_val(x_i) = -s . grad E(x_i).
