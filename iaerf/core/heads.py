@@ -1,29 +1,30 @@
 """The classifier head of a model: the final ``nn.Linear``, whatever it is called, and the eval-mode context in which
 every analysis pass (head probes, Hessians, influence) runs.
 
-A head is found by what it does, not by its name: the ``nn.Linear`` whose output tensor is the very tensor the model
-returns, seen by forward hooks on one probe batch. That covers ``model.fc`` (ResNets here), torchvision's
-``model.classifier = nn.Sequential(nn.Dropout(), nn.Linear(...))`` (the Sequential returns its last module's output
-unchanged) and timm's ``model.head``. A model whose logits are post-processed after the last linear map (scaled,
+A head is found by what it does, not by its name: the ``nn.Linear`` whose output tensor is the very tensor of the
+logits the model returns (its output itself, or its ``["logits"]`` / ``.logits``: :func:`output_logits`, or what
+another ``logits`` reader takes from it), seen by forward hooks on one probe batch. That covers ``model.fc``
+(ResNets here), torchvision's ``model.classifier = nn.Sequential(nn.Dropout(), nn.Linear(...))`` (the Sequential
+returns its last module's output unchanged), timm's ``model.head`` and HuggingFace's ``model.classifier``. A model whose logits are post-processed after the last linear map (scaled,
 cast, summed) has no such head, and the error says so. Such a head is *separable* (:func:`head_is_separable`) when
 its parameters reach the output only through that one call, which tied weights (the head's weight also used
 earlier in the network) break: only a separable head's analysis may run on frozen features.
 
 Also the checks every analysis makes of a model before its passes: finite parameters and buffers
 (:func:`check_finite_state`), the one floating dtype inputs are cast to (:func:`model_dtype`), a logits tensor as
-output (:func:`check_logits`).
+output (:func:`check_logits`, :func:`model_logits` through a reader of the model's output).
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from iaerf.core.indexed_data import IndexedData
 
-__all__ = ["HeadNotFoundError", "check_finite_state", "check_logits", "eval_mode", "output_logits",
+__all__ = ["HeadNotFoundError", "check_finite_state", "check_logits", "eval_mode", "output_logits", "model_logits",
            "find_classifier_head", "head_features", "head_is_separable", "model_dtype",
            "affine_head", "head_inputs"]
 
@@ -71,7 +72,8 @@ def _require_tensor(output, name: str) -> None:
     if not isinstance(output, torch.Tensor):
         keys = f" with keys {list(output)[:8]}" if isinstance(output, Mapping) else ""
         raise TypeError(f"{name} must return the logits as a tensor [b, K], got a {type(output).__name__}{keys}; "
-                        f"pass task=InfluenceTask(logits=...) to say how to read the logits from its output")
+                        f"pass logits=... (task=InfluenceTask(logits=...) to the influence functions) to say how to "
+                        f"read the logits from its output")
 
 
 def output_logits(output):
@@ -105,13 +107,23 @@ def check_logits(output, name: str = "model") -> torch.Tensor:
     return output
 
 
-def find_classifier_head(model: nn.Module, probe: torch.Tensor) -> tuple[str, nn.Linear]:
-    """``(name, layer)``: the ``nn.Linear`` (or subclass) of ``model`` whose output is the model's output.
+def model_logits(output, logits: Callable = output_logits, name: str = "logits") -> torch.Tensor:
+    """The logits ``[b, K]`` that the reader ``logits`` takes from ``output`` (the model's output on a probe batch),
+    checked by :func:`check_logits`; its errors name ``model`` for the default reader :func:`output_logits` (whose
+    TypeError names the output's type and keys) and ``name`` (the argument the reader came in) for another."""
+    return check_logits(logits(output), "model" if logits is output_logits else name)
+
+
+def find_classifier_head(model: nn.Module, probe: torch.Tensor, *,
+                         logits: Callable = output_logits) -> tuple[str, nn.Linear]:
+    """``(name, layer)``: the ``nn.Linear`` (or subclass) of ``model`` whose output is the model's logits.
 
     Args:
         model: the classifier; ``model(probe)`` runs once, in eval mode and without gradients (batch-norm running
             statistics are not updated), and its train/eval flags are restored.
         probe: a batch of model inputs ``[b, ...]`` (one example is enough), on the model's device.
+        logits: reads the logits tensor from the model's output (:attr:`iaerf.InfluenceTask.logits`; default
+            :func:`output_logits`: the output itself, its ``["logits"]`` or its ``.logits``).
 
     Returns:
         the layer's qualified name in ``model.named_modules()`` (``""`` when the model itself is the layer) and the
@@ -119,8 +131,9 @@ def find_classifier_head(model: nn.Module, probe: torch.Tensor) -> tuple[str, nn
         ``[b, K]``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, ``probe`` is not a tensor, or the model returns no tensor.
-        HeadNotFoundError: the model has no ``nn.Linear``, none produces the returned tensor, or that layer runs
+        TypeError: ``model`` is not an ``nn.Module``, ``probe`` is not a tensor, or ``logits`` reads no tensor from
+            the model's output.
+        HeadNotFoundError: the model has no ``nn.Linear``, none produces the logits tensor, or that layer runs
             more than once per forward or does not map ``[b, D]`` features to ``[b, K]`` logits.
     """
     if not isinstance(model, nn.Module):
@@ -136,16 +149,16 @@ def find_classifier_head(model: nn.Module, probe: torch.Tensor) -> tuple[str, nn
                for name, m in linears]
     try:
         with eval_mode(model), torch.no_grad():
-            output = model(probe)
+            output = logits(model(probe))
     finally:
         for h in handles:
             h.remove()
-    _require_tensor(output, "model")
+    _require_tensor(output, "model" if logits is output_logits else "logits")
     final = [(name, m) for name, m in linears if any(out is output for _, out in calls[name])]
     if not final:
         raise HeadNotFoundError(
-            f"{what}: none of its nn.Linear modules ({', '.join(repr(n) for n, _ in linears)}) produces the tensor "
-            f"the model returns, so it has no linear classifier head (are the logits transformed after the last "
+            f"{what}: none of its nn.Linear modules ({', '.join(repr(n) for n, _ in linears)}) produces the logits "
+            f"tensor the model returns, so it has no linear classifier head (are the logits transformed after the last "
             f"linear layer?)")
     # an nn.Linear subclass may wrap another Linear that returns its output unchanged: the outermost is the head
     name, layer = final[0]
@@ -168,7 +181,7 @@ def head_is_separable(model: nn.Module, layer: nn.Linear, probe: torch.Tensor) -
     Decided on one probe forward (eval mode, model's train/eval flags restored): every parameter of ``model`` is
     replaced by a detached copy, those of ``layer`` (under all their names, tied ones included) by copies that
     require grad, and the features are separable exactly when the layer's input then carries no autograd history.
-    ``probe``: model inputs ``[b, ...]`` on the model's device.
+    ``probe``: model inputs ``[b, ...]`` on the model's device. The model's output is not read (any form works).
     """
     own = {id(p): p.detach().clone().requires_grad_() for p in layer.parameters()}
     swapped = {n: own.get(id(p), p.detach()) for n, p in model.named_parameters(remove_duplicate=False)}
@@ -186,7 +199,8 @@ def head_features(model: nn.Module, layer: nn.Linear, batches) -> torch.Tensor:
     """The inputs of ``layer`` (the frozen features, ``[N, D]`` in ``layer.weight``'s dtype) over ``batches``.
 
     ``batches`` yields model input batches ``[b, ...]``; each is run through ``model`` in eval mode without
-    gradients and ``layer``'s input is kept (detached, on the device it was computed on).
+    gradients and ``layer``'s input is kept (detached, on the device it was computed on); the model's output is
+    not read (any form works).
     """
     chunks = []
     handle = layer.register_forward_hook(lambda m, inp, out: chunks.append(inp[0].detach()))
@@ -202,16 +216,17 @@ def head_features(model: nn.Module, layer: nn.Linear, batches) -> torch.Tensor:
     return torch.cat(chunks).to(dtype)
 
 
-def affine_head(model: nn.Module, chosen: dict[str, torch.Tensor], probe: torch.Tensor):
-    """The classifier head (:func:`iaerf.core.heads.find_classifier_head`) when ``chosen`` is exactly its weight and bias,
-    it is a plain affine ``nn.Linear`` (so the logits are ``W x + b`` of its input and the analytic head Hessian
+def affine_head(model: nn.Module, chosen: dict[str, torch.Tensor], probe: torch.Tensor, *,
+                logits: Callable = output_logits):
+    """The classifier head (:func:`iaerf.core.heads.find_classifier_head`, the logits read by ``logits``) when
+    ``chosen`` is exactly its weight and bias, it is a plain affine ``nn.Linear`` (so the logits are ``W x + b`` of its input and the analytic head Hessian
     applies) and it is separable (:func:`iaerf.core.heads.head_is_separable`: its weight and bias are not also used
     before it, so its input is a frozen feature); ``(layer_name, layer)`` or None.
     """
     if len(chosen) != 2:  # no probe forward when the selection cannot be a weight and a bias
         return None
     try:
-        name, layer = find_classifier_head(model, probe)
+        name, layer = find_classifier_head(model, probe, logits=logits)
     except HeadNotFoundError:
         return None
     prefix = f"{name}." if name else ""

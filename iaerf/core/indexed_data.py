@@ -10,6 +10,10 @@ dataset items, then ``unpack`` of the batch: the same callable splits a collated
 loader would yield other examples than its dataset's, each once (a sampler or batch sampler that picks a subset or
 repeats, ``drop_last`` dropping examples, ``collate_fn`` without batching), is refused with an error naming it.
 
+An ``IterableDataset`` (bare or behind a DataLoader) has no examples by index: :class:`IndexedData` refuses it,
+naming the argument and the stage that needs random access. A pass that only streams (the mean gradient over the
+validation set of Eq. 9) reads it through :class:`StreamedData` instead (:func:`is_streamed` tells them apart).
+
 Inputs are checked as they enter: a floating input with NaN or Inf is an error naming the argument and the example,
 and with ``dtype`` (the model's) floating inputs are cast to it when that is exact (float32 -> float64) and refused
 when it would round (float64 data for a float32 model).
@@ -29,7 +33,11 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset
 
 from iaerf.core.identity import hash_tensor
 
-__all__ = ["IndexedData", "tuple_item", "named_digest", "match_input_dtype", "check_finite_rows", "nonempty_data"]
+__all__ = ["IndexedData", "StreamedData", "is_streamed", "tuple_item", "named_digest", "match_input_dtype",
+           "check_finite_rows", "check_class_labels", "nonempty_data"]
+
+# what IndexedData's refusal of a stream says when its caller does not name the stage
+_BY_INDEX = "this pass"
 
 
 def tuple_item(item):
@@ -114,6 +122,47 @@ def check_finite_rows(inputs: torch.Tensor, name: str, rows: Sequence[int] | Non
                          f"(influences of a non-finite input are NaN)")
 
 
+def check_class_labels(labels: torch.Tensor, num_classes: int, name: str) -> None:
+    """Raise naming ``name`` unless ``labels`` is a 1-D tensor of integer classes in [0, num_classes)."""
+    if labels.dim() != 1:
+        raise ValueError(f"{name}: labels must be a 1-D tensor of class indices, got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name}: labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"{name}: labels must lie in [0, {num_classes}) (the model has {num_classes} outputs), "
+            f"got range [{int(labels.min())}, {int(labels.max())}]"
+        )
+
+
+def is_streamed(data) -> bool:
+    """Whether ``data`` is an ``IterableDataset`` or a DataLoader over one: examples in a stream, none by index."""
+    return isinstance(data, IterableDataset) or (isinstance(data, DataLoader)
+                                                 and isinstance(data.dataset, IterableDataset))
+
+
+def _split(unpack: Callable, name: str, item, what: str):
+    """``(input, label)`` of a dataset item or collated batch, by ``unpack``; errors start with ``name`` and say
+    ``what`` was split."""
+    try:
+        pair = unpack(item)
+    except (TypeError, KeyError) as exc:
+        raise type(exc)(f"{name}: {exc.args[0] if exc.args else exc}") from exc
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"{name}: task.unpack must return (input, label), got {type(pair).__name__} for {what}")
+    return pair
+
+
+def _batch_rows(x, y, rows: int, name: str, made_by: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x``, ``y`` of a collated batch as tensors, checked to hold one row per item (``made_by`` names what
+    built the batch); integer labels as int64."""
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if x.dim() == 0 or x.shape[0] != rows or y.dim() == 0 or y.shape[0] != rows:
+        raise ValueError(f"{name}: {made_by} returned inputs {tuple(x.shape)} and labels {tuple(y.shape)} for a "
+                         f"batch of {rows} items; it must keep one row per item")
+    return x, _long_if_integer(y)
+
+
 def _covers_each_once(sampler, n: int) -> bool:
     """Whether ``sampler`` yields every index of a dataset of ``n`` examples exactly once (in any order)."""
     if type(sampler) is SequentialSampler:
@@ -131,9 +180,6 @@ def _loader_source(loader: DataLoader, name: str):
     influences are computed for (and returned in the order of) the dataset's examples.
     """
     dataset = loader.dataset
-    if isinstance(dataset, IterableDataset):
-        raise TypeError(f"{name}: a DataLoader over an IterableDataset ({type(dataset).__name__}) has no examples by "
-                        f"index; pass a map-style dataset")
     n = len(dataset)
     fix = "pass its dataset (or torch.utils.data.Subset(dataset, indices) for a subset) instead"
     batch_sampler = loader.batch_sampler
@@ -167,7 +213,8 @@ class IndexedData:
     split by ``unpack``. ``name`` is the user-facing argument name every error message starts with. ``dtype``: the
     model's floating dtype, which floating inputs are cast to (:func:`match_input_dtype`; None: as they are).
     Non-finite inputs are refused (:func:`check_finite_rows`): tensor data when it is given, item data as it is
-    read.
+    read. An ``IterableDataset`` (bare or behind a DataLoader) is a TypeError naming ``name`` and ``by_index`` (the
+    stage that reads the examples by index, and why); :class:`StreamedData` reads one where a pass only streams.
 
     Attributes:
         inputs, targets: ``[n, ...]`` and ``[n, ...]`` for tensor data, else None.
@@ -175,7 +222,14 @@ class IndexedData:
         collate: the DataLoader's ``collate_fn`` (list of items -> batch) when it is not torch's default, else None.
     """
 
-    def __init__(self, data, name: str, unpack: Callable = tuple_item, dtype: torch.dtype | None = None):
+    def __init__(self, data, name: str, unpack: Callable = tuple_item, dtype: torch.dtype | None = None, *,
+                 by_index: str = _BY_INDEX):
+        if is_streamed(data):
+            dataset = data.dataset if isinstance(data, DataLoader) else data
+            behind = " behind a DataLoader" if isinstance(data, DataLoader) else ""
+            raise TypeError(f"{name}: an IterableDataset ({type(dataset).__name__}){behind} yields its examples as a "
+                            f"stream, but {by_index} reads them by index; pass a map-style dataset (one with "
+                            f"__getitem__ and __len__, e.g. a TensorDataset or a list of (input, label) items)")
         self.name = name
         self.unpack = unpack
         self.dtype = dtype
@@ -216,27 +270,12 @@ class IndexedData:
         """The dataset index of example ``i`` of this view (what error messages report)."""
         return self._indices[i] if self._indices is not None else i
 
-    def _split(self, item, what: str):
-        """``(input, label)`` of a dataset item or collated batch, by ``unpack``; ``what`` names it in errors."""
-        try:
-            pair = self.unpack(item)
-        except (TypeError, KeyError) as exc:
-            raise type(exc)(f"{self.name}: {exc.args[0] if exc.args else exc}") from exc
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise TypeError(f"{self.name}: task.unpack must return (input, label), got {type(pair).__name__} for "
-                            f"{what}")
-        return pair
-
     def _collated(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs ``[m, ...]`` and labels ``[m, ...]`` of the dataset items ``positions``, by the loader's
         ``collate_fn`` then ``unpack``."""
-        x, y = self._split(self.collate([self.dataset[p] for p in positions]),
-                           f"the batch collate_fn made of items {positions[:4]}{'...' if len(positions) > 4 else ''}")
-        x, y = torch.as_tensor(x), torch.as_tensor(y)
-        if x.dim() == 0 or x.shape[0] != len(positions) or y.dim() == 0 or y.shape[0] != len(positions):
-            raise ValueError(f"{self.name}: the DataLoader's collate_fn returned inputs {tuple(x.shape)} and labels "
-                             f"{tuple(y.shape)} for a batch of {len(positions)} items; it must keep one row per item")
-        return x, _long_if_integer(y)
+        x, y = _split(self.unpack, self.name, self.collate([self.dataset[p] for p in positions]),
+                      f"the batch collate_fn made of items {positions[:4]}{'...' if len(positions) > 4 else ''}")
+        return _batch_rows(x, y, len(positions), self.name, "the DataLoader's collate_fn")
 
     def _item(self, i: int):
         """Example ``i`` as ``(input, label)``: by ``unpack`` of the dataset item, or row 0 of its batch of one
@@ -244,7 +283,7 @@ class IndexedData:
         if self.collate is not None:
             x, y = self._collated([self._position(i)])
             return x[0], y[0]
-        return self._split(self.dataset[self._position(i)], f"item {i}")
+        return _split(self.unpack, self.name, self.dataset[self._position(i)], f"item {i}")
 
     def subset(self, indices: Sequence[int]) -> "IndexedData":
         """The examples ``indices`` as an IndexedData of their own (tensor data: sliced; item data: a view that
@@ -303,17 +342,7 @@ class IndexedData:
 
     def check_labels(self, num_classes: int) -> None:
         """Raise naming this argument unless the labels are a 1-D tensor of integer classes in [0, num_classes)."""
-        labels = self.labels()
-        if labels.dim() != 1:
-            raise ValueError(f"{self.name}: labels must be a 1-D tensor of class indices, got shape "
-                             f"{tuple(labels.shape)}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"{self.name}: labels must be integer class indices, got dtype {labels.dtype}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(
-                f"{self.name}: labels must lie in [0, {num_classes}) (the model has {num_classes} outputs), "
-                f"got range [{int(labels.min())}, {int(labels.max())}]"
-            )
+        check_class_labels(self.labels(), num_classes, self.name)
 
     def fingerprint(self) -> str:
         """SHA-256 of every input and label (exact bytes, dtype and shape): the influence result-cache key part."""
@@ -336,6 +365,106 @@ class IndexedData:
         if self.inputs is not None:
             return named_digest(zip(("inputs", "labels"), (self.inputs, self.targets)))
         return named_digest((f"{i}", t) for i in range(len(self)) for t in self._item(i))
+
+
+class StreamedData:
+    """``(input, label)`` examples read as a stream, for a pass that needs each example once, in any order, and
+    none by index (the mean validation gradient of Eq. 9).
+
+    ``data``: an ``IterableDataset`` yielding items (split by ``unpack``, ``batch_size`` at a time, and stacked as
+    :class:`IndexedData` stacks item data), or a DataLoader over one, whose batches are taken as they come (built
+    by its ``collate_fn``, its own batch size, then split by ``unpack``; with ``batch_size=None`` whatever the
+    dataset yields must already be a batch). ``name``, ``unpack`` and ``dtype`` are :class:`IndexedData`'s.
+
+    Every pass checks what :class:`IndexedData` checks as it reads item data: finite inputs (a ValueError naming the
+    example's position in the stream), inputs cast to ``dtype`` only when exact, and, once :meth:`check_labels` has
+    set the number of classes, 1-D integer labels in range; a stream that yields no example is a ValueError.
+
+    Every pass also digests every input and label, in stream order and per example as
+    :meth:`IndexedData.fingerprint` digests item data (a bare IterableDataset yielding a map-style dataset's items
+    in order has that dataset's fingerprint). A result cache needs the key before the pass that computes the
+    result, so :meth:`fingerprint` called before any pass runs one extra streamed pass of its own; each later
+    complete pass is checked to digest to the same value, and a stream whose content changed between passes
+    (random augmentation, a shuffling buffer) is a ValueError, since the key would not describe what was computed.
+
+    Attributes:
+        num_examples: examples in the stream, known after a first complete pass (else None).
+    """
+
+    def __init__(self, data, name: str, unpack: Callable = tuple_item, dtype: torch.dtype | None = None):
+        if not is_streamed(data):
+            raise TypeError(f"{name}: StreamedData reads an IterableDataset or a DataLoader over one, got "
+                            f"{type(data).__name__}")
+        self.name, self.unpack, self.dtype = name, unpack, dtype
+        self._loader = data if isinstance(data, DataLoader) else None
+        self._dataset = data.dataset if isinstance(data, DataLoader) else data
+        self._num_classes: int | None = None
+        self._fingerprint: str | None = None
+        self.num_examples: int | None = None
+
+    def check_labels(self, num_classes: int) -> None:
+        """Check the labels of every later pass, batch by batch as they are read: 1-D integer classes in
+        [0, num_classes) (:func:`check_class_labels`)."""
+        self._num_classes = num_classes
+
+    def fingerprint(self) -> str:
+        """SHA-256 of every input and label (see the class docstring); one streamed pass when no pass has run."""
+        if self._fingerprint is None:
+            for _ in self.batches(256):   # any batch size: the digest is per example
+                pass
+        return self._fingerprint
+
+    def _raw_batches(self, batch_size: int, h) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The stream's ``(inputs, labels)`` batches before the checks, each example fed to the digest ``h``."""
+        if self._loader is not None:
+            for count, batch in enumerate(self._loader):
+                x, y = _split(self.unpack, self.name, batch, f"batch {count} of the DataLoader")
+                x = torch.as_tensor(x)
+                rows = x.shape[0] if x.dim() else 0
+                made_by = "the DataLoader" if self._loader.batch_size is None else "the DataLoader's collate_fn"
+                x, y = _batch_rows(x, y, rows, self.name, made_by)
+                for row in range(x.shape[0]):
+                    hash_tensor(h, x[row])
+                    hash_tensor(h, y[row])
+                yield x, y
+            return
+        items = []
+        for item in self._dataset:
+            x, y = _split(self.unpack, self.name, item, "an item of the stream")
+            x, y = torch.as_tensor(x), torch.as_tensor(y)
+            hash_tensor(h, x)
+            hash_tensor(h, y)
+            items.append((x, y))
+            if len(items) == batch_size:
+                yield torch.stack([x for x, _ in items]), _stack_labels([y for _, y in items])
+                items = []
+        if items:
+            yield torch.stack([x for x, _ in items]), _stack_labels([y for _, y in items])
+
+    def batches(self, batch_size: int, device=None, *, rank: int = 0,
+                world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass over the stream: inputs ``[m, ...]`` (floating ones in ``dtype``) and labels ``[m]`` on
+        ``device``, batch by batch (``batch_size`` items at a time for a bare IterableDataset, the DataLoader's own
+        batches behind one). Under a process group of ``world`` ranks every rank reads and checks the whole stream
+        and yields its share, batches ``rank, rank + world, ...``."""
+        h = hashlib.sha256()
+        seen = 0
+        for count, (x, y) in enumerate(self._raw_batches(batch_size, h)):
+            check_finite_rows(x, self.name, range(seen, seen + x.shape[0]))
+            if self._num_classes is not None:
+                check_class_labels(y, self._num_classes, self.name)
+            x = match_input_dtype(x, self.dtype, self.name)
+            seen += x.shape[0]
+            if count % world == rank:
+                yield x.to(device), y.to(device)
+        if seen == 0:
+            raise ValueError(f"{self.name} is empty: the stream yielded no example")
+        digest = h.hexdigest()
+        if self._fingerprint is not None and digest != self._fingerprint:
+            raise ValueError(f"{self.name}: the stream yielded other examples than on its first pass (random "
+                             f"augmentation or shuffling in the IterableDataset?); the result would not match its "
+                             f"cache key. Make the stream deterministic, or leave cache_dir unset")
+        self._fingerprint, self.num_examples = digest, seen
 
 
 def nonempty_data(data, why: str) -> IndexedData:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
 
+from iaerf.core.heads import output_logits
 from iaerf.core.identity import callable_identity
 from iaerf.core.identity import hash_tensor
 from iaerf.core.progress import progress_bar
@@ -198,7 +199,7 @@ def _measure(model, task, vx, vy) -> torch.Tensor:
         param = next(model.parameters())
         x = vx.to(param.device)
         x = x.to(param.dtype) if x.is_floating_point() else x
-        return task.measure(model.eval()(x), vy.to(param.device)).double().cpu()
+        return task.measure(task.logits(model.eval()(x)), vy.to(param.device)).double().cpu()
 
 
 def _run_units(store, names_and_fits, task, vx, vy, bar) -> list[torch.Tensor]:
@@ -230,9 +231,11 @@ def _results_folder(out_dir, evaluation: str, settings: dict, rerun: bool, train
     function and the measurement (whose change must not reuse stored re-trainings)."""
     if out_dir is None:
         return ResultsFolder(None, evaluation, {})
+    # the logits reader only when it is not the default, so that folders written before it existed keep their settings
+    reader = {} if task.logits is output_logits else {"logits": callable_identity(task.logits, "task.logits")}
     return ResultsFolder(out_dir, evaluation, {
         **settings, **more, "train_fn": callable_identity(train_fn, "train_fn"),
-        "measurement": callable_identity(task.measure, "task.measure"),
+        "measurement": callable_identity(task.measure, "task.measure"), **reader,
     }, rerun=rerun)
 
 
@@ -246,7 +249,8 @@ def lds(train, val, scores, train_fn, *, alpha: float = 0.5, num_subsets: int = 
         train_fn: ``train_fn(subset [k] int64 tensor, seed int) -> model`` (re-training on the subset), e.g.
             :func:`softmax_regression_trainer` or :func:`mlp_trainer`.
         alpha: subset fraction in (0, 1); num_subsets: M; seeds: the S training seeds; seed: of the subsets.
-        task: :class:`iaerf.InfluenceTask` (its measurement is the per-point output, cross-entropy by default).
+        task: :class:`iaerf.InfluenceTask` (its measurement is the per-point output, cross-entropy by default; its
+            ``logits`` reads the logits from the output of the models ``train_fn`` returns).
         out_dir, rerun: resumable results folder, one unit per (subset, seed) re-training.
 
     Returns:

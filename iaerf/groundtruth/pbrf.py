@@ -31,6 +31,7 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 
 from iaerf.core.checks import check_count, check_number
+from iaerf.core.heads import output_logits
 from iaerf.core.identity import callable_identity
 from iaerf.core.progress import progress_bar
 from iaerf.core.store import ResultsFolder
@@ -38,6 +39,7 @@ from iaerf.hessian.params import unflatten
 from iaerf.hessian.solvers.cg import conjugate_gradients
 from iaerf.core.identity import model_fingerprint
 from iaerf.core.indexed_data import IndexedData
+from iaerf.core.losses import check_per_example
 from iaerf.hessian.params import trainable_selection
 from iaerf.influence.task import resolve_task
 
@@ -102,7 +104,8 @@ def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind:
         kind: "energy" (q = ``task.regularized``, compare with :func:`iaerf.energy_influence`) or "loss"
             (q = ``task.train_loss`` of (x_k, y_k), compare with :func:`iaerf.loss_influence`).
         params: names / prefixes of the parameters that move (the influence's ``params``); the rest stay fixed.
-        task: :class:`iaerf.InfluenceTask` (training loss of D_B, measurement, regularized quantity, unpacking).
+        task: :class:`iaerf.InfluenceTask` (training loss of D_B, measurement, regularized quantity, unpacking, and
+            how the logits are read from the model's output).
         tol: stop when ||grad PBRF|| <= tol * ||eps grad q(x_k)|| (relative to the gradient at theta_s).
         measure_tol: also stop when the measurement settles: two successive steps each change it by at most
             ``measure_tol * |m(theta) - m(theta_s)|`` (0 disables). For piecewise-smooth networks (ReLU,
@@ -169,9 +172,7 @@ def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind:
     store = ResultsFolder(out_dir, "pbrf", {
         "model": model_fingerprint(model), "train": train_d.fingerprint(), "val": val_d.fingerprint(),
         "indices": indices, "eps": eps, "damping": damping, "weight_decay": weight_decay, "kind": kind,
-        "params": list(chosen), "task": {name: callable_identity(getattr(task, name), f"task.{name}")
-                                         for name in ("train_loss", "regularized")} | {
-                                             "measurement": callable_identity(task.measure, "task.measure")},
+        "params": list(chosen), "task": _task_identity(task),
         "method": method, "tol": tol, "measure_tol": measure_tol, "max_iter": max_iter, "max_cg": max_cg, "chunk_size": chunk_size,
     }, rerun=rerun) if out_dir is not None else ResultsFolder(None, "pbrf", {})
 
@@ -207,6 +208,16 @@ def pbrf_effect(model, train, val, indices, *, eps: float, damping: float, kind:
     return (effect, info) if return_info else effect
 
 
+def _task_identity(task) -> dict:
+    """The task's part of the results folder's settings: its callables' identities (``logits`` only when it is not
+    the default reader, so that folders written before it existed keep their settings)."""
+    out = {name: callable_identity(getattr(task, name), f"task.{name}") for name in ("train_loss", "regularized")}
+    out["measurement"] = callable_identity(task.measure, "task.measure")
+    if task.logits is not output_logits:
+        out["logits"] = callable_identity(task.logits, "task.logits")
+    return out
+
+
 class _PBRFProblem:
     """The float64 functional form of the PBRF objective and its vmapped gradient / HVP / value over R problems."""
 
@@ -230,16 +241,13 @@ class _PBRFProblem:
             for s in range(0, self.n, batch_size):
                 x, y = self.train_x[s:s + batch_size], self.train_y[s:s + batch_size]
                 zs = self.logits(self.theta_s, x)
-                loss_s = task.train_loss(zs, y)
-                if loss_s.shape != (x.shape[0],):
-                    raise ValueError(f"task.train_loss must return one value per example, shape [{x.shape[0]}], "
-                                     f"got {tuple(loss_s.shape)}")
+                loss_s = check_per_example(task.train_loss(zs, y), x.shape[0], "task.train_loss")
                 gs = vmap(grad(lambda z, t: task.train_loss(z[None], t[None])[0]))(zs, y)
                 self.batches.append((x, y, zs, loss_s, gs))
         self.num_classes = self.batches[0][2].shape[1]
 
     def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.net, {**unflatten(theta, self.like), **self.fixed}, (x,))
+        return self.task.logits(functional_call(self.net, {**unflatten(theta, self.like), **self.fixed}, (x,)))
 
     # -- the objective in pieces: the Bregman sum over one batch, and the per-problem proximal + eps q term --------
     def _bregman(self, theta, x, y, zs, loss_s, gs):

@@ -1,9 +1,10 @@
 """What a curvature approximation (the K-FAC / EK-FAC factors of ``method="kfac" | "ekfac"``, a CG
 preconditioner) is fitted on, read from the operator it approximates: one setup for all of them.
 
-A :class:`iaerf.ModuleHessian` gives its model (with its full state), data, per-example loss and selected
-parameters; a :class:`iaerf.HeadHessian` an ``nn.Linear`` head over its features with softmax cross-entropy (its
-flat layout ``[W.flatten(), b]`` is the linear layer's). Any other operator has no model to fit on.
+A :class:`iaerf.ModuleHessian` gives its model (with its full state), data, per-example loss, logits reader and
+selected parameters; a :class:`iaerf.HeadHessian` an ``nn.Linear`` head over its features with softmax
+cross-entropy (its flat layout ``[W.flatten(), b]`` is the linear layer's). Any other operator has no model to fit
+on.
 """
 from __future__ import annotations
 
@@ -11,38 +12,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from iaerf.core.heads import output_logits
 from iaerf.core.indexed_data import IndexedData
+from iaerf.core.losses import loss_from_logits
 from iaerf.hessian.head_hessian import HeadHessian
 from iaerf.hessian.operators import ModuleHessian
-
-
-def per_example_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``[m, K], [m] -> [m]``: the default training loss (the one of :class:`iaerf.InfluenceTask`)."""
-    return F.cross_entropy(logits, labels, reduction="none")
-
-
-def per_example_loss(loss_fn: Callable) -> Callable:
-    """The per-example loss ``[m, K], [m] -> [m]`` behind a :class:`iaerf.ModuleHessian` batch-mean ``loss_fn``."""
-    if loss_fn is F.cross_entropy:
-        return per_example_cross_entropy
-    inner = getattr(loss_fn, "per_example", None)       # the influence functions' mean of a per-example loss
-    if callable(inner):
-        return inner
-
-    def per_example(logits, labels):
-        # a batch-mean loss on a batch of one is that example's loss
-        return torch.func.vmap(lambda z, y: loss_fn(z[None], y[None]))(logits, labels)
-    return per_example
 
 
 @dataclass
 class CurvatureSource:
     """The model and its full state (``selected``: the parameters in the flat layout's order; ``others``: every
-    other parameter and buffer), the per-example ``loss``, the ``data``, and the operator's weight decay, dtype,
-    device and process group."""
+    other parameter and buffer), the per-example ``loss`` ``[m, K], [m] -> [m]``, the ``data``, the operator's
+    weight decay, dtype, device and process group, and ``logits``, which reads the logits ``[m, K]`` from the
+    model's output."""
 
     model: nn.Module
     data: IndexedData
@@ -53,6 +37,7 @@ class CurvatureSource:
     dtype: torch.dtype
     device: torch.device
     process_group: object = None
+    logits: Callable = output_logits
     ranges: dict[str, tuple[int, int]] = field(init=False)
 
     def __post_init__(self):
@@ -80,8 +65,8 @@ def curvature_source(operator, who: str) -> CurvatureSource:
                   process_group=getattr(operator, "process_group", None))
     if isinstance(operator, ModuleHessian):
         selected, others = operator.state()
-        return CurvatureSource(operator.model, operator.data, per_example_loss(operator.loss_fn), selected, others,
-                               **common)
+        return CurvatureSource(operator.model, operator.data, operator.loss_fn, selected, others,
+                               logits=operator.logits, **common)
     if isinstance(operator, HeadHessian):
         K, D = operator.num_classes, operator.num_features
         head = nn.Linear(D, K, bias=operator.has_bias, device=operator.device, dtype=operator.dtype)
@@ -90,7 +75,7 @@ def curvature_source(operator, who: str) -> CurvatureSource:
             if operator.has_bias:
                 head.bias.copy_(operator.bias)
         return CurvatureSource(head, IndexedData((operator.features, operator.labels), "features"),
-                               per_example_cross_entropy, {k: p.detach() for k, p in head.named_parameters()}, {},
+                               loss_from_logits, {k: p.detach() for k, p in head.named_parameters()}, {},
                                **common)
     raise TypeError(f"{who} is fitted on the operator's model, loss and data: it needs an iaerf.ModuleHessian or an "
                     f"iaerf.HeadHessian, got {type(operator).__name__}")

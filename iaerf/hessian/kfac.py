@@ -39,8 +39,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from iaerf.core.heads import eval_mode, model_logits, output_logits
+from iaerf.core.losses import check_per_example, loss_from_logits
 from iaerf.hessian._checks import check_nonnegative, check_vectors
-from iaerf.hessian.curvature_source import per_example_cross_entropy
 from iaerf.hessian.kfac_factors import (
     FISHER_MODES,
     KFACLayer,
@@ -96,7 +97,10 @@ class KFACOperator(HessianOperator):
         data: training data (any form :class:`iaerf.core.indexed_data.IndexedData` takes: tensor pair, dataset,
             DataLoader read in dataset order).
         loss_fn: per-example training loss ``(logits [m, K], labels [m]) -> [m]`` (:attr:`iaerf.InfluenceTask.
-            train_loss`); default cross-entropy.
+            train_loss`); default cross-entropy. A loss returning anything else (a mean-reduced scalar) is a
+            ValueError naming ``loss_fn``, from one probe forward before the passes.
+        logits: reads the logits ``[m, K]`` from the model's output (default
+            :func:`iaerf.core.heads.output_logits`: the output itself, its ``["logits"]`` or ``.logits``).
         params: names / prefixes, or None (every trainable parameter, as for the other solvers); a selection
             holding a parameter K-FAC does not cover (batch norm's included) is refused, naming it: pass
             ``params=list(kfac_parameters(model))`` for the covered part. ``param_names`` are the names in the flat
@@ -119,13 +123,16 @@ class KFACOperator(HessianOperator):
     def __init__(self, model: nn.Module, data, *, loss_fn: Callable | None = None, params=None,
                  param_names: list[str] | None = None, weight_decay: float = 0.0, method: str = "ekfac",
                  fisher: str = "sampled", batch_size: int = 256, cache_dir=None, device=None,
-                 process_group=None, seed: int = 0, progress: bool = True):
+                 process_group=None, seed: int = 0, progress: bool = True, logits: Callable = output_logits):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.loss_fn = loss_fn if loss_fn is not None else per_example_cross_entropy
+        self.loss_fn = loss_fn if loss_fn is not None else loss_from_logits
         if not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be callable (per-example loss [m, K], [m] -> [m]), got "
                             f"{type(loss_fn).__name__}")
+        if not callable(logits):
+            raise TypeError(f"logits must be callable, got {type(logits).__name__}")
+        self.logits = logits
         if method not in APPROXIMATIONS:
             raise ValueError(f"method must be one of {APPROXIMATIONS}, got {method!r}")
         KFACOptions(fisher=fisher, batch_size=batch_size, cache_dir=cache_dir).validate()
@@ -156,7 +163,18 @@ class KFACOperator(HessianOperator):
         self._data = nonempty_data(data, "K-FAC averages over the training examples")
         self.num_local_samples = len(self._data)
         self.num_samples = self._global_count(len(self._data))
+        self._check_loss()
         self._fit(cache_dir, progress)
+
+    def _check_loss(self) -> None:
+        """One forward on the first (up to two) local examples: ``loss_fn`` returns one value per example (a
+        mean-reduced loss is refused here, before the factor passes)."""
+        x, y = self._data.batch(range(min(2, len(self._data))), self.device)
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        with eval_mode(self.model), torch.no_grad():
+            z = model_logits(self.model(x), self.logits)
+            check_per_example(self.loss_fn(z, y), x.shape[0], "loss_fn")
 
     # -- fitting -------------------------------------------------------------------------------------------------
     def _settings(self) -> dict:
@@ -164,11 +182,14 @@ class KFACOperator(HessianOperator):
         from iaerf.core.identity import model_fingerprint
 
         rank, world = self._rank_world()
-        return {"format": _CACHE_FORMAT, "method": self.method, "fisher": self.fisher, "seed": self.seed,
+        settings = {"format": _CACHE_FORMAT, "method": self.method, "fisher": self.fisher, "seed": self.seed,
                 "batch_size": self.batch_size, "params": self.param_names,
                 "loss_fn": callable_identity(self.loss_fn, "loss_fn"),
                 "dtype": str(self.dtype), "rank": rank, "world_size": world, "num_samples": self.num_samples,
                 "model": model_fingerprint(self.model), "data": self._data.fingerprint()}
+        if self.logits is not output_logits:   # only then: the keys of plain-tensor models stay as they were
+            settings["logits"] = callable_identity(self.logits, "logits")
+        return settings
 
     def _rank_world(self):
         from iaerf.core.distributed import rank_and_world
@@ -199,7 +220,7 @@ class KFACOperator(HessianOperator):
         self.from_cache = False
         show = progress and self._rank_world()[0] == 0
         passes = PassSettings(self.loss_fn, self.fisher, self.batch_size, self.device, self.dtype,
-                              self.process_group, show)
+                              self.process_group, show, self.logits)
         A, S, _ = fit_covariances(self.model, self.layers, self._data, passes,
                                   derived_generator(self.seed, 0, self.process_group))
         tensors = {}

@@ -28,6 +28,7 @@ from torch import nn
 
 from iaerf.core.distributed import all_reduce_sum, rank_and_world
 from iaerf.core.progress import progress_bar
+from iaerf.core.heads import model_logits, output_logits
 from iaerf.core.indexed_data import IndexedData
 
 FISHER_MODES = ("sampled", "empirical", "expected")
@@ -311,7 +312,8 @@ def output_factors(logits: torch.Tensor, labels: torch.Tensor, loss: Callable) -
 
 @dataclasses.dataclass
 class PassSettings:
-    """What a factor pass reads: the per-example loss ``[m, K], [m] -> [m]``, the Fisher mode, batching."""
+    """What a factor pass reads: the per-example loss ``[m, K], [m] -> [m]``, the Fisher mode, batching, and
+    ``logits``, which reads the logits ``[m, K]`` from the model's output."""
 
     loss: Callable
     fisher: str
@@ -320,6 +322,7 @@ class PassSettings:
     dtype: torch.dtype
     process_group: object
     progress: bool
+    logits: Callable = output_logits
 
 
 def output_directions(logits, labels, settings: PassSettings, generator) -> list[torch.Tensor]:
@@ -371,15 +374,13 @@ def run_pass(model: nn.Module, layers: list[KFACLayer], data: IndexedData, setti
                 caught.clear()
                 if x.is_floating_point():
                     x = x.to(settings.dtype)
-                logits = model(x)
+                logits = model_logits(model(x), settings.logits)
                 for i, layer in enumerate(layers):
                     if len(caught.get(i, ())) != 2:
                         calls = len(caught.get(i, ())) // 2
                         raise UnsupportedLayerError(
                             f"layer {layer.name!r} ran {calls} times in one forward; K-FAC needs each selected layer "
                             f"to run exactly once per example batch (shared modules are not supported)")
-                if logits.dim() != 2:
-                    raise ValueError(f"model must return logits of shape [b, K], got {tuple(logits.shape)}")
                 outputs = [caught[i][1] for i in range(len(layers))]
                 seeds = output_directions(logits, y, settings, generator)
                 grads = [torch.autograd.grad(logits, outputs, grad_outputs=s, retain_graph=k + 1 < len(seeds),

@@ -17,7 +17,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
@@ -26,8 +25,9 @@ from iaerf.core.distributed import collective_device as _collective_device
 from iaerf.core.identity import UnidentifiableCallableError, callable_identity
 from iaerf.hessian._checks import check_indices, check_nonnegative, check_vectors
 from iaerf.hessian.params import select_parameters, unflatten
-from iaerf.core.heads import eval_mode
+from iaerf.core.heads import eval_mode, output_logits
 from iaerf.core.indexed_data import IndexedData, named_digest, nonempty_data
+from iaerf.core.losses import check_per_example, loss_from_logits
 
 
 class HessianOperator(abc.ABC):
@@ -155,8 +155,14 @@ class ModuleHessian(HessianOperator):
         model: the network; its current parameter values are used (no copy).
         data: ``(inputs [n, ...], labels [n, ...])``, a map-style Dataset of ``(input, label, ...)``, a DataLoader
             over one (read in dataset order), or an :class:`iaerf.core.indexed_data.IndexedData`.
-        loss_fn: ``loss_fn(outputs [m, ...], labels [m, ...]) -> scalar``, the MEAN loss over the batch
-            (default ``F.cross_entropy``).
+        loss_fn: the per-example loss ``loss_fn(logits [m, K], labels [m]) -> [m]`` (default
+            :func:`iaerf.core.losses.loss_from_logits`, cross-entropy; the convention of
+            :attr:`iaerf.InfluenceTask.train_loss`); H is the Hessian of its mean, taken here. A loss that returns
+            anything else (a mean-reduced scalar) is a ValueError naming ``loss_fn``, raised at construction from
+            one probe forward on the first examples, before any pass.
+        logits: reads the logits ``[m, K]`` from the model's output (default
+            :func:`iaerf.core.heads.output_logits`: the output itself, its ``["logits"]`` or its ``.logits``;
+            :attr:`iaerf.InfluenceTask.logits`).
         params: parameter names/prefixes (see :func:`select_parameters`); None = all with requires_grad.
         weight_decay: adds ``weight_decay * V`` (the L2 term ``weight_decay/2 ||theta||^2`` of the training loss).
         gauss_newton: use the GGN instead of the exact Hessian.
@@ -199,11 +205,14 @@ class ModuleHessian(HessianOperator):
 
     def __init__(self, model: nn.Module, data, *, loss_fn: Callable | None = None, params=None,
                  weight_decay: float = 0.0, gauss_newton: bool = False, batch_size: int = 256, device=None,
-                 process_group=None, mode: str = "auto", compile: bool = False):
+                 process_group=None, mode: str = "auto", compile: bool = False, logits: Callable = output_logits):
         self.model = model
-        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.loss_fn = loss_fn if loss_fn is not None else loss_from_logits
         if not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if not callable(logits):
+            raise TypeError(f"logits must be callable, got {type(logits).__name__}")
+        self.logits = logits
         selected = select_parameters(model, params)
         self.weight_decay = check_nonnegative(weight_decay, "weight_decay")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -232,7 +241,18 @@ class ModuleHessian(HessianOperator):
         self._data = nonempty_data(data, "the Hessian averages over the training examples")
         self.num_local_samples = len(self._data)
         self.num_samples = self._global_count(len(self._data))
+        self._check_loss()
 
+    def _check_loss(self) -> None:
+        """One forward on the first (up to two) local examples: the logits tensor is read from the output, and
+        ``loss_fn`` returns one value per example (a mean-reduced loss is refused here, before any pass)."""
+        x, y = self._data.batch(range(min(2, len(self._data))), self.device)
+        with eval_mode(self.model), torch.no_grad():
+            z = self.logits(functional_call(self.model, {**self._params, **self._frozen}, (x,)))
+            if not isinstance(z, torch.Tensor):
+                raise TypeError(f"logits must return the logits tensor read from the model's output, got "
+                                f"{type(z).__name__}")
+            check_per_example(self.loss_fn(z, y), x.shape[0], "loss_fn")
     @property
     def param_names(self) -> list[str]:
         return list(self._params)
@@ -290,13 +310,16 @@ class ModuleHessian(HessianOperator):
         other parameter and buffer (all of them shape H), the data part every example held, the loss
         :func:`iaerf.core.identity.callable_identity` (its code and every tensor, module state and value it holds; raises
         :class:`iaerf.core.identity.UnidentifiableCallableError` for a loss holding an object whose content cannot be
-        read). The HVP mode is not part of it (both modes compute the same H)."""
+        read) and so is a ``logits`` reader other than the default. The HVP mode is not part of it (both modes
+        compute the same H)."""
         settings = {"type": "ModuleHessian", "model": repr(self.model),
                     "loss_fn": callable_identity(self.loss_fn, "loss_fn"),
                     "params": ",".join(self._params), "weight_decay": self.weight_decay,
                     "gauss_newton": self.gauss_newton, "dtype": str(self.dtype),
                     "num_params": self.num_params, "num_samples": self.num_samples,
                     "world_size": self._world_size()}
+        if self.logits is not output_logits:   # only then: the fingerprints of plain-tensor models stay as they were
+            settings["logits"] = callable_identity(self.logits, "logits")
         return {"operator": settings, "parameters": named_digest(sorted({**self._params, **self._frozen}.items())),
                 "data": self._data.operator_fingerprint()}
 
@@ -308,14 +331,14 @@ class ModuleHessian(HessianOperator):
             mode = self.resolved_mode
         params = {k: _floating_to(v, dtype) for k, v in self._params.items()}
         frozen = {k: _floating_to(v, dtype) for k, v in self._frozen.items()}
-        model, loss_fn = self.model, self.loss_fn
+        model, loss_fn, read = self.model, self.loss_fn, self.logits
 
         def outputs(p, x):
-            return functional_call(model, {**p, **frozen}, (x,))
+            return read(functional_call(model, {**p, **frozen}, (x,)))
 
         if not self.gauss_newton:
             def loss(p, x, y):
-                return loss_fn(outputs(p, x), y)
+                return loss_fn(outputs(p, x), y).mean()
 
             if mode == "fwd-rev":
                 def hvp_batch(x, y, V):
@@ -333,7 +356,7 @@ class ModuleHessian(HessianOperator):
         else:
             def hvp_batch(x, y, V):
                 z, pullback = vjp(lambda p: outputs(p, x), params)
-                grad_out = grad(lambda zz: loss_fn(zz, y))
+                grad_out = grad(lambda zz: loss_fn(zz, y).mean())
 
                 def one(v):
                     jv = jvp(lambda p: outputs(p, x), (params,), (v,))[1]      # J v
@@ -462,10 +485,10 @@ class ModuleHessian(HessianOperator):
         the outputs; None when examples are not independent (batch outputs differ from per-example outputs, or
         the loss Hessian couples examples), so that the caller falls back to HVP columns."""
         params, frozen = self._float64_state()
-        model, loss_fn, P = self.model, self.loss_fn, self.num_params
+        model, loss_fn, read, P = self.model, self.loss_fn, self.logits, self.num_params
 
         def outputs(p, x):
-            return functional_call(model, {**p, **frozen}, (x,))
+            return read(functional_call(model, {**p, **frozen}, (x,)))
 
         def one_output(p, xi):
             return outputs(p, xi.unsqueeze(0)).squeeze(0)
@@ -488,7 +511,7 @@ class ModuleHessian(HessianOperator):
             alone = vmap(one_output, in_dims=(None, 0))(params, x).reshape(mb, K)
             if not _agree(alone, z.reshape(mb, K), 1e-12):
                 return None
-            g = grad(lambda zz: loss_fn(zz, y))
+            g = grad(lambda zz: loss_fn(zz, y).mean())
             # H_out e_k for the one-hot tangent at output k of EVERY example: for a loss whose Hessian is
             # block-diagonal over examples, row i of the result is column k of example i's block
             tangents = torch.eye(K, dtype=torch.float64, device=self.device).unsqueeze(1).expand(K, mb, K)

@@ -100,10 +100,10 @@ class CurvaturePreconditioner:
             from iaerf.hessian.kfac import KFACOperator
 
             # fitted on the Gauss-Newton matrix whatever the operator holds (see the module docstring)
-            self._kfac = KFACOperator(source.model, source.data, loss_fn=source.loss, param_names=covered,
-                                      weight_decay=0.0, method=kind, fisher=fisher, batch_size=batch_size,
-                                      device=source.device, process_group=source.process_group, seed=seed,
-                                      progress=progress)
+            self._kfac = KFACOperator(source.model, source.data, loss_fn=source.loss, logits=source.logits,
+                                      param_names=covered, weight_decay=0.0, method=kind, fisher=fisher,
+                                      batch_size=batch_size, device=source.device,
+                                      process_group=source.process_group, seed=seed, progress=progress)
         self._diagonal = None
         if rest:
             self._diagonal = fisher_diagonal(source, rest, fisher=fisher, batch_size=batch_size, seed=seed,
@@ -155,15 +155,16 @@ def fisher_diagonal(source: CurvatureSource, names: list[str], *, fisher: str, b
     that order), estimated as the module docstring says, averaged over the (global) training examples."""
     selected = {k: source.selected[k] for k in names}
     rest = {k: v for k, v in {**source.selected, **source.others}.items() if k not in selected}
-    model = source.model
+    model, read = source.model, source.logits
     total = {k: torch.zeros(v.shape, dtype=torch.float64, device=source.device) for k, v in selected.items()}
     size = sum(v.numel() for v in selected.values())
     chunk = max(1, min(batch_size, _DIAGONAL_CHUNK_ENTRIES // max(1, size)))
-    settings = PassSettings(source.loss, fisher, chunk, source.device, source.dtype, source.process_group, progress)
+    settings = PassSettings(source.loss, fisher, chunk, source.device, source.dtype, source.process_group, progress,
+                            source.logits)
     generator = derived_generator(seed, 2, source.process_group)
 
     def outputs(p, x):
-        return functional_call(model, {**p, **rest}, (x,))
+        return read(functional_call(model, {**p, **rest}, (x,)))
 
     def squared_gradients(xi, seeds_i):
         """sum over the directions d of (J_i^T u_id)^2 for one example ``xi`` and its seeds ``[D, K]``."""

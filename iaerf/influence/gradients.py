@@ -15,57 +15,58 @@ from typing import Callable, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 from torch.func import functional_call, jvp, vmap
 
-from iaerf.core.indexed_data import IndexedData
-from iaerf.core.distributed import all_reduce_sum
-
-
-def energy_from_logits(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """E(x) = -logsumexp_k f(x)[k] (paper Eq. 2, T = 1): ``[b, K] -> [b]``.
-
-    torch.logsumexp (not the fused ``iaerf.ops.energy``) because the forward-mode pass needs a forward-AD formula,
-    which the composite op has.
-    """
-    return -torch.logsumexp(logits, dim=-1)
-
-
-def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-example cross-entropy ``[b, K], [b] -> [b]`` (the loss L of Eq. 4 / Eq. 8)."""
-    return F.cross_entropy(logits, labels, reduction="none")
+from iaerf.core.heads import output_logits
+from iaerf.core.indexed_data import IndexedData, StreamedData
+from iaerf.core.losses import energy_from_logits, loss_from_logits
+from iaerf.core.distributed import all_reduce_sum, rank_and_world
 
 
 def loss_gradients(
     model: torch.nn.Module,
     params: dict[str, torch.Tensor],
-    data: IndexedData,
-    indices: Sequence[int],
+    data: IndexedData | StreamedData,
+    indices: Sequence[int] | None,
     *,
-    total: int,
+    total: int | None,
     batch_size: int,
     device: torch.device,
     group=None,
     per_index: bool = False,
     progress=None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loss_from_logits,
+    logits: Callable = output_logits,
 ) -> dict[str, torch.Tensor]:
     """Gradient of the mean of ``loss_fn`` (per-example, ``[b, K], [b] -> [b]``; cross-entropy by default) over
-    ``total`` points, of which this rank holds ``indices``.
+    ``total`` points, of which this rank holds ``indices``; ``logits`` reads the logits ``[b, K]`` from the model's
+    output (:attr:`iaerf.InfluenceTask.logits`).
 
     Returns a dict shaped like ``params``: (1/total) sum_{i in indices} grad CE(x_i), summed over the ranks of
     ``group`` (so every rank gets the global mean, Eq. 9's g_val). With ``per_index=True`` returns instead one
     gradient per index (leading dim ``len(indices)``, not divided by ``total``), for Eq. 8's test points.
+
+    ``data`` may be a :class:`iaerf.core.indexed_data.StreamedData` (then ``indices`` and ``total`` are None, and
+    ``per_index`` False): one pass over the stream, this rank's share of its batches, and ``total`` the number of
+    examples it held, counted on that pass.
     """
     primals = {k: v.detach() for k, v in params.items()}
+    streamed = isinstance(data, StreamedData)
+    if streamed:
+        if per_index:
+            raise ValueError(f"{data.name}: one gradient per example needs the examples by index, not a stream")
+        rank, world = rank_and_world(group)
+        batches = data.batches(batch_size, device, rank=rank, world=world)
+    else:
+        batches = data.batches(indices, batch_size, device)
 
     def batch_loss(p, x, y):
-        return loss_fn(functional_call(model, p, (x,)), y).sum()
+        return loss_fn(logits(functional_call(model, p, (x,))), y).sum()
 
     if per_index:
         per_example = vmap(torch.func.grad(lambda p, x, y: batch_loss(p, x[None], y[None])), in_dims=(None, 0, 0))
         chunks = []
-        for x, y in data.batches(indices, batch_size, device):
+        for x, y in batches:
             # detached: parameters outside the selection (batch norm's) may require grad, and a graph kept through
             # them would grow with every solver iteration that touches these vectors
             chunks.append({k: v.detach() for k, v in per_example(primals, x, y).items()})
@@ -77,13 +78,15 @@ def loss_gradients(
 
     grad_fn = torch.func.grad(batch_loss)
     total_grad = {k: torch.zeros_like(v) for k, v in primals.items()}
-    for x, y in data.batches(indices, batch_size, device):
+    for x, y in batches:
         g = grad_fn(primals, x, y)
         for k in total_grad:
             total_grad[k] += g[k].detach()  # see above: no graph through unselected parameters
         if progress is not None:
             progress.update(len(y))
     flat = torch.cat([v.reshape(-1) for v in total_grad.values()]) if total_grad else torch.zeros(0)
+    if streamed:  # every rank read the whole stream: each knows the count
+        total = data.num_examples
     flat = all_reduce_sum(flat, group) / total
     out, offset = {}, 0
     for k, v in total_grad.items():
@@ -105,8 +108,10 @@ def directional_derivatives(
     batched: bool = False,
     direction_chunk: int = 8,
     progress=None,
+    logits: Callable = output_logits,
 ) -> torch.Tensor:
-    """(d/de) fn(f_{theta + e s}(x_i), y_i) at e = 0 for every i in ``indices``, by forward-mode AD.
+    """(d/de) fn(f_{theta + e s}(x_i), y_i) at e = 0 for every i in ``indices``, by forward-mode AD; ``logits``
+    reads the logits ``[b, K]`` f(x) from the model's output (:attr:`iaerf.InfluenceTask.logits`).
 
     ``directions`` is shaped like ``params`` (one direction s) -> result ``[len(indices)]``; with ``batched=True``
     each entry has a leading dim k (k directions, Eq. 8) -> result ``[k, len(indices)]``, computed by vmapping the
@@ -122,13 +127,13 @@ def directional_derivatives(
             with fwAD.dual_level():
                 duals = {name: fwAD.make_dual(p, directions[name]) for name, p in primals.items()}
                 for x, y in data.batches(indices, batch_size, device):
-                    outs.append(fwAD.unpack_dual(fn(functional_call(model, duals, (x,)), y)).tangent)
+                    outs.append(fwAD.unpack_dual(fn(logits(functional_call(model, duals, (x,))), y)).tangent)
                     if progress is not None:
                         progress.update(len(y))
         else:
             for x, y in data.batches(indices, batch_size, device):
                 def along(tangents, x=x, y=y):
-                    return jvp(lambda p: fn(functional_call(model, p, (x,)), y), (primals,), (tangents,))[1]
+                    return jvp(lambda p: fn(logits(functional_call(model, p, (x,))), y), (primals,), (tangents,))[1]
                 parts = []
                 for start in range(0, k, direction_chunk):
                     chunk = {name: d[start:start + direction_chunk] for name, d in directions.items()}

@@ -14,15 +14,17 @@ forward-mode directional derivative, -(d/de) E_{theta + e s}(x_i) (see :mod:`iae
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from iaerf.core.progress import progress_bar
-from iaerf.core.heads import affine_head, check_finite_state, check_logits, eval_mode, head_inputs, model_dtype
+from iaerf.core.heads import (affine_head, check_finite_state, eval_mode, head_inputs, model_dtype, model_logits,
+                              output_logits)
 from iaerf.hessian.solvers import get_solver, solver_names
-from iaerf.core.indexed_data import IndexedData
+from iaerf.core.indexed_data import IndexedData, StreamedData, is_streamed
 from iaerf.hessian.params import trainable_selection
 from iaerf.core import distributed as D
 from iaerf.core.store import ResultCache
@@ -35,6 +37,10 @@ from iaerf.influence.task import InfluenceTask
 # the kinds with one row per test point (Eq. 8 and the pairwise Eq. 4), and those that upweight the training loss
 _PAIRWISE = ("energy_on_test", "loss_on_test")
 _UPWEIGHT_LOSS = ("loss", "loss_on_test")
+# why train and test (unlike val) are read by index, for the refusal of a stream (iaerf.core.indexed_data)
+_TRAIN_BY_INDEX = ("the training side (the Hessian solvers draw their minibatches by index, and there is one "
+                   "influence per training example)")
+_TEST_BY_INDEX = "the test side of *_on_test (one gradient, and one row of influences, per test example)"
 
 
 def energy_influence(model, train, val, settings: InfluenceSettings | None = None, *, device=None,
@@ -46,7 +52,8 @@ def energy_influence(model, train, val, settings: InfluenceSettings | None = Non
     that is no field is a TypeError naming it. Everything is validated before any pass over the data.
 
     Args:
-        model: classifier ``f(x) -> logits [b, K]`` (a tensor; a dict output is a TypeError) with finite
+        model: classifier ``f(x) -> logits [b, K]`` (a tensor, a dict with ``"logits"`` or an object with
+            ``.logits``; other outputs need ``task.logits``, else a TypeError naming the output's type) with finite
             parameters and buffers (else a ValueError naming the first bad one); evaluated in eval mode (batch-norm
             running statistics, no dropout), its train/eval flags are restored afterwards.
         train: ``n`` training points: map-style dataset yielding ``(input, label)``, ``(inputs, labels)`` tensors,
@@ -54,7 +61,10 @@ def energy_influence(model, train, val, settings: InfluenceSettings | None = Non
             ``drop_last`` that would leave out or repeat examples is refused; see :mod:`iaerf.core.indexed_data`).
             Floating inputs must be finite (else a ValueError naming the example) and are cast to the model's dtype
             when that is exact (float32 data, float64 model); a cast that would round is a TypeError.
-        val: ``m >= 1`` validation points, same forms.
+        val: ``m >= 1`` validation points, same forms, or an ``IterableDataset`` / a DataLoader over one: the
+            validation gradient only streams, so it is read in one pass (:class:`iaerf.core.indexed_data.
+            StreamedData`; with ``cache_dir`` one more pass computes its fingerprint first). ``train`` (and the
+            ``test`` of the ``*_on_test`` functions) must be map-style: a stream there is a TypeError naming it.
         device: where to compute (default: the model's device; the model must already live there).
         progress: tqdm progress bars (rank 0 only).
 
@@ -96,11 +106,12 @@ def energy_influence(model, train, val, settings: InfluenceSettings | None = Non
             w.r.t. the logits (H_out is taken by forward-over-reverse on it).
         task: an :class:`iaerf.InfluenceTask` (None: ``InfluenceTask()``, cross-entropy training loss and
             measurement, the energy, tuple items): the per-example training loss whose Hessian is H, the
-            measurement whose mean over ``val`` gives g_val, the regularized quantity E, and how items are
-            unpacked (e.g. ``InfluenceTask.from_dict_keys("image", "label")``). Each callable is checked on a probe
-            batch to return ``[b]`` before any pass. The native head Hessian computes only the softmax
-            cross-entropy Hessian: with another training loss a head-only selection still runs on the frozen
-            features, with :class:`iaerf.ModuleHessian` over the head's weight and bias.
+            measurement whose mean over ``val`` gives g_val, the regularized quantity E, how items are
+            unpacked (e.g. ``InfluenceTask.from_dict_keys("image", "label")``) and how the logits are read from
+            the model's output (``task.logits``). Each callable is checked on a probe batch to return ``[b]``
+            before any pass. The native head Hessian computes only the softmax cross-entropy Hessian: with another
+            training loss a head-only selection still runs on the frozen features, with
+            :class:`iaerf.ModuleHessian` over the head's weight and bias.
 
     Returns:
         ``[n]`` tensor (the parameters' dtype, on ``device``) in training-set order: I_val(x_i) = -s . grad E(x_i).
@@ -169,17 +180,6 @@ def loss_influence_on_test(model, train, test, settings: InfluenceSettings | Non
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _MeanLoss:
-    """``ModuleHessian``'s batch-mean loss from a per-example one (the operator's fingerprint identifies it by its
-    attribute ``per_example``, see :func:`iaerf.core.identity.callable_identity`)."""
-
-    def __init__(self, per_example):
-        self.per_example = per_example
-
-    def __call__(self, logits, labels):
-        return self.per_example(logits, labels).mean()
-
-
 @dataclass(frozen=True)
 class RunSettings:
     """Where a run happens and whether it shows progress; neither changes the result or enters a cache key."""
@@ -212,7 +212,7 @@ class _Problem:
     task: InfluenceTask
     run: RunSettings
     train: IndexedData
-    val: IndexedData
+    val: IndexedData | StreamedData
     chosen: dict[str, torch.Tensor]
     device: torch.device
     group: object
@@ -228,6 +228,10 @@ class _Problem:
     @property
     def val_name(self) -> str:
         return self.val.name
+
+    @property
+    def streamed_val(self) -> bool:
+        return isinstance(self.val, StreamedData)
 
     @property
     def show(self) -> bool:
@@ -262,11 +266,12 @@ class _Problem:
                             "test_rows": [rows.start, rows.stop]})
 
     def probe_model(self) -> None:
-        """One forward on the first validation point (in eval mode): checks the logits [b, K], the labels and the
-        task's outputs, and sets the cache keys and expected shapes."""
-        probe, probe_label = self.val.batch([0], self.device)
+        """One forward on the first validation point (the first training point for a streamed ``val``) in eval
+        mode: checks the logits [b, K], the labels and the task's outputs, and sets the cache keys and expected
+        shapes."""
+        probe, probe_label = (self.train if self.streamed_val else self.val).batch([0], self.device)
         with torch.no_grad():
-            logits = check_logits(self.model(probe))
+            logits = model_logits(self.model(probe), self.task.logits, "task.logits")
         num_classes = logits.shape[1]
         self.train.check_labels(num_classes)
         self.val.check_labels(num_classes)
@@ -296,10 +301,11 @@ class _Problem:
             result_settings["task"] = self.task.describe(self.kind)
         self.result_cache = ResultCache(cache_dir, self.kind, result_settings)
         self.solve_cache = ResultCache(cache_dir, "solve_test" if self.kind in _PAIRWISE else "solve", base)
-        n, m = len(self.train), len(self.val)
+        n = len(self.train)
         p_total = sum(p.numel() for p in self.chosen.values())
         s_dtype = functools.reduce(torch.promote_types, [p.dtype for p in self.chosen.values()])
         if self.kind in _PAIRWISE:
+            m = len(self.val)
             self.expected_s, self.expected_influence = ((m, p_total), s_dtype), ((m, n), logits.dtype)
         else:
             self.expected_s, self.expected_influence = ((p_total,), s_dtype), ((n,), logits.dtype)
@@ -307,41 +313,47 @@ class _Problem:
     @functools.cached_property
     def head(self):
         """``(layer_name, layer)`` when the influence is over the classifier head alone (see :func:`affine_head`)."""
-        return affine_head(self.model, self.chosen, self.probe)
+        return affine_head(self.model, self.chosen, self.probe, logits=self.task.logits)
 
     @functools.cached_property
     def local(self) -> _Local:
         """What the passes run on: the frozen head features when :attr:`head` is set (one features pass, only on a
-        result-cache miss), else the model and data themselves."""
-        train_idx, val_idx = self.train_idx, self.val_idx
+        result-cache miss), else the model and data themselves. A streamed ``val`` has no features here (its pass
+        runs through the model, see :func:`_solve`)."""
+        train_idx = self.train_idx
+        val_idx = range(0) if self.streamed_val else self.val_idx
         if self.head is None:
-            return _Local(self.model, self.chosen, self.train, self.val, train_idx, val_idx)
+            return _Local(self.model, self.chosen, self.train, self.val, train_idx, val_idx, self.task.logits)
         layer = self.head[1]
         bar = progress_bar(total=len(train_idx) + len(val_idx), desc="features", enabled=self.show)
-        batch_size = self.settings.batch_size
-        train_feats = head_inputs(self.model, layer, self.train, train_idx, batch_size, self.device, bar)
-        val_feats = head_inputs(self.model, layer, self.val, val_idx, batch_size, self.device, bar)
-        bar.close()
-        train_labels = self.train.labels()[torch.as_tensor(list(train_idx), dtype=torch.long)].to(self.device)
-        val_labels = self.val.labels()[torch.as_tensor(list(val_idx), dtype=torch.long)].to(self.device)
         # inputs and weights are finite (checked), so a non-finite feature is an overflow inside the model
         where = f"(the features the model computes at its head {self.head[0]!r})"
-        return _Local(layer, {"weight": layer.weight, "bias": layer.bias},
-                      IndexedData((train_feats, train_labels), f"train {where}"),
-                      IndexedData((val_feats, val_labels), f"{self.val_name} {where}"),
-                      range(len(train_idx)), range(len(val_idx)))
+
+        def features(data: IndexedData, indices: range, name: str) -> IndexedData:
+            feats = head_inputs(self.model, layer, data, indices, self.settings.batch_size, self.device, bar)
+            labels = data.labels()[torch.as_tensor(list(indices), dtype=torch.long)].to(self.device)
+            return IndexedData((feats, labels), f"{name} {where}")
+
+        train = features(self.train, train_idx, "train")
+        val = None if self.streamed_val else features(self.val, val_idx, self.val_name)
+        bar.close()
+        # the head's own output is the logits tensor, whatever the model wraps it in
+        return _Local(layer, {"weight": layer.weight, "bias": layer.bias}, train, val, range(len(train_idx)),
+                      range(len(val_idx)), output_logits)
 
 
 @dataclass(frozen=True)
 class _Local:
-    """The function (``func_model`` with ``func_params``) and this rank's data the passes differentiate."""
+    """The function (``func_model`` with ``func_params``, its logits read by ``logits``) and this rank's data the
+    passes differentiate (``val`` None: a streamed ``val`` over the head, read through the model)."""
 
     func_model: nn.Module
     func_params: dict[str, torch.Tensor]
     train: IndexedData
-    val: IndexedData
+    val: IndexedData | StreamedData | None
     train_idx: range
     val_idx: range
+    logits: Callable
 
 
 def prepare(kind: str, model, train, val, settings: InfluenceSettings, task: InfluenceTask,
@@ -354,9 +366,13 @@ def prepare(kind: str, model, train, val, settings: InfluenceSettings, task: Inf
     check_finite_state(model)
     # floating inputs in the model's dtype when that cast is exact (float32 data, float64 model), else an error
     dtype = model_dtype(model)
-    train_d, val_d = IndexedData(train, "train", task.unpack, dtype), IndexedData(val, val_name, task.unpack, dtype)
-    if len(val_d) == 0:
-        raise ValueError(f"{val_name} is empty: the influence needs at least one {val_name} point")
+    train_d = IndexedData(train, "train", task.unpack, dtype, by_index=_TRAIN_BY_INDEX)
+    if kind not in _PAIRWISE and is_streamed(val):   # Eq. 9's mean gradient only streams (emptiness: on its pass)
+        val_d = StreamedData(val, val_name, task.unpack, dtype)
+    else:
+        val_d = IndexedData(val, val_name, task.unpack, dtype, by_index=_TEST_BY_INDEX)
+        if len(val_d) == 0:
+            raise ValueError(f"{val_name} is empty: the influence needs at least one {val_name} point")
     if len(train_d) == 0:
         raise ValueError("train is empty")
     device = next(iter(chosen.values())).device
@@ -396,7 +412,7 @@ def _test_gradients(problem: _Problem, rows: range) -> torch.Tensor:
                        enabled=problem.show)
     grads = loss_gradients(local.func_model, local.func_params, local.val, mine, total=len(problem.val),
                            batch_size=problem.settings.batch_size, device=problem.device, per_index=True,
-                           progress=bar, loss_fn=problem.task.measure)
+                           progress=bar, loss_fn=problem.task.measure, logits=local.logits)
     bar.close()
     flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)  # flatten: a rank may hold 0 of them
     g = flat.new_zeros((len(rows), flat.shape[1]))
@@ -410,14 +426,22 @@ def _solve(problem: _Problem, rows: range | None, cache: ResultCache) -> torch.T
     from iaerf.hessian.params import flatten
 
     _check_solver_dtype(problem)  # before the features pass that problem.local runs
-    settings, task, local, group, m = problem.settings, problem.task, problem.local, problem.group, len(problem.val)
+    settings, task, local, group = problem.settings, problem.task, problem.local, problem.group
     if rows is not None:
         g = _test_gradients(problem, rows)
     else:
-        bar = progress_bar(total=len(local.val_idx), desc="validation gradient", enabled=problem.show)
-        g = flatten(loss_gradients(local.func_model, local.func_params, local.val, local.val_idx, total=m,
-                                   batch_size=settings.batch_size, device=problem.device, group=group, progress=bar,
-                                   loss_fn=task.measure))
+        streamed = problem.streamed_val
+        bar = progress_bar(total=None if streamed else len(local.val_idx), desc="validation gradient",
+                           enabled=problem.show)
+        if streamed:
+            # through the model even over its head alone: the stream is read once and no features are kept
+            g = flatten(loss_gradients(problem.model, problem.chosen, problem.val, None, total=None,
+                                       batch_size=settings.batch_size, device=problem.device, group=group,
+                                       progress=bar, loss_fn=task.measure, logits=task.logits))
+        else:
+            g = flatten(loss_gradients(local.func_model, local.func_params, local.val, local.val_idx,
+                                       total=len(problem.val), batch_size=settings.batch_size, device=problem.device,
+                                       group=group, progress=bar, loss_fn=task.measure, logits=local.logits))
         bar.close()
     if not bool(torch.isfinite(g).all()):  # the weights and inputs are finite (checked): the forward overflowed
         raise ValueError(f"the gradient of the measurement over {problem.val_name} is not finite although the model "
@@ -465,8 +489,6 @@ def _operator(problem: _Problem):
     from iaerf.hessian import HeadHessian, ModuleHessian
 
     settings, task, head, group = problem.settings, problem.task, problem.head, problem.group
-    # None keeps ModuleHessian's own F.cross_entropy, so the default task's H is computed exactly as before
-    loss_fn = None if task.default_train_loss else _MeanLoss(task.train_loss)
     if _native_head(problem):
         feats, labels = problem.local.train.as_tensors()
         layer = head[1]
@@ -474,11 +496,12 @@ def _operator(problem: _Problem):
                            weight_decay=settings.weight_decay, process_group=group)
     if head is not None:
         # HeadHessian is the softmax cross-entropy Hessian only: any other loss goes through torch.func on the head
-        return ModuleHessian(head[1], problem.local.train.as_tensors(), loss_fn=loss_fn, params=["weight", "bias"],
-                             weight_decay=settings.weight_decay, gauss_newton=settings.gauss_newton,
-                             batch_size=settings.batch_size, device=problem.device, process_group=group)
-    return ModuleHessian(problem.model, problem.train.subset(problem.train_idx), loss_fn=loss_fn,
-                         params=list(problem.chosen), weight_decay=settings.weight_decay,
+        return ModuleHessian(head[1], problem.local.train.as_tensors(), loss_fn=task.train_loss,
+                             params=["weight", "bias"], weight_decay=settings.weight_decay,
+                             gauss_newton=settings.gauss_newton, batch_size=settings.batch_size,
+                             device=problem.device, process_group=group)
+    return ModuleHessian(problem.model, problem.train.subset(problem.train_idx), loss_fn=task.train_loss,
+                         logits=task.logits, params=list(problem.chosen), weight_decay=settings.weight_decay,
                          gauss_newton=settings.gauss_newton, batch_size=settings.batch_size, device=problem.device,
                          process_group=group)
 
@@ -502,7 +525,8 @@ def score(problem: _Problem) -> torch.Tensor:
         bar = progress_bar(total=len(local.train_idx), desc=f"{kind} influence (JVP)", enabled=problem.show)
         parts.append(directional_derivatives(local.func_model, local.func_params, directions, local.train,
                                              local.train_idx, fn=fn, batch_size=problem.settings.batch_size,
-                                             device=problem.device, batched=rows is not None, progress=bar))
+                                             device=problem.device, batched=rows is not None, progress=bar,
+                                             logits=local.logits))
         bar.close()
         del directions  # freed before the next chunk's solve: one s [chunk, P] at a time
     out = torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -24,7 +24,7 @@ import torch
 from iaerf.core.heads import output_logits
 from iaerf.core.identity import callable_identity
 from iaerf.core.indexed_data import tuple_item
-from iaerf.influence.gradients import energy_from_logits, loss_from_logits
+from iaerf.core.losses import check_per_example, energy_from_logits, loss_from_logits
 
 
 class DictKeys:
@@ -90,14 +90,19 @@ class InfluenceTask:
     def describe(self, kind: str) -> dict | None:
         """The cache-key entries of this task for a solve (``kind="solve"``) or a result (``"energy"``,
         ``"energy_on_test"``, ``"loss"``); None when they are those of the default task, so results cached before
-        tasks existed keep their keys. ``unpack`` is not part of it: the data fingerprints cover what it returns.
+        tasks existed keep their keys. ``logits`` enters only when it is not the default :func:`output_logits` (so
+        the keys written before it existed stay as they were). ``unpack`` is not part of it: the data fingerprints
+        cover what it returns.
         Each callable enters by :func:`iaerf.core.identity.callable_identity` (raises
         :class:`iaerf.core.identity.UnidentifiableCallableError` for one holding an object whose content cannot be
         read), so call it only where results are stored."""
         used = {"train_loss": self.train_loss, "measurement": self.measure}
         if kind in ("energy", "energy_on_test"):
             used["regularized"] = self.regularized
-        defaults = {"train_loss": loss_from_logits, "measurement": loss_from_logits, "regularized": energy_from_logits}
+        if self.logits is not output_logits:
+            used["logits"] = self.logits
+        defaults = {"train_loss": loss_from_logits, "measurement": loss_from_logits, "regularized": energy_from_logits,
+                    "logits": output_logits}
         if all(fn is defaults[name] for name, fn in used.items()):
             return None
         return {name: callable_identity(fn, f"task.{name}") for name, fn in used.items()}
@@ -110,11 +115,7 @@ class InfluenceTask:
         if kind in ("energy", "energy_on_test"):
             calls["regularized"] = lambda: self.regularized(logits)
         for name, call in calls.items():
-            out = call()
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (b,):
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(f"task.{name} must return one value per example, shape [{b}] on a batch of {b}, "
-                                 f"got {got} (a reduced loss? use reduction='none')")
+            check_per_example(call(), b, f"task.{name}")
 
 
 def resolve_task(task) -> InfluenceTask:

@@ -12,6 +12,7 @@ divided by eps, which is what :func:`iaerf.influence.energy_influence` predicts 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,9 +22,9 @@ from scipy.special import logsumexp as np_logsumexp
 
 from iaerf.core.checks import check_count
 from iaerf.core.progress import progress_bar
-from iaerf.core.heads import check_finite_state, check_logits, model_dtype
+from iaerf.core.heads import (affine_head, check_finite_state, eval_mode, head_inputs, model_dtype, model_logits,
+                              output_logits)
 from iaerf.core.indexed_data import IndexedData
-from iaerf.core.heads import affine_head, eval_mode, head_inputs
 from iaerf.hessian.params import trainable_selection
 from iaerf.core.train_loop import shuffled_batches, train_loop
 
@@ -137,7 +138,8 @@ class FinetuneSettings:
 
 def actual_energy_effect(model, train, val, indices, *, eps: float, params=None, epochs: int = 50,
                          lr: float = 1e-3, batch_size: int = 128, momentum: float = 0.0, weight_decay: float = 0.0,
-                         seed: int = 0, symmetric: bool = False, progress: bool = True) -> torch.Tensor:
+                         seed: int = 0, symmetric: bool = False, progress: bool = True,
+                         logits: Callable = output_logits) -> torch.Tensor:
     """Actual change of the mean validation loss per unit of energy regularization, for each training index.
 
     The paper's Fig. 1 protocol: from the pretrained ``model`` (left untouched), fine-tune the chosen parameters
@@ -149,7 +151,8 @@ def actual_energy_effect(model, train, val, indices, *, eps: float, params=None,
     the second-order term. When the selection is the final linear layer, the frozen features are computed once
     and all runs fine-tune stacked copies of the head together in float64 (the same computation, far cheaper;
     float64 keeps the run-to-run differences, of order eps * I, well above rounding). Otherwise each run
-    fine-tunes a deep copy of the model in its own dtype.
+    fine-tunes a deep copy of the model in its own dtype. ``logits`` reads the logits ``[b, K]`` from the model's
+    output (:attr:`iaerf.InfluenceTask.logits`; default: the output itself, its ``["logits"]`` or ``.logits``).
 
     Returns:
         ``[len(indices)]`` float64 tensor; compare with ``energy_influence(...)[indices]``.
@@ -173,10 +176,10 @@ def actual_energy_effect(model, train, val, indices, *, eps: float, params=None,
     with eval_mode(model):
         probe, _ = val_d.batch([0], device)
         with torch.no_grad():
-            num_classes = check_logits(model(probe)).shape[1]
+            num_classes = model_logits(model(probe), logits).shape[1]
         train_d.check_labels(num_classes)
         val_d.check_labels(num_classes)
-        head = affine_head(model, chosen, probe)
+        head = affine_head(model, chosen, probe, logits=logits)
         runs = [(None, 0.0)] if not symmetric else []
         for i in indices:
             runs += [(i, eps), (i, -eps)] if symmetric else [(i, eps)]
@@ -191,7 +194,8 @@ def actual_energy_effect(model, train, val, indices, *, eps: float, params=None,
             bar = progress_bar(total=len(runs), desc="fine-tuning", enabled=progress)
             losses = []
             for point, coef in runs:
-                losses.append(_module_run(model, list(chosen), train_d, val_d, point, coef, settings, device))
+                losses.append(_module_run(model, list(chosen), train_d, val_d, point, coef, settings, device,
+                                          logits))
                 bar.update(1)
             bar.close()
     losses = torch.tensor(losses, dtype=torch.float64)
@@ -208,11 +212,15 @@ def _finetune(settings: FinetuneSettings, params, loss_fn, n: int, model=None) -
                mode="eval")
 
 
-def _module_run(model, names, train_d, val_d, point, coef, settings: FinetuneSettings, device) -> float:
+def _module_run(model, names, train_d, val_d, point, coef, settings: FinetuneSettings, device, logits) -> float:
     """Fine-tune a copy of ``model`` (eval mode: frozen batch norm) with coef * E(x_point); its val loss."""
-    net = copy.deepcopy(model)
-    net.eval()
-    trainable = dict(net.named_parameters())
+    copied = copy.deepcopy(model)
+    copied.eval()
+
+    def net(x):
+        return logits(copied(x))
+
+    trainable = dict(copied.named_parameters())
     for name, p in trainable.items():
         p.requires_grad_(name in names)
     x_point = train_d.batch([point], device)[0] if point is not None else None
@@ -224,7 +232,7 @@ def _module_run(model, names, train_d, val_d, point, coef, settings: FinetuneSet
             loss = loss + coef * -torch.logsumexp(net(x_point), dim=-1).sum()
         return loss
 
-    _finetune(settings, [trainable[n] for n in names], loss_fn, len(train_d), model=net)
+    _finetune(settings, [trainable[n] for n in names], loss_fn, len(train_d), model=copied)
     total = 0.0
     with torch.no_grad():
         for x, y in val_d.batches(range(len(val_d)), 512, device):

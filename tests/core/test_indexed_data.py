@@ -99,7 +99,7 @@ def test_module_hessian_takes_non_class_labels_from_items_or_tensors():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Tanh()).double()
     x, t = _X.double(), torch.randn(6, 2, dtype=torch.float64)
-    loss = lambda out, target: ((out - target) ** 2).mean()  # noqa: E731
+    loss = lambda out, target: ((out - target) ** 2).mean(1)  # noqa: E731  (per example)
     V = torch.randn(3, 10, dtype=torch.float64)
     a = ModuleHessian(net, (x, t), loss_fn=loss).matvec(V)
     b = ModuleHessian(net, [(x[i], t[i]) for i in range(6)], loss_fn=loss, batch_size=4).matvec(V)

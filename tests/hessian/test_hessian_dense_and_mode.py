@@ -23,7 +23,8 @@ def _flat_jacobian(fn, tensors):
 
 
 def _references(model, x, y, loss_fn):
-    """(exact Hessian, Gauss-Newton matrix) of the mean loss over all examples, float64, model in eval mode."""
+    """(exact Hessian, Gauss-Newton matrix) of the mean of the per-example ``loss_fn`` over all examples, float64,
+    model in eval mode."""
     model.eval()
     params = dict(model.named_parameters())
     names = list(select_parameters(model))
@@ -32,13 +33,13 @@ def _references(model, x, y, loss_fn):
         return functional_call(model, {**params, **dict(zip(names, ts))}, (x,))
 
     tensors = tuple(params[k] for k in names)
-    blocks = torch.autograd.functional.hessian(lambda *ts: loss_fn(outputs(*ts), y), tensors)
+    blocks = torch.autograd.functional.hessian(lambda *ts: loss_fn(outputs(*ts), y).mean(), tensors)
     sizes = [t.numel() for t in tensors]
     H = torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(len(names))], 1)
                    for i in range(len(names))], 0)
     J = _flat_jacobian(lambda *ts: outputs(*ts).reshape(-1), tensors)                 # [n*K, P]
     z = outputs(*tensors).detach()
-    Hout = torch.autograd.functional.hessian(lambda zz: loss_fn(zz, y), z).reshape(z.numel(), z.numel())
+    Hout = torch.autograd.functional.hessian(lambda zz: loss_fn(zz, y).mean(), z).reshape(z.numel(), z.numel())
     return H, J.T @ Hout @ J
 
 
@@ -50,7 +51,11 @@ class _Centre(nn.Module):
 
 
 def _bce(z, y):
-    return F.binary_cross_entropy_with_logits(z, y)
+    return F.binary_cross_entropy_with_logits(z, y, reduction="none")[:, 0]
+
+
+def _ce(z, y):
+    return F.cross_entropy(z, y, reduction="none")
 
 
 def _case(kind):
@@ -58,10 +63,10 @@ def _case(kind):
     if kind == "mlp":      # odd sizes, non-contiguous inputs
         model = nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)).double()
         x = torch.randn(14, 13, dtype=torch.float64)[:, ::2][:13]
-        return model, x, torch.randint(0, 3, (13,)), F.cross_entropy
+        return model, x, torch.randint(0, 3, (13,)), _ce
     if kind == "nobias":   # bias-free layers, inputs transposed (non-contiguous)
         model = nn.Sequential(nn.Linear(6, 4, bias=False), nn.Tanh(), nn.Linear(4, 5, bias=False)).double()
-        return model, torch.randn(6, 11, dtype=torch.float64).T, torch.randint(0, 5, (11,)), F.cross_entropy
+        return model, torch.randn(6, 11, dtype=torch.float64).T, torch.randint(0, 5, (11,)), _ce
     if kind == "k1":       # one output, binary cross-entropy with float labels
         model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)).double()
         return model, torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 2, (9, 1)).double(), _bce
@@ -72,9 +77,9 @@ def _case(kind):
         model.train()
         with torch.no_grad():
             model(x * 2 + 1)
-        return model, x, torch.randint(0, 3, (10,)), F.cross_entropy
+        return model, x, torch.randint(0, 3, (10,)), _ce
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), _Centre(), nn.Linear(4, 3)).double()
-    return model, torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8,)), F.cross_entropy
+    return model, torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8,)), _ce
 
 
 @pytest.mark.parametrize("kind", ["mlp", "nobias", "k1", "cnn", "coupled"])
@@ -102,7 +107,8 @@ def test_dense_gauss_newton_falls_back_when_the_loss_couples_examples():
     x, y = torch.randn(7, 3, dtype=torch.float64), torch.zeros(7)
 
     def coupled(z, y):
-        return (z.sum() + y.sum()) ** 2 / 7 + F.cross_entropy(z, y.long())
+        # per example: the shared coupling term plus its own cross-entropy (the batch mean of the old reading)
+        return ((z.sum() + y.sum()) ** 2 / 7).expand(z.shape[0]) + F.cross_entropy(z, y.long(), reduction="none")
 
     _, G = _references(model, x, y, coupled)
     op = ModuleHessian(model, (x, y), loss_fn=coupled, gauss_newton=True, batch_size=7)

@@ -82,10 +82,11 @@ def test_module_fingerprint_tracks_settings_weights_buffers_and_data():
 
 def test_module_fingerprint_tells_losses_apart():
     net, x, y = _mlp()
-    a = ModuleHessian(net, (x, y), loss_fn=lambda out, t: nn.functional.cross_entropy(out, t)).fingerprint()
-    b = ModuleHessian(net, (x, y), loss_fn=lambda out, t: 2 * nn.functional.cross_entropy(out, t)).fingerprint()
-    c = ModuleHessian(net, (x, y), loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1)).fingerprint()
-    d = ModuleHessian(net, (x, y), loss_fn=nn.CrossEntropyLoss()).fingerprint()
+    ce = nn.functional.cross_entropy
+    a = ModuleHessian(net, (x, y), loss_fn=lambda out, t: ce(out, t, reduction="none")).fingerprint()
+    b = ModuleHessian(net, (x, y), loss_fn=lambda out, t: 2 * ce(out, t, reduction="none")).fingerprint()
+    c = ModuleHessian(net, (x, y), loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1, reduction="none")).fingerprint()
+    d = ModuleHessian(net, (x, y), loss_fn=nn.CrossEntropyLoss(reduction="none")).fingerprint()
     assert len({repr(f["operator"]["loss_fn"]) for f in (a, b, c, d)}) == 4
 
 

@@ -20,7 +20,7 @@ def _rel(a, b):
 
 
 def _mse(out, y):
-    return 0.5 * ((out - y) ** 2).sum(1).mean()
+    return 0.5 * ((out - y) ** 2).sum(1)
 
 
 def _ridge(n=200, D=10, wd=0.05, col_scale=(0.3, 2.0), seed=0):

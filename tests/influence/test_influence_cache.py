@@ -12,7 +12,7 @@ from _influence_models import MLP
 from iaerf.influence import scores as energy_mod
 from iaerf.influence import energy_influence, energy_influence_on_test, loss_influence
 from iaerf.core.store import ResultCache
-from test_io import run_without_write_access
+from _readonly import run_without_write_access
 
 
 @pytest.fixture

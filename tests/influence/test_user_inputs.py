@@ -303,19 +303,22 @@ def test_float64_data_on_a_float32_model_is_refused_naming_it():
 
 
 class DictOutput(nn.Module):
+    """A dict output without a "logits" entry: no default reader finds the logits in it (a dict with one is read,
+    tests/influence/test_model_outputs.py)."""
+
     def __init__(self):
         super().__init__()
         self.net = MLP()
 
     def forward(self, x):
-        return {"logits": self.net(x)}
+        return {"scores": self.net(x)}
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=lambda f: f.__name__)
 def test_dict_output_is_a_clear_type_error(fn):
     train, val = _preprocess(*_raw(8, 0)), _preprocess(*_raw(4, 1))
     with pytest.raises(TypeError, match=r"model must return the logits as a tensor \[b, K\], got a dict with keys "
-                                        r"\['logits'\]"):
+                                        r"\['scores'\]"):
         fn(DictOutput().double(), train, val, **EXACT)
 
 

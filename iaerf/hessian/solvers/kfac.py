@@ -42,10 +42,10 @@ def kfac_operator(operator, method: str, options: KFACOptions, *, seed: int = 0,
             "the influence functions' argument) to use the Gauss-Newton matrix, or method='exact' / 'cg' / 'lissa' "
             "for the Hessian")
     source = curvature_source(operator, f"method={method!r} (a KFACOperator, or K-FAC factors that are)")
-    return KFACOperator(source.model, source.data, loss_fn=source.loss, param_names=source.names,
-                        weight_decay=source.weight_decay, method=method, fisher=options.fisher,
-                        batch_size=options.batch_size, cache_dir=options.cache_dir, device=source.device,
-                        process_group=source.process_group, seed=seed, progress=progress)
+    return KFACOperator(source.model, source.data, loss_fn=source.loss, logits=source.logits,
+                        param_names=source.names, weight_decay=source.weight_decay, method=method,
+                        fisher=options.fisher, batch_size=options.batch_size, cache_dir=options.cache_dir,
+                        device=source.device, process_group=source.process_group, seed=seed, progress=progress)
 
 
 class KFACSolver(Solver):
