@@ -200,7 +200,7 @@ def _orthogonal(n, dtype, gen):
 def test_eigenbasis_square_sum_matches_the_per_example_definition(case):
     # T = 1 is the rank-one GEMM (x^2)^T (y^2); T > 1 the per-example path (both of its projection orders). Hostile
     # inputs: one example, rows of zeros in g or a, and factors whose squares overflow although their outer products
-    # do not (g ~ 1e150 with a ~ 1e-150), where squaring x and y unbalanced would give inf or inf * 0 = NaN
+    # do not (g ~ 1e160 with a ~ 1e-160), where squaring x and y unbalanced would give inf or inf * 0 = NaN
     from iaerf.hessian.kfac_factors import eigenbasis_square_sum, resolve_layers
 
     gen = torch.Generator().manual_seed(hash(case) % 1000)
@@ -210,8 +210,8 @@ def test_eigenbasis_square_sum_matches_the_per_example_definition(case):
         T = 3                        # few positions: the inputs are projected
     if case == "positions_conv_like":
         T, d_in, out = 40, 2, 2      # many positions, few channels: the per-example gradient is projected
-    # with a bias, an a ~ 1/big still has its coordinate 1, whose products with g ~ big square past float32's range
-    bias = case not in ("no_bias", "large_float32")
+    # with a bias, an a ~ 1/big still has its coordinate 1, whose products with g ~ big square past the dtype's range
+    bias = case not in ("no_bias", "large", "large_float32")
     layer = nn.Linear(d_in, out, bias=bias).to(dtype)
     [kl] = resolve_layers(layer, dict(layer.named_parameters()))
     u = torch.randn(d_in, m, T, dtype=dtype, generator=gen)
@@ -223,7 +223,7 @@ def test_eigenbasis_square_sum_matches_the_per_example_definition(case):
             g[3] = 0
         u[:, 3] = 1e200              # zero g rows meet a row of a whose square overflows: 0, not 0 * inf
     if case.startswith("large"):
-        big = 1e150 if dtype == torch.float64 else 1e25
+        big = 1e160 if dtype == torch.float64 else 1e25
         for g in gs:
             g[0] *= big
             g[1] /= big
