@@ -11,6 +11,8 @@ temporary of size b x n x K exists.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -66,22 +68,33 @@ class HeadHessian(HessianOperator):
         self.has_bias = bias is not None
         self.num_classes, self.num_features = K, D
         self.num_params = K * D + (K if self.has_bias else 0)
-        # p_i is fixed while the parameters are: computed once, reused by every product of a LiSSA/CG run. The
-        # logits go through float64 (in row chunks) because on confident rows fp32 logits of size ~50 carry
-        # absolute errors ~1e-5 that become relative errors of the small p_j, i.e. of the curvature itself.
-        self.probs = self._probs(torch.float64).to(self.dtype).contiguous()
         self.process_group = process_group
         self.num_local_samples = self.features.shape[0]
         self.num_samples = self._global_count(self.num_local_samples)
 
-    def _probs(self, dtype, chunk: int = 8192):
+    @functools.cached_property
+    def probs(self) -> torch.Tensor:
+        """``[n, K]`` softmax of every local training point, in the operator's dtype, built on the first product.
+
+        p_i is fixed while the parameters are: computed once, reused by every product of a LiSSA/CG run. Lazily,
+        because the solvers that only read the features and weights (K-FAC / EK-FAC fit their factors by a data
+        pass over :func:`iaerf.hessian.curvature_source.curvature_source`) never need it, and at n = 437,513 and
+        K = 8,142 it is 13 GiB in float32. The logits go through float64 (in row chunks) because on
+        confident rows fp32 logits of size ~50 carry absolute errors ~1e-5 that become relative errors of the
+        small p_j, i.e. of the curvature itself.
+        """
+        return self._probs(torch.float64, self.dtype)
+
+    def _probs(self, dtype, out_dtype=None, chunk: int = 8192) -> torch.Tensor:
+        """``[n, K]`` softmax computed in ``dtype`` row chunk by row chunk, stored in ``out_dtype`` (None: ``dtype``):
+        written into one buffer, so no list of float64 chunks is joined beside the result."""
         w = self.weight.to(self.device, dtype)
         b = self.bias.to(dtype) if self.bias is not None else None
-        out = []
+        out = torch.empty(self.features.shape[0], self.num_classes, dtype=out_dtype or dtype, device=self.device)
         for s in range(0, self.features.shape[0], chunk):
             logits = self.features[s: s + chunk].to(dtype) @ w.T
-            out.append(torch.softmax(logits + b if b is not None else logits, dim=1))
-        return torch.cat(out)
+            out[s: s + chunk] = torch.softmax(logits + b if b is not None else logits, dim=1)
+        return out
 
     def fingerprint(self) -> dict:
         """See :meth:`HessianOperator.fingerprint`: settings, digests of (weight, bias) and of (features, labels)."""

@@ -415,30 +415,64 @@ def fit_covariances(model, layers, data, settings: PassSettings, generator):
 
 def fit_corrections(model, layers, data, settings: PassSettings, generator, bases):
     """Pass 2 (EK-FAC): per layer ``[out, aug]`` the mean over examples of the squared per-example gradients in the
-    Kronecker eigenbasis, ``(1/n) sum_i sum_d (Q_S^T G_id Q_A)^2``; each batch's gradients are formed projected and
-    dropped (at most ``batch_size * out * aug`` numbers live per layer)."""
+    Kronecker eigenbasis, ``(1/n) sum_i sum_d (Q_S^T G_id Q_A)^2`` (:func:`eigenbasis_square_sum` per batch: at most
+    ``batch_size * out * aug`` numbers live per layer, none such for a layer with one position per example)."""
     lam = [torch.zeros(l.out_dim, l.aug_dim, dtype=torch.float64, device=settings.device) for l in layers]
     Q = [(QA.to(settings.dtype), QS.to(settings.dtype)) for QA, QS in bases]
 
     def accumulate(i, u, gs):
-        QA, QS = Q[i]
-        positions, aug, out = u.shape[2], QA.shape[0], QS.shape[0]
-        # Q_S^T (g^T a) Q_A either way; beyond the shared per-example product (positions * out * aug per example),
-        # projecting a and g first costs positions * (aug^2 + out^2), projecting the per-example gradient
-        # out * aug * (out + aug). A convolution has far more positions than channels (ResNet-32: 1024 positions,
-        # 16-64 channels), so its gradient is projected; a linear layer (one position) projects its inputs.
-        project_inputs = positions * (aug * aug + out * out) <= out * aug * (out + aug)
-        ap = layers[i].augmented_inputs(u) @ QA if project_inputs else None
-        for g in gs:
-            if project_inputs:
-                G = torch.bmm(QS.mT @ g, ap)
-            else:
-                G = QS.mT @ layers[i].example_gradients(u, g) @ QA
-            lam[i] += G.square_().sum(0).to(torch.float64)     # G is a fresh product: squared in place
+        lam[i] += eigenbasis_square_sum(layers[i], u, gs, *Q[i])
 
     run_pass(model, layers, data, settings, generator, accumulate, "EK-FAC eigenvalues")
     n = _global_count(len(data), settings)
     return [_reduce(t, settings) / n for t in lam]
+
+
+def eigenbasis_square_sum(layer: KFACLayer, u: torch.Tensor, gs: list[torch.Tensor], QA: torch.Tensor,
+                         QS: torch.Tensor) -> torch.Tensor:
+    """``sum_i sum_d (Q_S^T G_id Q_A)^2 [out, aug]`` (float64, entrywise squares): the per-example gradients
+    ``G_id = sum_t g_idt a_it^T`` (:meth:`KFACLayer.example_gradients` of ``u [in, m, T]`` and each ``g [m, out, T]``
+    of ``gs``, one per output direction d) in the Kronecker eigenbasis ``QA [aug, aug]``, ``QS [out, out]``, summed
+    over the m examples and the directions; computed in ``u``'s dtype.
+
+    With one position per example (T = 1: a linear layer on ``[m, in]``) G_id = x y^T is rank one (x = Q_S^T g,
+    y = Q_A^T a), and sum_i (x_i y_i^T)^2 = (x^2)^T (y^2) is one ``[out, m] x [m, aug]`` GEMM: no ``[m, out, aug]``
+    temporary (2 GiB per batch of 256 at ImageNet-LT's 1000 x 2049). Otherwise the per-example gradients are formed
+    projected, one batch at a time.
+    """
+    positions, aug, out = u.shape[2], QA.shape[0], QS.shape[0]
+    total = torch.zeros(out, aug, dtype=torch.float64, device=u.device)
+    if positions == 1:
+        y = layer.augmented_inputs(u)[:, 0, :] @ QA                                 # [m, aug]
+        for g in gs:
+            x = g[:, :, 0] @ QS                                                     # [m, out]: rows (Q_S^T g_i)^T
+            xb, yb = _balanced_rows(x, y)
+            total += (xb.square_().T @ yb.square_()).to(torch.float64)
+        return total
+    # Q_S^T (g^T a) Q_A either way; beyond the shared per-example product (positions * out * aug per example),
+    # projecting a and g first costs positions * (aug^2 + out^2), projecting the per-example gradient
+    # out * aug * (out + aug). A convolution has far more positions than channels (ResNet-32: 1024 positions,
+    # 16-64 channels), so its gradient is projected; a sequence of few positions projects its inputs.
+    project_inputs = positions * (aug * aug + out * out) <= out * aug * (out + aug)
+    ap = layer.augmented_inputs(u) @ QA if project_inputs else None
+    for g in gs:
+        if project_inputs:
+            G = torch.bmm(QS.mT @ g, ap)
+        else:
+            G = QS.mT @ layer.example_gradients(u, g) @ QA
+        total += G.square_().sum(0).to(torch.float64)      # G is a fresh product: squared in place
+    return total
+
+
+def _balanced_rows(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_i r_i, y_i / r_i)`` row by row for ``x [m, p]``, ``y [m, q]``, with r_i chosen so both rows have the same
+    largest entry, sqrt(max|x_i| max|y_i|) (rows where either is zero: both zero): the outer products x_i y_i^T are
+    unchanged, and squaring the factors separately overflows (or a zero meets an infinity) only where the entries of
+    x_i y_i^T themselves square past the dtype's range."""
+    rx, ry = x.abs().amax(1, keepdim=True).sqrt(), y.abs().amax(1, keepdim=True).sqrt()
+    both = (rx > 0) & (ry > 0)
+    # divided before multiplied: sqrt(max|y_i| / max|x_i|) itself may not be representable
+    return torch.where(both, x / rx * ry, 0.0), torch.where(both, y / ry * rx, 0.0)
 
 
 def _reduce(t: torch.Tensor, settings: PassSettings) -> torch.Tensor:

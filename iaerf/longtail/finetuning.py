@@ -43,11 +43,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch.utils.data import DataLoader, IterableDataset
 
 from iaerf.core.checks import check_count
 from iaerf.core.identity import UnidentifiableCallableError, callable_identity
 from iaerf.core.indexed_data import IndexedData
+from iaerf.core.losses import loss_from_logits
 from iaerf.core.train_loop import freeze_batchnorm, is_batchnorm, shuffled_batches, train_loop  # noqa: F401 (public here)
 from iaerf.influence.task import InfluenceTask, resolve_task
 from iaerf.longtail.iaerf_loss import IAERFLoss, energy_coefficients  # energy_coefficients: public here too
@@ -277,24 +277,20 @@ def _energy_and_ce(model: nn.Module, data: IndexedData, labels: torch.Tensor, ba
     logits (read by ``task.logits``); ``labels`` [n] those of ``data``."""
     logits = predict_logits(model, data, batch_size=max(batch_size, 256), device=device, task=task)
     # on the training device: a user's loss may hold tensors there (class weights)
-    loss = F.cross_entropy(logits, labels, reduction="none") if point_loss is None else \
+    loss = loss_from_logits(logits, labels) if point_loss is None else \
         point_loss(logits.to(device), labels.to(device)).cpu()
     return energy(logits).float(), loss
 
 
-def refuse_stream(data, name: str, stage: str) -> None:
-    """A TypeError naming ``name`` and ``stage`` when ``data`` is an IterableDataset or a DataLoader over one: its
-    examples have no index, which Algorithm 1 addresses them by."""
-    stream = data.dataset if isinstance(data, DataLoader) else data
-    if not isinstance(stream, IterableDataset):
-        return
-    what = f"{type(stream).__name__}" + (" (behind a DataLoader)" if stream is not data else "")
-    why = ("each training point's coefficient c_i is addressed by its index in train" if name == "train" else
-           "each validation point is addressed by its index (every beta is compared with the control point by point)")
-    raise TypeError(f"{stage}: {name} is an IterableDataset ({what}), a stream whose examples have no index, but "
-                    f"{why}; pass a map-style dataset (or a DataLoader over one), or, to train on a stream, use "
-                    f"iaerf.longtail.IAERFLoss.from_influence(influence, beta) in your own loop with each example's "
-                    f"index in the influence's training set")
+def _by_index(stage: str, name: str) -> str:
+    """Why ``stage`` reads its argument ``name`` by index: the ``by_index`` of IndexedData's refusal of a stream."""
+    if name == "train":
+        why = ("each training point's coefficient c_i is addressed by its index in train; to train on a stream, use "
+               "iaerf.longtail.IAERFLoss.from_influence(influence, beta) in your own loop with each example's index "
+               "in the influence's training set")
+    else:
+        why = "each validation point is addressed by its index: every beta is compared with the control point by point"
+    return f"{stage} ({why})"
 
 
 def _loss_record(spec: FinetuneLoss, task: InfluenceTask) -> dict:
@@ -363,9 +359,8 @@ def finetune(model: nn.Module, train, influence: torch.Tensor | None = None, *, 
     spec = FinetuneLoss.of(loss)
     task = resolve_task(task)
     _check_losses(spec, task)
-    refuse_stream(train, "train", "finetune")
     source = train
-    train = indexed_data(model, train, "train", task)
+    train = indexed_data(model, train, "train", task, by_index=_by_index("finetune", "train"))
     k, probe_logits, probe_labels = data_classes(model, train, task, source=source)
     labels = train.labels().long()
     if task.default_train_loss:
@@ -527,12 +522,11 @@ def select_beta(model: nn.Module, train, val, influence: torch.Tensor, *,
     loss = FinetuneLoss.of(loss)  # a bad name fails here, before any run
     task = resolve_task(task)
     _check_losses(loss, task)
-    refuse_stream(train, "train", "select_beta")
-    refuse_stream(val, "val", "select_beta")
+    # both built (a stream refused) before the probe forward; train once, handed to every candidate's run
+    train = indexed_data(model, train, "train", task, by_index=_by_index("select_beta", "train"))
     source = val
-    val = indexed_data(model, val, "val", task)
+    val = indexed_data(model, val, "val", task, by_index=_by_index("select_beta", "val"))
     data_classes(model, val, task, source=source)
-    train = indexed_data(model, train, "train", task)  # built once, handed to every candidate's run
     record = _loss_record(loss, task)
     if control is not None:
         if not isinstance(control, FinetuneResult):
@@ -622,9 +616,8 @@ def finetune_diagnostics(base: nn.Module, result: FinetuneResult, train, *, devi
     :func:`finetune` (the run's own).
     """
     task = resolve_task(task)
-    refuse_stream(train, "train", "finetune_diagnostics")
     source = train
-    train = indexed_data(base, train, "train", task)
+    train = indexed_data(base, train, "train", task, by_index=_by_index("finetune_diagnostics", "train"))
     k, _, _ = data_classes(base, train, task, source=source)
     device = resolve_device(device)
     labels = train.labels().long()
@@ -637,7 +630,7 @@ def finetune_diagnostics(base: nn.Module, result: FinetuneResult, train, *, devi
         out[f"energy_{tag}"] = (sums / n).tolist()
         out[f"logit_norm_{tag}"] = float(logits.norm(dim=1).mean())
         if tag == "before":
-            ce = F.cross_entropy(logits, labels.to(logits.device), reduction="none").cpu()
+            ce = loss_from_logits(logits, labels.to(logits.device)).cpu()
             out["energy_dominated"] = float(((result.coefficients.double() * e).abs() > ce).double().mean())
     return out
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from iaerf.influence.gradients import loss_from_logits
+from iaerf.core.losses import loss_from_logits
 from iaerf.influence.task import InfluenceTask
 
 __all__ = ["PerExampleLDAM", "ldam_task", "ldam_margins", "class_balanced_weights", "LDAMLoss", "log_prior", "logit_adjusted_cross_entropy",
@@ -172,7 +172,7 @@ def class_balanced_cross_entropy(logits: torch.Tensor, target: torch.Tensor, cou
     n = _check_counts(counts)
     _check_logits(logits, target, len(n), reduction)
     w = class_balanced_point_weights(n, beta).to(device=logits.device, dtype=logits.dtype)
-    return _reduce(w[target] * F.cross_entropy(logits, target, reduction="none"), reduction)
+    return _reduce(w[target] * loss_from_logits(logits, target), reduction)
 
 
 class PerExampleLDAM(nn.Module):

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, IterableDataset
 
 from iaerf.core.heads import head_features, head_is_separable
 from iaerf.core.indexed_data import IndexedData
@@ -111,18 +110,16 @@ class LogitAdjustedLinear(nn.Linear):
         return self.head(x) - self.offset.to(x.dtype)
 
 
+# why _checked's data is read by index, for IndexedData's refusal of a stream
+_BY_INDEX = "each post-hoc choice (every tau is compared with the unadjusted model example by example)"
+
+
 def _checked(model: nn.Module, data, name: str, task: InfluenceTask) -> tuple[IndexedData, str, nn.Linear]:
     """``(data, head_name, head)``: ``data`` (the user's argument ``name``) as :class:`IndexedData`, its labels
     checked to be classes of the model's K outputs, and the model's classifier head (the ``nn.Linear`` whose
-    output ``task.logits`` reads). Streams are refused first, naming ``name``."""
-    stream = data.dataset if isinstance(data, DataLoader) else data
-    if isinstance(stream, IterableDataset):
-        raise TypeError(f"{name} is an IterableDataset ({type(stream).__name__}"
-                        f"{' behind a DataLoader' if stream is not data else ''}), a stream whose examples have no "
-                        f"index, but the post-hoc choices compare every tau with the unadjusted model example by "
-                        f"example; pass a map-style dataset (or a DataLoader over one)")
+    output ``task.logits`` reads). Streams are refused first (IndexedData's refusal), naming ``name``."""
     source = data
-    data = indexed_data(model, data, name, task)
+    data = indexed_data(model, data, name, task, by_index=_BY_INDEX)
     data_classes(model, data, task, source=source)
     head_name, head = classifier_head(model, data, task)
     return data, head_name, head

@@ -130,17 +130,20 @@ def _augment_cifar(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
-def indexed_data(model: nn.Module, data, name: str, task: InfluenceTask) -> IndexedData:
+def indexed_data(model: nn.Module, data, name: str, task: InfluenceTask, *, by_index: str | None = None) -> IndexedData:
     """``data`` (the user's argument ``name``) as the one adapter, :class:`IndexedData`, built once per call: items
     split by ``task.unpack``, floating inputs cast to the model's dtype when that is exact (a TypeError when it
     would round), tensor inputs checked finite. An IndexedData passes through unchanged (a caller that built it
     hands it on). Also checks that ``model`` is an ``nn.Module`` with finite parameters and buffers, and that the
-    data holds at least one example."""
+    data holds at least one example. A stream (an IterableDataset, bare or behind a DataLoader) is IndexedData's
+    TypeError naming ``name`` and ``by_index``, the stage that reads the examples by index and why (None:
+    IndexedData's generic wording)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_finite_state(model)
     if not isinstance(data, IndexedData):
-        data = IndexedData(data, name, task.unpack, model_dtype(model))
+        reason = {} if by_index is None else {"by_index": by_index}
+        data = IndexedData(data, name, task.unpack, model_dtype(model), **reason)
     if len(data) == 0:
         raise ValueError(f"{data.name} is empty")
     return data

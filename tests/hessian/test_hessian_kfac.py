@@ -177,6 +177,67 @@ def test_kronecker_factors_match_their_definition_for_every_layer_kind():
         torch.testing.assert_close(s, S_ref[layer.name], atol=1e-12, rtol=1e-12)
 
 
+def _square_sum_by_definition(u, gs, QA, QS, bias):
+    """``sum_i sum_d (Q_S^T G_id Q_A)^2`` in float64 from each example's gradient ``G_id = sum_t g_idt a_it^T`` formed
+    one example at a time (the definition, no shared product with the code under test)."""
+    total = 0
+    for g in gs:
+        for i in range(u.shape[1]):
+            a = u[:, i, :].T.double()                                              # [T, in]
+            if bias:
+                a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+            G = g[i].double() @ a                                                  # [out, aug]
+            total = total + (QS.double().T @ G @ QA.double()) ** 2
+    return total
+
+
+def _orthogonal(n, dtype, gen):
+    return torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))[0].to(dtype)
+
+
+@pytest.mark.parametrize("case", ["random", "one_example", "zero_rows", "large", "large_float32", "positions",
+                                  "positions_conv_like", "no_bias"])
+def test_eigenbasis_square_sum_matches_the_per_example_definition(case):
+    # T = 1 is the rank-one GEMM (x^2)^T (y^2); T > 1 the per-example path (both of its projection orders). Hostile
+    # inputs: one example, rows of zeros in g or a, and factors whose squares overflow although their outer products
+    # do not (g ~ 1e160 with a ~ 1e-160), where squaring x and y unbalanced would give inf or inf * 0 = NaN
+    from iaerf.hessian.kfac_factors import eigenbasis_square_sum, resolve_layers
+
+    gen = torch.Generator().manual_seed(hash(case) % 1000)
+    dtype = torch.float32 if case == "large_float32" else torch.float64
+    m, T, d_in, out = {"one_example": 1, "zero_rows": 6}.get(case, 9), 1, 5, 4
+    if case == "positions":
+        T = 3                        # few positions: the inputs are projected
+    if case == "positions_conv_like":
+        T, d_in, out = 40, 2, 2      # many positions, few channels: the per-example gradient is projected
+    # with a bias, an a ~ 1/big still has its coordinate 1, whose products with g ~ big square past the dtype's range
+    bias = case not in ("no_bias", "large", "large_float32")
+    layer = nn.Linear(d_in, out, bias=bias).to(dtype)
+    [kl] = resolve_layers(layer, dict(layer.named_parameters()))
+    u = torch.randn(d_in, m, T, dtype=dtype, generator=gen)
+    gs = [torch.randn(m, out, T, dtype=dtype, generator=gen) for _ in range(3)]
+    if case == "zero_rows":
+        u[:, 1] = 0
+        gs[0][2] = 0
+        for g in gs:
+            g[3] = 0
+        u[:, 3] = 1e200              # zero g rows meet a row of a whose square overflows: 0, not 0 * inf
+    if case.startswith("large"):
+        big = 1e160 if dtype == torch.float64 else 1e25
+        for g in gs:
+            g[0] *= big
+            g[1] /= big
+        u[:, 0] /= big
+        u[:, 1] *= big
+    QA, QS = _orthogonal(kl.aug_dim, dtype, gen), _orthogonal(out, dtype, gen)
+    got = eigenbasis_square_sum(kl, u, gs, QA, QS)
+    want = _square_sum_by_definition(u, gs, QA, QS, bias)
+    assert got.dtype == torch.float64 and got.shape == (out, kl.aug_dim)
+    assert bool(torch.isfinite(got).all())
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
 # -- influence agreement -------------------------------------------------------------------------------------------
 def _trained(model, X, Y, steps, lr):
     model.eval()       # batch norm frozen at its (randomized) running statistics

@@ -216,13 +216,18 @@ def test_streams_are_refused_naming_argument_and_stage():
     base = _model()
     infl = torch.randn(N)
     for data in (Stream(), DataLoader(Stream(), batch_size=4)):
-        with pytest.raises(TypeError, match=r"finetune: train is an IterableDataset.*coefficient c_i is addressed "
-                                            r"by its index.*IAERFLoss"):
+        # iaerf.core.indexed_data.IndexedData's refusal, with the stage and its reason
+        stream = r"an IterableDataset \(Stream\)( behind a DataLoader)? yields its examples as a stream, but "
+        with pytest.raises(TypeError, match=rf"^train: {stream}finetune \(each training point's coefficient c_i is "
+                                            r"addressed by its index.*IAERFLoss.*\) reads them by index; pass a "
+                                            r"map-style dataset"):
             finetune(base, data, infl, beta=1.0, progress=False)
-        with pytest.raises(TypeError, match=r"select_beta: val is an IterableDataset"):
+        with pytest.raises(TypeError, match=rf"^val: {stream}select_beta \(each validation point"):
             select_beta(base, (x, y), data, infl, progress=False)
-        with pytest.raises(TypeError, match=r"select_beta: train is an IterableDataset"):
+        with pytest.raises(TypeError, match=rf"^train: {stream}select_beta \(each training point"):
             select_beta(base, data, (x, y), infl, progress=False)
+        with pytest.raises(TypeError, match=rf"^train: {stream}finetune_diagnostics \(each training point"):
+            finetune_diagnostics(base, None, data)      # refused before the run result is read
 
 
 def test_bad_losses_are_refused_before_any_step():

@@ -417,8 +417,9 @@ def test_streams_are_refused_naming_the_argument():
                           (lambda: tau_normalized_model(model, 1.0, stream), "data"),
                           (lambda: posthoc_rows(model, val, stream, counts), "test"),
                           (lambda: posthoc_rows(model, stream, val, counts), "val")):
-            with pytest.raises(TypeError, match=rf"^{arg} is an IterableDataset \(Stream{behind}\), a stream whose "
-                                                rf"examples have no index.*pass a map-style dataset"):
+            with pytest.raises(TypeError, match=rf"^{arg}: an IterableDataset \(Stream\){behind} yields its "
+                                                rf"examples as a stream, but each post-hoc choice \(every tau is "
+                                                rf"compared .*\) reads them by index; pass a map-style dataset"):
                 call()
 
 
