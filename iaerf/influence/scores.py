@@ -513,6 +513,7 @@ def score(problem: _Problem) -> torch.Tensor:
     (:attr:`_Problem.test_chunks`), so no more than one chunk's s ``[chunk, P]`` is held at a time."""
     from iaerf.hessian.params import unflatten
 
+    _check_solver_dtype(problem)  # before problem.local's features pass
     kind, task, local = problem.kind, problem.task, problem.local
     if kind in _UPWEIGHT_LOSS:
         fn = task.train_loss
