@@ -54,3 +54,16 @@ def indefinite_mlp():
             p.mul_(4)
     x, y = torch.randn(30, 3, dtype=torch.float64), torch.randint(0, 3, (30,))
     return net, x, y
+
+
+class DictDataset(torch.utils.data.Dataset):
+    """Items ``{"image": x_i, "label": y_i}``: dict items, split by ``InfluenceTask.from_dict_keys("image", "label")``."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i]}

@@ -12,7 +12,7 @@ from iaerf import InfluenceTask
 from iaerf.influence.gradients import energy_from_logits
 from iaerf.longtail.losses import class_balanced_weights, ldam_task
 
-from _influence_models import MLP
+from _influence_models import MLP, DictDataset
 from _docs import doc_path, python_blocks
 
 FUNCTIONS = (iaerf.energy_influence, iaerf.energy_influence_on_test, iaerf.loss_influence)
@@ -33,17 +33,6 @@ def _model(seed=0, dtype=torch.float64):
 
 def smoothed_ce(logits, labels):
     return F.cross_entropy(logits, labels, label_smoothing=0.2, reduction="none")
-
-
-class DictDataset(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"image": self.x[i], "label": self.y[i]}
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=lambda f: f.__name__)

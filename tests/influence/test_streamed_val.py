@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, IterableDataset
 import iaerf
 from iaerf.core.indexed_data import IndexedData, StreamedData
 
-from _influence_models import MLP
+from _influence_models import MLP, DictDataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,19 +65,8 @@ def test_a_loaders_collate_fn_builds_the_streamed_batches():
     task = iaerf.InfluenceTask.from_dict_keys("image", "label")
     loader = DataLoader(Stream(xv, yv), batch_size=4, collate_fn=standardize)
     ref = iaerf.energy_influence(model, train, (2 * xv - 1, yv), **KW)
-    got = iaerf.energy_influence(model, IndexedDict(*train), loader, task=task, **KW)
+    got = iaerf.energy_influence(model, DictDataset(*train), loader, task=task, **KW)
     assert torch.equal(got, ref)
-
-
-class IndexedDict(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"image": self.x[i], "label": self.y[i]}
 
 
 def test_streamed_val_is_cached_by_its_content(tmp_path):

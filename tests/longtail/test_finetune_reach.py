@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
+from _user_forms import DICT_TASK, DictOut, Dicts, halve
 from iaerf import InfluenceTask
 from iaerf.core.identity import callable_identity
 from iaerf.longtail.data import ShotGroups, TensorDataset
@@ -22,7 +22,6 @@ from iaerf.longtail.training import TrainConfig, evaluate, predict_logits, retra
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 N, D, K = 45, 5, 3
-DICT_TASK = InfluenceTask.from_dict_keys("features", "label")
 COUNTS, GROUPS = [30, 15, 5], ShotGroups(many=20, few=10)  # one class per shot group: no NaN group error
 
 
@@ -31,33 +30,6 @@ def _data(n=N, seed=0):
     x = torch.randn(n, D, generator=g)
     y = torch.arange(n) % K
     return x, y
-
-
-class Dicts(Dataset):
-    """Items ``{"features": x_i * 2, "label": int}``: the collate_fn below halves them back (exactly)."""
-
-    def __init__(self, x, y, scale=1.0):
-        self.x, self.y, self.scale = x * scale, y, scale
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"features": self.x[i], "label": int(self.y[i])}
-
-
-def halve(items):
-    return {"features": torch.stack([it["features"] for it in items]) / 2,
-            "label": torch.tensor([it["label"] for it in items])}
-
-
-class DictOut(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return {"logits": self.inner(x), "aux": x.sum()}
 
 
 class Output:

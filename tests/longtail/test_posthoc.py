@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from _docs import doc_path, section_python_blocks
+from _user_forms import DICT_TASK, DictOut, Dicts, halve
 from iaerf import InfluenceTask
 from iaerf.longtail.data import TensorDataset
 from iaerf.core.heads import find_classifier_head, head_is_separable
@@ -249,38 +250,6 @@ def test_selection_errors_name_the_argument():
         posthoc_rows(model, val, None, [4, 2, 1])
     with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['taus'\]"):
         posthoc_rows(model, val, val, [4, 2, 1], taus=(0.0, 1.0))
-
-
-DICT_TASK = InfluenceTask.from_dict_keys("features", "label")
-
-
-class Dicts(Dataset):
-    """Items ``{"features": x_i * scale, "label": int}`` (``scale`` 2: the collate_fn ``halve`` undoes it exactly)."""
-
-    def __init__(self, x, y, scale=1.0):
-        self.x, self.y = x * scale, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"features": self.x[i], "label": int(self.y[i])}
-
-
-def halve(items):
-    return {"features": torch.stack([it["features"] for it in items]) / 2,
-            "label": torch.tensor([it["label"] for it in items])}
-
-
-class DictOut(nn.Module):
-    """``{"logits": inner(x), "aux": ...}``: a model whose output is not the logits tensor itself."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return {"logits": self.inner(x), "aux": x.sum()}
 
 
 class TiedHead(nn.Module):
