@@ -30,21 +30,24 @@ memory, :class:`benchmarks.common.PeakRss`; the wall time of each stage read off
 - ``ekfac``: ``iaerf.energy_influence(model, train, val, solver="ekfac", params=None, gauss_newton=True)`` on the
   ImageNet-LT shape. params=None selects fc's weight and bias, the classifier head (iaerf.core.heads.affine_head), so
   the call runs on the head path: a features pass, ``iaerf.HeadHessian`` built on them (what EK-FAC is fitted on,
-  :func:`iaerf.hessian.curvature_source.curvature_source`), the K-FAC factor pass, two eigendecompositions
-  ([D+1]^2 and [K]^2), the EK-FAC eigenvalue pass, the validation gradient, the JVP pass. gauss_newton=True is
-  accepted there (for a linear head the Gauss-Newton matrix is the Hessian). Target < 3 min.
+  :func:`iaerf.hessian.curvature_source.curvature_source`; EK-FAC reads only its features and weights, so its
+  lazy ``probs`` are never computed), the K-FAC factor pass, two eigendecompositions ([D+1]^2 and [K]^2), the
+  EK-FAC eigenvalue pass, the validation gradient, the JVP pass. gauss_newton=True is accepted there (for a linear
+  head the Gauss-Newton matrix is the Hessian). Target < 3 min.
 - ``cg``: the same with ``solver="cg"``, ``iaerf.CGOptions(tol=1e-4)`` (relative residual 1e-4); iterations and
-  HVPs read off CG's progress bar (one right-hand side: one HVP per iteration). Target < 20 min.
-- ``inat-ekfac``: iNaturalist shape, EK-FAC (the fastest solver that finishes). Target < 30 min. The head path holds
-  ``[n, K]`` at once: ``iaerf.HeadHessian.__init__`` (iaerf/hessian/head_hessian.py) computes ``self.probs =
-  self._probs(torch.float64).to(self.dtype)``, the softmax of every training point, concatenated from float64
-  chunks (16 bytes per entry at the concatenation, 4 kept), and ``iaerf.influence.scores._operator`` builds that
-  operator for every solver, EK-FAC included (which reads only its features and weights). At n = 437,513 and
-  K = 8142 that is 57 GiB at the peak, beyond a 24 GiB machine, so the row measures a class-stratified subsample
-  (:func:`scaled_counts`, every class kept) of the largest n whose head-path peak :func:`head_path_peak_bytes` stays
-  within INAT_MEMORY_BUDGET, and says so. The EK-FAC eigenvalue pass forms each batch's per-example gradients
-  ``[b, K, D+1]`` (iaerf/hessian/kfac_factors.py, ``fit_corrections``: ``G = torch.bmm(QS.mT @ g, ap)``); its batch
-  (``KFACOptions.batch_size``, :func:`ekfac_batch`) is chosen so that this stays within 2 GiB.
+  HVPs read off CG's progress bar (one right-hand side: one HVP per iteration). The first HVP builds
+  ``HeadHessian.probs`` (a ``functools.cached_property``: the ``[n, K]`` softmax of every training point, computed
+  in float64 row chunks into one buffer of the operator's dtype, 4 n K bytes in float32), inside CG's bar.
+  Target < 20 min.
+- ``inat-ekfac``: iNaturalist shape, EK-FAC (the fastest solver that finishes). Target < 30 min. The head path
+  holds the data and its features at once (:func:`head_path_peak_bytes`: 12 n D bytes, 10.0 GiB at n = 437,513
+  and D = 2048; a solver that multiplies by the operator, CG or LiSSA, adds the 4 n K of the lazy probabilities,
+  13.3 GiB more at K = 8142). The row runs at full n when that peak fits INAT_MEMORY_BUDGET, as EK-FAC's does;
+  otherwise on a class-stratified subsample (:func:`scaled_counts`, every class kept) of the largest n that fits
+  (:func:`subsample_size`), and says so (``--inat-n`` sets n). The EK-FAC eigenvalue pass on a Linear head (one
+  position per example) is one GEMM per batch (iaerf/hessian/kfac_factors.py, ``eigenbasis_square_sum``:
+  ``sum_i (x_i y_i^T)^2 = (x^2)^T (y^2)``), with no ``[b, K, D+1]`` per-example temporary, so its batch is the
+  passes' BATCH.
 - ``finetune``: one IAERF classifier re-training epoch (``iaerf.longtail.finetune`` with
   ``classifier_retrain_config(epochs=1)``: batch 512, lr 0.2, fc only; beta = 1, the influence a random vector)
   against a plain CE epoch (beta = 0) on the same data and batch order, alternated REPS times; the median of the
@@ -53,22 +56,25 @@ memory, :class:`benchmarks.common.PeakRss`; the wall time of each stage read off
 
 Every influence case uses damping = DAMPING (the head's Gauss-Newton matrix is singular: softmax gradients sum to 0
 over the classes, so shifting every logit alike has no curvature and EK-FAC refuses damping 0) and batch_size =
-BATCH for its passes.
+BATCH for its passes, EK-FAC's factor passes included (``KFACOptions.batch_size``).
 
 FLOP model (:func:`stage_costs`; a multiply-add is 2 FLOP, a = D + 1): per stage the GEMM FLOP assumed, and the
 bytes of the memory-bound work beside it:
 
 - features: the model's forward on the n + m points, whose head input is kept: 2 (n + m) D K, and 16 (n + m) D
   bytes of copies (read, chunk, concatenation).
-- other (head path set-up): the HeadHessian probabilities 2 n D K float64 FLOP and 16 n K bytes; EK-FAC's two
-  eigendecompositions, ~9 (a^3 + K^3) float64 FLOP.
-- K-FAC factors: forward 2 n D K, A by the symmetric Gram (2/3 of 2 n a^2), S 2 n K^2; and per batch of b
-  (:func:`ekfac_batch`) the float32 Gram products cast to float64 and added to the sums, ~48 a^2 + 40 K^2 bytes.
-- EK-FAC eigenvalues: forward 2 n D K, inputs projected 2 n a^2, output gradients projected 2 n K^2; and the
-  per-example gradients [b, K, a] written, squared in place and summed, 16 n K a bytes, and Q_S read per batch,
-  4 K^2 bytes.
+- other (EK-FAC only): the two eigendecompositions, ~9 (a^3 + K^3) float64 FLOP. (The HeadHessian set-up computes
+  nothing of size n K: its probabilities are lazy.)
+- K-FAC factors: forward 2 n D K, A by the symmetric Gram (2/3 of 2 n a^2), S 2 n K^2; and per batch of BATCH the
+  float32 Gram products cast to float64 and added to the sums, ~48 a^2 + 40 K^2 bytes.
+- EK-FAC eigenvalues: forward 2 n D K, inputs projected 2 n a^2, output gradients projected 2 n K^2, and the
+  squared projections' product (x^2)^T (y^2) 2 n K a; the projections' row balancing and squaring, ~44 n (K + a)
+  bytes; and per batch Q_A and Q_S read, 4 (a^2 + K^2) bytes, and the [K, a] float32 product cast to float64 and
+  added to the sum, ~40 K a bytes.
 - validation gradient: 4 m D K (forward, weight gradient). energy influence (JVP): 4 n D K (forward and tangent).
-- CG: 4 n a K per iteration (the head HVP kernel's two GEMM-shaped passes).
+- CG: 4 n a K per iteration (the head HVP kernel's two GEMM-shaped passes); once, at the first HVP, the lazy
+  probabilities: 2 n D K float64 FLOP and ~12 n D + 52 n K bytes (each row chunk's features cast to float64, its
+  float64 logits biased and softmaxed, cast into the float32 buffer).
 - one fine-tuning epoch: 4 n D K (forward, weight gradient).
 
 The fraction of the machine's float32 matmul rate (:func:`matmul_rate`: median of a [8192, 2048] x [2048, 1000]
@@ -130,12 +136,11 @@ DEFAULT_CASES = ("ekfac", "cg", "inat-ekfac", "finetune")
 SEPARATION = 3.0       # mean / std of the true class's logit margin over another class (see the module docstring)
 MARGIN_OVER_LOG_K = 3.0  # the NCM classifier's mean margin is ln K + this (nats), which sets its temperature
 DAMPING = 1e-3
-BATCH = 512            # the influence passes' batch (features, validation gradient, JVP)
+BATCH = 512            # the influence passes' batch (features, K-FAC factors, EK-FAC eigenvalues, val. gradient, JVP)
 CG_TOL = 1e-4
 CG_ITERATIONS_GUESS = 100
 REPS = 3               # CE / IAERF epoch pairs of the fine-tuning case
-EKFAC_TEMP_BYTES = 2 * 2**30   # the EK-FAC eigenvalue pass's per-batch [b, K, D+1] gradients stay within this
-INAT_MEMORY_BUDGET = 14 * 2**30  # head-path peak (head_path_peak_bytes) allowed to the iNaturalist subsample
+INAT_MEMORY_BUDGET = 14 * 2**30  # head-path peak (head_path_peak_bytes) allowed to inat-ekfac, else subsampled
 WARMUP_SHAPE = LTShape("warm-up", 64, 8, 4, 32, 8, 2)
 MATMUL_SHAPE = (8192, 2048, 1000)  # [M, Kd] x [Kd, N] of matmul_rate
 
@@ -237,24 +242,22 @@ def ncm_classifier(means: torch.Tensor) -> torch.nn.Module:
     return model.eval()
 
 
-def head_path_peak_bytes(n: int, dim: int, num_classes: int) -> int:
-    """Resident bytes the head path of energy_influence reaches on n float32 points (see the module docstring):
-    HeadHessian's probabilities at their float64 concatenation (16 n K) and the data, its features chunks and their
-    concatenation (12 n D)."""
-    return 16 * n * num_classes + 12 * n * dim
+def head_path_peak_bytes(n: int, dim: int, num_classes: int, solver: str) -> int:
+    """Resident bytes the head path of energy_influence with ``solver`` reaches on n float32 points (see the module
+    docstring): the data, its features chunks and their concatenation (12 n D), plus, for a solver that multiplies
+    by the operator (CG, LiSSA), HeadHessian's lazy float32 probabilities ``[n, K]`` (4 n K). ValueError for an
+    unknown solver."""
+    from iaerf.hessian.solvers import get_solver
+
+    probs = 4 * n * num_classes if get_solver(solver).runs_operator_products else 0
+    return 12 * n * dim + probs
 
 
-def subsample_size(shape: LTShape, budget: int = INAT_MEMORY_BUDGET) -> int:
-    """The largest n <= shape.n whose head-path peak stays within ``budget`` bytes."""
-    per_point = head_path_peak_bytes(1, shape.dim, shape.num_classes)
+def subsample_size(shape: LTShape, solver: str, budget: int = INAT_MEMORY_BUDGET) -> int:
+    """The largest n <= shape.n (shape.n itself when it fits; one point per class at least) whose head-path peak
+    with ``solver`` (:func:`head_path_peak_bytes`) stays within ``budget`` bytes."""
+    per_point = head_path_peak_bytes(1, shape.dim, shape.num_classes, solver)
     return max(shape.num_classes, min(shape.n, budget // per_point))
-
-
-def ekfac_batch(dim: int, num_classes: int) -> int:
-    """The EK-FAC passes' batch: the largest power of two <= 256 whose [b, K, D+1] float32 per-example gradients
-    fit EKFAC_TEMP_BYTES."""
-    b = max(1, EKFAC_TEMP_BYTES // (4 * num_classes * (dim + 1)))
-    return min(256, 1 << (b.bit_length() - 1))
 
 
 # -- the FLOP and byte model ---------------------------------------------------------------------------------------
@@ -270,19 +273,21 @@ def stage_costs(case: str, n: int, m: int, D: int, K: int, cg_iterations: int = 
         return {"epoch": {"flop": 4 * n * D * K, "flop64": 0, "bytes": 0}}
     costs = {
         "features": {"flop": 2 * (n + m) * D * K, "flop64": 0, "bytes": 16 * (n + m) * D},
-        "other": {"flop": 0, "flop64": 2 * n * D * K, "bytes": 16 * n * K},
         "validation gradient": {"flop": 4 * m * D * K, "flop64": 0, "bytes": 0},
         "energy influence (JVP)": {"flop": 4 * n * D * K, "flop64": 0, "bytes": 0},
     }
     if solver == "ekfac":
-        batches = math.ceil(n / ekfac_batch(D, K))
-        costs["other"]["flop64"] += 9 * (a ** 3 + K ** 3)
+        batches = math.ceil(n / BATCH)
+        costs["other"] = {"flop": 0, "flop64": 9 * (a ** 3 + K ** 3), "bytes": 0}
         costs["K-FAC factors"] = {"flop": 2 * n * D * K + (4 / 3) * n * a * a + 2 * n * K * K, "flop64": 0,
                                   "bytes": batches * (48 * a * a + 40 * K * K)}
-        costs["EK-FAC eigenvalues"] = {"flop": 2 * n * D * K + 2 * n * a * a + 2 * n * K * K, "flop64": 0,
-                                       "bytes": 16 * n * K * a + batches * 4 * K * K}
+        costs["EK-FAC eigenvalues"] = {
+            "flop": 2 * n * D * K + 2 * n * a * a + 2 * n * K * K + 2 * n * K * a, "flop64": 0,
+            "bytes": 44 * n * (K + a) + batches * (4 * (a * a + K * K) + 40 * K * a)}
     else:
-        costs["CG"] = {"flop": cg_iterations * 4 * n * a * K, "flop64": 0, "bytes": 0}
+        # the lazy probabilities are built by the first HVP, inside CG's progress bar
+        costs["CG"] = {"flop": cg_iterations * 4 * n * a * K, "flop64": 2 * n * D * K,
+                       "bytes": 12 * n * D + 52 * n * K}
     return costs
 
 
@@ -333,12 +338,11 @@ def _accuracy(model, x, y) -> float:
     return right / len(y)
 
 
-def _influence_kwargs(solver: str, shape: LTShape) -> dict:
+def _influence_kwargs(solver: str) -> dict:
     from iaerf import CGOptions
     from iaerf.hessian.kfac import KFACOptions
 
-    options = (CGOptions(tol=CG_TOL) if solver == "cg"
-               else KFACOptions(batch_size=ekfac_batch(shape.dim, shape.num_classes)))
+    options = CGOptions(tol=CG_TOL) if solver == "cg" else KFACOptions(batch_size=BATCH)
     return dict(solver=solver, solver_options=options, params=None, gauss_newton=True, damping=DAMPING,
                 batch_size=BATCH)
 
@@ -360,7 +364,7 @@ def _warm_up(solver: str | None) -> float:
         finetune(model, TensorDataset(x, y, w.num_classes), torch.randn(w.n), beta=1.0,
                  config=classifier_retrain_config(epochs=1), progress=False)
     else:
-        iaerf.energy_influence(model, (x, y), val, progress=False, **_influence_kwargs(solver, w))
+        iaerf.energy_influence(model, (x, y), val, progress=False, **_influence_kwargs(solver))
     return time.perf_counter() - t0
 
 
@@ -375,14 +379,14 @@ def measure_case(case: LTCase) -> dict:
             "counts_max": counts[0], "counts_min": counts[-1], "val_accuracy": _accuracy(model, xv, yv),
             "warmup_s": _warm_up(solver)}
     if kind == "influence":
-        return {**info, **_measure_influence(model, (x, y), (xv, yv), solver, case.shape)}
+        return {**info, **_measure_influence(model, (x, y), (xv, yv), solver)}
     return {**info, **_measure_finetune(model, x, y, case)}
 
 
-def _measure_influence(model, train, val, solver: str, shape: LTShape) -> dict:
+def _measure_influence(model, train, val, solver: str) -> dict:
     import iaerf
 
-    kwargs = _influence_kwargs(solver, shape)
+    kwargs = _influence_kwargs(solver)
     with common.PeakRss() as peak:
         t0 = time.perf_counter()
         with common.StageClock() as clock:
@@ -469,9 +473,9 @@ def _influence_row(result: dict, rate: float, quick: bool) -> dict:
     else:
         extra.append(f"EK-FAC batch {result['ekfac_batch']}")
     if result["n"] != s["n"]:
-        extra.append(f"SUBSAMPLE: {result['n']} of {s['n']} points, class-stratified: iaerf.HeadHessian.__init__ "
-                     f"holds [n, K] softmax probabilities (float64 concatenation): head-path peak "
-                     f"{common._fmt_bytes(head_path_peak_bytes(s['n'], s['dim'], s['num_classes']))} at full n")
+        full = head_path_peak_bytes(s["n"], s["dim"], s["num_classes"], solver)
+        extra.append(f"SUBSAMPLE: {result['n']} of {s['n']} points, class-stratified; head-path peak "
+                     f"{common._fmt_bytes(full)} at full n, budget {common._fmt_bytes(INAT_MEMORY_BUDGET)}")
     r = common.row(
         f"LT scale: energy_influence classifier-only, {solver}", _shape_text(result), "fp32", "none (one run)",
         _NO_BASELINE, {"median": result["total_s"], "iqr": math.nan}, peak_bytes=result["peak_rss_increase_bytes"],
@@ -517,11 +521,11 @@ def plan(cases, quick: bool, inat_n: int | None = None) -> list[LTCase]:
         raise ValueError(f"inat_n={inat_n!r} is the size of the inat-ekfac case, which cases={list(cases)!r} leave out")
     out = []
     for name in cases:
-        kind, key, _, _ = CASES[name]
+        kind, key, solver, _ = CASES[name]
         shape = QUICK_SHAPE if quick else SHAPES[key]
         n = shape.n
         if name == "inat-ekfac":
-            n = inat_n if inat_n is not None else (shape.n // 2 if quick else subsample_size(shape))
+            n = inat_n if inat_n is not None else (shape.n // 2 if quick else subsample_size(shape, solver))
             if isinstance(n, bool) or not isinstance(n, int) or not shape.num_classes <= n <= shape.n:
                 raise ValueError(f"inat_n must be an int in [{shape.num_classes}, {shape.n}] (one point per class "
                                  f"at least), got {n!r}")
@@ -548,14 +552,15 @@ def run(quick: bool = False, cases=None, inat_n: int | None = None) -> list[dict
 
 
 def estimates(rate: float, bandwidth: float, cg_iterations: int = CG_ITERATIONS_GUESS) -> list[dict]:
-    """The model's seconds per stage and in total for every full-size case (``inat-ekfac`` at its subsample and at
-    full n), from the matmul ``rate`` (FLOP/s) and copy ``bandwidth`` (bytes/s)."""
+    """The model's seconds per stage and in total for every full-size case (``inat-ekfac`` at full n, and at its
+    subsample when its head-path peak exceeds INAT_MEMORY_BUDGET), from the matmul ``rate`` (FLOP/s) and copy
+    ``bandwidth`` (bytes/s)."""
     out = []
     for name, (kind, key, solver, goal) in CASES.items():
         shape = SHAPES[key]
         sizes = [shape.n]
         if name == "inat-ekfac":
-            sizes = [subsample_size(shape), shape.n]
+            sizes = sorted({subsample_size(shape, solver), shape.n})
         m = shape.val_per_class * shape.num_classes
         for n in sizes:
             stages = estimate_seconds(stage_costs(name, n, m, shape.dim, shape.num_classes, cg_iterations), rate,
@@ -584,7 +589,8 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=None,
                         help=f"default {' '.join(DEFAULT_CASES)}")
     parser.add_argument("--inat-n", type=int, default=None,
-                        help="training points of inat-ekfac (default: the largest within the memory budget)")
+                        help="training points of inat-ekfac (default: all of them if the head-path peak fits the "
+                             "memory budget, else the largest n that does)")
     parser.add_argument("--estimate", action="store_true",
                         help="print the model's time for every full-size case on this machine; run none")
     common.add_load_arguments(parser)

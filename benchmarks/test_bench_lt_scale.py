@@ -59,32 +59,55 @@ def test_features_labels_and_ncm_classifier():
         assert torch.equal(model.double()(probe).argmax(1), nearest)
 
 
-def test_subsample_size_and_ekfac_batch():
-    inat = lt.SHAPES["inat2018"]
-    n = lt.subsample_size(inat)
-    assert lt.head_path_peak_bytes(n, inat.dim, inat.num_classes) <= lt.INAT_MEMORY_BUDGET
-    assert lt.head_path_peak_bytes(n + 1, inat.dim, inat.num_classes) > lt.INAT_MEMORY_BUDGET
-    assert lt.subsample_size(lt.SHAPES["imagenet-lt"]) == lt.SHAPES["imagenet-lt"].n   # fits whole
-    for s in lt.SHAPES.values():
-        b = lt.ekfac_batch(s.dim, s.num_classes)
-        assert b & (b - 1) == 0 and 4 * b * s.num_classes * (s.dim + 1) <= lt.EKFAC_TEMP_BYTES
-    assert lt.ekfac_batch(2048, 8142) == 32 and lt.ekfac_batch(2048, 1000) == 256 and lt.ekfac_batch(8, 4) == 256
+def test_head_path_peak_and_subsample_size():
+    inat, imagenet = lt.SHAPES["inat2018"], lt.SHAPES["imagenet-lt"]
+    n, D, K = inat.n, inat.dim, inat.num_classes
+    # K-FAC / EK-FAC never build HeadHessian's probabilities; the solvers that multiply by the operator add them
+    assert lt.head_path_peak_bytes(n, D, K, "ekfac") == lt.head_path_peak_bytes(n, D, K, "kfac") == 12 * n * D
+    for solver in ("cg", "lissa"):
+        assert lt.head_path_peak_bytes(n, D, K, solver) - lt.head_path_peak_bytes(n, D, K, "ekfac") == 4 * n * K
+    with pytest.raises(ValueError, match="method must be one of"):
+        lt.head_path_peak_bytes(n, D, K, "newton")
+    # the iNaturalist EK-FAC case now runs at full n within the budget; CG there would not fit
+    assert lt.head_path_peak_bytes(n, D, K, "ekfac") <= lt.INAT_MEMORY_BUDGET
+    assert lt.subsample_size(inat, "ekfac") == n and lt.subsample_size(imagenet, "ekfac") == imagenet.n
+    assert lt.subsample_size(imagenet, "cg") == imagenet.n
+    for solver, budget in (("cg", lt.INAT_MEMORY_BUDGET), ("ekfac", 6 * 2**30)):
+        sub = lt.subsample_size(inat, solver, budget)
+        assert K <= sub < n
+        assert lt.head_path_peak_bytes(sub, D, K, solver) <= budget < lt.head_path_peak_bytes(sub + 1, D, K, solver)
+    assert lt.subsample_size(inat, "ekfac", budget=1) == K   # one point per class at least
+    plan = {c.case: c for c in lt.plan(("inat-ekfac",), quick=False)}
+    assert plan["inat-ekfac"].n == n and plan["inat-ekfac"].shape == inat
+
+
+def test_influence_options_batch():
+    assert lt._influence_kwargs("ekfac")["solver_options"].batch_size == lt.BATCH
+    assert lt._influence_kwargs("cg")["solver_options"].tol == lt.CG_TOL
 
 
 def test_stage_costs_and_estimates():
     n, m, D, K = 1000, 100, 64, 50
     a = D + 1
+    batches = math.ceil(n / lt.BATCH)
     ek = lt.stage_costs("ekfac", n, m, D, K)
-    batches = math.ceil(n / lt.ekfac_batch(D, K))
-    assert ek["EK-FAC eigenvalues"]["bytes"] == 16 * n * K * a + batches * 4 * K * K
+    # eigenvalues: forward, both projections and the one GEMM of the squared projections; no [b, K, a] bytes
+    assert ek["EK-FAC eigenvalues"]["flop"] == 2 * n * D * K + 2 * n * a * a + 2 * n * K * K + 2 * n * K * a
+    assert ek["EK-FAC eigenvalues"]["bytes"] == 44 * n * (K + a) + batches * (4 * (a * a + K * K) + 40 * K * a)
+    assert ek["EK-FAC eigenvalues"]["bytes"] < 16 * n * K * a   # the old per-example temporary's traffic
+    assert ek["K-FAC factors"]["bytes"] == batches * (48 * a * a + 40 * K * K)
+    # "other" holds the eigendecompositions only: no n K probabilities for EK-FAC
+    assert ek["other"] == {"flop": 0, "flop64": 9 * (a ** 3 + K ** 3), "bytes": 0}
     assert ek["energy influence (JVP)"]["flop"] == 4 * n * D * K and ek["features"]["flop"] == 2 * (n + m) * D * K
     cg = lt.stage_costs("cg", n, m, D, K, cg_iterations=7)
-    assert cg["CG"]["flop"] == 7 * 4 * n * a * K and "K-FAC factors" not in cg
+    assert cg["CG"] == {"flop": 7 * 4 * n * a * K, "flop64": 2 * n * D * K, "bytes": 12 * n * D + 52 * n * K}
+    assert "K-FAC factors" not in cg and "other" not in cg
     assert lt.stage_costs("finetune", n, m, D, K) == {"epoch": {"flop": 4 * n * D * K, "flop64": 0, "bytes": 0}}
     seconds = lt.estimate_seconds({"s": {"flop": 4e9, "flop64": 2e9, "bytes": 3e9}}, rate=1e9, bandwidth=1e9)
     assert seconds == {"s": pytest.approx(4 + 4 + 3)}
     rows = lt.estimates(1e11, 1e10)
-    assert [(r["case"], r["n"]) for r in rows].count(("inat-ekfac", lt.SHAPES["inat2018"].n)) == 1
+    # the iNaturalist EK-FAC case fits at full n: one row for it, at full n
+    assert [r["n"] for r in rows if r["case"] == "inat-ekfac"] == [lt.SHAPES["inat2018"].n]
     assert all(r["total_s"] > 0 and math.isfinite(r["total_s"]) for r in rows)
 
 
@@ -125,7 +148,8 @@ def test_quick_run_rows(capfd):
     assert {"K-FAC factors", "EK-FAC eigenvalues"} <= set(ekfac["stages_s"]) and "CG" not in ekfac["stages_s"]
     assert "CG" in cg["stages_s"] and 1 <= cg["cg_iterations"] < 1000 and "HVPs" in cg["note"]
     assert ekfac["n"] == cg["n"] == ft["n"] == q.n
-    assert inat["n"] == q.n // 2 and "SUBSAMPLE" in inat["note"] and "HeadHessian" in inat["note"]
+    assert inat["n"] == q.n // 2 and "SUBSAMPLE" in inat["note"] and "head-path peak" in inat["note"]
+    assert f"EK-FAC batch {lt.BATCH}" in ekfac["note"] and f"EK-FAC batch {lt.BATCH}" in inat["note"]
     assert len(ft["ratios"]) == lt.REPS and ft["median_ratio"] == pytest.approx(sorted(ft["ratios"])[1])
     assert math.isfinite(ft["baseline_median_s"]) and ft["speedup"] > 0
     table = lt.common.markdown_table(rows)
