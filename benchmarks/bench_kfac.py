@@ -23,7 +23,6 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks import common
 from iaerf.core.io import write_json
@@ -81,24 +80,11 @@ def kronfluence_ekfac(model, train, val, damping, batch_size, device):
     its pairwise scores, negated to iaerf's sign (kronfluence scores g_val^T H^-1 g_i)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
 
-    class _CE(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            x, y = batch
-            logits = model(x)
-            if sample:
-                with torch.no_grad():
-                    y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-            return F.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            x, y = batch
-            return F.cross_entropy(model(x), y, reduction="sum")
-
-    model = prepare_model(copy.deepcopy(model).eval(), _CE())   # kronfluence wraps the layers in place
+    task = common.kronfluence_ce_task()
+    model = prepare_model(copy.deepcopy(model).eval(), task)   # kronfluence wraps the layers in place
     with tempfile.TemporaryDirectory() as out:
-        analyzer = Analyzer("bench", model, _CE(), cpu=device.type == "cpu", disable_tqdm=True, output_dir=out)
+        analyzer = Analyzer("bench", model, task, cpu=device.type == "cpu", disable_tqdm=True, output_dir=out)
         tds = torch.utils.data.TensorDataset(*train)
         vds = torch.utils.data.TensorDataset(*val)
         t0 = time.perf_counter()

@@ -122,29 +122,16 @@ def _dattri_cg(model, train, test, max_iter: int) -> torch.Tensor:
 def _kronfluence(model, train, test, strategy: str) -> torch.Tensor:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-
-    class _CE(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            x, y = batch
-            logits = model(x)
-            if sample:   # the true Fisher: labels drawn from the model's own predictions
-                with torch.no_grad():
-                    y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-            return F.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            x, y = batch
-            return F.cross_entropy(model(x), y, reduction="sum")
 
     f64 = torch.float64
-    wrapped = prepare_model(copy.deepcopy(model).eval(), _CE())    # kronfluence wraps the layers in place
+    task = common.kronfluence_ce_task()
+    wrapped = prepare_model(copy.deepcopy(model).eval(), task)    # kronfluence wraps the layers in place
     factor_args = FactorArguments(strategy=strategy, activation_covariance_dtype=f64, gradient_covariance_dtype=f64,
                                   eigendecomposition_dtype=f64, per_sample_gradient_dtype=f64, lambda_dtype=f64)
     score_args = ScoreArguments(damping_factor=WEIGHT_DECAY + DAMPING, per_sample_gradient_dtype=f64,
                                 precondition_dtype=f64, score_dtype=f64)
     with tempfile.TemporaryDirectory() as out:
-        analyzer = Analyzer("bench_pairwise", wrapped, _CE(), cpu=True, disable_tqdm=True, disable_model_save=True,
+        analyzer = Analyzer("bench_pairwise", wrapped, task, cpu=True, disable_tqdm=True, disable_model_save=True,
                             output_dir=out)
         train_ds, test_ds = torch.utils.data.TensorDataset(*train), torch.utils.data.TensorDataset(*test)
         analyzer.fit_all_factors("f", train_ds, factor_args=factor_args, per_device_batch_size=len(train[1]),

@@ -639,3 +639,26 @@ def markdown_table(rows: list[dict]) -> str:
             lines[2 + i] += f" {(r.get('cpu_isa') or '-').replace('|', chr(92) + '|')} |"
     notes = [f"- {r['case']} ({r['shape']}): {r['note']}" for r in rows if r.get("note")]
     return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def kronfluence_ce_task():
+    """kronfluence's ``Task`` for a classifier on ``(x, y)`` batches: summed cross-entropy as the training loss (with
+    ``sample=True``, labels drawn from the model's own predictions: the true Fisher) and as the measurement.
+    kronfluence is imported here, so only the peers' venv needs it."""
+    import torch.nn.functional as F
+    from kronfluence.task import Task
+
+    class CrossEntropyTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            logits = model(x)
+            if sample:
+                with torch.no_grad():
+                    y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
+            return F.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            return F.cross_entropy(model(x), y, reduction="sum")
+
+    return CrossEntropyTask()

@@ -303,7 +303,7 @@ class IndexedData:
         if self.inputs is not None:
             idx = torch.as_tensor(indices, dtype=torch.long)
             x = self.inputs[idx.to(self.inputs.device)]
-            y = self.targets[idx.to(self.targets.device)]
+            y = _long_if_integer(self.targets[idx.to(self.targets.device)])
         else:
             rows = indices.tolist() if isinstance(indices, torch.Tensor) else [int(i) for i in indices]
             positions = [self._position(i) for i in rows]
@@ -327,17 +327,18 @@ class IndexedData:
             indices = range(len(self))
         if self.inputs is not None and isinstance(indices, range) and indices.step == 1:
             x = self.inputs[indices.start:indices.stop]
-            return match_input_dtype(x, self.dtype, self.name), self.targets[indices.start:indices.stop]
+            return match_input_dtype(x, self.dtype, self.name), _long_if_integer(self.targets[indices.start:indices.stop])
         return self.batch(list(indices))
 
     def labels(self) -> torch.Tensor:
-        """All labels ``[n]`` (item data: the dataset's ``targets`` attribute if it has one, else one pass)."""
+        """All labels ``[n]``, integer ones as int64 like every batch (item data: the dataset's ``targets``
+        attribute if it has one, else one pass)."""
         if self.targets is not None:
-            return self.targets
+            return _long_if_integer(self.targets)
         # a dataset's targets are the labels only when no collate_fn stands between (it may remap them)
         targets = getattr(self.dataset, "targets", None) if self._indices is None and self.collate is None else None
         if targets is not None and len(targets) == len(self.dataset):
-            return torch.as_tensor(targets)
+            return _long_if_integer(torch.as_tensor(targets))
         return _stack_labels([self._item(i)[1] for i in range(len(self))])
 
     def check_labels(self, num_classes: int) -> None:

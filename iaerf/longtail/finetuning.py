@@ -362,7 +362,7 @@ def finetune(model: nn.Module, train, influence: torch.Tensor | None = None, *, 
     source = train
     train = indexed_data(model, train, "train", task, by_index=_by_index("finetune", "train"))
     k, probe_logits, probe_labels = data_classes(model, train, task, source=source)
-    labels = train.labels().long()
+    labels = train.labels()
     if task.default_train_loss:
         point_loss = spec.point_loss(torch.bincount(labels, minlength=k).tolist())  # None: CE through the fused op
         history_key = spec.name
@@ -414,7 +414,6 @@ def finetune(model: nn.Module, train, influence: torch.Tensor | None = None, *, 
 
     def loss_fn(epoch, idx):
         x, y = train.batch(idx, device)
-        y = y.long()  # tensor data keeps its label dtype; the losses take int64
         logits = task.logits(model(x))
         if not start:
             with torch.no_grad():
@@ -534,7 +533,7 @@ def select_beta(model: nn.Module, train, val, influence: torch.Tensor, *,
         if control.beta != 0 or not _same_loss(control.loss, record):
             raise ValueError(f"control must be the beta = 0 run with the candidates' loss {record}, got "
                              f"beta {control.beta:g} with loss {control.loss}")
-    labels = val.labels().long()
+    labels = val.labels()
     results: dict[float, FinetuneResult] = {} if control is None else {0.0: control}
     plain: dict[float, dict] = {}
     losses: dict[float, torch.Tensor] = {}
@@ -620,7 +619,7 @@ def finetune_diagnostics(base: nn.Module, result: FinetuneResult, train, *, devi
     train = indexed_data(base, train, "train", task, by_index=_by_index("finetune_diagnostics", "train"))
     k, _, _ = data_classes(base, train, task, source=source)
     device = resolve_device(device)
-    labels = train.labels().long()
+    labels = train.labels()
     out = {}
     for tag, model in (("before", base), ("after", result.model)):
         logits = predict_logits(model, train, device=device, task=task).double()

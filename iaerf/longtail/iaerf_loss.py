@@ -16,9 +16,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from iaerf.influence.gradients import loss_from_logits
+from iaerf.core.losses import loss_from_logits
 from iaerf.influence.task import InfluenceTask
 from iaerf.ops import energy, energy_regularized_cross_entropy
 
@@ -49,7 +48,7 @@ def cap_per_sample(logits: torch.Tensor, y: torch.Tensor, c: torch.Tensor,
     logits' dtype. L_i: ``base`` [B] (a training loss other than CE, detached) or, when None, CE_i. A negative L_i
     (a loss that can go below 0) leaves no room for an energy term: its c_i becomes 0."""
     e = energy(logits).to(logits.dtype)
-    ce = F.cross_entropy(logits, y, reduction="none") if base is None else base.to(logits.dtype)
+    ce = loss_from_logits(logits, y) if base is None else base.to(logits.dtype)
     c = c.to(logits.dtype)
     term = (c * e).abs()
     scale = torch.where(term > ce, ce.clamp_min(0) / term.clamp_min(torch.finfo(term.dtype).tiny),
@@ -156,7 +155,7 @@ class IAERFLoss(nn.Module):
         if not return_parts:
             return loss
         with torch.no_grad():  # reported beside L_i, so that every variant's history reads alike
-            ce = F.cross_entropy(logits, labels, reduction="none")
+            ce = loss_from_logits(logits, labels)
         return IAERFLossParts(loss, base.detach(), e.detach(), ce, c.detach())
 
     def extra_repr(self) -> str:

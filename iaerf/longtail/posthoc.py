@@ -254,7 +254,7 @@ def select_logit_adjustment(model: nn.Module, val, counts, *, taus=LA_TAUS, metr
         raise ValueError(f"counts has {offset.numel()} classes but val has {head.out_features}")
     taus = _tau_grid(taus)
     logits = predict_logits(model, val, device=device, task=task).double()
-    labels = val.labels().long()
+    labels = val.labels()
 
     def score(tau: float) -> torch.Tensor:
         return pointwise_loss(logits - tau * offset, labels, metric, balanced)
@@ -282,7 +282,7 @@ def select_tau_normalization(model: nn.Module, val, *, taus=TAU_NORM_TAUS, keep_
     task = resolve_task(task)
     val, name, layer = _checked(model, val, "val", task)
     taus = _tau_grid(taus)
-    labels = val.labels().long()
+    labels = val.labels()
     dev = layer.weight.device
     if head_is_separable(model, layer, val.batch([0], dev)[0]):
         feats = head_features(model, layer, (x for x, _ in val.batches(range(len(val)), 512, dev)))

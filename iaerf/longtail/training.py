@@ -164,7 +164,7 @@ def data_classes(model: nn.Module, data: IndexedData, task: InfluenceTask, sourc
     if isinstance(source, TensorDataset) and source.num_classes != k:
         raise ValueError(f"{name} has {k} outputs but the data has {source.num_classes} classes")
     data.check_labels(k)
-    return k, logits, y.long()
+    return k, logits, y
 
 
 def mean_loss(task: InfluenceTask):
@@ -194,7 +194,7 @@ def train_baseline(model: nn.Module, train, config: TrainConfig = TrainConfig(),
     if not task.default_train_loss:
         task.check_outputs(probe_logits, probe_labels, "loss")
     device = resolve_device(device)
-    counts = torch.bincount(train.labels().long(), minlength=k).tolist()
+    counts = torch.bincount(train.labels(), minlength=k).tolist()
     if config.method == "ldam_drw" and min(counts) == 0:
         raise ValueError("train: LDAM-DRW needs at least one example of every class")
     torch.manual_seed(config.seed)
@@ -212,7 +212,6 @@ def train_baseline(model: nn.Module, train, config: TrainConfig = TrainConfig(),
         if ldam is not None and ldam.weight is None and epoch >= config.drw_epoch:
             ldam.set_weight(drw)
         x, y = train.batch(idx, device)
-        y = y.long()  # tensor data keeps its label dtype; the losses take int64
         if config.augment == "cifar":
             x = _augment_cifar(x, gen)
         logits = task.logits(model(x))
@@ -255,7 +254,7 @@ def evaluate(model: nn.Module, data, train_counts, shot_groups: ShotGroups = Sho
     if len(train_counts) != k:
         raise ValueError(f"train_counts has {len(train_counts)} classes, data has {k}")
     logits = predict_logits(model, data, batch_size=batch_size, device=device, task=task)
-    y = data.labels().long()
+    y = data.labels()
     pred = logits.argmax(1)
     per_class = []
     for c in range(k):
@@ -350,7 +349,7 @@ def retrain_classifier(model: nn.Module, train, config: ClassifierConfig = Class
     torch.manual_seed(config.seed)
     fc = model.get_submodule(head_name)  # the copy's head
     feats = head_features(model, fc, (x for x, _ in train.batches(range(len(train)), 512, device)))
-    labels = train.labels().long()
+    labels = train.labels()
     y = labels.to(device)
     counts = torch.bincount(labels, minlength=k).tolist()
     if min(counts) == 0:
